@@ -1,0 +1,18 @@
+"""gradbrain: do backpropagated gradients follow the brain's visual hierarchy?
+
+The shared library behind the gradbrain book. Modules follow the pipeline:
+``data`` (stimuli, simulated and real studies) → ``models`` / ``features``
+(activations and backpropagated gradients) → ``book`` (the papermill runner).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# torchvision (and so timm) fails to import when a CUDA torchvision wheel meets a
+# CPU-only torch; the shim acts only when that exact error occurs.
+from ._compat import import_torchvision as _import_torchvision
+
+_import_torchvision()
+
+__all__ = ["__version__"]

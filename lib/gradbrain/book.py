@@ -1,0 +1,339 @@
+"""Run the book's notebooks with papermill on a parameter profile.
+
+Command line::
+
+    python -m gradbrain.book run --profile demo [--only 01_gradients] [--force]
+    python -m gradbrain.book list
+
+``run`` executes the chapters listed in ``_toc.yml`` (entries under ``executed/``)
+in their order, from the sources in ``notebooks/``, with the parameters of
+``params/<profile>.yaml``, and writes the executed copies that jupyter-book renders
+to ``executed/``. A chapter whose notebook, parameters and library source are
+unchanged since its last successful run is skipped. A failing chapter stops the run
+with its name, the failing cell and the path of the partial output
+(``executed/<name>.failed.ipynb``); the previous good copy is left untouched.
+
+Profile files
+-------------
+A profile is a YAML mapping with an optional ``description``, ``defaults`` (given to
+every chapter that declares them in its ``parameters`` cell) and ``notebooks``
+(per-chapter values, which must be declared by that chapter)::
+
+    description: Embedded default (simulated study, weights that ship offline)
+    defaults:
+      profile: demo
+    notebooks:
+      01_gradients:
+        n_images: 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+__all__ = ["Chapter", "chapters", "load_profile", "run", "main"]
+
+EXECUTED_DIR = "executed"
+SOURCE_DIR = "notebooks"
+PARAMS_DIR = "params"
+
+
+class ChapterFailed(RuntimeError):
+    """A chapter raised while papermill executed it."""
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """One notebook of the book: its name, source and executed copy."""
+
+    name: str
+    source: Path
+    output: Path
+
+
+def find_root(start: str | os.PathLike | None = None) -> Path:
+    """The book's root: the first folder upwards holding ``_toc.yml``."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_toc.yml").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"No _toc.yml found in {str(here)!r} or above; run from the gradbrain repository or "
+        "pass --root."
+    )
+
+
+def _toc_files(node) -> list[str]:
+    files = []
+    if isinstance(node, dict):
+        if "file" in node:
+            files.append(str(node["file"]))
+        for key in ("root", "parts", "chapters", "sections"):
+            if key == "root" and key in node:
+                files.append(str(node["root"]))
+            elif key in node:
+                files.extend(_toc_files(node[key]))
+    elif isinstance(node, list):
+        for item in node:
+            files.extend(_toc_files(item))
+    return files
+
+
+def chapters(root: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> list[Chapter]:
+    """The notebooks listed in ``_toc.yml`` under ``executed/``, in book order."""
+    root = Path(root)
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    out_dir = Path(output_dir) if output_dir is not None else root / EXECUTED_DIR
+    found = []
+    for entry in _toc_files(toc):
+        entry_path = Path(entry)
+        if entry_path.parts[:1] != (EXECUTED_DIR,):
+            continue
+        name = entry_path.with_suffix("").name
+        source = root / SOURCE_DIR / f"{name}.ipynb"
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"_toc.yml lists {entry!r} but its source notebook {str(source)!r} is missing."
+            )
+        found.append(Chapter(name, source, out_dir / f"{name}.ipynb"))
+    return found
+
+
+def load_profile(root: str | os.PathLike, profile: str) -> dict:
+    """Read ``params/<profile>.yaml``; an unknown profile lists the available ones."""
+    params_dir = Path(root) / PARAMS_DIR
+    path = Path(profile) if profile.endswith((".yaml", ".yml")) else params_dir / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in params_dir.glob("*.yaml"))
+        raise FileNotFoundError(
+            f"Profile {profile!r} not found (looked for {str(path)!r}). Available profiles: "
+            f"{', '.join(known)}. e.g. --profile demo"
+        )
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = set(data) - {"description", "defaults", "notebooks"}
+    if unknown:
+        raise ValueError(
+            f"Profile {str(path)!r} has unknown top-level keys {sorted(unknown)}; allowed: "
+            "description, defaults, notebooks."
+        )
+    return data
+
+
+def parameters_for(chapter: Chapter, profile: dict, overrides: dict | None = None) -> dict:
+    """The profile's values for one chapter, restricted to what its parameters cell declares."""
+    import papermill
+
+    declared = set(papermill.inspect_notebook(str(chapter.source)))
+    specific = (profile.get("notebooks") or {}).get(chapter.name) or {}
+    undeclared = set(specific) - declared
+    if undeclared:
+        raise ValueError(
+            f"The profile sets {sorted(undeclared)} for {chapter.name}, whose parameters cell "
+            f"declares only {sorted(declared)}."
+        )
+    values = {k: v for k, v in (profile.get("defaults") or {}).items() if k in declared}
+    values.update(specific)
+    values.update({k: v for k, v in (overrides or {}).items() if k in declared})
+    return values
+
+
+def _library_digest() -> str:
+    """Hash of the gradbrain package's Python source (a library change reruns chapters)."""
+    h = hashlib.blake2b(digest_size=16)
+    package = Path(__file__).resolve().parent
+    for file in sorted(package.rglob("*.py")):
+        h.update(str(file.relative_to(package)).encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()
+
+
+def input_digest(chapter: Chapter, parameters: dict) -> str:
+    """Hash of everything that changes a chapter's output: notebook, parameters, library."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(chapter.source.read_bytes())
+    h.update(json.dumps(parameters, sort_keys=True, default=str).encode())
+    h.update(_library_digest().encode())
+    return h.hexdigest()
+
+
+def _stamp_path(chapter: Chapter) -> Path:
+    return chapter.output.parent / ".stamps" / f"{chapter.name}.json"
+
+
+def is_up_to_date(chapter: Chapter, digest: str) -> bool:
+    stamp = _stamp_path(chapter)
+    if not (stamp.is_file() and chapter.output.is_file()):
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("digest") == digest
+    except (OSError, ValueError):
+        return False
+
+
+def tidy_for_book(path: str | os.PathLike) -> None:
+    """Retag papermill's cells so the rendered page shows the chapter, not plumbing.
+
+    The injected-parameters cell is removed from the page (``remove-cell``); the
+    notebook's own ``parameters`` cell is collapsed (``hide-cell``), since the
+    chapter prints the values it actually ran with.
+    """
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
+        elif "parameters" in tags and "hide-cell" not in tags:
+            tags.append("hide-cell")
+    nbformat.write(nb, str(path))
+
+
+def execute_chapter(chapter: Chapter, parameters: dict, *, cwd: Path, progress: bool) -> None:
+    """Execute one chapter to a temporary copy, then move it into place.
+
+    Raises
+    ------
+    ChapterFailed
+        With the failing cell; the partial output is kept as ``<name>.failed.ipynb``.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    chapter.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = chapter.output.with_name(f".{chapter.name}.running.ipynb")
+    failed = chapter.output.with_name(f"{chapter.name}.failed.ipynb")
+    _stamp_path(chapter).unlink(missing_ok=True)
+    try:
+        papermill.execute_notebook(
+            str(chapter.source), str(tmp), parameters=parameters, kernel_name="python3",
+            progress_bar=progress, cwd=str(cwd),
+        )
+    except PapermillExecutionError as err:
+        os.replace(tmp, failed)
+        raise ChapterFailed(
+            f"Chapter {chapter.name} failed in cell {err.cell_index} (execution count "
+            f"{err.exec_count}): {err.ename}: {err.evalue}\n--- cell source ---\n{err.source}\n"
+            f"--- partial output saved to {failed}"
+        ) from err
+    except BaseException:
+        if tmp.exists():
+            os.replace(tmp, failed)
+        raise
+    tidy_for_book(tmp)
+    os.replace(tmp, chapter.output)
+    failed.unlink(missing_ok=True)
+
+
+def run(
+    profile: str = "demo",
+    *,
+    only: list[str] | None = None,
+    root: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    overrides: dict | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Execute the book's chapters on a profile.
+
+    Parameters
+    ----------
+    profile : str
+        Profile name (``params/<profile>.yaml``) or path of a YAML file.
+    only : list of str or None
+        Chapter names to run (e.g. ``["01_gradients"]``); ``None`` runs all.
+    root : path-like or None
+        Repository root (found from the working directory when None).
+    output_dir : path-like or None
+        Where executed copies go (default ``<root>/executed``, what the book renders).
+    overrides : dict or None
+        Parameter values that replace the profile's, for chapters that declare them.
+    force : bool
+        Rerun chapters even when their inputs are unchanged.
+    progress : bool
+        Show papermill's per-cell progress.
+
+    Returns
+    -------
+    dict of str to str
+        Chapter name → ``"executed"`` or ``"skipped"``.
+    """
+    root = find_root(root)
+    data = load_profile(root, profile)
+    todo = chapters(root, output_dir)
+    if only:
+        names = [c.name for c in todo]
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ValueError(f"Unknown chapter(s) {unknown}; the book has {names}.")
+        todo = [c for c in todo if c.name in only]
+    status = {}
+    for i, chapter in enumerate(todo, 1):
+        parameters = parameters_for(chapter, data, overrides)
+        digest = input_digest(chapter, parameters)
+        prefix = f"[{i}/{len(todo)}] {chapter.name}"
+        if not force and is_up_to_date(chapter, digest):
+            print(f"{prefix}: inputs unchanged, skipped", flush=True)
+            status[chapter.name] = "skipped"
+            continue
+        print(f"{prefix}: running on profile {profile!r} with {parameters}", flush=True)
+        start = time.perf_counter()
+        execute_chapter(chapter, parameters, cwd=root, progress=progress)
+        stamp = _stamp_path(chapter)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({
+            "digest": digest, "profile": profile, "parameters": parameters,
+            "seconds": round(time.perf_counter() - start, 1),
+        }, default=str, indent=1))
+        print(f"{prefix}: done in {time.perf_counter() - start:.0f} s → {chapter.output}", flush=True)
+        status[chapter.name] = "executed"
+    return status
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, yaml.safe_load(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gradbrain.book", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="execute chapters with papermill")
+    p_run.add_argument("--profile", default="demo", help="params/<profile>.yaml (default: demo)")
+    p_run.add_argument("--only", nargs="+", metavar="CHAPTER", help="e.g. --only 01_gradients")
+    p_run.add_argument("--root", help="repository root (default: found from the cwd)")
+    p_run.add_argument("--output-dir", help="where executed copies go (default: executed/)")
+    p_run.add_argument("-p", "--param", action="append", type=_parse_override, default=[],
+                       metavar="KEY=VALUE", help="override a parameter (YAML value)")
+    p_run.add_argument("--force", action="store_true", help="rerun even if inputs are unchanged")
+    p_run.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
+    p_list = sub.add_parser("list", help="list the chapters in book order")
+    p_list.add_argument("--root")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            for chapter in chapters(find_root(args.root)):
+                print(chapter.name)
+            return 0
+        run(args.profile, only=args.only, root=args.root, output_dir=args.output_dir,
+            overrides=dict(args.param), force=args.force, progress=not args.quiet)
+    except (ChapterFailed, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Stimulus sets: the embedded natural-image crops and a loader for a user's folder.
+
+The embedded set is built deterministically from photographs that ship inside
+installed packages (scikit-image's ``skimage.data`` and scikit-learn's sample
+images), so every chapter runs offline. Each source photograph yields 14 square
+crops at three scales (the largest centred square, a 2×2 grid at 70 % and a 3×3
+grid at 45 % of the short side); each crop carries its source and a coarse
+category label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .._utils import hash_update_array
+
+__all__ = ["ImageSet", "EMBEDDED_SOURCES", "load_embedded", "load_folder"]
+
+#: Source photograph → coarse category. ``skimage.data.cat`` is the same photograph
+#: as ``chelsea`` and ``horse`` is a binary silhouette, so neither is used.
+EMBEDDED_SOURCES: dict[str, str] = {
+    "astronaut": "person",
+    "camera": "person",
+    "chelsea": "animal",
+    "coffee": "food",
+    "rocket": "vehicle",
+    "hubble_deep_field": "space",
+    "moon": "space",
+    "retina": "microscopy",
+    "immunohistochemistry": "microscopy",
+    "brick": "texture",
+    "grass": "texture",
+    "gravel": "texture",
+    "clock": "object",
+    "coins": "object",
+    "page": "text",
+    "text": "text",
+    "china": "building",
+    "flower": "plant",
+}
+
+#: (scale of the short side, grid size) of the square crops taken from each source.
+_CROP_GRID = ((1.0, 1), (0.7, 2), (0.45, 3))
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageSet:
+    """An ordered set of RGB stimulus images with identifiers and labels.
+
+    Attributes
+    ----------
+    images : list of PIL.Image.Image
+        RGB images, n_images of them (any size; models resize with their own
+        preprocessing).
+    ids : list of str
+        Unique identifier per image, length n_images.
+    labels : list of str
+        Category label per image, length n_images.
+    sources : list of str
+        Where each image came from (source photograph or file path), length n_images.
+    """
+
+    images: list
+    ids: list[str]
+    labels: list[str]
+    sources: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.images)
+        if not self.sources:
+            self.sources = list(self.ids)
+        for name in ("ids", "labels", "sources"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"ImageSet.{name} has {len(getattr(self, name))} entries but there are "
+                    f"{n} images; give one entry per image."
+                )
+        if len(set(self.ids)) != n:
+            raise ValueError("ImageSet.ids must be unique; found duplicated identifiers.")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index) -> "ImageSet":
+        """Subset by slice, or by a sequence of integer positions."""
+        if isinstance(index, slice):
+            positions = range(len(self))[index]
+        elif isinstance(index, (int, np.integer)):
+            positions = [int(index)]
+        else:
+            positions = [int(i) for i in index]
+        return ImageSet(
+            images=[self.images[i] for i in positions],
+            ids=[self.ids[i] for i in positions],
+            labels=[self.labels[i] for i in positions],
+            sources=[self.sources[i] for i in positions],
+        )
+
+    @property
+    def categories(self) -> list[str]:
+        """Sorted unique category labels."""
+        return sorted(set(self.labels))
+
+    def fingerprint(self) -> str:
+        """Hex digest of every image's pixels and identifier (for cache keys)."""
+        h = hashlib.blake2b(digest_size=16)
+        for image_id, image in zip(self.ids, self.images):
+            h.update(image_id.encode())
+            hash_update_array(h, np.asarray(image))
+        return h.hexdigest()
+
+
+def _embedded_source(name: str) -> np.ndarray:
+    """Load one source photograph as an (H, W, 3) uint8 array, without network."""
+    if name in ("china", "flower"):
+        import sklearn.datasets
+
+        path = Path(sklearn.datasets.__file__).parent / "images" / f"{name}.jpg"
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"))
+    else:
+        import skimage.data
+
+        array = getattr(skimage.data, name)()
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(array[:, :, :3].astype(np.uint8))
+
+
+def _square_crops(height: int, width: int) -> list[tuple[str, int, int, int]]:
+    """Crop boxes (tag, top, left, side) of the embedded grid, in a fixed order."""
+    boxes = []
+    short = min(height, width)
+    for scale, grid in _CROP_GRID:
+        side = int(round(scale * short))
+        # one centred crop, or a grid spread over the whole photograph
+        tops = np.linspace(0, height - side, grid) if grid > 1 else [(height - side) / 2]
+        lefts = np.linspace(0, width - side, grid) if grid > 1 else [(width - side) / 2]
+        for r, top in enumerate(tops):
+            for c, left in enumerate(lefts):
+                boxes.append((f"s{int(scale * 100):03d}-r{r}c{c}", int(top), int(left), side))
+    return boxes
+
+
+def load_embedded(n_images: int | None = None, *, size: int = 256) -> ImageSet:
+    """The embedded stimulus set: natural-image crops that ship with our dependencies.
+
+    Parameters
+    ----------
+    n_images : int or None
+        How many images to return; ``None`` returns all of them (252). Images are
+        ordered round-robin over the source photographs, so any prefix covers all
+        sources and categories as evenly as possible.
+    size : int
+        Side of the square RGB output images, in pixels.
+
+    Returns
+    -------
+    ImageSet
+        ``n_images`` RGB images of ``size × size`` pixels with ids such as
+        ``"chelsea-s070-r0c1"``, category labels and source names.
+
+    Examples
+    --------
+    >>> stimuli = load_embedded(20, size=64)
+    >>> len(stimuli), stimuli.images[0].size
+    (20, (64, 64))
+    """
+    if size < 16:
+        raise ValueError(f"'size' must be at least 16 pixels; got {size}. e.g. size=256")
+    per_source = []
+    for name, category in EMBEDDED_SOURCES.items():
+        array = _embedded_source(name)
+        crops = []
+        for tag, top, left, side in _square_crops(*array.shape[:2]):
+            crop = Image.fromarray(array[top : top + side, left : left + side])
+            crop = crop.resize((size, size), Image.Resampling.LANCZOS)
+            crops.append((f"{name}-{tag}", crop, category, name))
+        per_source.append(crops)
+    total = sum(len(c) for c in per_source)
+    if n_images is None:
+        n_images = total
+    if not isinstance(n_images, (int, np.integer)) or n_images < 1 or n_images > total:
+        raise ValueError(
+            f"'n_images' must be an integer between 1 and {total} (the size of the embedded "
+            f"set); got {n_images!r}. e.g. n_images=64"
+        )
+    ordered = [crops[k] for k in range(max(map(len, per_source))) for crops in per_source if k < len(crops)]
+    ordered = ordered[:n_images]
+    return ImageSet(
+        images=[c[1] for c in ordered],
+        ids=[c[0] for c in ordered],
+        labels=[c[2] for c in ordered],
+        sources=[c[3] for c in ordered],
+    )
+
+
+def load_folder(
+    path: str | os.PathLike, *, size: int | None = None, n_images: int | None = None
+) -> ImageSet:
+    """Load a folder of the user's images (searched recursively, sorted by path).
+
+    Parameters
+    ----------
+    path : str or path-like
+        Folder holding image files (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, ``.webp``,
+        ``.tif``). An image's label is the name of the folder it sits in, relative to
+        ``path`` (``""`` for images directly in ``path``), as in
+        ``torchvision.datasets.ImageFolder``.
+    size : int or None
+        Resize every image to ``size × size`` pixels; ``None`` keeps them as they are.
+    n_images : int or None
+        Keep only the first ``n_images`` files.
+
+    Returns
+    -------
+    ImageSet
+        RGB images with ids = paths relative to ``path`` (without suffix).
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Image folder {str(root)!r} does not exist or is not a folder; give the folder "
+            "that holds your image files."
+        )
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(
+            f"No image files found under {str(root)!r}; expected files ending in "
+            f"{', '.join(_IMAGE_SUFFIXES)}."
+        )
+    if n_images is not None:
+        files = files[:n_images]
+    images, ids, labels = [], [], []
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                image = im.convert("RGB")
+        except Exception as err:  # PIL raises several types for unreadable files
+            raise ValueError(f"Could not read image {str(file)!r}: {err}") from err
+        if size is not None:
+            image = image.resize((size, size), Image.Resampling.LANCZOS)
+        rel = file.relative_to(root)
+        images.append(image)
+        ids.append(str(rel.with_suffix("")))
+        labels.append(rel.parent.as_posix() if rel.parent != Path(".") else "")
+    return ImageSet(images=images, ids=ids, labels=labels, sources=[str(f) for f in files])
+
+
+def as_image_list(images: Sequence) -> list:
+    """Return the PIL images of an ImageSet or a sequence of PIL images."""
+    if isinstance(images, ImageSet):
+        return list(images.images)
+    return list(images)

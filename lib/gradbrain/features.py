@@ -1,0 +1,775 @@
+"""Per-layer forward activations and backpropagated gradients of a vision model.
+
+For every image and every layer ``l`` of a registry model, :func:`extract` returns
+
+* the pooled **activation** ``h_l`` (what the forward pass computes), and
+* the pooled **gradient** ``dL/dh_l`` of a per-image loss ``L`` with respect to that
+  layer's output (what backpropagation would send back to that layer),
+
+computing all layers' gradients from ONE backward pass per batch and loss, and
+recording the order in which autograd produced them.
+
+Losses (the paper does not publish its loss, so it is a parameter)
+------------------------------------------------------------------
+``"dino"``
+    DINO-style self-distillation between two deterministic views of the image.
+    The student sees the preprocessed image (the same input as the activations);
+    the teacher (same weights, no gradient) sees it mirrored and zoomed by 15 %.
+    Both embeddings go through a fixed random prototype head (L2-normalised
+    embedding · L2-normalised random prototypes, 1,024 of them). Loss:
+    ``-Σ_k p_t(k) log p_s(k)`` with ``p_t = softmax((t - c) / 0.04)`` (teacher
+    centred by ``c``, the mean teacher output over the image set, and sharpened) and
+    ``p_s = softmax(s / 0.1)``.
+``"ce"``
+    Cross-entropy of the classification head against its own top class (a
+    "self-label": the model is nudged towards what it already believes). Models
+    without a classifier use a fixed random linear head of 1,000 classes.
+``"proj"``
+    Regression of a fixed random projection of the embedding (256 dimensions) onto a
+    fixed random target vector: ``½‖P e - y‖²``. A control whose direction has no
+    relation to any task.
+
+Every fixed random head is drawn from ``loss_seed`` on the CPU, so results do not
+depend on the device. Losses are summed over the images of a batch; since the
+models run in eval mode and images do not interact, the gradient at image ``i``
+is that of image ``i``'s own loss.
+
+Pooling
+-------
+A ViT layer outputs tokens (n, n_tokens, dim): ``"cls"`` keeps the class token,
+``"mean"`` averages the patch tokens (class and register tokens excluded),
+``"cls+mean"`` concatenates both. A CNN layer outputs maps (n, channels, height,
+width): ``"mean"`` averages over space (``"cls"`` is refused: there is no class
+token). Gradients are pooled exactly like activations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import __version__
+from ._utils import atomic_path, check_in_allowed, get_data_home, hash_arrays, resolve_device
+from .models import LoadedModel, load
+
+__all__ = [
+    "LOSSES", "POOLS", "Features", "extract", "linear_cka", "cka_matrix", "category_decoding",
+    "norms_table", "decoding_table",
+]
+
+LOSSES = ("dino", "ce", "proj")
+POOLS = ("cls", "mean", "cls+mean")
+
+# Fixed hyper-parameters of the losses (part of the cache key through the lib version).
+_DINO_PROTOTYPES = 1024
+_DINO_STUDENT_TEMP = 0.1
+_DINO_TEACHER_TEMP = 0.04
+_DINO_ZOOM = 1.15
+_CE_RANDOM_CLASSES = 1000
+_PROJ_DIM = 256
+
+
+@dataclass
+class Features:
+    """Pooled per-layer activations and gradients of one model on one image set.
+
+    Attributes
+    ----------
+    model : str
+        Registry name of the model.
+    weights : str
+        Where the weights came from, in words.
+    layers : list of str
+        Layer names in forward order, length n_layers.
+    depth : ndarray of shape (n_layers,)
+        Relative depth in [0, 1] (0 = first listed layer, 1 = last).
+    activations : dict of str to ndarray of shape (n_images, dim_l)
+        Pooled forward activation of each layer (float32, the layer's own units).
+    gradients : dict of str to dict of str to ndarray of shape (n_images, dim_l)
+        ``gradients[loss][layer]``: pooled gradient dL/dh_l of each image's loss with
+        respect to that layer's output (float32, units of loss per unit activation).
+    backward_order : dict of str to list of str
+        Per loss, the layers in the order autograd produced their gradients (measured
+        on the first batch). Under backpropagation this is the reverse forward order.
+    image_ids : list of str
+        Identifier of each image, length n_images.
+    labels : list of str
+        Category label of each image (empty strings when unknown).
+    pool : str
+        Pooling used for activations and gradients.
+    meta : dict
+        Extraction settings: dtype, device, loss seed, cache key, library version.
+    """
+
+    model: str
+    weights: str
+    layers: list[str]
+    depth: np.ndarray
+    activations: dict[str, np.ndarray]
+    gradients: dict[str, dict[str, np.ndarray]]
+    backward_order: dict[str, list[str]]
+    image_ids: list[str]
+    labels: list[str]
+    pool: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def losses(self) -> list[str]:
+        return list(self.gradients)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+    def backward_rank(self, loss: str) -> np.ndarray:
+        """Position of each layer (forward order) in the measured backward order.
+
+        Returns
+        -------
+        ndarray of shape (n_layers,), int: 0 = gradient produced first.
+        """
+        order = self.backward_order[loss]
+        return np.array([order.index(layer) for layer in self.layers])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to one ``.npz`` file (atomically). Returns the path."""
+        path = Path(path)
+        arrays = {f"act/{layer}": a for layer, a in self.activations.items()}
+        for loss, per_layer in self.gradients.items():
+            arrays.update({f"grad/{loss}/{layer}": g for layer, g in per_layer.items()})
+        header = {
+            "model": self.model, "weights": self.weights, "layers": self.layers,
+            "depth": self.depth.tolist(), "backward_order": self.backward_order,
+            "image_ids": self.image_ids, "labels": self.labels, "pool": self.pool,
+            "losses": self.losses, "meta": self.meta,
+        }
+        arrays["header"] = np.array(json.dumps(header))
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Features":
+        """Read a file written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            layers = header["layers"]
+            activations = {layer: data[f"act/{layer}"] for layer in layers}
+            gradients = {
+                loss: {layer: data[f"grad/{loss}/{layer}"] for layer in layers}
+                for loss in header["losses"]
+            }
+        return cls(
+            model=header["model"], weights=header["weights"], layers=layers,
+            depth=np.asarray(header["depth"]), activations=activations, gradients=gradients,
+            backward_order=header["backward_order"], image_ids=header["image_ids"],
+            labels=header["labels"], pool=header["pool"], meta=header["meta"],
+        )
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _as_model(model) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str):
+        return load(model)
+    raise TypeError(
+        f"'model' must be a registry name or a gradbrain.models.LoadedModel; got "
+        f"{type(model).__name__}. e.g. model=gradbrain.models.load('dinov3_vits16')"
+    )
+
+
+def _as_batch_tensor(model: LoadedModel, images) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Images → (n_images, 3, H, W) float tensor, ids and labels."""
+    from .data.images import ImageSet
+
+    if isinstance(images, torch.Tensor):
+        x = images
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(
+                f"'images' tensor must have shape (n_images, 3, height, width); got "
+                f"{tuple(x.shape)}. Pass PIL images or an ImageSet to preprocess them."
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"'images' tensor must be float (already preprocessed); got {x.dtype}. Pass PIL "
+                "images or an ImageSet to use the model's own preprocessing."
+            )
+        if tuple(x.shape[1:]) != tuple(model.input_size):
+            raise ValueError(
+                f"'images' tensor has shape {tuple(x.shape[1:])} per image but {model.name} "
+                f"expects {tuple(model.input_size)}; preprocess with model.preprocess(images)."
+            )
+        ids = [str(i) for i in range(len(x))]
+        labels = [""] * len(x)
+    elif isinstance(images, ImageSet):
+        if len(images) == 0:
+            raise ValueError("'images' is empty; give at least one image.")
+        x, ids, labels = model.preprocess(images), list(images.ids), list(images.labels)
+    elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        if len(images) == 0:
+            raise ValueError("'images' is empty; give at least one image.")
+        if not all(hasattr(im, "convert") for im in images):
+            raise TypeError(
+                "'images' must be a float tensor, an ImageSet or a sequence of PIL images; "
+                f"got a sequence holding {type(images[0]).__name__}."
+            )
+        x = model.preprocess(images)
+        ids, labels = [str(i) for i in range(len(x))], [""] * len(x)
+    else:
+        raise TypeError(
+            "'images' must be a float tensor (n_images, 3, H, W), an ImageSet or a sequence "
+            f"of PIL images; got {type(images).__name__}."
+        )
+    if len(x) == 0:
+        raise ValueError("'images' is empty; give at least one image.")
+    return x.float(), ids, labels
+
+
+def _check_losses(losses) -> tuple[str, ...]:
+    if isinstance(losses, str):
+        losses = (losses,)
+    losses = tuple(losses)
+    for loss in losses:
+        check_in_allowed("losses", loss, LOSSES)
+    if len(set(losses)) != len(losses):
+        raise ValueError(f"'losses' lists a loss twice: {list(losses)}.")
+    return losses
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"'dtype' must be None, torch.float32, torch.bfloat16 or torch.float16; got "
+            f"{dtype!r}. e.g. dtype=torch.float32"
+        )
+    return dtype
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def _pool(tensor: torch.Tensor, pool: str, n_prefix: int) -> torch.Tensor:
+    """(n, tokens, dim) or (n, C, H, W) → (n, dim') float32."""
+    if tensor.ndim == 3:
+        cls = tensor[:, 0]
+        mean = tensor[:, n_prefix:].mean(dim=1)
+    elif tensor.ndim == 4:
+        cls, mean = None, tensor.mean(dim=(2, 3))
+    elif tensor.ndim == 2:
+        cls, mean = None, tensor
+    else:
+        raise RuntimeError(f"Cannot pool a layer output of shape {tuple(tensor.shape)}.")
+    if pool == "mean":
+        out = mean
+    elif pool == "cls":
+        out = cls
+    else:
+        out = torch.cat([cls, mean], dim=1)
+    return out.float()
+
+
+def _check_pool(model: LoadedModel, pool: str) -> None:
+    check_in_allowed("pool", pool, POOLS)
+    if "cls" in pool and (model.spec.family != "vit" or model.num_prefix_tokens == 0):
+        raise ValueError(
+            f"pool={pool!r} needs a class token, but {model.name} ({model.spec.family}) has none; "
+            "use pool='mean'."
+        )
+
+
+# --------------------------------------------------------------------------- losses
+
+
+class _LossHeads:
+    """Fixed random heads of the losses, drawn on the CPU from ``seed``."""
+
+    def __init__(self, model: LoadedModel, seed: int, device: torch.device):
+        module = model.module
+        dim = int(module.num_features)
+        g = torch.Generator().manual_seed(seed)
+        self.prototypes = F.normalize(torch.randn(_DINO_PROTOTYPES, dim, generator=g), dim=1)
+        self.projection = torch.randn(_PROJ_DIM, dim, generator=g) / dim**0.5
+        self.target = torch.randn(_PROJ_DIM, generator=g)
+        ce_head = torch.randn(_CE_RANDOM_CLASSES, dim, generator=g) / dim**0.5
+        self.classifier = None
+        if getattr(module, "num_classes", 0):
+            self.classifier = module.get_classifier()
+        self.ce_head = ce_head
+        for name in ("prototypes", "projection", "target", "ce_head"):
+            setattr(self, name, getattr(self, name).to(device))
+
+    def logits(self, embedding: torch.Tensor) -> torch.Tensor:
+        if self.classifier is not None:
+            return self.classifier(embedding).float()
+        return embedding.float() @ self.ce_head.T
+
+    def dino_scores(self, embedding: torch.Tensor) -> torch.Tensor:
+        return F.normalize(embedding.float(), dim=-1) @ self.prototypes.T
+
+    def loss(self, name: str, embedding: torch.Tensor, teacher: torch.Tensor | None,
+             center: torch.Tensor | None) -> torch.Tensor:
+        """Sum over the batch of each image's loss (float32 scalar)."""
+        if name == "ce":
+            logits = self.logits(embedding)
+            return F.cross_entropy(logits, logits.argmax(dim=1).detach(), reduction="sum")
+        if name == "proj":
+            z = embedding.float() @ self.projection.T
+            return 0.5 * ((z - self.target) ** 2).sum()
+        student = F.log_softmax(self.dino_scores(embedding) / _DINO_STUDENT_TEMP, dim=1)
+        p_teacher = F.softmax((teacher - center) / _DINO_TEACHER_TEMP, dim=1)
+        return -(p_teacher * student).sum()
+
+
+def _teacher_view(x: torch.Tensor) -> torch.Tensor:
+    """Deterministic second view: mirrored, zoomed by 15 %, centre-cropped back."""
+    h, w = x.shape[-2:]
+    big = F.interpolate(
+        torch.flip(x, dims=[-1]), scale_factor=_DINO_ZOOM, mode="bilinear", align_corners=False
+    )
+    top, left = (big.shape[-2] - h) // 2, (big.shape[-1] - w) // 2
+    return big[..., top : top + h, left : left + w].contiguous()
+
+
+def _embed(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled pre-logits embedding (n, num_features)."""
+    return module.forward_head(module.forward_features(x), pre_logits=True)
+
+
+# --------------------------------------------------------------------------- core
+
+
+class _Capture:
+    """Forward hooks that keep each listed layer's output tensor while enabled."""
+
+    def __init__(self, module: torch.nn.Module, layers: Sequence[str]):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.enabled = False
+        self._handles = [
+            module.get_submodule(layer).register_forward_hook(self._hook(layer)) for layer in layers
+        ]
+
+    def _hook(self, layer):
+        def hook(_module, _inputs, output):
+            if not self.enabled:
+                return
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if layer in self.outputs:
+                raise RuntimeError(f"Layer {layer!r} ran twice in one forward pass.")
+            self.outputs[layer] = output
+        return hook
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _extract_batch(model, heads, capture, x, layers, losses, pool, teacher, center, device,
+                   dtype):
+    """One batch: returns (activations dict, gradients dict, backward orders)."""
+    module, n_prefix = model.module, model.num_prefix_tokens
+    capture.outputs = {}
+    if not losses:
+        with torch.inference_mode(), _autocast(device, dtype):
+            capture.enabled = True
+            module.forward_features(x)
+            capture.enabled = False
+        acts = {l: _pool(capture.outputs[l], pool, n_prefix).cpu().numpy() for l in layers}
+        return acts, {}, {}
+    with torch.enable_grad(), _autocast(device, dtype):
+        x = x.detach().requires_grad_(True)  # parameters are frozen: build the graph from x
+        capture.enabled = True
+        embedding = _embed(module, x)
+        capture.enabled = False
+        outputs = [capture.outputs[l] for l in layers]
+        acts = {l: _pool(o.detach(), pool, n_prefix).cpu().numpy() for l, o in zip(layers, outputs)}
+        grads, orders = {}, {}
+        for i, loss_name in enumerate(losses):
+            produced: list[str] = []
+            handles = [o.register_hook(_order_hook(produced, l)) for l, o in zip(layers, outputs)]
+            loss = heads.loss(loss_name, embedding, teacher, center)
+            gs = torch.autograd.grad(
+                loss, outputs, retain_graph=i < len(losses) - 1, allow_unused=True
+            )
+            for handle in handles:
+                handle.remove()
+            grads[loss_name] = {
+                l: (_pool(g, pool, n_prefix) if g is not None
+                    else torch.zeros_like(_pool(o.detach(), pool, n_prefix))).cpu().numpy()
+                for l, g, o in zip(layers, gs, outputs)
+            }
+            orders[loss_name] = produced
+    capture.outputs = {}
+    return acts, grads, orders
+
+
+def _order_hook(produced: list, layer: str):
+    def hook(grad):
+        produced.append(layer)
+    return hook
+
+
+def _cache_key(model, x, layers, losses, pool, dtype, loss_seed) -> str:
+    parts = json.dumps({
+        "model": model.name, "timm": model.spec.timm_name, "weights": model.fingerprint(),
+        "losses": sorted(losses), "pool": pool, "layers": list(layers), "dtype": str(dtype),
+        "loss_seed": loss_seed, "version": __version__,
+    }, sort_keys=True)
+    return hash_arrays([np.frombuffer(parts.encode(), dtype=np.uint8), x])
+
+
+def _resolve_cache(cache) -> Path | None:
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return get_data_home() / "features"
+    return Path(cache).expanduser()
+
+
+def extract(
+    model: LoadedModel | str,
+    images,
+    *,
+    losses: Sequence[str] | str = ("dino", "ce", "proj"),
+    pool: str = "mean",
+    layers: Sequence[str] | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    cache: bool | str | os.PathLike | None = None,
+    loss_seed: int = 0,
+    progress: bool = False,
+) -> Features:
+    """Pooled per-layer activations and backpropagated gradients.
+
+    Parameters
+    ----------
+    model : LoadedModel or str
+        From :func:`gradbrain.models.load` (a bare name loads random init).
+    images : torch.Tensor of shape (n_images, 3, H, W), ImageSet or sequence of PIL images
+        A float tensor must already be preprocessed for ``model``; PIL images and image
+        sets are preprocessed with the model's own timm config.
+    losses : sequence of {"dino", "ce", "proj"}
+        Losses whose gradients to compute (see the module docstring); ``()`` extracts
+        activations only, under ``torch.inference_mode``.
+    pool : {"cls", "mean", "cls+mean"}
+        How token sequences / feature maps become vectors (see the module docstring).
+    layers : sequence of str or None
+        Subset of ``model.layers`` (kept in forward order); ``None`` for all.
+    batch_size : int
+        Images per forward/backward pass.
+    device : str, torch.device or None
+        ``None`` uses CUDA when available. Asking for CUDA without it warns and uses the CPU.
+    dtype : torch.dtype or None
+        Compute precision; ``None`` is bfloat16 autocast on CUDA, float32 on the CPU.
+        Outputs are always float32.
+    cache : bool, path-like or None
+        Folder for a disk cache (``True``: ``$GRADBRAIN_DATA/features``). The key covers
+        the model's weights, the preprocessed images, losses, pool, layers, dtype,
+        loss seed and library version. Batches are saved as they finish, so an
+        interrupted extraction resumes where it stopped.
+    loss_seed : int
+        Seed of the fixed random loss heads.
+    progress : bool
+        Show a tqdm progress bar over batches.
+
+    Returns
+    -------
+    Features
+        ``activations[layer]`` and ``gradients[loss][layer]``, each of shape
+        (n_images, dim_layer); see :class:`Features`.
+    """
+    model = _as_model(model)
+    losses = _check_losses(losses)
+    _check_pool(model, pool)
+    if layers is None:
+        layers = model.layers
+    else:
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        unknown = [l for l in layers if l not in model.layers]
+        if unknown or not layers:
+            raise ValueError(
+                f"'layers' must be a non-empty subset of {model.name}'s layers; unknown: "
+                f"{unknown}. Valid: {model.layers}"
+            )
+        layers = [l for l in model.layers if l in layers]
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"'batch_size' must be a positive integer; got {batch_size!r}.")
+    device = resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
+    x, ids, labels = _as_batch_tensor(model, images)
+    depth = model.depth[[model.layers.index(l) for l in layers]]
+
+    cache_dir = _resolve_cache(cache)
+    key = _cache_key(model, x, layers, losses, pool, dtype, loss_seed)
+    final = partial = None
+    if cache_dir is not None:
+        final = cache_dir / f"{model.name}-{key}.npz"
+        partial = cache_dir / f"{model.name}-{key}.partial"
+        if final.exists():
+            cached = Features.load(final)
+            cached.image_ids, cached.labels = ids, labels
+            return cached
+        partial.mkdir(parents=True, exist_ok=True)
+
+    module = model.module.to(device)
+    heads = _LossHeads(model, loss_seed, device)
+    teacher_all = center = None
+    if "dino" in losses:
+        teacher_all = _teacher_scores(model, heads, x, batch_size, device, dtype, partial, progress)
+        center = teacher_all.mean(dim=0).to(device)
+
+    chunks: list[tuple[dict, dict]] = []
+    orders: dict[str, list[str]] = {}
+    capture = _Capture(module, layers)
+    try:
+        start = 0
+        bar = tqdm(total=len(x), desc=f"{model.name}: activations + gradients", unit="img",
+                   disable=not progress)
+        while start < len(x):
+            done = _find_chunk(partial, start)
+            if done is not None:
+                stop, acts, grads, batch_orders = _read_chunk(done, layers, losses)
+            else:
+                stop = min(start + batch_size, len(x))
+                xb = x[start:stop].to(device)
+                teacher = teacher_all[start:stop].to(device) if teacher_all is not None else None
+                acts, grads, batch_orders = _extract_batch(
+                    model, heads, capture, xb, layers, losses, pool, teacher, center, device, dtype
+                )
+                if partial is not None:
+                    _write_chunk(partial, start, stop, acts, grads, batch_orders)
+            if not orders:
+                orders = batch_orders
+            chunks.append((acts, grads))
+            bar.update(stop - start)
+            start = stop
+        bar.close()
+    finally:
+        capture.remove()
+
+    features = Features(
+        model=model.name,
+        weights=model.weights,
+        layers=list(layers),
+        depth=np.asarray(depth, dtype=float),
+        activations={l: np.concatenate([c[0][l] for c in chunks]) for l in layers},
+        gradients={
+            loss: {l: np.concatenate([c[1][loss][l] for c in chunks]) for l in layers}
+            for loss in losses
+        },
+        backward_order={loss: orders.get(loss, []) for loss in losses},
+        image_ids=ids,
+        labels=labels,
+        pool=pool,
+        meta={"dtype": str(dtype), "device": str(device), "loss_seed": loss_seed,
+              "cache_key": key, "version": __version__},
+    )
+    if final is not None:
+        features.save(final)
+        shutil.rmtree(partial, ignore_errors=True)
+    return features
+
+
+def _teacher_scores(model, heads, x, batch_size, device, dtype, partial, progress) -> torch.Tensor:
+    """DINO teacher prototype scores of the second view, (n_images, n_prototypes), float32."""
+    path = partial / "teacher.npy" if partial is not None else None
+    if path is not None and path.exists():
+        return torch.from_numpy(np.load(path))
+    out = []
+    with torch.inference_mode(), _autocast(device, dtype):
+        for start in tqdm(range(0, len(x), batch_size), desc=f"{model.name}: DINO teacher",
+                          disable=not progress):
+            xb = _teacher_view(x[start : start + batch_size].to(device))
+            out.append(heads.dino_scores(_embed(model.module, xb)).float().cpu())
+    scores = torch.cat(out)
+    if path is not None:
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, scores.numpy())
+    return scores
+
+
+def _chunk_name(start: int, stop: int) -> str:
+    return f"{start:07d}-{stop:07d}.npz"
+
+
+def _find_chunk(partial: Path | None, start: int) -> Path | None:
+    if partial is None:
+        return None
+    found = sorted(partial.glob(f"{start:07d}-*.npz"))
+    return found[0] if found else None
+
+
+def _write_chunk(partial, start, stop, acts, grads, orders) -> None:
+    arrays = {f"act/{l}": a for l, a in acts.items()}
+    for loss, per_layer in grads.items():
+        arrays.update({f"grad/{loss}/{l}": g for l, g in per_layer.items()})
+    arrays["orders"] = np.array(json.dumps(orders))
+    with atomic_path(partial / _chunk_name(start, stop), suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def _read_chunk(path: Path, layers, losses):
+    stop = int(path.stem.split("-")[1])
+    with np.load(path, allow_pickle=False) as data:
+        acts = {l: data[f"act/{l}"] for l in layers}
+        grads = {loss: {l: data[f"grad/{loss}/{l}"] for l in layers} for loss in losses}
+        orders = json.loads(str(data["orders"]))
+    return stop, acts, grads, orders
+
+
+# --------------------------------------------------------------------------- analyses
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear centred kernel alignment between two representations of the same images.
+
+    Parameters
+    ----------
+    x : ndarray of shape (n_images, dim_x)
+    y : ndarray of shape (n_images, dim_y)
+
+    Returns
+    -------
+    float in [0, 1]: 1 when ``y`` is an orthogonal transform and scaling of ``x``.
+
+    Notes
+    -----
+    ``CKA = ‖Yc^T Xc‖_F² / (‖Xc^T Xc‖_F ‖Yc^T Yc‖_F)`` with column-centred Xc, Yc
+    (Kornblith et al. 2019).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+        raise ValueError(
+            f"linear_cka needs two 2-D arrays with the same number of rows (images); got "
+            f"shapes {x.shape} and {y.shape}."
+        )
+    x = x - x.mean(axis=0)
+    y = y - y.mean(axis=0)
+    cross = np.linalg.norm(y.T @ x) ** 2
+    denom = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(cross / denom) if denom > 0 else 0.0
+
+
+def cka_matrix(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> np.ndarray:
+    """Linear CKA between every representation in ``a`` and every one in ``b``.
+
+    Returns
+    -------
+    ndarray of shape (len(a), len(b)), rows in ``a``'s order, columns in ``b``'s.
+    """
+    return np.array([[linear_cka(xa, xb) for xb in b.values()] for xa in a.values()])
+
+
+def category_decoding(
+    representations: dict[str, np.ndarray], labels: Sequence[str], *, cv: int = 5,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Cross-validated accuracy of a linear classifier of ``labels`` from each representation.
+
+    Parameters
+    ----------
+    representations : dict of str to ndarray of shape (n_images, dim)
+    labels : sequence of str, length n_images
+    cv : int
+        Stratified folds.
+
+    Returns
+    -------
+    dict of str to float: mean held-out accuracy (chance = 1 / n_categories).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labels = np.asarray(labels)
+    counts = np.unique(labels, return_counts=True)[1]
+    if len(counts) < 2 or counts.min() < cv:
+        raise ValueError(
+            f"category_decoding needs ≥2 categories with ≥cv={cv} images each; got counts "
+            f"{counts.tolist()}. Use more images or a smaller cv."
+        )
+    folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter on tiny sets
+        return {
+            name: float(cross_val_score(clf, x, labels, cv=folds).mean())
+            for name, x in representations.items()
+        }
+
+
+def _signals(features: Features) -> dict[str, dict[str, np.ndarray]]:
+    """``{"activation": acts, "gradient (ce)": grads_ce, ...}``."""
+    out = {"activation": features.activations}
+    out.update({f"gradient ({loss})": g for loss, g in features.gradients.items()})
+    return out
+
+
+def norms_table(features: Sequence[Features], labels: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean L2 norm per image of every layer's activation and gradients.
+
+    Returns
+    -------
+    DataFrame with columns model, layer, depth, signal, norm (one row per
+    model × signal × layer).
+    """
+    labels = labels or [f.model for f in features]
+    rows = []
+    for label, feats in zip(labels, features):
+        for signal, per_layer in _signals(feats).items():
+            for layer, depth in zip(feats.layers, feats.depth):
+                norm = float(np.linalg.norm(per_layer[layer], axis=1).mean())
+                rows.append({"model": label, "layer": layer, "depth": float(depth),
+                             "signal": signal, "norm": norm})
+    return pd.DataFrame(rows)
+
+
+def decoding_table(features: Sequence[Features], labels: Sequence[str] | None = None, *,
+                   cv: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Category decoding accuracy of every layer's activation and gradients.
+
+    ``cv`` is lowered to the size of the smallest category when needed.
+
+    Returns
+    -------
+    DataFrame with columns model, layer, depth, signal, accuracy.
+    """
+    labels = labels or [f.model for f in features]
+    rows = []
+    for label, feats in zip(labels, features):
+        smallest = int(np.unique(feats.labels, return_counts=True)[1].min())
+        folds = max(2, min(cv, smallest))
+        for signal, per_layer in _signals(feats).items():
+            scores = category_decoding(per_layer, feats.labels, cv=folds, seed=seed)
+            for layer, depth in zip(feats.layers, feats.depth):
+                rows.append({"model": label, "layer": layer, "depth": float(depth),
+                             "signal": signal, "accuracy": scores[layer]})
+    return pd.DataFrame(rows)
