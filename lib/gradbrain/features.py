@@ -753,10 +753,20 @@ def norms_table(features: Sequence[Features], labels: Sequence[str] | None = Non
 
 
 def decoding_table(features: Sequence[Features], labels: Sequence[str] | None = None, *,
-                   cv: int = 5, seed: int = 0) -> pd.DataFrame:
-    """Category decoding accuracy of every layer's activation and gradients.
+                   targets: Sequence[str] | None = None, cv: int = 5,
+                   seed: int = 0) -> pd.DataFrame:
+    """Decoding accuracy of a per-image target from every layer's activation and gradients.
 
-    ``cv`` is lowered to the size of the smallest category when needed.
+    Parameters
+    ----------
+    features : sequence of Features
+        Extracted on the same images, in the same order.
+    labels : sequence of str or None
+        Name of each Features in the table (default: their model names).
+    targets : sequence of str or None
+        Class of each image, length n_images (default: each Features' ``labels``).
+    cv : int
+        Stratified folds, lowered to the size of the smallest class when needed.
 
     Returns
     -------
@@ -765,10 +775,14 @@ def decoding_table(features: Sequence[Features], labels: Sequence[str] | None = 
     labels = labels or [f.model for f in features]
     rows = []
     for label, feats in zip(labels, features):
-        smallest = int(np.unique(feats.labels, return_counts=True)[1].min())
-        folds = max(2, min(cv, smallest))
+        y = np.asarray(feats.labels if targets is None else targets)
+        if len(y) != feats.n_images:
+            raise ValueError(
+                f"'targets' has {len(y)} entries but {label} has {feats.n_images} images."
+            )
+        folds = max(2, min(cv, int(np.unique(y, return_counts=True)[1].min())))
         for signal, per_layer in _signals(feats).items():
-            scores = category_decoding(per_layer, feats.labels, cv=folds, seed=seed)
+            scores = category_decoding(per_layer, y, cv=folds, seed=seed)
             for layer, depth in zip(feats.layers, feats.depth):
                 rows.append({"model": label, "layer": layer, "depth": float(depth),
                              "signal": signal, "accuracy": scores[layer]})

@@ -56,16 +56,15 @@ def plot_layer_norms(table: pd.DataFrame, *, ax=None):
     return fig
 
 
-def plot_backward_order(orders: dict[str, Sequence[int]], n_layers: dict[str, int]):
+def plot_backward_order(orders: dict[str, Sequence[int]]):
     """Measured backward rank of each layer against its forward position.
 
     Parameters
     ----------
     orders : dict of str to sequence of int
         Label (e.g. "model — loss") → backward rank per layer in forward order
-        (0 = gradient produced first).
-    n_layers : dict of str to int
-        Label → number of layers (to draw the reverse-order diagonal).
+        (0 = gradient produced first), as :meth:`Features.backward_rank` returns.
+        Both axes are normalised to [0, 1] so models of any depth share the plot.
     """
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     markers = "osD^v<>"
@@ -91,20 +90,20 @@ def plot_cka(matrices: dict[str, np.ndarray], *, xlabel: str, ylabel: str):
     matrices : dict of str to ndarray of shape (n_layers_rows, n_layers_cols)
         Panel title → matrix; rows are drawn bottom-up from the first layer.
     """
-    fig, axes = plt.subplots(1, len(matrices), figsize=(4.8 * len(matrices), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(5.6 * len(matrices), 4.8), squeeze=False)
     for ax, (title, matrix) in zip(axes[0], matrices.items()):
         sns.heatmap(matrix, ax=ax, vmin=0, vmax=1, cmap="viridis", square=True,
                     cbar_kws={"label": "linear CKA"})
         ax.invert_yaxis()
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
 def plot_decoding(table: pd.DataFrame, *, chance: float | None = None):
-    """Category decoding accuracy by layer depth, per model and signal.
+    """Decoding accuracy by layer depth, per model and signal.
 
     Parameters
     ----------
@@ -122,7 +121,7 @@ def plot_decoding(table: pd.DataFrame, *, chance: float | None = None):
         if chance is not None:
             ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
         ax.set_xlabel("relative layer depth (0 = first block, 1 = last)")
-        ax.set_ylabel("category decoding accuracy (cross-validated)")
+        ax.set_ylabel("decoding accuracy (cross-validated)")
         ax.set_ylim(0, 1)
         ax.set_title(model)
         ax.legend(title="signal", fontsize=8)

@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine:
+#   make book   — install, run every chapter on the demo profile, build _build/html
+#   make test   — install if needed, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= demo
+INSTALLED := $(VENV)/.installed
+
+# The embedded default needs no network: never reach the Hugging Face hub.
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: book chapters html test test-slow bench clean install lab
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+chapters: $(INSTALLED)
+	$(PY) -m gradbrain.book run --profile $(PROFILE) --quiet
+
+html: $(INSTALLED)
+	$(VENV)/bin/jupyter-book build . -W --keep-going
+
+book: chapters html
+
+test: $(INSTALLED)
+	$(PY) -m pytest
+
+test-slow: $(INSTALLED)
+	$(PY) -m pytest -m slow
+
+bench: $(INSTALLED)
+	$(PY) benchmarks/bench_features.py
+
+lab: $(INSTALLED)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf _build executed

