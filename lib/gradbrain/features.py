@@ -526,9 +526,9 @@ def extract(
     depth = model.depth[[model.layers.index(l) for l in layers]]
 
     cache_dir = _resolve_cache(cache)
-    key = _cache_key(model, x, layers, losses, pool, dtype, loss_seed)
-    final = partial = None
+    key = final = partial = None
     if cache_dir is not None:
+        key = _cache_key(model, x, layers, losses, pool, dtype, loss_seed)
         final = cache_dir / f"{model.name}-{key}.npz"
         partial = cache_dir / f"{model.name}-{key}.partial"
         if final.exists():

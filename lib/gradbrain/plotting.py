@@ -127,3 +127,86 @@ def plot_decoding(table: pd.DataFrame, *, chance: float | None = None):
         ax.legend(title="signal", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- brain data
+
+
+def _full_hemisphere(study, values: np.ndarray, hemi: str, n_vertices: int) -> np.ndarray:
+    out = np.full(n_vertices, np.nan)
+    where = study.hemi == hemi
+    out[study.vertices[where]] = values[where]
+    return out
+
+
+def plot_surface(study, values: np.ndarray, *, label: str, title: str | None = None,
+                 cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
+                 views: Sequence[str] = ("posterior", "ventral")):
+    """Per-vertex values on the inflated fsaverage5 surface, both hemispheres (nilearn).
+
+    Parameters
+    ----------
+    study : Study
+        Gives the vertices and hemispheres of ``values``.
+    values : ndarray of shape (n_vertices,)
+        One value per study vertex; other vertices are left blank (sulcal depth shows).
+    label : str
+        Colour-bar label, with units.
+    views : sequence of str
+        nilearn views, one row of panels each.
+    """
+    from nilearn import plotting as nplot
+
+    from .data.geometry import HEMIS, fsaverage5
+
+    mesh = fsaverage5()["nilearn"]
+    sulc = fsaverage5()["sulc"]
+    values = np.asarray(values, dtype=float)
+    vmin = np.nanmin(values) if vmin is None else vmin
+    vmax = np.nanmax(values) if vmax is None else vmax
+    fig, axes = plt.subplots(len(views), len(HEMIS), figsize=(3.4 * len(HEMIS), 3.0 * len(views)),
+                             subplot_kw={"projection": "3d"}, squeeze=False)
+    for row, view in enumerate(views):
+        for col, hemi in enumerate(HEMIS):
+            coords = mesh["inflated"].parts[hemi]
+            data = _full_hemisphere(study, values, hemi, coords.n_vertices)
+            nplot.plot_surf_stat_map(
+                surf_mesh=(coords.coordinates, coords.faces), stat_map=data, bg_map=sulc[hemi],
+                hemi=hemi, view=view, cmap=cmap, colorbar=False, vmin=vmin, vmax=vmax,
+                symmetric_cbar=False, axes=axes[row, col], figure=fig, bg_on_data=True,
+            )
+            axes[row, col].set_title(f"{hemi}, {view}", fontsize=9)
+    mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(vmin, vmax))
+    fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label=label)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_noise_ceiling(study, n_repeats: int | None = None):
+    """Histogram of the noise ceiling (percent variance) across vertices, by hemisphere."""
+    nc = study.noise_ceiling(n_repeats)
+    table = pd.DataFrame({"noise ceiling (% variance)": nc, "hemisphere": study.hemi})
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    sns.histplot(data=table, x="noise ceiling (% variance)", hue="hemisphere", bins=30,
+                 element="step", ax=ax)
+    ax.set_ylabel("number of vertices")
+    n = n_repeats or study.betas.shape[1]
+    ax.set_title(f"Noise ceiling of the mean of {n} repeats")
+    fig.tight_layout()
+    return fig
+
+
+def plot_planted_latencies(truth: dict):
+    """Planted MEG peak latencies of activations and gradients against layer depth."""
+    depth = np.asarray(truth["depth"])
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    ax.plot(depth, truth["activation_latency"], "o-", label="activation")
+    if np.isfinite(truth["gradient_latency"]).any():
+        ax.plot(depth, truth["gradient_latency"], "s--", label=f"gradient ({truth['gradient_loss']})")
+    ax.set_xlabel("relative layer depth (0 = first block, 1 = last)")
+    ax.set_ylabel("planted peak latency (ms after image onset)")
+    ax.set_title(f"Planted MEG latencies — gradient truth '{truth['gradient_truth']}'")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .._utils import hash_update_array
 
-__all__ = ["ImageSet", "EMBEDDED_SOURCES", "load_embedded", "load_folder"]
+__all__ = ["ImageSet", "EMBEDDED_SOURCES", "N_EMBEDDED", "load_embedded", "load_folder"]
 
 #: Source photograph → coarse category. ``skimage.data.cat`` is the same photograph
 #: as ``chelsea`` and ``horse`` is a binary silhouette, so neither is used.
@@ -48,6 +48,8 @@ EMBEDDED_SOURCES: dict[str, str] = {
 
 #: (scale of the short side, grid size) of the square crops taken from each source.
 _CROP_GRID = ((1.0, 1), (0.7, 2), (0.45, 3))
+#: Number of images in the embedded set.
+N_EMBEDDED = len(EMBEDDED_SOURCES) * sum(grid * grid for _, grid in _CROP_GRID)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 

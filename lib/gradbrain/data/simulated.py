@@ -1,0 +1,332 @@
+"""A simulated study with a planted ground truth, built from real model features.
+
+Brain responses to the embedded images are generated from the per-layer activations
+and gradients of a real network (by default the ImageNet EfficientNet-Lite0 that ships
+offline), in the same :class:`~gradbrain.data.study.Study` structure the NSD and
+THINGS-MEG loaders return. Every later chapter can therefore be run on it and checked
+against a known answer.
+
+fMRI
+    Vertices of the occipital and ventral/lateral temporal cortex of fsaverage5, both
+    hemispheres. Each vertex's hierarchy coordinate is its Euclidean distance (mm) from
+    a V1 seed at the occipital pole (the coordinate of Raugel et al. 2025); its planted
+    preferred layer depth rises with that distance, with scatter. Its response is a
+    random linear read-out of that layer's activations (plus gradients, depending on
+    the truth), scaled to unit variance across images, plus Gaussian noise with a
+    per-vertex level σ: ``ncsnr = 1 / σ`` is known exactly. Three repeats per image.
+MEG
+    272 CTF axial gradiometers, −100…1300 ms. Layer ``l``'s activation signal peaks at
+    a latency rising with depth (70 → 250 ms) with a smooth sensor pattern moving
+    from occipital to temporal sensors. Test images are shown ``n_meg_test_repeats``
+    times, the others once.
+
+Gradient truths
+    ``"none"``: gradients carry no brain signal.
+    ``"forward"``: the gradient of layer l appears where and when activation l does.
+    ``"backprop"``: what a biological backprop predicts — the gradient of layer l is
+    expressed in the vertices (and sensors) of activation l, but arrives after the
+    forward sweep, in the measured autograd order (top layer first): 300 → 500 ms.
+    ``"paper"``: what the paper reports — gradients (of layers drawn at random) are
+    expressed only in high-level vertices (top 40 % of the hierarchy) and at late,
+    unordered latencies (350–600 ms, random across layers), in temporal sensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .._utils import check_in_allowed
+from .geometry import HEMIS, ctf_info, distance_from, posterior_vertices, v1_seed
+from .images import N_EMBEDDED, load_embedded
+from .study import Study
+
+__all__ = ["GRADIENT_TRUTHS", "make_study"]
+
+GRADIENT_TRUTHS = ("none", "forward", "backprop", "paper")
+
+#: Latencies (s) of the planted MEG signals.
+_ACT_LATENCY = (0.070, 0.250)       # first → last layer
+_BACKPROP_LATENCY = (0.300, 0.500)  # first → last gradient produced by autograd
+_PAPER_LATENCY = (0.350, 0.600)     # range of the unordered late gradient latencies
+_MEG_WIDTH = 0.030                  # s, sd of each Gaussian time course
+_MEG_SIGNAL_T = 100e-15             # T per unit of planted signal at a pattern's peak sensor
+_MEG_NOISE_T = 200e-15              # T, single-trial noise sd at noise=1
+_HIGH_LEVEL_QUANTILE = 0.6          # "paper": gradients only above this hierarchy quantile
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    """Column-wise z-score over rows; constant columns become 0."""
+    x = np.asarray(x, dtype=np.float64)
+    sd = x.std(axis=0)
+    return np.divide(x - x.mean(axis=0), sd, out=np.zeros_like(x), where=sd > 0)
+
+
+def _readout(z: np.ndarray, n_out: int, rng: np.random.Generator) -> np.ndarray:
+    """Random linear read-out of standardised features, scaled to unit variance."""
+    return _zscore(z @ rng.standard_normal((z.shape[1], n_out)))
+
+
+def _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri, meg):
+    check_in_allowed("gradient_truth", gradient_truth, GRADIENT_TRUTHS)
+    if not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"'seed' must be an integer; got {type(seed).__name__}. e.g. seed=0")
+    if not isinstance(n_images, (int, np.integer)) or not 10 <= n_images <= N_EMBEDDED:
+        raise ValueError(
+            f"'n_images' must be an integer between 10 and {N_EMBEDDED} (the embedded "
+            "stimulus set); "
+            f"got {n_images!r}. e.g. n_images=200"
+        )
+    if not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"'noise' must be a finite number ≥ 0 (noise sd scale); got {noise!r}.")
+    if not 0 <= gradient_weight < 1:
+        raise ValueError(
+            f"'gradient_weight' must be in [0, 1) (share of planted variance carried by "
+            f"gradients); got {gradient_weight!r}. e.g. gradient_weight=0.5"
+        )
+    if n_test is not None and not 2 <= n_test <= n_images - 2:
+        raise ValueError(f"'n_test' must be between 2 and n_images - 2; got {n_test!r}.")
+    if sfreq <= 0:
+        raise ValueError(f"'sfreq' must be positive (Hz); got {sfreq!r}. e.g. sfreq=100")
+    if not (fmri or meg):
+        raise ValueError("At least one of 'fmri' and 'meg' must be True.")
+
+
+def make_study(
+    seed: int = 0,
+    *,
+    model: str = "efficientnet_lite0.imagenet",
+    weights: str | None = "pretrained",
+    n_images: int = 200,
+    gradient_truth: str = "paper",
+    noise: float = 1.0,
+    gradient_loss: str = "ce",
+    gradient_weight: float = 0.5,
+    n_test: int | None = None,
+    fmri: bool = True,
+    meg: bool = True,
+    sfreq: float = 100.0,
+    n_fmri_repeats: int = 3,
+    n_meg_test_repeats: int = 12,
+    features=None,
+    cache=True,
+    progress: bool = False,
+) -> Study:
+    """Simulate fMRI and MEG responses to the embedded images with a planted truth.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of every random choice (read-outs, scatter, noise, split). Same seed, same study.
+    model, weights : str
+        Registry model and weights whose features generate the responses.
+    n_images : int
+        Number of embedded stimuli (10 … 252).
+    gradient_truth : {"none", "forward", "backprop", "paper"}
+        What gradients do in the simulated brain (see the module docstring).
+    noise : float
+        Scale of the noise (0 = noiseless). fMRI noise sd per vertex is
+        ``noise × U`` with U log-uniform in [0.5, 2.5] (signal sd = 1).
+    gradient_loss : str
+        Loss whose gradients are planted (see :mod:`gradbrain.features`).
+    gradient_weight : float
+        Share of the planted variance carried by gradients where they are expressed.
+    n_test : int or None
+        Number of test images (shown with repeats in MEG); default ``n_images // 5``.
+    fmri, meg : bool
+        Which modalities to simulate.
+    sfreq : float
+        MEG sampling rate (Hz).
+    n_fmri_repeats, n_meg_test_repeats : int
+        Repeats per image in fMRI, and per test image in MEG.
+    features : Features or None
+        Precomputed features of ``model`` on the embedded images (must hold
+        ``gradient_loss``); extracted (and cached) when None.
+    cache : bool or path-like
+        Feature cache (see :func:`gradbrain.features.extract`).
+
+    Returns
+    -------
+    Study
+        With ``truth`` holding the planted quantities: per vertex ``preferred_layer``,
+        ``preferred_depth``, ``gradient_layer`` (−1 = none), ``gradient_weight``,
+        ``signal_activation`` / ``signal_gradient`` (n_images, n_vertices); per layer
+        ``activation_latency`` / ``gradient_latency`` (ms; NaN = none); and the
+        settings.
+    """
+    _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri, meg)
+    from .. import features as gf
+    from .. import models
+
+    images = load_embedded(n_images)
+    if features is None:
+        loaded = models.load(model, weights=weights)
+        features = gf.extract(loaded, images, losses=(gradient_loss,), pool="mean", cache=cache,
+                              progress=progress)
+    elif features.image_ids != images.ids or gradient_loss not in features.gradients:
+        raise ValueError(
+            f"'features' must be extracted on the first {n_images} embedded images with loss "
+            f"{gradient_loss!r}; got {features.n_images} images and losses {features.losses}."
+        )
+    layers, depth = list(features.layers), np.asarray(features.depth, dtype=float)
+    act = [_zscore(features.activations[l]) for l in layers]
+    grad = [_zscore(features.gradients[gradient_loss][l]) for l in layers]
+
+    rng = np.random.default_rng(seed)
+    n_test = n_test if n_test is not None else max(2, n_images // 5)
+    split = np.full(n_images, "train", dtype="<U5")
+    split[rng.permutation(n_images)[:n_test]] = "test"
+    truth = {
+        "gradient_truth": gradient_truth, "seed": int(seed), "model": features.model,
+        "weights": features.weights, "gradient_loss": gradient_loss, "noise": float(noise),
+        "layers": layers, "depth": depth, "gradient_weight_setting": float(gradient_weight),
+        "backward_rank": features.backward_rank(gradient_loss),
+    }
+    study = Study(
+        name=f"simulated ({gradient_truth}, seed {seed})", image_ids=list(images.ids),
+        images=images, split=split, truth=truth,
+    )
+    if fmri:
+        _simulate_fmri(study, act, grad, depth, gradient_truth, noise, gradient_weight,
+                       n_fmri_repeats, rng)
+    if meg:
+        _simulate_meg(study, act, grad, depth, gradient_truth, noise, gradient_weight,
+                      n_meg_test_repeats, sfreq, rng)
+    return study
+
+
+def _simulate_fmri(study, act, grad, depth, gradient_truth, noise, gradient_weight, n_repeats,
+                   rng):
+    vertices, hemi, hierarchy = [], [], []
+    for h in HEMIS:
+        verts = posterior_vertices(h)
+        vertices.append(verts)
+        hemi.append(np.full(len(verts), h))
+        hierarchy.append(distance_from(h, v1_seed(h), verts))
+    vertices, hemi, hierarchy = map(np.concatenate, (vertices, hemi, hierarchy))
+    n_vertices, n_layers = len(vertices), len(depth)
+
+    relative = np.clip(hierarchy / np.quantile(hierarchy, 0.95), 0, 1)
+    preferred_depth = np.clip(relative + rng.normal(0, 0.08, n_vertices), 0, 1)
+    preferred_layer = np.abs(preferred_depth[:, None] - depth[None, :]).argmin(axis=1)
+
+    if gradient_truth in ("forward", "backprop"):
+        gradient_layer = preferred_layer.copy()
+    elif gradient_truth == "paper":
+        high = hierarchy >= np.quantile(hierarchy, _HIGH_LEVEL_QUANTILE)
+        gradient_layer = np.where(high, rng.integers(0, n_layers, n_vertices), -1)
+    else:
+        gradient_layer = np.full(n_vertices, -1)
+    weight = np.where(gradient_layer >= 0, gradient_weight, 0.0)
+
+    n = study.n_images
+    signal_act = np.zeros((n, n_vertices))
+    signal_grad = np.zeros((n, n_vertices))
+    for l in range(n_layers):
+        where = np.flatnonzero(preferred_layer == l)
+        if where.size:
+            signal_act[:, where] = _readout(act[l], where.size, rng)
+        where = np.flatnonzero(gradient_layer == l)
+        if where.size:
+            signal_grad[:, where] = _readout(grad[l], where.size, rng)
+    signal = _zscore(np.sqrt(1 - weight) * signal_act + np.sqrt(weight) * signal_grad)
+
+    sigma = noise * np.exp(rng.uniform(np.log(0.5), np.log(2.5), n_vertices))
+    betas = signal[:, None, :] + sigma * rng.standard_normal((n, n_repeats, n_vertices))
+    with np.errstate(divide="ignore"):
+        ncsnr = np.where(sigma > 0, 1.0 / np.where(sigma > 0, sigma, 1), np.inf)
+
+    study.betas = betas.astype(np.float32)
+    study.vertices, study.hemi, study.hierarchy, study.ncsnr = vertices, hemi, hierarchy, ncsnr
+    study.truth.update({
+        "preferred_layer": preferred_layer, "preferred_depth": preferred_depth,
+        "gradient_layer": gradient_layer, "gradient_weight": weight,
+        "signal_activation": signal_act.astype(np.float32),
+        "signal_gradient": signal_grad.astype(np.float32),
+    })
+
+
+def _sensor_xy(info) -> np.ndarray:
+    """2-D sensor positions in [-1, 1] (x: left → right, y: back → front)."""
+    pos = np.array([ch["loc"][:3] for ch in info["chs"]])
+    xy = pos[:, :2] / np.abs(pos[:, :2]).max()
+    return xy
+
+
+def _pattern(xy: np.ndarray, centre: np.ndarray, width: float = 0.3) -> np.ndarray:
+    """Smooth bump over the sensors, peak 1 at the sensor nearest ``centre``."""
+    bump = np.exp(-np.sum((xy - centre) ** 2, axis=1) / (2 * width**2))
+    return bump / bump.max()
+
+
+def _simulate_meg(study, act, grad, depth, gradient_truth, noise, gradient_weight, n_repeats,
+                  sfreq, rng):
+    import mne
+
+    info = ctf_info(sfreq)
+    times = np.arange(round(-0.1 * sfreq), round(1.3 * sfreq) + 1) / sfreq
+    xy = _sensor_xy(info)
+    n_layers, n_components = len(depth), 2
+
+    # Spatial patterns: occipital midline (early layers) → left/right temporal (deep layers).
+    patterns = np.array([
+        [_pattern(xy, np.array([side * (0.15 + 0.55 * d), -0.85 + 0.7 * d])) for side in (-1, 1)]
+        for d in depth
+    ])  # (n_layers, n_components, n_channels)
+    act_latency = _ACT_LATENCY[0] + (_ACT_LATENCY[1] - _ACT_LATENCY[0]) * depth
+    if gradient_truth == "forward":
+        grad_latency, grad_patterns = act_latency.copy(), patterns
+    elif gradient_truth == "backprop":
+        rank = study.truth["backward_rank"] / max(n_layers - 1, 1)  # 0 = produced first
+        grad_latency = _BACKPROP_LATENCY[0] + (_BACKPROP_LATENCY[1] - _BACKPROP_LATENCY[0]) * rank
+        grad_patterns = patterns
+    elif gradient_truth == "paper":
+        grad_latency = rng.permutation(np.linspace(*_PAPER_LATENCY, n_layers))
+        grad_patterns = np.repeat(patterns[-1:], n_layers, axis=0)  # high-level sensors only
+    else:
+        grad_latency, grad_patterns = np.full(n_layers, np.nan), None
+
+    def courses(latency):
+        return np.exp(-((times[None, :] - latency[:, None]) ** 2) / (2 * _MEG_WIDTH**2))
+
+    # basis[l, k] = pattern ⊗ time course; amplitudes come from per-image read-outs
+    basis = patterns[:, :, :, None] * courses(act_latency)[:, None, None, :]
+    amplitudes = np.stack([_readout(a, n_components, rng) for a in act], axis=1)
+    scale_act = np.sqrt(1 - gradient_weight) if grad_patterns is not None else 1.0
+    signal = scale_act * np.einsum("ilk,lkct->ict", amplitudes, basis)
+    if grad_patterns is not None:
+        g_basis = grad_patterns[:, :, :, None] * courses(grad_latency)[:, None, None, :]
+        g_amplitudes = np.stack([_readout(g, n_components, rng) for g in grad], axis=1)
+        signal += np.sqrt(gradient_weight) * np.einsum("ilk,lkct->ict", g_amplitudes, g_basis)
+
+    # trials: one per training image, n_repeats per test image, in random order
+    image_index = np.concatenate([
+        np.flatnonzero(study.split == "train"),
+        np.repeat(np.flatnonzero(study.split == "test"), n_repeats),
+    ])
+    image_index = image_index[rng.permutation(len(image_index))]
+    repeat = np.zeros(len(image_index), dtype=int)
+    for i in np.unique(image_index):
+        where = np.flatnonzero(image_index == i)
+        repeat[where] = np.arange(len(where))
+    data = _MEG_SIGNAL_T * signal[image_index]
+    data += noise * _MEG_NOISE_T * rng.standard_normal(data.shape)
+    data = data.astype(np.float32).astype(np.float64)  # single precision, as in -epo.fif files
+
+    metadata = pd.DataFrame({
+        "image_id": np.asarray(study.image_ids)[image_index],
+        "image_index": image_index,
+        "repeat": repeat,
+        "split": study.split[image_index],
+        "category": np.asarray(study.images.labels)[image_index],
+    })
+    events = np.column_stack([np.arange(len(image_index)) * 10 * int(sfreq),
+                              np.zeros(len(image_index), int), image_index + 1])
+    study.epochs = mne.EpochsArray(data, info, events=events, tmin=times[0], metadata=metadata,
+                                   event_id={f"image{i}": i + 1 for i in np.unique(image_index)},
+                                   baseline=None, verbose="error")
+    study.truth.update({
+        "activation_latency": 1000 * act_latency,
+        "gradient_latency": 1000 * grad_latency,
+        "meg_patterns": patterns,
+    })

@@ -1,0 +1,216 @@
+"""The ``Study`` container shared by the simulated study and the real-data loaders.
+
+Whatever the source — simulated, NSD or THINGS-MEG — downstream chapters see the same
+attributes, so simulated and real data follow one path. A dataset without one
+modality leaves its attributes ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .images import ImageSet
+
+__all__ = ["Study", "noise_ceiling"]
+
+
+def noise_ceiling(ncsnr: np.ndarray, n_repeats: int) -> np.ndarray:
+    """NSD noise ceiling (percent of variance) of the mean of ``n_repeats`` repeats.
+
+    ``NC = 100 · ncsnr² / (ncsnr² + 1 / n_repeats)`` (Allen et al. 2022).
+
+    Parameters
+    ----------
+    ncsnr : ndarray of shape (n_vertices,)
+        Noise-ceiling signal-to-noise ratio (signal sd / noise sd).
+    n_repeats : int
+        Number of averaged repeats.
+
+    Returns
+    -------
+    ndarray of shape (n_vertices,), percent in [0, 100].
+    """
+    if n_repeats < 1:
+        raise ValueError(f"'n_repeats' must be at least 1; got {n_repeats}.")
+    ncsnr = np.asarray(ncsnr, dtype=float)
+    return 100.0 * ncsnr**2 / (ncsnr**2 + 1.0 / n_repeats)
+
+
+@dataclass
+class Study:
+    """Brain responses to a set of images, fMRI and/or MEG.
+
+    Attributes
+    ----------
+    name : str
+        e.g. ``"simulated (paper, seed 0)"``, ``"NSD subj01"``.
+    image_ids : list of str
+        Identifier of each image, length n_images; rows of ``betas`` and the
+        ``image_id`` column of the MEG metadata refer to these.
+    images : ImageSet or None
+        The stimuli, in ``image_ids`` order (None when they are not shipped).
+    split : ndarray of shape (n_images,), str
+        ``"train"`` or ``"test"`` per image (test = images shown with repeats,
+        as NSD's shared images and THINGS-MEG's 200 test images).
+    betas : ndarray of shape (n_images, n_repeats, n_vertices), float32, or None
+        fMRI response amplitudes per repeat (z-scored units for NSD).
+    vertices : ndarray of shape (n_vertices,), int, or None
+        Vertex indices on the ``mesh`` hemisphere given by ``hemi``.
+    hemi : ndarray of shape (n_vertices,), str, or None
+        ``"left"`` or ``"right"``.
+    hierarchy : ndarray of shape (n_vertices,), float, or None
+        Cortical hierarchy coordinate: Euclidean distance from V1 (mm).
+    ncsnr : ndarray of shape (n_vertices,), float, or None
+        Noise-ceiling SNR (signal sd / noise sd of single trials).
+    epochs : mne.BaseEpochs or None
+        MEG epochs (n_trials, n_channels, n_times); ``epochs.metadata`` has one row
+        per trial with columns ``image_id``, ``repeat`` and ``split``.
+    truth : dict
+        The planted ground truth (simulated data); empty for real data.
+    mesh : str
+        Surface the vertices live on (``"fsaverage5"``, ``"fsaverage"``).
+    """
+
+    name: str
+    image_ids: list[str]
+    images: ImageSet | None = None
+    split: np.ndarray | None = None
+    betas: np.ndarray | None = None
+    vertices: np.ndarray | None = None
+    hemi: np.ndarray | None = None
+    hierarchy: np.ndarray | None = None
+    ncsnr: np.ndarray | None = None
+    epochs: object | None = None
+    truth: dict = field(default_factory=dict)
+    mesh: str = "fsaverage5"
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def n_vertices(self) -> int:
+        return 0 if self.betas is None else self.betas.shape[2]
+
+    def noise_ceiling(self, n_repeats: int | None = None) -> np.ndarray:
+        """NC (percent) per vertex for the mean of ``n_repeats`` (default: all) repeats."""
+        if self.ncsnr is None:
+            raise ValueError(f"Study {self.name!r} has no fMRI data (ncsnr is None).")
+        return noise_ceiling(self.ncsnr, n_repeats or self.betas.shape[1])
+
+    def mean_betas(self) -> np.ndarray:
+        """Betas averaged over repeats, ndarray of shape (n_images, n_vertices)."""
+        if self.betas is None:
+            raise ValueError(f"Study {self.name!r} has no fMRI data (betas is None).")
+        return self.betas.mean(axis=1)
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to folder ``path`` (``study.h5`` + ``meg-epo.fif``), atomically.
+
+        The folder is written under a temporary name and renamed into place, so an
+        interrupted save leaves nothing behind. An existing folder is replaced.
+        """
+        import h5py
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            with h5py.File(tmp / "study.h5", "w") as f:
+                f.attrs["name"] = self.name
+                f.attrs["mesh"] = self.mesh
+                f.attrs["image_ids"] = json.dumps(self.image_ids)
+                for key in ("split", "betas", "vertices", "hemi", "hierarchy", "ncsnr"):
+                    value = getattr(self, key)
+                    if value is None:
+                        continue
+                    value = np.asarray(value)
+                    if value.dtype.kind == "U":
+                        value = value.astype("S")
+                    f.create_dataset(key, data=value, compression="gzip" if value.size > 1e5 else None)
+                if self.images is not None:
+                    group = f.create_group("images")
+                    group.create_dataset("pixels", compression="gzip", data=np.stack(
+                        [np.asarray(im.convert("RGB")) for im in self.images.images]))
+                    group.attrs["ids"] = json.dumps(self.images.ids)
+                    group.attrs["labels"] = json.dumps(self.images.labels)
+                    group.attrs["sources"] = json.dumps(self.images.sources)
+                _write_truth(f.create_group("truth"), self.truth)
+            if self.epochs is not None:
+                self.epochs.save(tmp / "meg-epo.fif", overwrite=True, verbose="error")
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Study":
+        """Read a folder written by :meth:`save`."""
+        import h5py
+        from PIL import Image
+
+        path = Path(path)
+        if not (path / "study.h5").is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} is not a saved Study (no study.h5 inside); save one with "
+                "Study.save(path)."
+            )
+        with h5py.File(path / "study.h5", "r") as f:
+            values = {}
+            for key in ("split", "betas", "vertices", "hemi", "hierarchy", "ncsnr"):
+                if key in f:
+                    value = f[key][()]
+                    values[key] = value.astype("U") if value.dtype.kind == "S" else value
+            images = None
+            if "images" in f:
+                g = f["images"]
+                images = ImageSet(
+                    images=[Image.fromarray(a) for a in g["pixels"][()]],
+                    ids=json.loads(g.attrs["ids"]), labels=json.loads(g.attrs["labels"]),
+                    sources=json.loads(g.attrs["sources"]),
+                )
+            truth = _read_truth(f["truth"])
+            name, mesh = str(f.attrs["name"]), str(f.attrs["mesh"])
+            image_ids = json.loads(f.attrs["image_ids"])
+        epochs = None
+        if (path / "meg-epo.fif").is_file():
+            import mne
+
+            epochs = mne.read_epochs(path / "meg-epo.fif", preload=True, verbose="error")
+        return cls(name=name, image_ids=image_ids, images=images, epochs=epochs, truth=truth,
+                   mesh=mesh, **values)
+
+
+def _write_truth(group, truth: dict) -> None:
+    """Arrays as datasets, everything else as JSON attributes."""
+    for key, value in truth.items():
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind == "U":
+                value = value.astype("S")
+                group.attrs[f"__unicode__{key}"] = True
+            group.create_dataset(key, data=value)
+        else:
+            group.attrs[key] = json.dumps(value)
+
+
+def _read_truth(group) -> dict:
+    truth = {}
+    for key in group:
+        value = group[key][()]
+        truth[key] = value.astype("U") if group.attrs.get(f"__unicode__{key}", False) else value
+    for key, value in group.attrs.items():
+        if not key.startswith("__unicode__"):
+            truth[key] = json.loads(value)
+    return truth

@@ -1,0 +1,193 @@
+"""The simulated study: determinism, shapes, noise ceiling, planted signatures, files."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from gradbrain.data import Study, load_study, noise_ceiling
+from gradbrain.data.simulated import make_study
+
+N_IMAGES = 40
+
+
+@pytest.fixture(scope="module")
+def feats(cnn):
+    from gradbrain import features as gf
+    from gradbrain.data import load_embedded
+
+    return gf.extract(cnn, load_embedded(N_IMAGES), losses=("ce",), pool="mean")
+
+
+@pytest.fixture(scope="module")
+def studies(feats):
+    """One study per gradient truth, same seed."""
+    return {truth: make_study(0, n_images=N_IMAGES, gradient_truth=truth, features=feats)
+            for truth in ("none", "forward", "backprop", "paper")}
+
+
+def test_same_seed_same_study_other_seed_differs(feats, studies):
+    again = make_study(0, n_images=N_IMAGES, gradient_truth="paper", features=feats)
+    np.testing.assert_array_equal(again.betas, studies["paper"].betas)
+    np.testing.assert_array_equal(again.epochs.get_data(), studies["paper"].epochs.get_data())
+    other = make_study(1, n_images=N_IMAGES, gradient_truth="paper", features=feats)
+    assert not np.allclose(other.betas, again.betas)
+
+
+def test_shapes_and_dtypes(studies):
+    study = studies["paper"]
+    n_vertices = len(study.vertices)
+    assert study.betas.shape == (N_IMAGES, 3, n_vertices) and study.betas.dtype == np.float32
+    for name in ("hemi", "hierarchy", "ncsnr"):
+        assert getattr(study, name).shape == (n_vertices,)
+    assert set(study.hemi) == {"left", "right"}
+    assert study.vertices.max() < 10242 and (study.hierarchy >= 0).all()
+    assert (study.ncsnr > 0).all()
+    epochs = study.epochs
+    assert len(epochs.ch_names) == 272
+    assert epochs.times[0] == pytest.approx(-0.1) and epochs.times[-1] == pytest.approx(1.3)
+    assert epochs.info["sfreq"] == 100.0 and len(epochs.times) == 141
+    n_test = int((study.split == "test").sum())
+    assert len(epochs) == (N_IMAGES - n_test) + 12 * n_test
+    meta = epochs.metadata
+    assert set(meta.columns) >= {"image_id", "repeat", "split"}
+    assert (meta.groupby("image_id").size().loc[meta.image_id[meta.split == "test"]] == 12).all()
+    np.testing.assert_array_equal(np.asarray(study.image_ids)[meta.image_index], meta.image_id)
+
+
+def test_planted_noise_ceiling_matches_split_half_reliability(studies):
+    """Pairwise repeat correlations, stepped up to 3 repeats (Spearman–Brown), vs NC."""
+    study = studies["none"]
+    b = study.betas.astype(float)
+    b = (b - b.mean(0)) / b.std(0)
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    rho1 = np.mean([(b[:, i] * b[:, j]).mean(0) for i, j in pairs], axis=0)
+    n = b.shape[1]
+    empirical = 100 * n * rho1 / (1 + (n - 1) * rho1)
+    planted = study.noise_ceiling()
+    assert abs(empirical.mean() - planted.mean()) < 3.0  # percentage points, over vertices
+    assert np.corrcoef(empirical, planted)[0, 1] > 0.5
+    np.testing.assert_allclose(planted, noise_ceiling(study.ncsnr, 3))
+
+
+def _gradient_coefficient(study):
+    """Per vertex, least-squares weight of the planted gradient signal in the mean betas."""
+    y = study.mean_betas()
+    a = study.truth["signal_activation"]
+    g = study.truth["signal_gradient"]
+    coefs = np.zeros(y.shape[1])
+    for v in np.flatnonzero(np.abs(g).sum(0) > 0):
+        design = np.column_stack([a[:, v], g[:, v], np.ones(len(y))])
+        coefs[v] = np.linalg.lstsq(design, y[:, v], rcond=None)[0][1]
+    return coefs
+
+
+def test_none_truth_is_activation_plus_noise_only(studies):
+    study = studies["none"]
+    assert not study.truth["signal_gradient"].any() and (study.truth["gradient_layer"] == -1).all()
+    y, a = study.mean_betas(), study.truth["signal_activation"]
+    slope = (y * a).mean(0) / (a * a).mean(0)
+    residual = y - slope * a
+    expected = (1 / study.ncsnr) ** 2 / study.betas.shape[1]
+    ratio = residual.var(0).mean() / expected.mean()
+    assert 0.85 < ratio < 1.1  # what remains is the noise of the mean of repeats
+
+
+@pytest.mark.parametrize("truth", ["forward", "backprop"])
+def test_forward_and_backprop_express_gradients_where_activations_are(studies, truth):
+    study = studies[truth]
+    t = study.truth
+    np.testing.assert_array_equal(t["gradient_layer"], t["preferred_layer"])
+    coefs = _gradient_coefficient(study)
+    assert np.median(coefs) > 0.4  # sqrt(0.5) ≈ 0.7 before re-standardisation
+
+
+def test_paper_truth_gradients_only_in_high_level_vertices_without_order(studies):
+    study = studies["paper"]
+    t = study.truth
+    has = t["gradient_layer"] >= 0
+    assert study.hierarchy[has].min() >= study.hierarchy[~has].max()
+    coefs = _gradient_coefficient(study)
+    assert np.median(coefs[has]) > 0.4 and np.all(coefs[~has] == 0)
+    rho = stats.spearmanr(study.hierarchy[has], t["gradient_layer"][has]).statistic
+    assert abs(rho) < 0.15  # a gradient's layer is unrelated to its place
+    assert np.nanmin(t["gradient_latency"]) >= 350
+
+
+def test_meg_latencies_of_each_truth(studies):
+    act = studies["none"].truth["activation_latency"]
+    assert np.all(np.diff(act) > 0) and act[0] == pytest.approx(70) and act[-1] == pytest.approx(250)
+    assert np.isnan(studies["none"].truth["gradient_latency"]).all()
+    np.testing.assert_allclose(studies["forward"].truth["gradient_latency"], act)
+    back = studies["backprop"].truth
+    assert np.all(np.diff(back["gradient_latency"]) < 0)  # top layer first
+    assert back["gradient_latency"].min() > act.max()      # after the forward sweep
+    paper = studies["paper"].truth["gradient_latency"]
+    assert not np.all(np.diff(paper) < 0) and not np.all(np.diff(paper) > 0)
+
+
+def test_meg_data_carry_late_signal_only_when_gradients_do(studies):
+    """Per-sensor variance across test images of the averaged MEG, 300–600 ms over the
+    pre-stimulus baseline (95th percentile over sensors: the patterns are local)."""
+    def late_over_baseline(study):
+        test = study.epochs["split == 'test'"]
+        data = np.stack([test[f"image_id == '{i}'"].get_data().mean(0)
+                         for i in np.unique(test.metadata.image_id)])
+        times = test.times
+        late = data[:, :, (times >= 0.3) & (times <= 0.6)].var(0).mean(1)
+        base = data[:, :, times < 0].var(0).mean(1)
+        return np.percentile(late / base, 95)
+
+    assert late_over_baseline(studies["none"]) < 1.6
+    assert late_over_baseline(studies["backprop"]) > 3.0
+    assert late_over_baseline(studies["paper"]) > 3.0
+
+
+def test_save_load_round_trip_is_exact(studies, tmp_path):
+    study = studies["backprop"]
+    back = Study.load(study.save(tmp_path / "study"))
+    for name in ("betas", "vertices", "hemi", "hierarchy", "ncsnr", "split"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(study, name))
+    assert back.image_ids == study.image_ids and back.name == study.name
+    assert set(back.truth) == set(study.truth)
+    for key, value in study.truth.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(back.truth[key], value)
+        else:
+            assert back.truth[key] == value
+    np.testing.assert_array_equal(back.epochs.get_data(), study.epochs.get_data())
+    assert back.epochs.metadata.equals(study.epochs.metadata)
+    assert back.images.ids == study.images.ids
+    np.testing.assert_array_equal(np.asarray(back.images.images[3]), np.asarray(study.images.images[3]))
+    assert [p.name for p in (tmp_path).iterdir()] == ["study"]  # nothing partial left
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"gradient_truth": "backward"}, ValueError, "'gradient_truth' must be one of"),
+    ({"n_images": 1000}, ValueError, "'n_images' must be an integer between 10 and 252"),
+    ({"noise": -1.0}, ValueError, "'noise' must be a finite number ≥ 0"),
+    ({"gradient_weight": 1.0}, ValueError, "'gradient_weight' must be in"),
+    ({"n_test": 39}, ValueError, "'n_test' must be between 2"),
+    ({"fmri": False, "meg": False}, ValueError, "At least one of"),
+    ({"sfreq": 0}, ValueError, "'sfreq' must be positive"),
+])
+def test_bad_parameters_give_one_clear_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_study(0, **{"n_images": N_IMAGES, **kwargs})
+
+
+def test_features_must_match_the_images(feats):
+    with pytest.raises(ValueError, match="'features' must be extracted on the first 20"):
+        make_study(0, n_images=20, features=feats)
+
+
+def test_real_datasets_say_they_are_not_there_yet():
+    with pytest.raises(NotImplementedError, match="use|Run the chapter with dataset='simulated'"):
+        load_study("nsd")
+    with pytest.raises(ValueError, match="'dataset' must be one of"):
+        load_study("hcp")
+
+
+def test_noise_ceiling_formula():
+    np.testing.assert_allclose(noise_ceiling(np.array([1.0, 0.0]), 3), [75.0, 0.0])
+    with pytest.raises(ValueError, match="'n_repeats' must be at least 1"):
+        noise_ceiling(np.ones(2), 0)
