@@ -191,3 +191,13 @@ def test_noise_ceiling_formula():
     np.testing.assert_allclose(noise_ceiling(np.array([1.0, 0.0]), 3), [75.0, 0.0])
     with pytest.raises(ValueError, match="'n_repeats' must be at least 1"):
         noise_ceiling(np.ones(2), 0)
+
+
+def test_describe_truth_names_each_truth(studies):
+    from gradbrain.data.simulated import describe_truth
+
+    words = {truth: describe_truth(s) for truth, s in studies.items()}
+    assert "**no** brain signal" in words["none"]
+    assert "**where and when**" in words["forward"]
+    assert "**after** the forward sweep" in words["backprop"] and "300–500 ms" in words["backprop"]
+    assert "**only in high-level**" in words["paper"] and "40%" in words["paper"]

@@ -141,7 +141,7 @@ def _full_hemisphere(study, values: np.ndarray, hemi: str, n_vertices: int) -> n
 
 def plot_surface(study, values: np.ndarray, *, label: str, title: str | None = None,
                  cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
-                 views: Sequence[str] = ("posterior", "ventral")):
+                 views: Sequence[str] = ("posterior", "lateral", "ventral")):
     """Per-vertex values on the inflated fsaverage5 surface, both hemispheres (nilearn).
 
     Parameters
@@ -164,8 +164,9 @@ def plot_surface(study, values: np.ndarray, *, label: str, title: str | None = N
     values = np.asarray(values, dtype=float)
     vmin = np.nanmin(values) if vmin is None else vmin
     vmax = np.nanmax(values) if vmax is None else vmax
-    fig, axes = plt.subplots(len(views), len(HEMIS), figsize=(3.4 * len(HEMIS), 3.0 * len(views)),
+    fig, axes = plt.subplots(len(views), len(HEMIS), figsize=(4.2 * len(HEMIS), 3.4 * len(views)),
                              subplot_kw={"projection": "3d"}, squeeze=False)
+    fig.subplots_adjust(left=0, right=0.82, bottom=0, top=0.92, wspace=0, hspace=0.05)
     for row, view in enumerate(views):
         for col, hemi in enumerate(HEMIS):
             coords = mesh["inflated"].parts[hemi]
@@ -177,7 +178,7 @@ def plot_surface(study, values: np.ndarray, *, label: str, title: str | None = N
             )
             axes[row, col].set_title(f"{hemi}, {view}", fontsize=9)
     mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(vmin, vmax))
-    fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.6, label=label)
+    fig.colorbar(mappable, cax=fig.add_axes([0.85, 0.25, 0.025, 0.5]), label=label)
     if title:
         fig.suptitle(title)
     return fig
