@@ -1,0 +1,391 @@
+"""Cross-validated ridge regression with one alpha per target, in torch (CPU or CUDA).
+
+The encoding models of the study map every layer's features onto every brain target
+(vertex, or sensor × time point): ``Y ≈ X W``, with ``W`` regularised by a ridge
+penalty whose strength ``alpha`` is chosen per target by K-fold cross-validation
+(10 log-spaced alphas 1e0…1e8 and 5 folds, the protocol of Raugel et al. 2025), then
+refit on all training data.
+
+Algorithm (same protocol as himalaya's ``RidgeCV``: per-fold centring, negative mean
+squared error averaged over folds, argmax per target):
+
+* X and Y are centred once; each fold's training means are removed exactly.
+* Per fold, one eigendecomposition of the training Gram matrix — ``X_tr^T X_tr``
+  (p × p, primal) when samples outnumber features, else ``X_tr X_tr^T`` (dual, the
+  kernel form) — in float64, the only place that needs it.
+* ``X_tr^T Y_tr`` is not recomputed per fold: ``X^T Y`` is formed once and each fold
+  subtracts its held-out part.
+* All alphas are scored at once: one large matmul yields the held-out predictions of
+  every alpha, ``(n_alphas · n_test, rank) @ (rank, n_targets)``.
+* Targets are processed in batches sized from the free memory, so very many targets
+  (163,842 vertices) never sit on the device at once; results stream back to the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
+from sklearn.model_selection import KFold, check_cv
+
+from ._utils import resolve_device
+
+__all__ = ["RidgeCV", "encoding_scores", "layerwise_scores", "pearson_r", "DEFAULT_ALPHAS"]
+
+DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(0, 8, 10))  # 1e0 … 1e8
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _as_2d(name: str, array, *, allow_1d: bool = False) -> tuple[np.ndarray | torch.Tensor, bool]:
+    """Validate one input; returns it (numpy or torch) and whether it was 1-D."""
+    if isinstance(array, torch.Tensor):
+        values = array
+        finite = bool(torch.isfinite(values).all()) if values.numel() else True
+    else:
+        values = np.asarray(array)
+        if values.dtype.kind not in "fiub":
+            raise ValueError(f"{name} must hold numbers; got dtype {values.dtype}.")
+        finite = bool(np.isfinite(values).all()) if values.size else True
+    raveled = False
+    if values.ndim == 1 and allow_1d:
+        values, raveled = values[:, None], True
+    if values.ndim != 2:
+        shape = "(n_samples, n_targets) or (n_samples,)" if allow_1d else "(n_samples, n_features)"
+        raise ValueError(f"{name} must have shape {shape}; got {tuple(values.shape)}.")
+    if values.shape[0] == 0 or values.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(values.shape)}); give at least one "
+                         "sample and one column.")
+    if not finite:
+        raise ValueError(f"{name} contains NaN or inf; remove or impute them before fitting.")
+    return values, raveled
+
+
+def _to_tensor(array, device, dtype) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(array), dtype=dtype, device=device)
+
+
+def _check_alphas(alphas) -> np.ndarray:
+    alphas = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
+    if alphas.ndim != 1 or alphas.size == 0 or not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
+        raise ValueError(
+            f"'alphas' must be a non-empty 1-D array of positive numbers; got {alphas!r}. "
+            "e.g. alphas=np.logspace(0, 8, 10)"
+        )
+    return alphas
+
+
+def _targets_batch(n_targets: int, per_target_bytes: int, device: torch.device,
+                   requested: int | None) -> int:
+    """Targets per batch: the requested size, or what fits in a quarter of free memory."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"'targets_batch' must be a positive integer; got {requested}.")
+        return min(requested, n_targets)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return int(max(1, min(n_targets, (free // 4) // max(per_target_bytes, 1))))
+
+
+# --------------------------------------------------------------------------- core
+
+
+class _Fold:
+    """One fold's factorisation: held-out projection ``A`` and its eigenvalues."""
+
+    def __init__(self, X: torch.Tensor, train: np.ndarray, test: np.ndarray, primal: bool,
+                 dtype: torch.dtype, center: bool):
+        device = X.device
+        self.train = torch.as_tensor(train, device=device)
+        self.test = torch.as_tensor(test, device=device)
+        self.n_train = len(train)
+        self.center = center
+        x_train = X[self.train]
+        self.x_mean = x_train.mean(0) if center else torch.zeros_like(x_train[0])  # (p,)
+        xc_train = (x_train - self.x_mean).double()
+        xc_test = X[self.test] - self.x_mean                 # (n_test, p)
+        self.primal = primal
+        if primal:
+            eigval, eigvec = torch.linalg.eigh(xc_train.T @ xc_train)      # p × p
+            self.basis = eigvec.to(dtype)                                    # V (p, r)
+            self.A = xc_test @ self.basis                                    # (n_test, r)
+        else:
+            eigval, eigvec = torch.linalg.eigh(xc_train @ xc_train.T)      # n_tr × n_tr
+            self.basis = eigvec.to(dtype)                                    # U (n_tr, r)
+            self.A = (xc_test.double() @ xc_train.T @ eigvec).to(dtype)      # (n_test, r)
+            self.xc_train = xc_train.to(dtype)
+        self.eigval = eigval.clamp_min(0)                                    # float64 (r,)
+
+    def shrink(self, alphas: torch.Tensor) -> torch.Tensor:
+        """1 / (λ + α) for every alpha, (n_alphas, r), in the compute dtype."""
+        return (1.0 / (self.eigval[None, :] + alphas[:, None])).to(self.A.dtype)
+
+
+def _fold_scores(fold: _Fold, XtY: torch.Tensor, X: torch.Tensor, Y: torch.Tensor,
+                 alphas: torch.Tensor) -> torch.Tensor:
+    """Negative MSE of held-out predictions, (n_alphas, n_targets), for one target batch."""
+    if fold.center:
+        y_train_mean = (Y.sum(0) - Y[fold.test].sum(0)) / fold.n_train
+    else:
+        y_train_mean = torch.zeros_like(Y[0])
+    y_test = Y[fold.test] - y_train_mean                        # (n_test, v)
+    if fold.primal:
+        # X_tr_c^T Y_tr_c from the full X^T Y minus the held-out part, exactly centred
+        x_test_raw = X[fold.test]
+        s_train = XtY - x_test_raw.T @ Y[fold.test]
+        s_train -= fold.n_train * fold.x_mean[:, None] * y_train_mean[None, :]
+        Z = fold.basis.T @ s_train                              # (r, v)
+    else:
+        Z = fold.basis.T @ (Y[fold.train] - y_train_mean)       # (r, v)
+    n_alphas, n_test = len(alphas), len(fold.test)
+    scaled = (fold.shrink(alphas)[:, None, :] * fold.A[None, :, :]).reshape(n_alphas * n_test, -1)
+    pred = (scaled @ Z).reshape(n_alphas, n_test, -1)           # all alphas in one matmul
+    pred -= y_test[None]
+    return -(pred * pred).mean(1)                                # (n_alphas, v)
+
+
+class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
+    """Ridge regression with one alpha per target chosen by K-fold cross-validation.
+
+    Solves, per target ``t``, ``w_t = argmin ||X w - y_t||² + α_t ||w||²`` with ``α_t``
+    the alpha of ``alphas`` that maximises the negative mean squared error of held-out
+    predictions averaged over folds, then refits on all the data given to ``fit``.
+
+    Parameters
+    ----------
+    alphas : array-like of shape (n_alphas,)
+        Positive regularisation strengths to try.
+    cv : int or scikit-learn splitter
+        Folds; an int means ``KFold(cv)`` (contiguous, unshuffled, as himalaya's).
+    fit_intercept : bool
+        Centre X and Y (per fold during cross-validation) and fit an intercept.
+    device : str, torch.device or None
+        ``None``: CUDA when available, else CPU.
+    dtype : torch.dtype or None
+        Compute precision, default float32 (eigendecompositions always run in float64).
+    targets_batch : int or None
+        Targets per batch; ``None`` sizes batches from the free memory.
+
+    Attributes
+    ----------
+    alpha_ : ndarray of shape (n_targets,)
+        Selected alpha per target.
+    coef_ : ndarray of shape (n_targets, n_features), or (n_features,) for 1-D y
+        Refit coefficients (scikit-learn layout).
+    intercept_ : ndarray of shape (n_targets,), or float for 1-D y
+    cv_scores_ : ndarray of shape (n_alphas, n_targets)
+        Negative mean squared error averaged over folds, per alpha and target.
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X, Y = rng.normal(size=(30, 5)), rng.normal(size=(30, 3))
+    >>> model = RidgeCV(device="cpu").fit(X, Y)
+    >>> model.alpha_.shape, model.coef_.shape, model.predict(X).shape
+    ((3,), (3, 5), (30, 3))
+    """
+
+    def __init__(self, alphas=DEFAULT_ALPHAS, cv=5, fit_intercept: bool = True, device=None,
+                 dtype=None, targets_batch: int | None = None):
+        self.alphas = alphas
+        self.cv = cv
+        self.fit_intercept = fit_intercept
+        self.device = device
+        self.dtype = dtype
+        self.targets_batch = targets_batch
+
+    def _setup(self):
+        device = resolve_device(self.device)
+        dtype = self.dtype or torch.float32
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"'dtype' must be torch.float32 or torch.float64; got {dtype!r}.")
+        return device, dtype
+
+    def fit(self, X, y):
+        """Fit on X (n_samples, n_features) and y (n_samples, n_targets) or (n_samples,)."""
+        X, _ = _as_2d("X", X)
+        y, raveled = _as_2d("y", y, allow_1d=True)
+        if X.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"X and y must have the same number of samples; got {X.shape[0]} and {y.shape[0]}."
+            )
+        alphas_np = _check_alphas(self.alphas)
+        device, dtype = self._setup()
+        n, p = X.shape
+        folds = list(check_cv(self.cv).split(np.zeros(n)))
+        if any(len(tr) == 0 or len(te) == 0 for tr, te in folds):
+            raise ValueError("Every fold needs training and held-out samples; lower 'cv'.")
+        if min(len(tr) for tr, _ in folds) < 2 and self.fit_intercept:
+            raise ValueError("Too few samples per fold to fit an intercept; lower 'cv'.")
+
+        Xt = _to_tensor(X, device, dtype)
+        x_offset = Xt.mean(0) if self.fit_intercept else torch.zeros(p, device=device, dtype=dtype)
+        Xt = Xt - x_offset
+        alphas = torch.as_tensor(alphas_np, device=device, dtype=torch.float64)
+        primal = p <= min(len(tr) for tr, _ in folds)
+        fold_objs = [_Fold(Xt, tr, te, primal, dtype, self.fit_intercept) for tr, te in folds]
+        full = _Full(Xt, dtype, primal)
+
+        n_targets = y.shape[1]
+        max_test = max(len(te) for _, te in folds)
+        itemsize = 8 if dtype == torch.float64 else 4
+        per_target = itemsize * (2 * n + 4 * max(p, n) + 2 * len(alphas_np) * max_test)
+        batch = _targets_batch(n_targets, per_target, device, self.targets_batch)
+        cv_scores = np.empty((len(alphas_np), n_targets))
+        coef = np.empty((n_targets, p))
+        intercept = np.zeros(n_targets)
+        for start in range(0, n_targets, batch):
+            sl = slice(start, min(start + batch, n_targets))
+            Yb = _to_tensor(y[:, sl], device, dtype)
+            y_offset = Yb.mean(0) if self.fit_intercept else torch.zeros_like(Yb[0])
+            Yb = Yb - y_offset
+            XtY = Xt.T @ Yb if primal else None
+            scores = sum(_fold_scores(f, XtY, Xt, Yb, alphas) for f in fold_objs) / len(fold_objs)
+            best = scores.argmax(0)
+            W = full.coefficients(Yb, XtY, alphas[best])                      # (p, v)
+            cv_scores[:, sl] = scores.double().cpu().numpy()
+            coef[sl] = W.T.double().cpu().numpy()
+            intercept[sl] = (y_offset - x_offset @ W).double().cpu().numpy()
+            del Yb, XtY, scores, W
+        self.alpha_ = alphas_np[cv_scores.argmax(0)]
+        self.cv_scores_ = cv_scores
+        self.coef_ = coef[0] if raveled else coef
+        self.intercept_ = float(intercept[0]) if raveled else intercept
+        self.n_features_in_ = p
+        self._raveled = raveled
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        """Predictions (n_samples, n_targets), or (n_samples,) when fitted on 1-D y."""
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "coef_")
+        X, _ = _as_2d("X", X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} features but the model was fitted on {self.n_features_in_}."
+            )
+        X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X, float)
+        return X @ np.asarray(self.coef_).T + self.intercept_
+
+
+class _Full:
+    """Factorisation of all fitting samples, for the refit."""
+
+    def __init__(self, Xc: torch.Tensor, dtype: torch.dtype, primal: bool):
+        self.primal = primal
+        self.Xc = Xc
+        if primal:
+            eigval, eigvec = torch.linalg.eigh(Xc.double().T @ Xc.double())
+        else:
+            eigval, eigvec = torch.linalg.eigh(Xc.double() @ Xc.double().T)
+        self.eigval = eigval.clamp_min(0)
+        self.basis = eigvec.to(dtype)
+
+    def coefficients(self, Yc: torch.Tensor, XtY: torch.Tensor | None,
+                     alpha_per_target: torch.Tensor) -> torch.Tensor:
+        """Ridge weights (p, v) with one alpha per target column."""
+        shrink = (1.0 / (self.eigval[:, None] + alpha_per_target[None, :])).to(self.basis.dtype)
+        if self.primal:
+            return self.basis @ (shrink * (self.basis.T @ XtY))
+        return self.Xc.T @ (self.basis @ (shrink * (self.basis.T @ Yc)))
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def pearson_r(y_true, y_pred) -> np.ndarray:
+    """Pearson correlation per column, ndarray of shape (n_targets,) (0 for constant columns)."""
+    a = np.asarray(y_true, dtype=np.float64)
+    b = np.asarray(y_pred, dtype=np.float64)
+    if a.ndim == 1:
+        a, b = a[:, None], b[:, None]
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    denom = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    return np.divide((a * b).sum(0), denom, out=np.zeros(a.shape[1]), where=denom > 0)
+
+
+def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
+                    alphas=DEFAULT_ALPHAS, cv=5, device=None, dtype=None,
+                    targets_batch=None) -> dict:
+    """Fit on the training set, score on the held-out test set.
+
+    Parameters
+    ----------
+    X_train : array of shape (n_train, n_features)
+    Y_train : array of shape (n_train, n_targets)
+    X_test : array of shape (n_test, n_features)
+    Y_test : array of shape (n_test, n_targets)
+    noise_ceiling : array of shape (n_targets,) or None
+        Percent of explainable variance (NSD's NC) of ``Y_test``.
+
+    Returns
+    -------
+    dict with ``r`` (n_targets,) Pearson correlation on the test set, ``r_nc``
+    (n_targets,) = r / sqrt(NC / 100), the fraction of the largest correlation the
+    noise allows (NaN where NC = 0; only with ``noise_ceiling``), and ``alpha``
+    (n_targets,) the selected alphas.
+    """
+    model = RidgeCV(alphas=alphas, cv=cv, device=device, dtype=dtype,
+                    targets_batch=targets_batch).fit(X_train, Y_train)
+    r = pearson_r(Y_test, model.predict(X_test))
+    out = {"r": r, "alpha": model.alpha_}
+    if noise_ceiling is not None:
+        nc = np.asarray(noise_ceiling, dtype=float) / 100
+        out["r_nc"] = np.divide(r, np.sqrt(nc), out=np.full_like(r, np.nan), where=nc > 0)
+    return out
+
+
+def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *,
+                     noise_ceiling=None, alphas=DEFAULT_ALPHAS, cv=5, device=None, dtype=None,
+                     progress: bool = False) -> dict:
+    """Encoding scores of every layer's features in one call.
+
+    Parameters
+    ----------
+    features : dict of str to ndarray of shape (n_images, n_features_layer)
+        One feature matrix per layer (e.g. ``Features.activations``), rows = images.
+    Y_train, Y_test : arrays of shape (n_train, n_targets), (n_test, n_targets)
+        Responses of the training and test images.
+    train_index, test_index : arrays of int
+        Rows of the feature matrices for the training and test images.
+
+    Returns
+    -------
+    dict with ``r`` and (with ``noise_ceiling``) ``r_nc``, each ndarray of shape
+    (n_layers, n_targets), ``alpha`` (n_layers, n_targets) and ``layers``.
+    """
+    from tqdm import tqdm
+
+    Y_train, _ = _as_2d("Y_train", Y_train, allow_1d=True)
+    Y_test, _ = _as_2d("Y_test", Y_test, allow_1d=True)
+    device, dtype = resolve_device(device), dtype or torch.float32
+    # target-side work done once for all layers: the targets on the device
+    Y_train_t = _to_tensor(Y_train, device, dtype)
+    results = {"layers": list(features), "r": [], "alpha": []}
+    if noise_ceiling is not None:
+        results["r_nc"] = []
+    for layer in tqdm(list(features), desc="layers", disable=not progress):
+        X = np.asarray(features[layer])
+        out = encoding_scores(X[train_index], Y_train_t, X[test_index], Y_test,
+                              noise_ceiling=noise_ceiling, alphas=alphas, cv=cv, device=device,
+                              dtype=dtype)
+        for key in out:
+            results[key].append(out[key])
+    for key in ("r", "alpha", "r_nc"):
+        if key in results:
+            results[key] = np.stack(results[key])
+    return results
