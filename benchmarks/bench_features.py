@@ -179,7 +179,16 @@ METHODS = {"fwd": run_fwd, "ours": run_ours, "naive": run_naive, "naive_cut": ru
            "torchlens": run_torchlens}
 
 
-def bench_model(name, weights, batch_size, repeats, device, with_torchlens):
+def _release_memory():
+    """Return freed heap pages to the OS (torchlens traces leave many GB cached)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def bench_model(name, weights, batch_size, repeats, device, with_torchlens, memory):
     model = _load(name, weights)
     model.module.to(device)
     x = model.preprocess(load_embedded(batch_size))
@@ -188,7 +197,7 @@ def bench_model(name, weights, batch_size, repeats, device, with_torchlens):
     outputs = {k: fn(model, x, device) for k, fn in methods.items()}  # warm-up + checks
     for _ in range(repeats):
         for k, fn in methods.items():
-            gc.collect()
+            gc.collect()  # (no malloc_trim here: it would make torchlens re-fault its pages)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -197,7 +206,7 @@ def bench_model(name, weights, batch_size, repeats, device, with_torchlens):
                 torch.cuda.synchronize()
             times[k].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    memory = {k: peak_memory(name, weights, k, batch_size, device) for k in methods}
+    _release_memory()
     ours = outputs["ours"].gradients["ce"]
     diffs = {k: _max_rel_diff(ours, outputs[k]) for k in methods if k not in ("fwd", "ours")}
     return model, med, memory, diffs
@@ -214,9 +223,15 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
           f"batch {args.batch_size}, loss ce, median of {args.repeats} interleaved repeats")
     results = {}
-    for name, weights in (("dinov3_vits16", None), ("efficientnet_lite0.imagenet", "pretrained")):
+    runs = (("dinov3_vits16", None), ("efficientnet_lite0.imagenet", "pretrained"))
+    methods = [k for k in METHODS if not (args.no_torchlens and k == "torchlens")]
+    # peak memory first, each method in a fresh process, while this one is still small
+    memories = {name: {k: peak_memory(name, weights, k, args.batch_size, device) for k in methods}
+                for name, weights in runs}
+    for name, weights in runs:
         model, med, memory, diffs = bench_model(
-            name, weights, args.batch_size, args.repeats, device, not args.no_torchlens)
+            name, weights, args.batch_size, args.repeats, device, not args.no_torchlens,
+            memories[name])
         n_layers = len(model.layers)
         row = {
             "layers": n_layers,

@@ -66,7 +66,7 @@ from .models import LoadedModel, load
 
 __all__ = [
     "LOSSES", "POOLS", "Features", "extract", "linear_cka", "cka_matrix", "category_decoding",
-    "norms_table", "decoding_table",
+    "norms_table", "decoding_table", "signals",
 ]
 
 LOSSES = ("dino", "ce", "proj")
@@ -726,7 +726,7 @@ def category_decoding(
         }
 
 
-def _signals(features: Features) -> dict[str, dict[str, np.ndarray]]:
+def signals(features: Features) -> dict[str, dict[str, np.ndarray]]:
     """``{"activation": acts, "gradient (ce)": grads_ce, ...}``."""
     out = {"activation": features.activations}
     out.update({f"gradient ({loss})": g for loss, g in features.gradients.items()})
@@ -744,7 +744,7 @@ def norms_table(features: Sequence[Features], labels: Sequence[str] | None = Non
     labels = labels or [f.model for f in features]
     rows = []
     for label, feats in zip(labels, features):
-        for signal, per_layer in _signals(feats).items():
+        for signal, per_layer in signals(feats).items():
             for layer, depth in zip(feats.layers, feats.depth):
                 norm = float(np.linalg.norm(per_layer[layer], axis=1).mean())
                 rows.append({"model": label, "layer": layer, "depth": float(depth),
@@ -781,7 +781,7 @@ def decoding_table(features: Sequence[Features], labels: Sequence[str] | None = 
                 f"'targets' has {len(y)} entries but {label} has {feats.n_images} images."
             )
         folds = max(2, min(cv, int(np.unique(y, return_counts=True)[1].min())))
-        for signal, per_layer in _signals(feats).items():
+        for signal, per_layer in signals(feats).items():
             scores = category_decoding(per_layer, y, cv=folds, seed=seed)
             for layer, depth in zip(feats.layers, feats.depth):
                 rows.append({"model": label, "layer": layer, "depth": float(depth),

@@ -211,3 +211,46 @@ def plot_planted_latencies(truth: dict):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def plot_layer_profiles(table: pd.DataFrame, *, ylabel: str = "encoding score (r / √NC)"):
+    """Score by layer depth, one line per hierarchy region, one panel per signal.
+
+    Parameters
+    ----------
+    table : DataFrame
+        Columns signal, region, depth, score (see :func:`gradbrain.hierarchy.layer_profiles`).
+    """
+    signals = list(dict.fromkeys(table["signal"]))
+    fig, axes = plt.subplots(1, len(signals), figsize=(4.4 * len(signals), 3.6), squeeze=False,
+                             sharey=True)
+    for ax, signal in zip(axes[0], signals):
+        sns.lineplot(data=table[table["signal"] == signal], x="depth", y="score", hue="region",
+                     palette="viridis", marker="o", ax=ax)
+        ax.set_xlabel("relative layer depth (0 = first, 1 = last)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(signal)
+        ax.legend(title="hierarchy region", fontsize=7, title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_score_by_hierarchy(hierarchy: np.ndarray, peaks: dict[str, np.ndarray], *,
+                            n_bins: int = 8, ylabel: str = "peak encoding score (r / √NC)"):
+    """Peak score of each signal against the hierarchy coordinate (binned means ± sem)."""
+    rows = []
+    edges = np.quantile(hierarchy, np.linspace(0, 1, n_bins + 1))
+    centres = np.digitize(hierarchy, edges[1:-1])
+    mids = np.array([np.median(hierarchy[centres == b]) for b in range(n_bins)])
+    for signal, values in peaks.items():
+        for b in range(n_bins):
+            for value in values[centres == b]:
+                rows.append({"signal": signal, "distance from V1 (mm)": mids[b], "score": value})
+    table = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    sns.lineplot(data=table, x="distance from V1 (mm)", y="score", hue="signal", marker="o",
+                 errorbar="se", ax=ax)
+    ax.set_ylabel(ylabel)
+    ax.set_title("Where each signal predicts the brain")
+    fig.tight_layout()
+    return fig

@@ -33,7 +33,9 @@ from sklearn.model_selection import KFold, check_cv
 
 from ._utils import resolve_device
 
-__all__ = ["RidgeCV", "encoding_scores", "layerwise_scores", "pearson_r", "DEFAULT_ALPHAS"]
+__all__ = [
+    "RidgeCV", "encoding_scores", "layerwise_scores", "fmri_encoding", "pearson_r", "DEFAULT_ALPHAS",
+]
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(0, 8, 10))  # 1e0 … 1e8
 
@@ -45,7 +47,8 @@ def _as_2d(name: str, array, *, allow_1d: bool = False) -> tuple[np.ndarray | to
     """Validate one input; returns it (numpy or torch) and whether it was 1-D."""
     if isinstance(array, torch.Tensor):
         values = array
-        finite = bool(torch.isfinite(values).all()) if values.numel() else True
+        # one float64 sum instead of a boolean mask: NaN and inf propagate into it
+        finite = bool(torch.isfinite(values.sum(dtype=torch.float64))) if values.numel() else True
     else:
         values = np.asarray(array)
         if values.dtype.kind not in "fiub":
@@ -132,26 +135,49 @@ class _Fold:
 
 
 def _fold_scores(fold: _Fold, XtY: torch.Tensor, X: torch.Tensor, Y: torch.Tensor,
-                 alphas: torch.Tensor) -> torch.Tensor:
-    """Negative MSE of held-out predictions, (n_alphas, n_targets), for one target batch."""
+                 alphas: torch.Tensor, work: dict) -> torch.Tensor:
+    """Negative MSE of held-out predictions, (n_alphas, n_targets) float64, one target batch.
+
+    ``-mean((y - ŷ)²) = -mean(y²) + 2 mean(y ŷ) - mean(ŷ²)``: only the last two terms
+    depend on alpha, and computing them apart keeps their precision in float32 where ŷ
+    is tiny (large alphas), so near-ties between alphas resolve as in exact arithmetic.
+    ``work`` holds buffers reused across folds (large allocations cost page faults).
+    """
+    n_alphas, n_test, v = len(alphas), len(fold.test), Y.shape[1]
+    y_held = Y[fold.test]
     if fold.center:
-        y_train_mean = (Y.sum(0) - Y[fold.test].sum(0)) / fold.n_train
+        y_train_mean = (Y.sum(0) - y_held.sum(0)) / fold.n_train
     else:
         y_train_mean = torch.zeros_like(Y[0])
-    y_test = Y[fold.test] - y_train_mean                        # (n_test, v)
+    y_test = y_held - y_train_mean                              # (n_test, v)
+    r = fold.basis.shape[1]
+    Z = _buffer(work, "Z", (r, v), Y)
     if fold.primal:
-        # X_tr_c^T Y_tr_c from the full X^T Y minus the held-out part, exactly centred
-        x_test_raw = X[fold.test]
-        s_train = XtY - x_test_raw.T @ Y[fold.test]
-        s_train -= fold.n_train * fold.x_mean[:, None] * y_train_mean[None, :]
-        Z = fold.basis.T @ s_train                              # (r, v)
+        # X_tr_c^T Y_tr_c = X^T Y - X_te^T Y_te - n_tr μx μy^T (exact centring, no refit)
+        s_train = torch.addmm(XtY, X[fold.test].T, y_held, alpha=-1,
+                              out=_buffer(work, "S", XtY.shape, Y))
+        s_train.addr_(fold.x_mean, y_train_mean, alpha=-fold.n_train)
+        torch.matmul(fold.basis.T, s_train, out=Z)              # (r, v)
     else:
-        Z = fold.basis.T @ (Y[fold.train] - y_train_mean)       # (r, v)
-    n_alphas, n_test = len(alphas), len(fold.test)
-    scaled = (fold.shrink(alphas)[:, None, :] * fold.A[None, :, :]).reshape(n_alphas * n_test, -1)
-    pred = (scaled @ Z).reshape(n_alphas, n_test, -1)           # all alphas in one matmul
-    pred -= y_test[None]
-    return -(pred * pred).mean(1)                                # (n_alphas, v)
+        torch.matmul(fold.basis.T, Y[fold.train] - y_train_mean, out=Z)
+    shrink = fold.shrink(alphas)                                 # (n_alphas, r)
+    scaled = (shrink[:, None, :] * fold.A[None, :, :]).reshape(n_alphas * n_test, r)
+    pred = _buffer(work, "pred", (n_alphas * n_test, v), Y)
+    torch.matmul(scaled, Z, out=pred)                            # every alpha in one matmul
+    # sum_n y_n ŷ_an = sum_k d_ak (A^T y)_k Z_k: no second pass over the predictions
+    cross = shrink @ ((fold.A.T @ y_test) * Z)
+    sq = pred.square_().reshape(n_alphas, n_test, v).sum(1)
+    gain = (2 * cross - sq) / n_test
+    return gain.double() - (y_test.double() ** 2).mean(0)
+
+
+def _buffer(work: dict, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """A reusable buffer of at least ``shape`` (views into one allocation per name)."""
+    numel = math.prod(shape)
+    buf = work.get(name)
+    if buf is None or buf.numel() < numel:
+        buf = work[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(*shape)
 
 
 class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
@@ -243,22 +269,25 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         itemsize = 8 if dtype == torch.float64 else 4
         per_target = itemsize * (2 * n + 4 * max(p, n) + 2 * len(alphas_np) * max_test)
         batch = _targets_batch(n_targets, per_target, device, self.targets_batch)
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
         cv_scores = np.empty((len(alphas_np), n_targets))
-        coef = np.empty((n_targets, p))
-        intercept = np.zeros(n_targets)
+        coef = np.empty((n_targets, p), dtype=np_dtype)
+        intercept = np.zeros(n_targets, dtype=np_dtype)
         for start in range(0, n_targets, batch):
             sl = slice(start, min(start + batch, n_targets))
             Yb = _to_tensor(y[:, sl], device, dtype)
             y_offset = Yb.mean(0) if self.fit_intercept else torch.zeros_like(Yb[0])
             Yb = Yb - y_offset
             XtY = Xt.T @ Yb if primal else None
-            scores = sum(_fold_scores(f, XtY, Xt, Yb, alphas) for f in fold_objs) / len(fold_objs)
+            work: dict = {}
+            scores = sum(_fold_scores(f, XtY, Xt, Yb, alphas, work) for f in fold_objs)
+            scores /= len(fold_objs)
             best = scores.argmax(0)
             W = full.coefficients(Yb, XtY, alphas[best])                      # (p, v)
-            cv_scores[:, sl] = scores.double().cpu().numpy()
-            coef[sl] = W.T.double().cpu().numpy()
-            intercept[sl] = (y_offset - x_offset @ W).double().cpu().numpy()
-            del Yb, XtY, scores, W
+            cv_scores[:, sl] = scores.cpu().numpy()
+            coef[sl] = W.T.cpu().numpy()
+            intercept[sl] = (y_offset - x_offset @ W).cpu().numpy()
+            del Yb, XtY, scores, W, work
         self.alpha_ = alphas_np[cv_scores.argmax(0)]
         self.cv_scores_ = cv_scores
         self.coef_ = coef[0] if raveled else coef
@@ -389,3 +418,51 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
         if key in results:
             results[key] = np.stack(results[key])
     return results
+
+
+def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, device=None, dtype=None,
+                  progress: bool = False) -> dict:
+    """Encode a study's fMRI from every layer's activations and gradients.
+
+    The test set is held out as NSD does: images with ``study.split == "test"`` (NSD's
+    shared images) are never used for fitting or choosing alphas. Responses are the
+    mean over repeats; scores are NC-normalised with ``study.noise_ceiling()``.
+
+    Parameters
+    ----------
+    study : Study
+        With ``betas`` (n_images, n_repeats, n_vertices) and ``split``.
+    features : Features
+        Extracted on ``study.images`` (same image ids, same order).
+
+    Returns
+    -------
+    dict of str to dict
+        Signal name (``"activation"``, ``"gradient (ce)"``, …) → the output of
+        :func:`layerwise_scores`: ``r``, ``r_nc`` and ``alpha`` of shape
+        (n_layers, n_vertices), and ``layers``.
+    """
+    from .features import signals
+
+    if list(features.image_ids) != list(study.image_ids):
+        raise ValueError(
+            "'features' were not extracted on the study's images (image ids differ); extract "
+            "them with gradbrain.features.extract(model, study.images)."
+        )
+    if study.betas is None:
+        raise ValueError(f"Study {study.name!r} has no fMRI data (betas is None).")
+    train = np.flatnonzero(study.split == "train")
+    test = np.flatnonzero(study.split == "test")
+    if len(test) == 0 or len(train) < 2 * (cv if isinstance(cv, int) else 2):
+        raise ValueError(
+            f"The study needs test images and enough training images; got {len(train)} "
+            f"train and {len(test)} test."
+        )
+    Y = study.mean_betas()
+    nc = study.noise_ceiling()
+    return {
+        name: layerwise_scores(per_layer, Y[train], Y[test], train, test, noise_ceiling=nc,
+                               alphas=alphas, cv=cv, device=device, dtype=dtype,
+                               progress=progress)
+        for name, per_layer in signals(features).items()
+    }

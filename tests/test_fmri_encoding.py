@@ -1,0 +1,60 @@
+"""fMRI encoding on the simulated study recovers the planted layer map."""
+
+import numpy as np
+import pytest
+
+from gradbrain import hierarchy
+from gradbrain.data.simulated import make_study
+from gradbrain.ridge import fmri_encoding
+
+N_IMAGES = 120
+
+
+@pytest.fixture(scope="module")
+def encoded(cnn):
+    from gradbrain import features as gf
+    from gradbrain.data import load_embedded
+
+    feats = gf.extract(cnn, load_embedded(N_IMAGES), losses=("ce",), pool="mean")
+    study = make_study(0, n_images=N_IMAGES, gradient_truth="none", features=feats,
+                       meg=False, noise=0.5)
+    return study, feats, fmri_encoding(study, feats, device="cpu")
+
+
+def test_planted_layer_map_is_recovered(encoded):
+    study, feats, results = encoded
+    best = hierarchy.best_layer(results["activation"]["r_nc"], feats.depth)
+    reliable = hierarchy.reliable_targets(study.noise_ceiling(), best["peak"])
+    assert reliable.mean() > 0.5
+    rec = hierarchy.recovery(best["depth"][reliable], study.truth["preferred_depth"][reliable])
+    assert rec["r"] > 0.6, rec
+
+
+def test_scores_have_documented_shapes_and_units(encoded):
+    study, feats, results = encoded
+    assert set(results) == {"activation", "gradient (ce)"}
+    for out in results.values():
+        assert out["r"].shape == (len(feats.layers), study.n_vertices)
+        assert np.all(np.abs(out["r"]) <= 1)
+        np.testing.assert_allclose(out["r_nc"], out["r"] / np.sqrt(study.noise_ceiling() / 100))
+
+
+def test_features_of_other_images_are_refused(encoded, cnn):
+    from gradbrain import features as gf
+    from gradbrain.data import load_embedded
+
+    study, _, _ = encoded
+    other = gf.extract(cnn, load_embedded(12), losses=("ce",))
+    with pytest.raises(ValueError, match="not extracted on the study's images"):
+        fmri_encoding(study, other)
+
+
+def test_best_layer_and_regions():
+    scores = np.array([[0.1, 0.5, np.nan], [0.3, 0.2, 0.4]])
+    best = hierarchy.best_layer(scores, np.array([0.0, 1.0]))
+    np.testing.assert_array_equal(best["index"], [1, 0, 1])
+    np.testing.assert_allclose(best["peak"], [0.3, 0.5, 0.4])
+    regions = hierarchy.hierarchy_regions(np.arange(8.0), 4)
+    assert list(regions) == ["1 (early)"] * 2 + ["2"] * 2 + ["3"] * 2 + ["4 (high-level)"] * 2
+    with pytest.raises(ValueError, match="'scores' must have shape"):
+        hierarchy.best_layer(scores, np.array([0.0]))
