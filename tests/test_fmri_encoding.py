@@ -58,3 +58,13 @@ def test_best_layer_and_regions():
     assert list(regions) == ["1 (early)"] * 2 + ["2"] * 2 + ["3"] * 2 + ["4 (high-level)"] * 2
     with pytest.raises(ValueError, match="'scores' must have shape"):
         hierarchy.best_layer(scores, np.array([0.0]))
+
+
+def test_summary_reports_recovery(encoded):
+    study, feats, results = encoded
+    best = {s: hierarchy.best_layer(out["r_nc"], feats.depth) for s, out in results.items()}
+    reliable = hierarchy.reliable_targets(study.noise_ceiling(), best["activation"]["peak"])
+    text = hierarchy.summarize_fmri(study, best, reliable,
+                                    hierarchy.hierarchy_regions(study.hierarchy))
+    assert "Simulated study: the recovered layer map matches the planted one" in text
+    assert "gradient (ce): median peak score" in text
