@@ -126,7 +126,6 @@ class _Fold:
             eigval, eigvec = torch.linalg.eigh(xc_train @ xc_train.T)      # n_tr × n_tr
             self.basis = eigvec.to(dtype)                                    # U (n_tr, r)
             self.A = (xc_test.double() @ xc_train.T @ eigvec).to(dtype)      # (n_test, r)
-            self.xc_train = xc_train.to(dtype)
         self.eigval = eigval.clamp_min(0)                                    # float64 (r,)
 
     def shrink(self, alphas: torch.Tensor) -> torch.Tensor:
@@ -293,7 +292,6 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         self.coef_ = coef[0] if raveled else coef
         self.intercept_ = float(intercept[0]) if raveled else intercept
         self.n_features_in_ = p
-        self._raveled = raveled
         return self
 
     def predict(self, X) -> np.ndarray:
