@@ -8,10 +8,11 @@ gradbrain reaches (GEMM GFLOP/s measured in the same run; the algorithm's FLOPs 
 Default problem: n=2000 samples, p=768 features, v=20,000 targets, 5 folds, 10 alphas
 (1e0…1e8), float32. The last line is machine-readable::
 
-    RESULT speedup_vs_himalaya=<x> roofline_share=<y> alpha_agreement=<z> max_pred_rel_diff=<w> device=<cpu|cuda> alpha_agreement_exact=<e>
+    RESULT speedup_vs_himalaya=<x> roofline_share=<y> alpha_agreement=<z> max_pred_rel_diff=<w> device=<cpu|cuda> alpha_agreement_exact=<e> alpha_agreement_himalaya64=<h>
 
-(``alpha_agreement`` compares with himalaya in the same precision; ``alpha_agreement_exact``
-with a float64 fit, which tells whose float32 rounding decided the near-ties.)
+(``alpha_agreement`` compares with himalaya in the same precision (float32);
+``alpha_agreement_exact`` with gradbrain's own float64 fit and ``alpha_agreement_himalaya64``
+with himalaya run in float64: they tell whose float32 rounding decided the near-ties.)
 
 Usage: ``python benchmarks/bench_ridge.py [--n 2000 --p 768 --v 20000] [--device cuda]``
 """
@@ -119,6 +120,11 @@ def main(argv=None):
     exact_agreement = float(np.mean(np.isclose(ours.alpha_, exact.alpha_, rtol=1e-5)))
     their_alphas = np.asarray(backend.to_numpy(theirs.best_alphas_))
     their_exact = float(np.mean(np.isclose(their_alphas, exact.alpha_, rtol=1e-5)))
+    theirs64 = HimalayaRidgeCV(alphas=alphas, cv=folds, fit_intercept=True,
+                               solver_params={"warn": False}).fit(
+        backend.asarray(X.astype(np.float64)), backend.asarray(Y.astype(np.float64)))
+    vs_theirs64 = float(np.mean(np.isclose(
+        ours.alpha_, np.asarray(backend.to_numpy(theirs64.best_alphas_)), rtol=1e-5)))
     agreement = float(np.mean(np.isclose(ours.alpha_, their_alphas, rtol=1e-5)))
     same = np.isclose(ours.alpha_, their_alphas, rtol=1e-5)
     pred_ours = ours.predict(X_new)
@@ -134,7 +140,8 @@ def main(argv=None):
     print(f"identical alphas: {agreement:.5f} of targets; max prediction difference "
           f"(relative to max |prediction|, targets with identical alphas): {rel_diff:.2e}")
     print(f"identical alphas with a float64 fit (exact reference): gradbrain {exact_agreement:.5f}, "
-          f"himalaya {their_exact:.5f}")
+          f"himalaya {their_exact:.5f}; gradbrain (float32) vs himalaya run in float64: "
+          f"{vs_theirs64:.5f}")
 
     if not args.skip_sklearn:
         from sklearn.linear_model import Ridge
@@ -156,7 +163,8 @@ def main(argv=None):
     print(f"RESULT speedup_vs_himalaya={t_theirs / t_ours:.3f} "
           f"roofline_share={flops / t_ours / 1e9 / gflops:.3f} alpha_agreement={agreement:.5f} "
           f"max_pred_rel_diff={rel_diff:.2e} device={device.type} "
-          f"alpha_agreement_exact={exact_agreement:.5f}")
+          f"alpha_agreement_exact={exact_agreement:.5f} "
+          f"alpha_agreement_himalaya64={vs_theirs64:.5f}")
 
 
 if __name__ == "__main__":
