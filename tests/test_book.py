@@ -1,6 +1,5 @@
 """The papermill runner, the real chapter on the demo profile, and the book build."""
 
-import json
 import shutil
 import subprocess
 import sys

@@ -24,12 +24,11 @@ squared error averaged over folds, argmax per target):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
-from sklearn.model_selection import KFold, check_cv
+from sklearn.model_selection import check_cv
 
 from ._utils import resolve_device
 
