@@ -33,7 +33,24 @@ def show_images(image_set, n: int = 24, *, columns: int = 8, size: float = 1.4):
     return fig
 
 
-def plot_layer_norms(table: pd.DataFrame, *, ax=None):
+def _depth_panels(table: pd.DataFrame, *, panel: str, y: str, hue: str, ylabel: str,
+                  legend_title: str, xlabel: str = "relative layer depth (0 = first block, 1 = last)",
+                  sharey: bool = False, palette=None, width: float = 5.2):
+    """One panel per value of ``panel``: ``y`` against layer depth, a line per ``hue``."""
+    names = list(dict.fromkeys(table[panel]))
+    fig, axes = plt.subplots(1, len(names), figsize=(width * len(names), 3.8), squeeze=False,
+                             sharey=sharey)
+    for ax, name in zip(axes[0], names):
+        sns.lineplot(data=table[table[panel] == name], x="depth", y=y, hue=hue, marker="o",
+                     palette=palette, ax=ax)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        ax.legend(title=legend_title, fontsize=8)
+    return fig, axes[0]
+
+
+def plot_layer_norms(table: pd.DataFrame):
     """Mean L2 norm per image of activations and gradients, by layer depth.
 
     Parameters
@@ -42,16 +59,10 @@ def plot_layer_norms(table: pd.DataFrame, *, ax=None):
         Columns ``model``, ``depth``, ``signal`` (e.g. "activation", "gradient (ce)"),
         ``norm``, as returned by :func:`gradbrain.features.norms_table`.
     """
-    models = list(dict.fromkeys(table["model"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        sns.lineplot(data=table[table["model"] == model], x="depth", y="norm", hue="signal",
-                     marker="o", ax=ax)
+    fig, axes = _depth_panels(table, panel="model", y="norm", hue="signal", legend_title="signal",
+                              ylabel="mean L2 norm per image (log scale, a.u.)")
+    for ax in axes:
         ax.set_yscale("log")
-        ax.set_xlabel("relative layer depth (0 = first block, 1 = last)")
-        ax.set_ylabel("mean L2 norm per image (log scale, a.u.)")
-        ax.set_title(model)
-        ax.legend(title="signal", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -112,19 +123,14 @@ def plot_decoding(table: pd.DataFrame, *, chance: float | None = None):
     chance : float or None
         Chance accuracy drawn as a dotted line.
     """
-    models = list(dict.fromkeys(table["model"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False,
-                             sharey=True)
-    for ax, model in zip(axes[0], models):
-        sns.lineplot(data=table[table["model"] == model], x="depth", y="accuracy", hue="signal",
-                     marker="o", ax=ax)
+    fig, axes = _depth_panels(table, panel="model", y="accuracy", hue="signal",
+                              legend_title="signal", sharey=True,
+                              ylabel="decoding accuracy (cross-validated)")
+    for ax in axes:
         if chance is not None:
             ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
-        ax.set_xlabel("relative layer depth (0 = first block, 1 = last)")
-        ax.set_ylabel("decoding accuracy (cross-validated)")
+            ax.legend(title="signal", fontsize=8)
         ax.set_ylim(0, 1)
-        ax.set_title(model)
-        ax.legend(title="signal", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -221,16 +227,9 @@ def plot_layer_profiles(table: pd.DataFrame, *, ylabel: str = "encoding score (r
     table : DataFrame
         Columns signal, region, depth, score (see :func:`gradbrain.hierarchy.layer_profiles`).
     """
-    signals = list(dict.fromkeys(table["signal"]))
-    fig, axes = plt.subplots(1, len(signals), figsize=(4.4 * len(signals), 3.6), squeeze=False,
-                             sharey=True)
-    for ax, signal in zip(axes[0], signals):
-        sns.lineplot(data=table[table["signal"] == signal], x="depth", y="score", hue="region",
-                     palette="viridis", marker="o", ax=ax)
-        ax.set_xlabel("relative layer depth (0 = first, 1 = last)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(signal)
-        ax.legend(title="hierarchy region", fontsize=7, title_fontsize=8)
+    fig, _ = _depth_panels(table, panel="signal", y="score", hue="region", ylabel=ylabel,
+                           legend_title="hierarchy region", sharey=True, palette="viridis",
+                           xlabel="relative layer depth (0 = first, 1 = last)", width=4.4)
     fig.tight_layout()
     return fig
 

@@ -102,6 +102,16 @@ def _targets_batch(n_targets: int, per_target_bytes: int, device: torch.device,
 # --------------------------------------------------------------------------- core
 
 
+def _gram_eigh(xc: torch.Tensor, primal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of the Gram matrix of centred float64 data.
+
+    ``X^T X`` (p × p) in the primal form, ``X X^T`` (n × n) in the dual form; eigenvalues
+    clipped at 0 (rounding can make the smallest ones slightly negative).
+    """
+    eigval, eigvec = torch.linalg.eigh(xc.T @ xc if primal else xc @ xc.T)
+    return eigval.clamp_min(0), eigvec
+
+
 class _Fold:
     """One fold's factorisation: held-out projection ``A`` and its eigenvalues."""
 
@@ -117,15 +127,12 @@ class _Fold:
         xc_train = (x_train - self.x_mean).double()
         xc_test = X[self.test] - self.x_mean                 # (n_test, p)
         self.primal = primal
+        self.eigval, eigvec = _gram_eigh(xc_train, primal)                  # float64
+        self.basis = eigvec.to(dtype)                        # V (p, r) primal, U (n_tr, r) dual
         if primal:
-            eigval, eigvec = torch.linalg.eigh(xc_train.T @ xc_train)      # p × p
-            self.basis = eigvec.to(dtype)                                    # V (p, r)
             self.A = xc_test @ self.basis                                    # (n_test, r)
         else:
-            eigval, eigvec = torch.linalg.eigh(xc_train @ xc_train.T)      # n_tr × n_tr
-            self.basis = eigvec.to(dtype)                                    # U (n_tr, r)
             self.A = (xc_test.double() @ xc_train.T @ eigvec).to(dtype)      # (n_test, r)
-        self.eigval = eigval.clamp_min(0)                                    # float64 (r,)
 
     def shrink(self, alphas: torch.Tensor) -> torch.Tensor:
         """1 / (λ + α) for every alpha, (n_alphas, r), in the compute dtype."""
@@ -313,11 +320,7 @@ class _Full:
     def __init__(self, Xc: torch.Tensor, dtype: torch.dtype, primal: bool):
         self.primal = primal
         self.Xc = Xc
-        if primal:
-            eigval, eigvec = torch.linalg.eigh(Xc.double().T @ Xc.double())
-        else:
-            eigval, eigvec = torch.linalg.eigh(Xc.double() @ Xc.double().T)
-        self.eigval = eigval.clamp_min(0)
+        self.eigval, eigvec = _gram_eigh(Xc.double(), primal)
         self.basis = eigvec.to(dtype)
 
     def coefficients(self, Yc: torch.Tensor, XtY: torch.Tensor | None,
