@@ -181,7 +181,7 @@ def test_features_must_match_the_images(feats):
 
 
 def test_real_datasets_say_they_are_not_there_yet():
-    with pytest.raises(NotImplementedError, match="use|Run the chapter with dataset='simulated'"):
+    with pytest.raises(NotImplementedError, match="Run the chapter with dataset='simulated'"):
         load_study("nsd")
     with pytest.raises(ValueError, match="'dataset' must be one of"):
         load_study("hcp")

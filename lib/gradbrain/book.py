@@ -73,15 +73,12 @@ def find_root(start: str | os.PathLike | None = None) -> Path:
 
 
 def _toc_files(node) -> list[str]:
+    """Every ``root`` / ``file`` entry of a jupyter-book ``_toc.yml``, in book order."""
     files = []
     if isinstance(node, dict):
-        if "file" in node:
-            files.append(str(node["file"]))
-        for key in ("root", "parts", "chapters", "sections"):
-            if key == "root" and key in node:
-                files.append(str(node["root"]))
-            elif key in node:
-                files.extend(_toc_files(node[key]))
+        files.extend(str(node[key]) for key in ("root", "file") if key in node)
+        for key in ("parts", "chapters", "sections"):
+            files.extend(_toc_files(node.get(key, [])))
     elif isinstance(node, list):
         for item in node:
             files.extend(_toc_files(item))
