@@ -92,6 +92,34 @@ def test_single_target_and_single_alpha(rng):
     assert model.cv_scores_.shape == (1, 1)
 
 
+@pytest.mark.parametrize("targets_batch", [None, 4])
+def test_one_alpha_for_all_targets_matches_scikit_learn_ridgecv(rng, targets_batch):
+    """alpha_per_target=False = scikit-learn RidgeCV(cv=KFold) with the same scoring."""
+    from sklearn.linear_model import RidgeCV as SkRidgeCV
+
+    X, Y = _problem(rng, 70, 9, 10)
+    alphas = np.logspace(-2, 5, 8)
+    ours = RidgeCV(alphas=alphas, cv=4, device="cpu", dtype=torch.float64,
+                   alpha_per_target=False, targets_batch=targets_batch).fit(X, Y)
+    reference = SkRidgeCV(alphas=alphas, cv=KFold(4), scoring="neg_mean_squared_error").fit(X, Y)
+    np.testing.assert_array_equal(ours.alpha_, np.full(10, reference.alpha_))
+    np.testing.assert_allclose(ours.coef_, reference.coef_, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(ours.predict(X), reference.predict(X), rtol=1e-7)
+    per_target = RidgeCV(alphas=alphas, cv=4, device="cpu", dtype=torch.float64).fit(X, Y)
+    assert len(set(per_target.alpha_)) > 1  # the problem does have target-specific alphas
+    # one alpha per group of targets = scikit-learn's RidgeCV on each group
+    groups = np.repeat([0, 1], 5)
+    grouped = RidgeCV(alphas=alphas, cv=4, device="cpu", dtype=torch.float64,
+                      alpha_per_target=groups, targets_batch=targets_batch).fit(X, Y)
+    for g in (0, 1):
+        ref = SkRidgeCV(alphas=alphas, cv=KFold(4), scoring="neg_mean_squared_error")
+        ref.fit(X, Y[:, groups == g])
+        np.testing.assert_array_equal(grouped.alpha_[groups == g], ref.alpha_)
+        np.testing.assert_allclose(grouped.coef_[groups == g], ref.coef_, rtol=1e-7, atol=1e-10)
+    with pytest.raises(ValueError, match=r"one group label per target \(shape \(10,\)\)"):
+        RidgeCV(alpha_per_target=[0, 1], device="cpu").fit(X, Y)
+
+
 def test_target_batches_give_the_same_result(rng):
     X, Y = _problem(rng, 60, 8, 11)
     whole = RidgeCV(device="cpu", dtype=torch.float64).fit(X, Y)

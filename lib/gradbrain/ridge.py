@@ -206,11 +206,17 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         Compute precision, default float32 (eigendecompositions always run in float64).
     targets_batch : int or None
         Targets per batch; ``None`` sizes batches from the free memory.
+    alpha_per_target : bool or array-like of shape (n_targets,)
+        True (default): each target gets its own alpha. False: one alpha for all
+        targets, the one with the best score averaged over targets (as scikit-learn's
+        ``RidgeCV(cv=...)`` and himalaya's ``local_alpha=False``). An array of group
+        labels: one alpha per group, chosen on the score averaged over its targets
+        (e.g. one alpha per MEG time point shared by its sensors).
 
     Attributes
     ----------
     alpha_ : ndarray of shape (n_targets,)
-        Selected alpha per target.
+        Selected alpha per target (all equal when ``alpha_per_target=False``).
     coef_ : ndarray of shape (n_targets, n_features), or (n_features,) for 1-D y
         Refit coefficients (scikit-learn layout).
     intercept_ : ndarray of shape (n_targets,), or float for 1-D y
@@ -229,13 +235,14 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
     """
 
     def __init__(self, alphas=DEFAULT_ALPHAS, cv=5, fit_intercept: bool = True, device=None,
-                 dtype=None, targets_batch: int | None = None):
+                 dtype=None, targets_batch: int | None = None, alpha_per_target: bool = True):
         self.alphas = alphas
         self.cv = cv
         self.fit_intercept = fit_intercept
         self.device = device
         self.dtype = dtype
         self.targets_batch = targets_batch
+        self.alpha_per_target = alpha_per_target
 
     def _setup(self):
         device = resolve_device(self.device)
@@ -270,6 +277,7 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         full = _Full(Xt, dtype, primal)
 
         n_targets = y.shape[1]
+        groups = self._alpha_groups(n_targets)
         max_test = max(len(te) for _, te in folds)
         itemsize = 8 if dtype == torch.float64 else 4
         per_target = itemsize * (2 * n + 4 * max(p, n) + 2 * len(alphas_np) * max_test)
@@ -278,27 +286,59 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         cv_scores = np.empty((len(alphas_np), n_targets))
         coef = np.empty((n_targets, p), dtype=np_dtype)
         intercept = np.zeros(n_targets, dtype=np_dtype)
-        for start in range(0, n_targets, batch):
-            sl = slice(start, min(start + batch, n_targets))
+        batches = [slice(s, min(s + batch, n_targets)) for s in range(0, n_targets, batch)]
+
+        def centred(sl):
             Yb = _to_tensor(y[:, sl], device, dtype)
             y_offset = Yb.mean(0) if self.fit_intercept else torch.zeros_like(Yb[0])
             Yb = Yb - y_offset
-            XtY = Xt.T @ Yb if primal else None
+            return Yb, y_offset, (Xt.T @ Yb if primal else None)
+
+        def refit(sl, Yb, y_offset, XtY, best):
+            W = full.coefficients(Yb, XtY, alphas[best])                      # (p, v)
+            coef[sl] = W.T.cpu().numpy()
+            intercept[sl] = (y_offset - x_offset @ W).cpu().numpy()
+
+        for sl in batches:
+            Yb, y_offset, XtY = centred(sl)
             work: dict = {}
             scores = sum(_fold_scores(f, XtY, Xt, Yb, alphas, work) for f in fold_objs)
             scores /= len(fold_objs)
-            best = scores.argmax(0)
-            W = full.coefficients(Yb, XtY, alphas[best])                      # (p, v)
             cv_scores[:, sl] = scores.cpu().numpy()
-            coef[sl] = W.T.cpu().numpy()
-            intercept[sl] = (y_offset - x_offset @ W).cpu().numpy()
-            del Yb, XtY, scores, W, work
-        self.alpha_ = alphas_np[cv_scores.argmax(0)]
+            if groups is None:
+                refit(sl, Yb, y_offset, XtY, scores.argmax(0))
+            del Yb, XtY, scores, work
+        if groups is None:
+            self.alpha_ = alphas_np[cv_scores.argmax(0)]
+        else:
+            # one alpha per group: the best score averaged over its targets, then a second pass
+            labels, inverse = np.unique(groups, return_inverse=True)
+            sums = np.zeros((len(alphas_np), len(labels)))
+            np.add.at(sums.T, inverse, cv_scores.T)
+            best = sums.argmax(0)[inverse]                                   # (n_targets,)
+            for sl in batches:
+                Yb, y_offset, XtY = centred(sl)
+                refit(sl, Yb, y_offset, XtY, torch.as_tensor(best[sl], device=device))
+                del Yb, XtY
+            self.alpha_ = alphas_np[best]
         self.cv_scores_ = cv_scores
         self.coef_ = coef[0] if raveled else coef
         self.intercept_ = float(intercept[0]) if raveled else intercept
         self.n_features_in_ = p
         return self
+
+    def _alpha_groups(self, n_targets: int) -> np.ndarray | None:
+        """None (one alpha per target) or a group label per target."""
+        spec = self.alpha_per_target
+        if isinstance(spec, (bool, np.bool_)):
+            return None if spec else np.zeros(n_targets, dtype=int)
+        groups = np.asarray(spec)
+        if groups.shape != (n_targets,):
+            raise ValueError(
+                f"'alpha_per_target' must be True, False or one group label per target "
+                f"(shape ({n_targets},)); got shape {groups.shape}."
+            )
+        return groups
 
     def predict(self, X) -> np.ndarray:
         """Predictions (n_samples, n_targets), or (n_samples,) when fitted on 1-D y."""
