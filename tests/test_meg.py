@@ -7,6 +7,7 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
 
 from gradbrain import meg
+from gradbrain.ridge import pearson_r
 
 
 def test_batched_encoding_equals_a_per_time_point_scikit_learn_loop(rng):
@@ -56,3 +57,174 @@ def test_average_by_image_equals_numpy_reference(cnn):
         np.testing.assert_allclose(averaged[i], data[(meta.image_id == image_id).to_numpy()].mean(0))
     with pytest.raises(ValueError, match="No trials for 1 image"):
         meg.average_by_image(study.epochs, ids + ["nope"])
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _sliding(alphas, cv=None):
+    from mne.decoding import SlidingEstimator
+    from sklearn.linear_model import RidgeCV as SkRidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    ridge = (SkRidgeCV(alphas=alphas) if cv is None else
+             SkRidgeCV(alphas=alphas, cv=KFold(cv), scoring="neg_mean_squared_error"))
+    return SlidingEstimator(make_pipeline(StandardScaler(), ridge), verbose=False)
+
+
+def _decoding_problem(rng, n=80, c=12, t=5, k=3):
+    meg_data = rng.normal(size=(n, c, t)) * 1e-13 + 3e-13  # tesla-like scale and offset
+    W = rng.normal(size=(c, t, k)) * rng.uniform(0, 1, t)[None, :, None]
+    y = np.einsum("nct,ctk->nk", meg_data / 1e-13, W) + rng.normal(size=(n, k))
+    return meg_data, y
+
+
+@pytest.mark.parametrize("cv", ["loo", 4])
+def test_decoding_equals_mne_sliding_estimator(rng, cv):
+    """Same alphas, same predictions as SlidingEstimator(StandardScaler + RidgeCV), per target."""
+    X, y = _decoding_problem(rng)
+    alphas = np.logspace(-2, 4, 7)
+    ours = meg.decode_time_resolved(X[:60], y[:60], X[60:], y[60:], alphas=alphas, cv=cv,
+                                    device="cpu")
+    assert ours["prediction"].shape == (20, 5, 3) and ours["r"].shape == (5, 3)
+    for k in range(3):
+        reference = _sliding(alphas, None if cv == "loo" else cv).fit(X[:60], y[:60, k])
+        np.testing.assert_allclose(ours["prediction"][:, :, k], reference.predict(X[60:]),
+                                   rtol=1e-8, atol=1e-10)
+        chosen = [est.steps[-1][1].alpha_ for est in reference.estimators_]
+        np.testing.assert_array_equal(ours["alpha"][:, k], chosen)
+    single = meg.decode_time_resolved(X[:60], y[:60, 0], X[60:], alphas=alphas, cv=cv,
+                                      device="cpu")
+    assert single["prediction"].shape == (20, 5) and "r" not in single
+    np.testing.assert_allclose(single["prediction"], ours["prediction"][:, :, 0], rtol=1e-10)
+
+
+def test_category_decoding_finds_the_planted_window(rng):
+    """Category information planted from 30 to 60 ms only: chance (1/3) before, high during."""
+    n, c, times = 150, 20, np.arange(-20, 100, 10)
+    labels = rng.choice(["cat", "dog", "car"], n, p=[0.6, 0.2, 0.2])  # one frequent category
+    patterns = {name: rng.normal(size=c) for name in ("cat", "dog", "car")}
+    data = rng.normal(size=(n, c, len(times)))
+    window = (times >= 30) & (times <= 60)
+    for i, label in enumerate(labels):
+        data[i][:, window] += 1.5 * patterns[label][:, None]
+    out = meg.decode_category(data[:100], labels[:100], data[100:], labels[100:], device="cpu")
+    assert out["chance"] == pytest.approx(1 / 3)
+    assert out["accuracy"][window].min() > 0.9
+    assert out["accuracy"][times < 0].mean() < 0.45  # guessing, not the majority category
+    with pytest.raises(ValueError, match="absent from training"):
+        meg.decode_category(data[:100], labels[:100], data[100:], np.full(50, "eel"))
+
+
+def test_decoding_bad_inputs(rng):
+    X, y = _decoding_problem(rng, n=20)
+    with pytest.raises(ValueError, match=r"must have shape \(n_trials, n_channels, n_times\)"):
+        meg.decode_time_resolved(X[:, :, 0], y, X)
+    with pytest.raises(ValueError, match=r"'y_train' must have shape \(n_train=20,\)"):
+        meg.decode_time_resolved(X, y[:5], X)
+    with pytest.raises(ValueError, match="'cv' must be 'loo', an int"):
+        meg.decode_time_resolved(X, y, X, cv="kfold")
+    X[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="'meg_train' contains NaN"):
+        meg.decode_time_resolved(X, y, X)
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_curves_equal_a_numpy_loop(rng):
+    n, c, t = 15, 4, 6
+    Y = rng.normal(size=(n, c, t))
+    predictions = Y[None] + rng.normal(size=(2, n, c, t)) * np.array([0.5, 2.0])[:, None, None, None]
+    curves = meg.bootstrap_curves(Y, predictions, n_boot=7, seed=3, device="cpu", chunk=3)
+    draws = np.random.default_rng(3).integers(0, n, (7, n))  # the same resamples, in order
+    for b, rows in enumerate(draws):
+        for layer in range(2):
+            r = pearson_r(Y[rows].reshape(n, -1), predictions[layer][rows].reshape(n, -1))
+            np.testing.assert_allclose(curves[b, layer], r.reshape(c, t).mean(0), atol=1e-10)
+    with pytest.raises(ValueError, match=r"'predictions' must have shape \(n_layers,\)"):
+        meg.bootstrap_curves(Y, predictions[0])
+
+
+# --------------------------------------------------------------------------- a study
+
+
+def _planted_features(n_images, n_layers=6, dim=8, seed=0):
+    """Layer features that share nothing: each layer's planted MEG signal is its own."""
+    from gradbrain.data import load_embedded
+    from gradbrain.features import Features
+
+    rng = np.random.default_rng(seed)
+    images = load_embedded(n_images)
+    layers = [f"layer{i}" for i in range(n_layers)]
+
+    def draw():
+        return {layer: rng.normal(size=(n_images, dim)).astype(np.float32) for layer in layers}
+
+    return Features(model="planted", weights="independent Gaussian features", layers=layers,
+                    depth=np.linspace(0, 1, n_layers), activations=draw(),
+                    gradients={"ce": draw()}, backward_order={"ce": layers[::-1]},
+                    image_ids=list(images.ids), labels=list(images.labels), pool="mean")
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return _planted_features(252)
+
+
+@pytest.mark.parametrize("truth,seed", [("backprop", 0), ("backprop", 1), ("paper", 0)])
+def test_planted_latencies_are_recovered_within_one_sample(planted, truth, seed):
+    """With layer-specific signals, every peak latency lands within one sample (10 ms)."""
+    from gradbrain.data.simulated import make_study
+    from gradbrain.hierarchy import temporal_score
+
+    study = make_study(seed, n_images=252, features=planted, fmri=False, gradient_truth=truth,
+                       noise=0.5)
+    results = meg.meg_encoding(study, planted, n_boot=50, device="cpu")
+    step = 1000 / study.epochs.info["sfreq"]
+    act, grad = results["activation"], results["gradient (ce)"]
+    assert np.abs(act["latency"] - study.truth["activation_latency"]).max() <= step + 1e-9
+    assert np.abs(grad["latency"] - study.truth["gradient_latency"]).max() <= step + 1e-9
+    assert act["r"].shape == (6, 272, len(study.epochs.times))
+    assert np.all(act["latency_ci"][:, 0] <= act["latency"] + 1e-9)
+    assert np.all(act["latency_ci"][:, 1] >= act["latency"] - 1e-9)
+    assert temporal_score(act["latency"], act["depth"])["pearson"] > 0.95
+    grad_score = temporal_score(grad["latency"], grad["depth"])["pearson"]
+    if truth == "backprop":  # top layer's gradient first: latency falls with depth
+        assert grad_score < -0.95
+    else:
+        expected = temporal_score(study.truth["gradient_latency"], grad["depth"])["pearson"]
+        assert grad_score == pytest.approx(expected, abs=0.1)
+
+
+def test_meg_encoding_bad_inputs(planted):
+    from gradbrain.data.simulated import make_study
+
+    study = make_study(0, n_images=252, features=planted, meg=False)
+    with pytest.raises(ValueError, match="has no MEG data"):
+        meg.meg_encoding(study, planted)
+    other = _planted_features(40)
+    study = make_study(0, n_images=252, features=planted, fmri=False)
+    with pytest.raises(ValueError, match="image ids differ"):
+        meg.meg_encoding(study, other)
+
+
+def test_one_alpha_per_time_point_equals_scikit_learn_ridgecv_per_time(rng):
+    from sklearn.linear_model import RidgeCV as SkRidgeCV
+
+    n, p, c, t = 50, 5, 4, 3
+    X = rng.normal(size=(n, p))
+    Y = np.einsum("np,pct->nct", X, rng.normal(size=(p, c, t)) * [0.05, 1, 5]) \
+        + rng.normal(size=(n, c, t))
+    alphas = np.logspace(-1, 4, 6)
+    out = meg.encode_time_resolved(X[:40], Y[:40], X[40:], Y[40:], alphas=alphas, cv=4,
+                                   device="cpu", dtype=torch.float64, alpha_per="time")
+    for ti in range(t):
+        ref = SkRidgeCV(alphas=alphas, cv=KFold(4), scoring="neg_mean_squared_error")
+        ref.fit(X[:40], Y[:40, :, ti])
+        np.testing.assert_array_equal(out["alpha"][:, ti], ref.alpha_)
+        r = pearson_r(Y[40:, :, ti], ref.predict(X[40:]))
+        np.testing.assert_allclose(out["r"][:, ti], r, atol=1e-8)
+    with pytest.raises(ValueError, match="'alpha_per' must be one of"):
+        meg.encode_time_resolved(X[:40], Y[:40], X[40:], Y[40:], alpha_per="sensor")

@@ -1,8 +1,17 @@
-"""Time-resolved MEG encoding: when does each layer's signal best predict the brain?
+"""Time-resolved MEG analyses: when does each layer's signal best predict the brain?
 
-The encoding model of one layer maps its features onto every sensor at every time point.
-All (sensor × time) targets form ONE ridge problem: the features' factorisation is
-shared by every target, and each target gets its own alpha (see :mod:`gradbrain.ridge`).
+Encoding
+    One layer's features → every sensor at every time point. All (sensor × time)
+    targets form ONE ridge problem: the features' factorisation is shared by every
+    target and each target gets its own alpha (see :mod:`gradbrain.ridge`).
+Decoding
+    Sensors → an image property (a category, or image features as in back-to-back
+    regression) at every time point. Here the inputs change with time, so the ridge
+    problems of all time points are solved together: one batched Gram matrix and one
+    batched eigendecomposition per fold for every time point at once.
+Peak latency
+    As in Raugel et al. (2025): the mean time of the window where a layer's score is
+    at least 95 % of its maximum, with bootstrap confidence intervals over test images.
 """
 
 from __future__ import annotations
@@ -10,10 +19,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+from sklearn.model_selection import check_cv
 
-from .ridge import DEFAULT_ALPHAS, RidgeCV, pearson_r
+from ._utils import check_in_allowed, resolve_device
+from .ridge import DEFAULT_ALPHAS, RidgeCV, _check_alphas, pearson_r
 
-__all__ = ["average_by_image", "encode_time_resolved", "peak_latency"]
+__all__ = ["average_by_image", "encode_time_resolved", "decode_time_resolved",
+           "decode_category", "peak_latency", "bootstrap_curves", "meg_encoding"]
 
 
 def average_by_image(epochs, image_ids: Sequence[str]) -> np.ndarray:
@@ -44,7 +57,8 @@ def average_by_image(epochs, image_ids: Sequence[str]) -> np.ndarray:
 
 
 def encode_time_resolved(X_train, Y_train, X_test, Y_test, *, alphas=DEFAULT_ALPHAS, cv=5,
-                         device=None, dtype=None, targets_batch=None) -> dict:
+                         device=None, dtype=None, targets_batch=None, alpha_per: str = "target",
+                         return_prediction: bool = False) -> dict:
     """Encode every sensor at every time point from one feature matrix, as one problem.
 
     Parameters
@@ -55,10 +69,21 @@ def encode_time_resolved(X_train, Y_train, X_test, Y_test, *, alphas=DEFAULT_ALP
     X_test : array of shape (n_test, n_features)
     Y_test : array of shape (n_test, n_channels, n_times)
 
+    alphas, cv, device, dtype, targets_batch
+        As in :class:`gradbrain.ridge.RidgeCV`.
+    alpha_per : {"target", "time"}
+        One alpha per sensor × time point, or one per time point shared by all sensors
+        (chosen on their mean score; a loop of scikit-learn ``RidgeCV(cv=...)`` over
+        time points does the latter).
+    return_prediction : bool
+        Also return the test predictions.
+
     Returns
     -------
-    dict with ``r`` (n_channels, n_times) Pearson correlation on the test images and
-    ``alpha`` (n_channels, n_times) the alpha chosen per sensor and time point.
+    dict with ``r`` (n_channels, n_times) Pearson correlation on the test images,
+    ``alpha`` (n_channels, n_times) the alpha chosen per sensor and time point and, with
+    ``return_prediction``, ``prediction`` (n_test, n_channels, n_times) in the units of
+    ``Y_test``.
     """
     Y_train, Y_test = np.asarray(Y_train), np.asarray(Y_test)
     if Y_train.ndim != 3 or Y_test.ndim != 3 or Y_train.shape[1:] != Y_test.shape[1:]:
@@ -66,14 +91,20 @@ def encode_time_resolved(X_train, Y_train, X_test, Y_test, *, alphas=DEFAULT_ALP
             "'Y_train' and 'Y_test' must have shape (n_images, n_channels, n_times) with the "
             f"same channels and times; got {Y_train.shape} and {Y_test.shape}."
         )
+    check_in_allowed("alpha_per", alpha_per, ("target", "time"))
     shape = Y_train.shape[1:]
+    per_target = True if alpha_per == "target" else np.tile(np.arange(shape[1]), shape[0])
     # MEG in tesla is ~1e-13: rescale so float32 sums stay well inside its range
     scale = float(np.abs(Y_train).max()) or 1.0
     model = RidgeCV(alphas=alphas, cv=cv, device=device, dtype=dtype,
-                    targets_batch=targets_batch)
+                    targets_batch=targets_batch, alpha_per_target=per_target)
     model.fit(X_train, Y_train.reshape(len(Y_train), -1) / scale)
-    r = pearson_r(Y_test.reshape(len(Y_test), -1), model.predict(X_test))
-    return {"r": r.reshape(shape), "alpha": model.alpha_.reshape(shape)}
+    prediction = model.predict(X_test)
+    r = pearson_r(Y_test.reshape(len(Y_test), -1), prediction)
+    out = {"r": r.reshape(shape), "alpha": model.alpha_.reshape(shape)}
+    if return_prediction:
+        out["prediction"] = (scale * prediction).reshape((len(Y_test),) + shape)
+    return out
 
 
 def peak_latency(times: np.ndarray, curve: np.ndarray, threshold: float = 0.95) -> float:
@@ -105,3 +136,357 @@ def peak_latency(times: np.ndarray, curve: np.ndarray, threshold: float = 0.95) 
     while stop < len(curve) - 1 and above[stop + 1]:
         stop += 1
     return float(times[start : stop + 1].mean())
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _as_meg(name: str, array) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype.kind not in "fiu":
+        array = array.astype(np.float64)
+    if array.ndim != 3:
+        raise ValueError(f"'{name}' must have shape (n_trials, n_channels, n_times); got "
+                         f"{array.shape}.")
+    if not np.isfinite(array.sum(dtype=np.float64)):
+        raise ValueError(f"'{name}' contains NaN or infinite values.")
+    return array
+
+
+def _time_major(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(n, c, T) array → contiguous float64 tensor (T, n, c), in one copy."""
+    source = torch.as_tensor(array, device=device).permute(2, 0, 1)
+    return torch.empty(source.shape, device=device, dtype=torch.float64).copy_(source)
+
+
+def decode_time_resolved(meg_train, y_train, meg_test, y_test=None, *, alphas=DEFAULT_ALPHAS,
+                         cv="loo", standardize: bool = True, device=None) -> dict:
+    """Decode targets from the sensors at every time point (ridge, one alpha per target).
+
+    At time ``t`` the model is ``y ≈ X_t w_t + b_t`` with ``X_t`` the (standardised)
+    sensor values of each trial and an unpenalised intercept. ``alpha`` is chosen per
+    time point and target by cross-validation, then the model is refit on all training
+    trials. All time points are solved together: one batched Gram matrix and one
+    batched eigendecomposition (float64) per fit, every alpha scored from it.
+
+    With ``cv="loo"`` this is, time point by time point, scikit-learn's default
+    ``RidgeCV(alphas)`` (efficient leave-one-out: residuals ``(y - ŷ) / (1 - h)`` from
+    the hat-matrix diagonal), i.e. MNE's ``SlidingEstimator(make_pipeline(
+    StandardScaler(), RidgeCV(alphas)))`` run once per target. With an int or a
+    splitter it is K-fold (negative MSE averaged over folds, as
+    :class:`~gradbrain.ridge.RidgeCV`), i.e. the same pipeline with
+    ``RidgeCV(alphas, cv=KFold(cv), scoring="neg_mean_squared_error")``.
+
+    Parameters
+    ----------
+    meg_train : array of shape (n_train, n_channels, n_times)
+        Training trials (or per-image averages).
+    y_train : array of shape (n_train,) or (n_train, n_targets)
+        What to decode: a continuous target, one-hot categories, image features…
+    meg_test : array of shape (n_test, n_channels, n_times)
+    y_test : array of shape (n_test,) or (n_test, n_targets), optional
+        When given, the Pearson correlation of prediction and truth is returned.
+    alphas : array-like of shape (n_alphas,)
+    cv : "loo", int or scikit-learn splitter
+        How alphas are chosen: efficient leave-one-out, or K folds over the training
+        trials (an int means ``KFold(cv)``).
+    standardize : bool
+        Z-score each sensor at each time point with the training trials' mean and
+        standard deviation (as ``StandardScaler``), so that alphas mean the same thing
+        whatever the MEG units.
+    device : str, torch.device or None
+
+    Returns
+    -------
+    dict with ``prediction`` (n_test, n_times, n_targets), ``alpha`` (n_times,
+    n_targets) and, with ``y_test``, ``r`` (n_times, n_targets); the target axis is
+    dropped when ``y_train`` is 1-D.
+    """
+    meg_train, meg_test = _as_meg("meg_train", meg_train), _as_meg("meg_test", meg_test)
+    if meg_train.shape[1:] != meg_test.shape[1:]:
+        raise ValueError("'meg_train' and 'meg_test' must have the same channels and times; "
+                         f"got {meg_train.shape[1:]} and {meg_test.shape[1:]}.")
+    y = np.asarray(y_train, dtype=np.float64)
+    raveled = y.ndim == 1
+    y = y[:, None] if raveled else y
+    if y.ndim != 2 or len(y) != len(meg_train):
+        raise ValueError(f"'y_train' must have shape (n_train={len(meg_train)},) or "
+                         f"(n_train, n_targets); got {np.shape(y_train)}.")
+    if not np.isfinite(y).all():
+        raise ValueError("'y_train' contains NaN or infinite values.")
+    alphas_np = _check_alphas(alphas)
+    device = resolve_device(device)
+    loo = isinstance(cv, str)
+    if loo and cv != "loo":
+        raise ValueError(f"'cv' must be 'loo', an int or a scikit-learn splitter; got {cv!r}.")
+    folds = [] if loo else list(check_cv(cv).split(np.zeros(len(y))))
+    if len(y) < 3 or (folds and min(len(tr) for tr, _ in folds) < 2):
+        raise ValueError(f"Too few training trials ({len(y)}) for cv={cv!r}.")
+
+    f64 = dict(device=device, dtype=torch.float64)
+    X, X_test = _time_major(meg_train, device), _time_major(meg_test, device)  # (T, n, c)
+    if standardize:
+        sd, mean = torch.std_mean(X, dim=1, correction=0, keepdim=True)
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        X.sub_(mean).div_(sd)
+        X_test.sub_(mean).div_(sd)
+    Y = torch.as_tensor(y, **f64)                                        # (n, k)
+    A = torch.as_tensor(alphas_np, **f64)
+    gram, x_sum = X.transpose(1, 2) @ X, X.sum(1)                        # (T, c, c), (T, c)
+    xty, y_sum = X.transpose(1, 2) @ Y, Y.sum(0)                         # (T, c, k), (k,)
+
+    def solve(held_out):
+        """Centred Gram eigendecomposition and rotated X^T y of the training trials."""
+        if held_out is None:
+            n_tr, g, xs, xy, ys = len(Y), gram, x_sum, xty, y_sum
+        else:
+            x_out, y_out = X[:, held_out], Y[held_out]
+            n_tr = len(Y) - len(held_out)
+            g = gram - x_out.transpose(1, 2) @ x_out
+            xs, ys = x_sum - x_out.sum(1), y_sum - y_out.sum(0)
+            xy = xty - x_out.transpose(1, 2) @ y_out
+        mx, my = xs / n_tr, ys / n_tr
+        g = g - n_tr * mx[:, :, None] * mx[:, None, :]
+        xy = xy - n_tr * mx[:, :, None] * my[None, None, :]
+        eigval, V = torch.linalg.eigh(g)
+        return eigval.clamp_min(0), V, V.transpose(1, 2) @ xy, mx, my
+
+    n_alphas, (n_times, _, n_channels), n_targets = len(A), X.shape, Y.shape[1]
+    # targets per chunk: the predictions of every alpha at once stay under ~64 M numbers
+    chunk = max(1, min(n_targets, 2**26 // (n_alphas * n_times * len(Y))))
+
+    def held_out_scores(P, Z, eigval, y_c, hat=None):
+        """-mean((y - ŷ)²) over held-out trials, (n_alphas, T, k); LOO-corrected with ``hat``."""
+        inv = 1.0 / (eigval[:, :, None] + A)                            # (T, c, n_alphas)
+        out = torch.empty((n_alphas, n_times, n_targets), **f64)
+        for s0 in range(0, n_targets, chunk):
+            z = Z[:, :, None, s0:s0 + chunk] * inv[:, :, :, None]        # (T, c, a, kc)
+            pred = P @ z.reshape(n_times, n_channels, -1)               # (T, n, a·kc)
+            pred = pred.reshape(n_times, P.shape[1], n_alphas, -1).permute(2, 0, 1, 3)
+            residual = y_c[..., s0:s0 + chunk] - pred                   # (a, T, n, kc)
+            if hat is not None:
+                residual /= 1 - hat
+            out[..., s0:s0 + chunk] = -residual.square_().mean(2)
+        return out
+
+    if loo:
+        full = eigval, V, Z, mx, my = solve(None)
+        P = X @ V - (mx[:, None, :] @ V)                                # (T, n, c)
+        # hat-matrix diagonal of every alpha: 1/n (intercept) + Σ_k P_ik² / (λ_k + α)
+        hat = 1 / len(Y) + P.square() @ (1.0 / (eigval[:, :, None] + A))  # (T, n, n_alphas)
+        scores = held_out_scores(P, Z, eigval, Y - my, hat.permute(2, 0, 1)[..., None])
+    else:
+        scores = torch.zeros((n_alphas, n_times, n_targets), **f64)
+        for _, test in folds:
+            held_out = torch.as_tensor(test, device=device)
+            eigval, V, Z, mx, my = solve(held_out)
+            P = X[:, held_out] @ V - (mx[:, None, :] @ V)                # (T, n_te, c)
+            scores += held_out_scores(P, Z, eigval, Y[held_out] - my)
+        scores /= len(folds)
+        full = solve(None)
+    best = scores.argmax(0)                                             # (T, k), first max
+    eigval, V, Z, mx, my = full
+    coef = V @ (Z / (eigval[:, :, None] + A[best][:, None, :]))          # (T, c, k)
+    prediction = (X_test - mx[:, None, :]) @ coef + my                  # (T, n_test, k)
+    prediction = prediction.permute(1, 0, 2).cpu().numpy()              # (n_test, T, k)
+    out = {"prediction": prediction, "alpha": alphas_np[best.cpu().numpy()]}
+    if y_test is not None:
+        yt = np.asarray(y_test, dtype=np.float64).reshape(len(meg_test), -1)
+        if yt.shape[1] != Y.shape[1]:
+            raise ValueError(f"'y_test' must have {Y.shape[1]} target(s) like 'y_train'; got "
+                             f"shape {np.shape(y_test)}.")
+        out["r"] = np.stack([pearson_r(yt, prediction[:, t]) for t in range(prediction.shape[1])])
+    if raveled:
+        out = {key: value[..., 0] for key, value in out.items()}
+    return out
+
+
+def decode_category(meg_train, labels_train, meg_test, labels_test, *, alphas=DEFAULT_ALPHAS,
+                    cv="loo", standardize: bool = True, device=None) -> dict:
+    """Decode the category of each trial over time (one-vs-rest ridge, argmax).
+
+    The one-hot category codes are decoded with :func:`decode_time_resolved`; a test
+    trial's predicted category is the one whose decoded value rises most above its
+    training frequency (the intercept), so that a decoder with nothing to go on guesses
+    at chance, 1 / n_categories, rather than always naming the most frequent category.
+
+    Parameters
+    ----------
+    meg_train, meg_test : arrays of shape (n_trials, n_channels, n_times)
+    labels_train, labels_test : sequences of str (or int), lengths n_train and n_test
+        Test labels must be among the training labels.
+
+    Returns
+    -------
+    dict with ``accuracy`` (n_times,) fraction of correctly decoded test trials,
+    ``chance`` (1 / n_categories) and ``categories`` (the classes, sorted).
+    """
+    labels_train, labels_test = np.asarray(labels_train), np.asarray(labels_test)
+    categories = np.unique(labels_train)
+    if len(categories) < 2:
+        raise ValueError("'labels_train' must hold at least 2 categories to decode.")
+    unknown = sorted(set(labels_test.tolist()) - set(categories.tolist()))
+    if unknown:
+        raise ValueError(f"'labels_test' has categories absent from training: {unknown[:3]}.")
+    one_hot = (labels_train[:, None] == categories[None, :]).astype(float)
+    out = decode_time_resolved(meg_train, one_hot, meg_test, alphas=alphas, cv=cv,
+                               standardize=standardize, device=device)
+    evidence = out["prediction"] - one_hot.mean(0)                      # priors removed
+    decoded = categories[evidence.argmax(2)]                            # (n_test, T)
+    accuracy = (decoded == labels_test[:, None]).mean(0)
+    return {"accuracy": accuracy, "chance": 1 / len(categories), "categories": categories}
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_curves(Y_test, predictions, *, n_boot: int = 1000, seed: int = 0,
+                     device=None, chunk: int = 100) -> np.ndarray:
+    """Score time courses on test images resampled with replacement.
+
+    Every layer is scored on the same resamples (a paired bootstrap), so differences
+    between layers — and statistics of all layers, such as a temporal score — get
+    confidence intervals too.
+
+    Parameters
+    ----------
+    Y_test : array of shape (n_test, n_channels, n_times)
+        Measured responses of the test images.
+    predictions : array of shape (n_layers, n_test, n_channels, n_times)
+        Each layer's predictions of ``Y_test``.
+    n_boot : int
+        Number of resamples.
+    seed : int
+        Seed of the resampling.
+
+    Returns
+    -------
+    ndarray of shape (n_boot, n_layers, n_times)
+        Pearson r across the resampled images, averaged over sensors.
+    """
+    Y_test = np.asarray(Y_test, dtype=np.float64)
+    predictions = np.asarray(predictions)
+    if predictions.ndim != 4 or predictions.shape[1:] != Y_test.shape:
+        raise ValueError("'predictions' must have shape (n_layers,) + Y_test.shape = "
+                         f"(n_layers, {', '.join(map(str, Y_test.shape))}); got "
+                         f"{predictions.shape}.")
+    if n_boot < 1:
+        raise ValueError(f"'n_boot' must be a positive integer; got {n_boot!r}.")
+    device = resolve_device(device)
+    n, c, t = Y_test.shape
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])
+
+    def centred(a):
+        a = torch.as_tensor(a.reshape(n, c * t), device=device, dtype=torch.float64)
+        return a - a.mean(0)
+
+    y = centred(Y_test)
+    out = np.empty((n_boot, len(predictions), t))
+    for start in range(0, n_boot, chunk):
+        w = torch.as_tensor(counts[start:start + chunk], device=device, dtype=torch.float64) / n
+        my, myy = w @ y, w @ (y * y)
+        var_y = myy - my**2
+        for layer, prediction in enumerate(predictions):
+            p = centred(prediction)
+            mp, mpp, myp = w @ p, w @ (p * p), w @ (y * p)
+            denom = torch.sqrt((var_y * (mpp - mp**2)).clamp_min(0))
+            r = torch.where(denom > 0, (myp - my * mp) / denom, torch.zeros_like(denom))
+            out[start:start + chunk, layer] = r.reshape(-1, c, t).mean(1).cpu().numpy()
+    return out
+
+
+def _latencies(times: np.ndarray, curves: np.ndarray, threshold: float) -> np.ndarray:
+    """:func:`peak_latency` of every curve along the last axis; NaN where none rises above 0."""
+    curves = np.asarray(curves, dtype=float)
+    flat = curves.reshape(-1, curves.shape[-1])
+    out = np.full(len(flat), np.nan)
+    for i, curve in enumerate(flat):
+        if np.nanmax(curve) > 0:
+            out[i] = peak_latency(times, curve, threshold)
+    return out.reshape(curves.shape[:-1])
+
+
+# --------------------------------------------------------------------------- a study
+
+
+def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: float = 0.95,
+                 n_boot: int = 1000, ci: float = 0.95, seed: int = 0, device=None, dtype=None,
+                 progress: bool = False) -> dict:
+    """Time-resolved encoding of a study's MEG from every layer's activations and gradients.
+
+    Training images (``study.split == "train"``) fit the models and choose the alphas;
+    test images, averaged over their repeats, are only used for scoring. Every layer
+    of every signal is one :func:`encode_time_resolved` problem; its score time course
+    is the test-set Pearson r averaged over sensors, and its peak latency the mean time
+    of the window where that course is ≥ ``threshold`` × its maximum (Raugel et al.
+    2025), with a percentile bootstrap interval over test images.
+
+    Parameters
+    ----------
+    study : Study
+        With ``epochs`` whose metadata give each trial's ``image_id``.
+    features : Features
+        Extracted on ``study.images`` (same image ids, same order).
+    threshold : float
+        Peak-window threshold (fraction of the maximum).
+    n_boot, ci, seed : int, float, int
+        Bootstrap resamples of the test images, interval coverage, and seed.
+
+    Returns
+    -------
+    dict of str to dict
+        Signal name (``"activation"``, ``"gradient (ce)"``, …) → ``layers``, ``depth``
+        (n_layers,), ``times`` (n_times,) ms, ``r`` (n_layers, n_channels, n_times),
+        ``curve`` (n_layers, n_times) r averaged over sensors, ``peak`` (n_layers,) its
+        maximum, ``latency`` (n_layers,) ms, ``latency_ci`` (n_layers, 2) ms and
+        ``boot_latency`` (n_boot, n_layers) ms (NaN where a resampled course never rises
+        above 0).
+    """
+    from tqdm import tqdm
+
+    from .features import signals
+
+    if study.epochs is None:
+        raise ValueError(f"Study {study.name!r} has no MEG data (epochs is None).")
+    if list(features.image_ids) != list(study.image_ids):
+        raise ValueError(
+            "'features' were not extracted on the study's images (image ids differ); extract "
+            "them with gradbrain.features.extract(model, study.images)."
+        )
+    if not 0 < ci < 1:
+        raise ValueError(f"'ci' must be in (0, 1), e.g. 0.95; got {ci!r}.")
+    ids = np.asarray(study.image_ids)
+    shown = set(study.epochs.metadata["image_id"])
+    train = np.flatnonzero((study.split == "train") & np.isin(ids, list(shown)))
+    test = np.flatnonzero((study.split == "test") & np.isin(ids, list(shown)))
+    if len(test) < 3 or len(train) < 2 * (cv if isinstance(cv, int) else 2):
+        raise ValueError(f"The MEG study needs test images and enough training images; got "
+                         f"{len(train)} train and {len(test)} test images with trials.")
+    Y_train = average_by_image(study.epochs, ids[train])
+    Y_test = average_by_image(study.epochs, ids[test])
+    times = 1000 * study.epochs.times
+    results = {}
+    for name, per_layer in signals(features).items():
+        layers = list(per_layer)
+        r, predictions = [], []
+        for layer in tqdm(layers, desc=f"MEG encoding, {name}", disable=not progress):
+            X = np.asarray(per_layer[layer])
+            out = encode_time_resolved(X[train], Y_train, X[test], Y_test, alphas=alphas, cv=cv,
+                                       device=device, dtype=dtype, return_prediction=True)
+            r.append(out["r"])
+            predictions.append(out["prediction"].astype(np.float32))
+        r = np.stack(r)
+        curve = r.mean(1)
+        boot = _latencies(times, bootstrap_curves(Y_test, np.stack(predictions), n_boot=n_boot,
+                                                  seed=seed, device=device), threshold)
+        low, high = (1 - ci) / 2, (1 + ci) / 2
+        results[name] = {
+            "layers": layers, "depth": np.asarray(features.depth, dtype=float), "times": times,
+            "r": r, "curve": curve, "peak": curve.max(1),
+            "latency": _latencies(times, curve, threshold),
+            "latency_ci": np.stack([np.nanquantile(boot, low, axis=0),
+                                    np.nanquantile(boot, high, axis=0)], axis=1),
+            "boot_latency": boot,
+        }
+    return results
