@@ -253,3 +253,126 @@ def plot_score_by_hierarchy(hierarchy: np.ndarray, peaks: dict[str, np.ndarray],
     ax.set_title("Where each signal predicts the brain")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- MEG
+
+
+def _depth_colours(depth: np.ndarray):
+    cmap = plt.get_cmap("viridis")
+    return cmap, [cmap(float(d)) for d in depth]
+
+
+def plot_time_courses(results: dict, *, ylabel: str = "encoding r (mean over sensors)"):
+    """Score time course of every layer, coloured by depth, one panel per signal.
+
+    Parameters
+    ----------
+    results : dict
+        Output of :func:`gradbrain.meg.meg_encoding` (``times`` in ms, ``curve``
+        (n_layers, n_times), ``depth``).
+    """
+    signals = list(results)
+    fig, axes = plt.subplots(1, len(signals), figsize=(4.6 * len(signals), 3.6), sharey=True,
+                             squeeze=False)
+    for ax, signal in zip(axes[0], signals):
+        res = results[signal]
+        cmap, colours = _depth_colours(res["depth"])
+        for curve, colour in zip(res["curve"], colours):
+            ax.plot(res["times"], curve, color=colour, lw=1.2)
+        ax.axvline(0, color="0.6", lw=0.8, ls=":")
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.set_xlabel("time after image onset (ms)")
+        ax.set_title(signal)
+    axes[0, 0].set_ylabel(ylabel)
+    mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
+    fig.colorbar(mappable, ax=axes[0].tolist(), label="relative layer depth", fraction=0.03)
+    return fig
+
+
+def plot_latencies(results: dict, *, prediction: np.ndarray | None = None,
+                   truth: dict | None = None):
+    """Peak latency against layer depth, with bootstrap intervals, for every signal.
+
+    Parameters
+    ----------
+    results : dict
+        Output of :func:`gradbrain.meg.meg_encoding`.
+    prediction : ndarray of shape (n_layers,), optional
+        Latencies a biological backprop predicts for gradients (ms), drawn dashed
+        (see :func:`gradbrain.hierarchy.backprop_latency_prediction`).
+    truth : dict, optional
+        A simulated study's truth: planted latencies drawn as crosses.
+    """
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    palette = sns.color_palette("deep", len(results))
+    for colour, (signal, res) in zip(palette, results.items()):
+        latency, ci = res["latency"], res["latency_ci"]
+        ax.errorbar(res["depth"], latency, yerr=[latency - ci[:, 0], ci[:, 1] - latency],
+                    fmt="o-", color=colour, capsize=2, lw=1.2, ms=4,
+                    label=f"{signal} (95 % bootstrap CI)")
+    depth = next(iter(results.values()))["depth"]
+    if prediction is not None:
+        ax.plot(depth, prediction, "k--", lw=1.2, label="backprop prediction for gradients")
+    if truth:
+        ax.plot(depth, truth["activation_latency"], "x", color=palette[0], ms=7,
+                label="planted (activation)")
+        if np.isfinite(truth.get("gradient_latency", [np.nan])).any():
+            ax.plot(depth, truth["gradient_latency"], "x", color="0.3", ms=7,
+                    label="planted (gradient)")
+    ax.set_xlabel("relative layer depth (0 = first, 1 = last)")
+    ax.set_ylabel("peak latency (ms after image onset)")
+    ax.set_title("When each layer best predicts the MEG")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_topomaps(r: np.ndarray, info, times: np.ndarray, layers: Sequence[int],
+                  latencies: np.ndarray, *, names: Sequence[str], title: str):
+    """Sensor maps of the encoding r of some layers, each at its own peak latency.
+
+    Parameters
+    ----------
+    r : ndarray of shape (n_layers, n_channels, n_times)
+    info : mne.Info
+        Sensor positions (CTF-275 layout).
+    times : ndarray of shape (n_times,)
+        ms.
+    layers : sequence of int
+        Which layers to draw.
+    latencies : ndarray of shape (n_layers,)
+        ms; each map is drawn at the sample nearest its layer's latency.
+    names : sequence of str
+        Layer names (length n_layers).
+    """
+    import mne
+
+    layers = [l for l in layers if np.isfinite(latencies[l])]
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers) + 0.8, 2.9),
+                             squeeze=False)
+    maps = [r[l][:, int(np.argmin(np.abs(times - latencies[l])))] for l in layers]
+    vmax = max(float(np.max(np.abs(m))) for m in maps) or 1.0
+    image = None
+    for ax, l, values in zip(axes[0], layers, maps):
+        image, _ = mne.viz.plot_topomap(values, info, axes=ax, show=False, cmap="RdBu_r",
+                                        vlim=(-vmax, vmax), contours=0)
+        ax.set_title(f"{names[l]}\n{latencies[l]:.0f} ms", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), label="encoding r", fraction=0.03)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_category_decoding(times: np.ndarray, accuracy: np.ndarray, chance: float, *,
+                           n_categories: int):
+    """Category decoding accuracy over time, with chance level."""
+    fig, ax = plt.subplots(figsize=(5.8, 3.4))
+    ax.plot(times, 100 * np.asarray(accuracy), color="C3", lw=1.5, label="test images")
+    ax.axhline(100 * chance, color="0.4", ls="--", lw=1, label=f"chance (1/{n_categories})")
+    ax.axvline(0, color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("time after image onset (ms)")
+    ax.set_ylabel("decoding accuracy (%)")
+    ax.set_title("Decoding the image category from the sensors")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
