@@ -24,7 +24,9 @@ def load_study(dataset: str = "simulated", **params) -> Study:
     ----------
     dataset : {"simulated", "nsd", "things"}
         ``"simulated"``: :func:`gradbrain.data.simulated.make_study` with ``params``.
-        ``"nsd"`` (Natural Scenes Dataset) and ``"things"`` (THINGS-MEG): the real data.
+        ``"things"``: THINGS-MEG, :func:`gradbrain.data.things_meg.load_subject` with
+        ``params`` (``subject``, ``root``, ...). ``"nsd"`` (Natural Scenes Dataset): not
+        yet available.
     **params
         Passed to the dataset's loader.
     """
@@ -33,10 +35,12 @@ def load_study(dataset: str = "simulated", **params) -> Study:
         from .simulated import make_study
 
         return make_study(**params)
-    name = {"nsd": "Natural Scenes Dataset (NSD)", "things": "THINGS-MEG"}[dataset]
+    if dataset == "things":
+        from .things_meg import load_subject
+
+        return load_subject(**params)
     raise NotImplementedError(
-        f"The {name} loader is not part of this version of gradbrain yet (it comes with its "
-        "own loader module, gradbrain.data."
-        f"{'nsd' if dataset == 'nsd' else 'things_meg'}). Run the chapter with "
+        "The Natural Scenes Dataset (NSD) loader is not part of this version of gradbrain "
+        "yet (it comes with its own loader module, gradbrain.data.nsd). Run the chapter with "
         "dataset='simulated' (the demo profile) meanwhile."
     )
