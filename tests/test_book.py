@@ -53,6 +53,16 @@ def test_real_book_lists_the_gradients_chapter():
     assert "01_gradients" in [c.name for c in book.chapters(ROOT)]
 
 
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (ROOT / "params").glob("*.yaml")))
+def test_every_shipped_profile_sets_only_declared_parameters(profile):
+    """A typo in params/*.yaml (e.g. the real-data profiles CI never runs) fails here."""
+    data = book.load_profile(ROOT, profile)
+    covered = [c for c in book.chapters(ROOT) if c.name in (data.get("chapters") or [c.name])]
+    assert covered
+    for chapter in covered:
+        book.parameters_for(chapter, data)
+
+
 def test_parameters_are_filtered_to_declared_ones(tiny_book):
     chapter_a, = [c for c in book.chapters(tiny_book) if c.name == "a"]
     profile = book.load_profile(tiny_book, "demo")
@@ -88,6 +98,19 @@ def test_run_executes_skips_and_reruns_on_change(tiny_book):
     nbformat.write(nb, str(notebook))
     assert book.run("demo", root=tiny_book, progress=False)["b"] == "executed"
     assert book.run("demo", root=tiny_book, force=True, progress=False)["b"] == "executed"
+
+
+def test_a_profile_can_cover_only_some_chapters(tiny_book):
+    """A real-data profile lists its chapters; the others are not run, --only picks among them."""
+    (tiny_book / "params" / "meg.yaml").write_text(yaml.safe_dump({
+        "chapters": ["a"], "notebooks": {"a": {"value": 5}}}))
+    assert book.run("meg", root=tiny_book, progress=False) == {"a": "executed"}
+    assert (tiny_book / "a_ran.txt").read_text() == "5\n"
+    with pytest.raises(ValueError, match=r"Unknown chapter\(s\) \['b'\] in 'only'; available: \['a'\]"):
+        book.run("meg", root=tiny_book, only=["b"], progress=False)
+    (tiny_book / "params" / "bad.yaml").write_text(yaml.safe_dump({"chapters": ["zz"]}))
+    with pytest.raises(ValueError, match=r"\['zz'\] in the profile's 'chapters'"):
+        book.run("bad", root=tiny_book, progress=False)
 
 
 def test_failure_names_chapter_cell_and_partial_output(tiny_book):
@@ -126,7 +149,7 @@ def test_chapters_run_on_demo_profile_and_book_builds(tmp_path):
     overrides = {"n_images": 40, "batch_size": 13}  # 13: a value only the injected cell holds
     status = book.run("demo", root=tmp_path, overrides=overrides, progress=False)
     assert status == {"00_data": "executed", "01_gradients": "executed",
-                      "02_fmri_encoding": "executed"}
+                      "02_fmri_encoding": "executed", "03_meg_decoding": "executed"}
 
     def outputs(name):
         nb = nbformat.read(str(tmp_path / "executed" / f"{name}.ipynb"), as_version=4)
@@ -146,6 +169,8 @@ def test_chapters_run_on_demo_profile_and_book_builds(tmp_path):
     assert "random init (seed=0)" in text("01_gradients")
     assert "simulated (paper, seed 0)" in text("00_data")
     assert "the recovered layer map matches the planted one" in text("02_fmri_encoding")
+    assert n_images("03_meg_decoding") >= 5  # time courses, latencies, 2 topomaps, decoding
+    assert "Simulated study, activation: recovered vs planted latencies" in text("03_meg_decoding")
     build = subprocess.run(
         [str(Path(sys.executable).parent / "jupyter-book"), "build", str(tmp_path), "-W"],
         capture_output=True, text=True, timeout=600,

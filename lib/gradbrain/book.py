@@ -25,6 +25,9 @@ every chapter that declares them in its ``parameters`` cell) and ``notebooks``
     notebooks:
       01_gradients:
         n_images: 96
+
+A profile for data that only some chapters use lists them under ``chapters`` (e.g.
+``chapters: [03_meg_decoding]`` for THINGS-MEG); the others are then not run.
 """
 
 from __future__ import annotations
@@ -116,12 +119,17 @@ def load_profile(root: str | os.PathLike, profile: str) -> dict:
             f"{', '.join(known)}. e.g. --profile demo"
         )
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"description", "defaults", "notebooks"}
+    unknown = set(data) - {"description", "chapters", "defaults", "notebooks"}
     if unknown:
         raise ValueError(
             f"Profile {str(path)!r} has unknown top-level keys {sorted(unknown)}; allowed: "
-            "description, defaults, notebooks."
+            "description, chapters, defaults, notebooks."
         )
+    chapters_ = data.get("chapters")
+    if chapters_ is not None and (not isinstance(chapters_, list)
+                                  or not all(isinstance(c, str) for c in chapters_)):
+        raise ValueError(f"Profile {str(path)!r}: 'chapters' must be a list of chapter names, "
+                         f"e.g. [03_meg_decoding]; got {chapters_!r}.")
     return data
 
 
@@ -268,12 +276,16 @@ def run(
     root = find_root(root)
     data = load_profile(root, profile)
     todo = chapters(root, output_dir)
-    if only:
-        names = [c.name for c in todo]
-        unknown = [n for n in only if n not in names]
+    names = [c.name for c in todo]
+    # the profile may cover only some chapters; --only picks among those
+    for source, wanted in (("the profile's 'chapters'", data.get("chapters")), ("'only'", only)):
+        if not wanted:
+            continue
+        unknown = [n for n in wanted if n not in names]
         if unknown:
-            raise ValueError(f"Unknown chapter(s) {unknown}; the book has {names}.")
-        todo = [c for c in todo if c.name in only]
+            raise ValueError(f"Unknown chapter(s) {unknown} in {source}; available: {names}.")
+        todo = [c for c in todo if c.name in wanted]
+        names = [c.name for c in todo]
     status = {}
     for i, chapter in enumerate(todo, 1):
         parameters = parameters_for(chapter, data, overrides)
