@@ -29,7 +29,7 @@ html: $(INSTALLED)
 book: chapters html
 
 test: $(INSTALLED)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
 
 test-slow: $(INSTALLED)
 	$(PY) -m pytest -m slow

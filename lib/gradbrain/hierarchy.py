@@ -1,9 +1,14 @@
-"""Layer-to-brain summaries: best layer per target, hierarchy regions, recovery checks.
+"""Layer-to-brain hierarchy: best layers, spatial and temporal scores, the backprop tests.
 
-(The spatial and temporal hierarchy scores and the backprop-order tests build on these.)
+Summaries (best layer per target, hierarchy regions, layer profiles, recovery of a
+planted truth) feed the scores of Raugel et al. (2025) — spatial (best-layer depth vs
+distance from V1) and temporal (peak latency vs depth) — and the tests of what a
+biological backprop predicts, each against an explicit null (:func:`run`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -11,7 +16,8 @@ from scipy import stats
 
 __all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_targets",
            "recovery", "summarize_fmri", "temporal_score", "backprop_latency_prediction",
-           "summarize_meg"]
+           "summarize_meg", "layer_permutation_test", "spatial_score", "group_test",
+           "HierarchyResult", "run"]
 
 
 def best_layer(scores: np.ndarray, depth: np.ndarray) -> dict:
@@ -260,3 +266,402 @@ def summarize_meg(results: dict, study=None) -> str:
                      f"{rec['r']:.2f} (Spearman ρ = {rec['rho']:.2f}), median |error| "
                      f"{np.nanmedian(np.abs(found - values)):.0f} ms.")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- scores and tests
+
+ALTERNATIVES = ("greater", "less", "two-sided")
+
+
+def layer_permutation_test(layer_index, target, values, *, mask=None, method: str = "spearman",
+                           alternative: str = "greater", n_perm: int = 10_000, seed: int = 0,
+                           device=None) -> dict:
+    """Correlation between a per-layer value and a per-target quantity, against shuffled layers.
+
+    Each target (vertex, or layer) is assigned a layer (e.g. its best-predicting one);
+    the statistic is the correlation, across targets, between the assigned layer's
+    ``values`` (e.g. its depth) and ``target`` (e.g. distance from V1). The null
+    distribution shuffles which value belongs to which layer — the layers' order means
+    nothing — while keeping which targets share a layer.
+
+    Every permutation is evaluated at once, on the device: the correlation only depends
+    on per-layer sums of the (ranked) targets, so the cost is n_perm × n_layers whatever
+    the number of targets (10,000 permutations over 20,000 vertices take milliseconds).
+
+    Parameters
+    ----------
+    layer_index : ndarray of shape (n_targets,), int
+        Layer assigned to each target, in 0 … n_layers − 1.
+    target : ndarray of shape (n_targets,)
+    values : ndarray of shape (n_layers,)
+        Value of each layer (depth in [0, 1], backward rank, …); distinct values.
+    mask : ndarray of bool, shape (n_targets,), optional
+        Targets to use (NaN targets are always left out).
+    method : {"spearman", "pearson"}
+    alternative : {"greater", "less", "two-sided"}
+    n_perm : int
+        Number of random permutations.
+    seed : int
+
+    Returns
+    -------
+    dict with ``statistic`` (the observed correlation), ``p_value`` ((1 + #null as
+    extreme) / (1 + n_perm)), ``null`` (n_perm,), ``permutations`` (n_perm, n_layers)
+    (row ``k``: the layer whose value layer ``l`` takes) and ``n_targets``.
+    """
+    import torch
+    from scipy.stats import rankdata
+
+    from ._utils import check_in_allowed, resolve_device
+
+    check_in_allowed("method", method, ("spearman", "pearson"))
+    check_in_allowed("alternative", alternative, ALTERNATIVES)
+    index = np.asarray(layer_index)
+    target = np.asarray(target, dtype=float)
+    values = np.asarray(values, dtype=float)
+    if index.shape != target.shape or index.ndim != 1:
+        raise ValueError(f"'layer_index' and 'target' must be 1-D of equal length; got "
+                         f"{index.shape} and {target.shape}.")
+    if index.size and (index.min() < 0 or index.max() >= len(values)):
+        raise ValueError(f"'layer_index' must hold layers 0 … {len(values) - 1}.")
+    keep = np.isfinite(target) & (np.ones(len(target), bool) if mask is None
+                                  else np.asarray(mask, bool))
+    index, target = index[keep], target[keep]
+    if len(np.unique(index)) < 2 or len(target) < 3:
+        raise ValueError("A layer permutation test needs at least 3 targets assigned to at "
+                         f"least 2 different layers; got {len(target)} targets in "
+                         f"{len(np.unique(index))} layer(s).")
+    if n_perm < 1:
+        raise ValueError(f"'n_perm' must be a positive integer; got {n_perm!r}.")
+    if np.ptp(target) == 0:  # no variation: the correlation is undefined, not 0
+        return {"statistic": np.nan, "p_value": np.nan, "null": np.full(n_perm, np.nan),
+                "permutations": np.empty((0, len(values)), int), "n_targets": len(target)}
+    device = resolve_device(device)
+    f64 = dict(device=device, dtype=torch.float64)
+    n_layers, n = len(values), len(target)
+    t = rankdata(target) if method == "spearman" else target
+    t = t - t.mean()
+    counts = torch.as_tensor(np.bincount(index, minlength=n_layers), **f64)
+    sums = torch.as_tensor(np.bincount(index, weights=t, minlength=n_layers), **f64)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    perms = torch.argsort(torch.rand(n_perm, n_layers, generator=generator, device=device), 1)
+    perms = torch.cat([torch.arange(n_layers, device=device)[None], perms])  # row 0: observed
+    x = torch.as_tensor(values, **f64)[perms]                            # (1 + n_perm, L)
+    if method == "spearman":
+        # average rank of each layer's (tied) targets when layers are sorted by value
+        order = torch.argsort(x, dim=1)
+        sorted_counts = counts[order]
+        average = torch.cumsum(sorted_counts, 1) - sorted_counts + (sorted_counts + 1) / 2
+        x = torch.empty_like(x).scatter_(1, order, average)
+    x_mean = (x * counts).sum(1, keepdim=True) / n
+    spread = torch.sqrt(((x - x_mean) ** 2 * counts).sum(1)) * float(np.sqrt(np.sum(t * t)))
+    r = ((x * sums).sum(1) / spread).cpu().numpy()
+    statistic, null = float(r[0]), r[1:]
+    if alternative == "greater":
+        extreme = null >= statistic - 1e-12
+    elif alternative == "less":
+        extreme = null <= statistic + 1e-12
+    else:
+        extreme = np.abs(null) >= abs(statistic) - 1e-12
+    return {"statistic": statistic, "p_value": float((1 + extreme.sum()) / (1 + n_perm)),
+            "null": null, "permutations": perms[1:].cpu().numpy(), "n_targets": int(n)}
+
+
+def spatial_score(best_layer_index, hierarchy_coordinate, depth, *, mask=None,
+                  n_perm: int = 10_000, seed: int = 0, device=None) -> dict:
+    """Spatial score: correlation of each target's best-layer depth with its hierarchy position.
+
+    Parameters
+    ----------
+    best_layer_index : ndarray of shape (n_targets,), int
+        Best-predicting layer per vertex (or ROI), see :func:`best_layer`.
+    hierarchy_coordinate : ndarray of shape (n_targets,)
+        Position in the cortical hierarchy: Euclidean distance from V1 (mm), as Raugel
+        et al. (2025).
+    depth : ndarray of shape (n_layers,)
+        Relative layer depth in [0, 1].
+    mask : ndarray of bool, optional
+        Reliably predicted targets (see :func:`reliable_targets`).
+
+    Returns
+    -------
+    dict with ``spearman`` and ``pearson`` correlations, ``p_spearman`` and ``p_pearson``
+    (one-sided, greater, against shuffled layer depths) and ``n_targets``.
+    """
+    out = {}
+    for method in ("spearman", "pearson"):
+        test = layer_permutation_test(best_layer_index, hierarchy_coordinate, depth, mask=mask,
+                                      method=method, n_perm=n_perm, seed=seed, device=device)
+        out[method], out[f"p_{method}"] = test["statistic"], test["p_value"]
+        out["n_targets"] = test["n_targets"]
+    return out
+
+
+def group_test(values, *, alternative: str = "greater", alpha: float = 0.05) -> pd.DataFrame:
+    """Across-subject Wilcoxon signed-rank tests against 0, FDR-corrected across statistics.
+
+    Parameters
+    ----------
+    values : DataFrame
+        One row per subject, one column per statistic (e.g. each signal's spatial score).
+    alternative : {"greater", "less", "two-sided"}
+    alpha : float
+        FDR level (Benjamini–Hochberg, MNE's ``fdr_correction``).
+
+    Returns
+    -------
+    DataFrame indexed by statistic with ``median``, ``n_subjects``, ``W``, ``p``,
+    ``p_fdr`` and ``significant``.
+    """
+    from mne.stats import fdr_correction
+
+    from ._utils import check_in_allowed
+
+    check_in_allowed("alternative", alternative, ALTERNATIVES)
+    values = pd.DataFrame(values)
+    if len(values) < 2:
+        raise ValueError(f"A group test needs at least 2 subjects (rows); got {len(values)}.")
+    rows = {}
+    for column in values:
+        x = values[column].dropna().to_numpy(float)
+        test = stats.wilcoxon(x, alternative=alternative)
+        rows[column] = {"median": float(np.median(x)), "n_subjects": len(x),
+                        "W": float(test.statistic), "p": float(test.pvalue)}
+    table = pd.DataFrame(rows).T
+    significant, p_fdr = fdr_correction(table["p"].to_numpy(float), alpha=alpha)
+    table["p_fdr"], table["significant"] = p_fdr, significant
+    return table
+
+
+# --------------------------------------------------------------------------- the study's tests
+
+
+def _bootstrap_ci(samples, ci: float) -> tuple[float, float]:
+    samples = np.asarray(samples, float)
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0:
+        return (np.nan, np.nan)
+    low, high = np.quantile(samples, [(1 - ci) / 2, (1 + ci) / 2])
+    return float(low), float(high)
+
+
+@dataclass
+class HierarchyResult:
+    """What :func:`run` computed.
+
+    Attributes
+    ----------
+    scores : DataFrame
+        One row per (modality, signal): spatial or temporal score (Spearman and
+        Pearson), its p-value against shuffled layers, and the number of targets.
+    tests : DataFrame
+        One row per prediction part: ``prediction`` (``"1 spatial"``, ``"2 temporal"``,
+        ``"3 where"``), ``part``, ``statistic``, ``value``, ``p_value`` or bootstrap
+        ``ci_low``/``ci_high``, ``null`` (in words) and ``holds``.
+    predictions : dict of str to bool
+        Whether each prediction holds (all its parts).
+    consistent_with_backprop : bool
+        Predictions 1 (spatial) and 2 (temporal) both hold at ``alpha``.
+    paper_finding : bool
+        Prediction 3 holds: gradients predict high-level more than early cortex and
+        late more than early latencies.
+    alpha : float
+    signal : str
+        The gradient signal tested (e.g. ``"gradient (ce)"``).
+    fmri, meg : dict or None
+        The encoding results (:func:`gradbrain.ridge.fmri_encoding`,
+        :func:`gradbrain.meg.meg_encoding`).
+    best : dict
+        Best-layer maps per signal (:func:`best_layer`).
+    reliable : ndarray of bool or None
+        Vertices with NC ≥ ``min_noise_ceiling``.
+    masks : dict of str to ndarray of bool
+        Per signal, the vertices its spatial tests used (reliable and predicted).
+    """
+
+    scores: pd.DataFrame
+    tests: pd.DataFrame
+    predictions: dict
+    consistent_with_backprop: bool
+    paper_finding: bool
+    alpha: float
+    signal: str
+    fmri: dict | None = None
+    meg: dict | None = None
+    best: dict = field(default_factory=dict)
+    reliable: np.ndarray | None = None
+    masks: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """The conclusion, in words, from the computed tests (Markdown)."""
+        names = {"1 spatial": "Spatial prediction (gradient of layer l where activation l is, "
+                              "ordered along the hierarchy)",
+                 "2 temporal": "Temporal prediction (gradients after the forward sweep, top "
+                               "layer first)",
+                 "3 where": "The paper's positive finding (gradients predict high-level "
+                            "cortex and late latencies)"}
+        lines = []
+        for key, holds in self.predictions.items():
+            parts = self.tests[self.tests.prediction == key]
+            failed = [p for p, ok in zip(parts.part, parts.holds) if not ok]
+            verdict = "**holds**" if holds else ("**does not hold** (fails: " + "; ".join(failed)
+                                                 + ")")
+            lines.append(f"- {names[key]}: {verdict}.")
+        verdict = ("consistent" if self.consistent_with_backprop else "**not consistent**")
+        lines.append(f"- Conclusion at α = {self.alpha}: the {self.signal} signal is {verdict} "
+                     "with a biological backpropagation (predictions 1 and 2); the paper's "
+                     f"positive finding {'is' if self.paper_finding else 'is not'} reproduced.")
+        return "\n".join(lines)
+
+
+def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
+        min_noise_ceiling: float = 10.0, min_score: float = 0.1, n_perm: int = 10_000,
+        n_boot: int = 1000, ci: float = 0.95, seed: int = 0, cv: int = 5, device=None,
+        fmri: dict | None = None, meg: dict | None = None, progress: bool = False
+        ) -> HierarchyResult:
+    """Test whether a study's gradient signals follow the brain's hierarchies like backprop.
+
+    Predictions (each with its null; all one-sided at ``alpha``):
+
+    1. **spatial** — (a) the gradient best-layer map agrees with the activation one
+       (Spearman across vertices where gradients predict, vs shuffled gradient layer
+       depths) and (b) the gradient spatial score is positive (vs shuffled depths);
+    2. **temporal** — (a) gradients arrive after the forward sweep: median gradient
+       latency minus the latest activation latency, bootstrap CI above 0; (b) in the
+       measured autograd order: gradient latency rises with backward rank (Spearman,
+       vs shuffled layers), i.e. a negative temporal score;
+    3. **where** (the paper's positive finding, not a backprop prediction) — (a)
+       gradients gain on activations more in high-level than in early cortex (top vs
+       bottom quarter of the hierarchy, Mann–Whitney on gradient minus activation peak
+       score) and (b) gradients peak later than activations (median latency difference,
+       bootstrap CI above 0).
+
+    A prediction whose modality is missing (no fMRI, or no MEG) does not hold.
+
+    Parameters
+    ----------
+    study : Study
+        fMRI (``betas``, ``hierarchy``, ``ncsnr``) and/or MEG (``epochs``).
+    features : Features or None
+        Extracted on ``study.images``; None (simulated studies only) re-extracts the
+        features of the model and loss that generated the study.
+    loss : str or None
+        Gradient signal to test; default the first loss of ``features``.
+    min_noise_ceiling, min_score : float
+        Vertices enter the spatial tests if NC ≥ ``min_noise_ceiling`` (%) and the
+        signal's peak score (r / √NC) > ``min_score``.
+    n_perm, n_boot, ci, seed : int, int, float, int
+        Permutations, bootstrap resamples, interval coverage and seed.
+    fmri, meg : dict or None
+        Precomputed encoding results, to skip refitting.
+
+    Returns
+    -------
+    HierarchyResult
+    """
+    from .features import extract
+    from .meg import meg_encoding
+    from .ridge import fmri_encoding
+
+    if features is None:
+        if not study.truth:
+            raise ValueError("'features' are needed for real data: extract them with "
+                             "gradbrain.features.extract(model, study.images).")
+        from . import models
+
+        untrained = str(study.truth.get("weights", "")).startswith("random init")
+        loaded = models.load(study.truth["model"], weights=None if untrained else "pretrained")
+        features = extract(loaded, study.images, losses=(study.truth["gradient_loss"],),
+                           pool="mean", device=device, progress=progress)
+    loss = loss or features.losses[0]
+    if loss not in features.losses:
+        raise ValueError(f"'loss' must be one of the features' losses {features.losses}; "
+                         f"got {loss!r}.")
+    signal = f"gradient ({loss})"
+    depth = np.asarray(features.depth, float)
+    n_layers = len(depth)
+    kw = dict(n_perm=n_perm, seed=seed, device=device)
+    scores, tests = [], []
+
+    def add_test(prediction, part, statistic, value, holds, null, p=np.nan, low=np.nan,
+                 high=np.nan):
+        tests.append({"prediction": prediction, "part": part, "statistic": statistic,
+                      "value": value, "p_value": p, "ci_low": low, "ci_high": high,
+                      "null": null, "holds": bool(holds)})
+
+    best, reliable, usable = {}, None, {}
+    if study.betas is not None:
+        fmri = fmri or fmri_encoding(study, features, cv=cv, device=device, progress=progress)
+        best = {name: best_layer(out["r_nc"], depth) for name, out in fmri.items()}
+        nc = study.noise_ceiling()
+        reliable = nc >= min_noise_ceiling
+        usable = {name: reliable & (b["peak"] > min_score) for name, b in best.items()}
+        for name in ("activation", signal):
+            s = spatial_score(best[name]["index"], study.hierarchy, depth, mask=usable[name],
+                              **kw)
+            scores.append({"modality": "fMRI", "signal": name, "score": "spatial", **s})
+        agree = layer_permutation_test(best[signal]["index"], best["activation"]["depth"], depth,
+                                       mask=usable[signal], **kw)
+        add_test("1 spatial", "gradient and activation layer maps agree", "Spearman ρ",
+                 agree["statistic"], agree["p_value"] < alpha, "shuffled gradient layers",
+                 p=agree["p_value"])
+        grad_spatial = scores[-1]
+        add_test("1 spatial", "gradient spatial score > 0", "Spearman ρ",
+                 grad_spatial["spearman"], grad_spatial["p_spearman"] < alpha,
+                 "shuffled layer depths", p=grad_spatial["p_spearman"])
+        regions = hierarchy_regions(study.hierarchy, 4)
+        names = sorted(set(regions))
+        gain = best[signal]["peak"] - best["activation"]["peak"]
+        high, early = reliable & (regions == names[-1]), reliable & (regions == names[0])
+        if high.sum() >= 3 and early.sum() >= 3:
+            test = stats.mannwhitneyu(gain[high], gain[early], alternative="greater")
+            add_test("3 where", "gradients gain more in high-level than early cortex",
+                     "median gain, high − early",
+                     float(np.median(gain[high]) - np.median(gain[early])),
+                     test.pvalue < alpha, "Mann–Whitney U, vertices", p=float(test.pvalue))
+    else:
+        for prediction, part in (("1 spatial", "fMRI data"), ("3 where", "fMRI data")):
+            add_test(prediction, part, "available", np.nan, False, "no fMRI in this study")
+
+    if study.epochs is not None:
+        meg = meg or meg_encoding(study, features, cv=cv, n_boot=n_boot, ci=ci, seed=seed,
+                                  device=device, progress=progress)
+        act, grad = meg["activation"], meg[signal]
+        layers = np.arange(n_layers)
+        for name, res in (("activation", act), (signal, grad)):
+            row = {"modality": "MEG", "signal": name, "score": "temporal"}
+            for method in ("spearman", "pearson"):
+                t = layer_permutation_test(layers, res["latency"], depth, method=method,
+                                           alternative="two-sided", **kw)
+                row[method], row[f"p_{method}"] = t["statistic"], t["p_value"]
+                row["n_targets"] = t["n_targets"]
+            scores.append(row)
+        after = np.nanmedian(grad["boot_latency"], 1) - np.nanmax(act["boot_latency"], 1)
+        low, high = _bootstrap_ci(after, ci)
+        add_test("2 temporal", "gradients after the forward sweep",
+                 "median gradient − latest activation latency (ms)",
+                 float(np.nanmedian(grad["latency"]) - np.nanmax(act["latency"])), low > 0,
+                 "bootstrap over test images", low=low, high=high)
+        order = layer_permutation_test(layers, grad["latency"],
+                                       features.backward_rank(loss).astype(float), **kw)
+        add_test("2 temporal", "gradient latency follows the autograd order",
+                 "Spearman ρ (latency, backward rank)", order["statistic"],
+                 order["p_value"] < alpha, "shuffled layers", p=order["p_value"])
+        later = np.nanmedian(grad["boot_latency"], 1) - np.nanmedian(act["boot_latency"], 1)
+        low, high = _bootstrap_ci(later, ci)
+        add_test("3 where", "gradients peak later than activations",
+                 "median latency difference (ms)",
+                 float(np.nanmedian(grad["latency"]) - np.nanmedian(act["latency"])), low > 0,
+                 "bootstrap over test images", low=low, high=high)
+    else:
+        for prediction, part in (("2 temporal", "MEG data"), ("3 where", "MEG data")):
+            add_test(prediction, part, "available", np.nan, False, "no MEG in this study")
+
+    tests = pd.DataFrame(tests)
+    predictions = {key: bool(group.holds.all()) for key, group in tests.groupby("prediction")}
+    return HierarchyResult(
+        scores=pd.DataFrame(scores), tests=tests, predictions=predictions,
+        consistent_with_backprop=predictions["1 spatial"] and predictions["2 temporal"],
+        paper_finding=predictions["3 where"], alpha=alpha, signal=signal, fmri=fmri, meg=meg,
+        best=best, reliable=reliable, masks=usable,
+    )

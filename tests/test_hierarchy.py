@@ -1,0 +1,154 @@
+"""Hierarchy scores and the backprop tests: against scipy/MNE and against planted truths."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from test_meg import _planted_features
+
+from gradbrain import hierarchy
+from gradbrain.data.simulated import make_study
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson"])
+def test_layer_permutation_test_equals_scipy_for_every_permutation(rng, method):
+    """Observed and null correlations = scipy's on the same relabelled layers."""
+    depth = np.linspace(0, 1, 7)
+    index = rng.integers(0, 7, 300)
+    target = index + rng.normal(0, 3, 300)
+    target[:5] = np.nan  # left out
+    out = hierarchy.layer_permutation_test(index, target, depth, method=method, n_perm=50,
+                                           device="cpu")
+    reference = stats.spearmanr if method == "spearman" else stats.pearsonr
+    keep = np.isfinite(target)
+    assert out["statistic"] == pytest.approx(reference(depth[index][keep], target[keep])[0],
+                                             abs=1e-12)
+    for perm, null in zip(out["permutations"][:10], out["null"][:10]):
+        assert null == pytest.approx(reference(depth[perm][index][keep], target[keep])[0],
+                                     abs=1e-12)
+    expected_p = (1 + np.sum(out["null"] >= out["statistic"])) / 51
+    assert out["p_value"] == pytest.approx(expected_p) and out["n_targets"] == 295
+
+
+def test_permutation_p_values_are_calibrated_under_the_null(rng):
+    """No relation planted: p < 0.05 in about 5 % of 400 draws; a planted one: always."""
+    depth = np.linspace(0, 1, 10)
+    p_null = [hierarchy.layer_permutation_test(rng.integers(0, 10, 200), rng.normal(size=200),
+                                               depth, n_perm=200, seed=s, device="cpu")["p_value"]
+              for s in range(400)]
+    assert 0.02 < np.mean(np.array(p_null) < 0.05) < 0.09
+    index = rng.integers(0, 10, 200)
+    planted = hierarchy.layer_permutation_test(index, -index + rng.normal(0, 2, 200), depth,
+                                               alternative="less", device="cpu")
+    assert planted["p_value"] < 0.001 and planted["statistic"] < -0.6
+
+
+def test_permutation_test_bad_inputs():
+    depth = np.linspace(0, 1, 3)
+    with pytest.raises(ValueError, match="'layer_index' must hold layers 0 … 2"):
+        hierarchy.layer_permutation_test([0, 3, 1], [1.0, 2, 3], depth)
+    with pytest.raises(ValueError, match="at least 2 different layers"):
+        hierarchy.layer_permutation_test([1, 1, 1], [1.0, 2, 3], depth)
+    constant = hierarchy.layer_permutation_test([0, 1, 2], [5.0, 5, 5], depth)
+    assert np.isnan(constant["statistic"]) and np.isnan(constant["p_value"])
+    with pytest.raises(ValueError, match="'alternative' must be one of"):
+        hierarchy.layer_permutation_test([0, 1, 2], [1.0, 2, 3], depth, alternative="up")
+
+
+def test_spatial_and_temporal_scores(rng):
+    depth = np.linspace(0, 1, 8)  # 8! orders: the planted one is rarely drawn by chance
+    coordinate = rng.uniform(0, 80, 400)
+    index = np.clip((coordinate / 10).astype(int), 0, 7)
+    out = hierarchy.spatial_score(index, coordinate, depth, n_perm=500, device="cpu")
+    assert out["spearman"] > 0.9 and out["p_spearman"] < 0.01 and out["n_targets"] == 400
+    depth = np.linspace(0, 1, 5)
+    latency = np.array([100, 120, np.nan, 150, 170.0])
+    boot = latency + rng.normal(0, 5, (200, 5))
+    score = hierarchy.temporal_score(latency, depth, boot_latency=boot)
+    assert score["n_layers"] == 4 and score["spearman"] == pytest.approx(1.0)
+    assert score["pearson"] == pytest.approx(
+        stats.pearsonr(depth[[0, 1, 3, 4]], latency[[0, 1, 3, 4]])[0])
+    assert 0.5 < score["pearson_ci"][0] <= score["pearson"] <= score["pearson_ci"][1]
+    with pytest.raises(ValueError, match="at least 3 layers with a peak latency"):
+        hierarchy.temporal_score([np.nan, np.nan, 1.0], depth[:3])
+
+
+def test_backprop_latency_prediction_mirrors_the_forward_sweep():
+    act = np.array([100.0, 125, 150, 175, 200])
+    rank = np.array([4, 3, 2, 1, 0])  # autograd: top layer first
+    np.testing.assert_allclose(hierarchy.backprop_latency_prediction(act, rank),
+                               [325, 300, 275, 250, 225])
+
+
+def test_group_test_is_wilcoxon_with_benjamini_hochberg(rng):
+    values = pd.DataFrame({"strong": rng.normal(1, 0.3, 12), "none": rng.normal(0, 1, 12),
+                           "weak": rng.normal(0.4, 1, 12)})
+    table = hierarchy.group_test(values)
+    p = np.array([stats.wilcoxon(values[c], alternative="greater").pvalue for c in values])
+    order = np.argsort(p)
+    bh = np.minimum.accumulate((p[order] * 3 / np.arange(1, 4))[::-1])[::-1]
+    expected = np.empty(3)
+    expected[order] = np.minimum(bh, 1)
+    np.testing.assert_allclose(table.loc[list(values), "p"], p)
+    np.testing.assert_allclose(table.loc[list(values), "p_fdr"], expected)
+    assert table.loc["strong", "significant"] and not table.loc["none", "significant"]
+    with pytest.raises(ValueError, match="at least 2 subjects"):
+        hierarchy.group_test(values.iloc[:1])
+
+
+# --------------------------------------------------------------------------- run()
+
+N_IMAGES = 200
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return _planted_features(N_IMAGES)
+
+
+def _judge(planted, truth, seed):
+    study = make_study(seed, n_images=N_IMAGES, features=planted, gradient_truth=truth,
+                       noise=0.5)
+    return hierarchy.run(study, planted, n_perm=2000, n_boot=100, seed=seed, device="cpu")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_run_recovers_each_planted_truth(planted, seed):
+    """backprop: consistent with backprop; none, forward, paper: not; paper: paper's finding."""
+    verdicts = {truth: _judge(planted, truth, seed)
+                for truth in ("backprop", "none", "forward", "paper")}
+    assert verdicts["backprop"].consistent_with_backprop
+    for truth in ("none", "forward", "paper"):
+        assert not verdicts[truth].consistent_with_backprop, truth
+    assert verdicts["paper"].paper_finding
+    assert not verdicts["none"].paper_finding
+    # forward fails on time, not on space; paper fails on space
+    assert verdicts["forward"].predictions["1 spatial"]
+    assert not verdicts["forward"].predictions["2 temporal"]
+    assert not verdicts["paper"].predictions["1 spatial"]
+    summary = verdicts["backprop"].summary()
+    assert "is consistent with a biological backpropagation" in summary
+    assert "**not consistent**" in verdicts["paper"].summary()
+
+
+def test_run_without_meg_cannot_confirm_the_temporal_prediction(planted):
+    study = make_study(0, n_images=N_IMAGES, features=planted, gradient_truth="backprop",
+                       noise=0.5, meg=False)
+    result = hierarchy.run(study, planted, n_perm=500, device="cpu")
+    assert result.predictions["1 spatial"] and not result.predictions["2 temporal"]
+    assert not result.consistent_with_backprop
+    assert "MEG data" in result.summary()
+    with pytest.raises(ValueError, match="'loss' must be one of the features' losses"):
+        hierarchy.run(study, planted, loss="dino")
+
+
+@pytest.mark.slow
+def test_power_and_false_positive_rate_over_20_seeds(planted):
+    """Power ≥ 0.9 (backprop judged consistent), false positives ≤ 0.05 (other truths)."""
+    seeds = range(20)
+    power = np.mean([_judge(planted, "backprop", s).consistent_with_backprop for s in seeds])
+    false = [_judge(planted, truth, s).consistent_with_backprop
+             for truth in ("none", "forward", "paper") for s in seeds]
+    print(f"power {power:.2f}, false-positive rate {np.mean(false):.3f} over {len(seeds)} seeds")
+    assert power >= 0.9
+    assert np.mean(false) <= 0.05
