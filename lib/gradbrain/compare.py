@@ -1,0 +1,111 @@
+"""Model comparison: the whole chain for several models on one study, as one tidy table.
+
+For every model: features (activations and gradients of each loss) on the study's
+images → fMRI and MEG encoding → :func:`gradbrain.hierarchy.run` for each loss. Models
+without given weights are randomly initialised and labelled so in the table.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["run"]
+
+
+def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | None = None,
+        losses: Sequence[str] = ("ce",), pool: str = "mean", alpha: float = 0.05,
+        n_perm: int = 10_000, n_boot: int = 1000, seed: int = 0, cv: int = 5, device=None,
+        cache=True, progress: bool = False) -> pd.DataFrame:
+    """Run the chain for every model and collect one row per (model, signal).
+
+    Parameters
+    ----------
+    model_names : sequence of str
+        Registry names (:func:`gradbrain.models.list_models`).
+    study : Study
+        With fMRI and/or MEG, and ``images``.
+    weights : mapping of str to weights, optional
+        Per model: ``"pretrained"``, a checkpoint path, or None (random initialisation,
+        the default for models not listed).
+    losses : sequence of str
+        Losses whose gradients are tested (each gets its own rows).
+
+    Returns
+    -------
+    DataFrame with one row per (model, signal) and columns ``model``, ``weights`` (in
+    words), ``trained`` (bool), ``feature`` (``"activation"`` or ``"gradient"``),
+    ``loss`` (empty for activations), ``fmri_score`` (median peak r/√NC over reliable
+    vertices), ``meg_score`` (best r(t) over layers), ``spatial`` and ``spatial_p``
+    (Spearman, shuffled layers), ``temporal``, ``temporal_p``, ``temporal_ci_low`` and
+    ``temporal_ci_high`` (Spearman; bootstrap over test images), and for gradient rows
+    ``consistent_with_backprop`` and ``paper_finding``.
+    """
+    from . import hierarchy, models
+    from .features import extract
+    from .meg import meg_encoding
+    from .ridge import fmri_encoding
+
+    if not model_names:
+        raise ValueError("'model_names' is empty; give registry names, e.g. "
+                         "['dinov3_vitb16', 'resnet50'].")
+    unknown = [m for m in model_names if m not in models.REGISTRY]
+    if unknown:
+        raise ValueError(f"Unknown model(s) {unknown}; known: {sorted(models.REGISTRY)}.")
+    if study.images is None:
+        raise ValueError(f"Study {study.name!r} has no images to extract features from.")
+    weights = dict(weights or {})
+    rows = []
+    for name in model_names:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+            loaded = models.load(name, weights=weights.get(name), seed=seed)
+        feats = extract(loaded, study.images, losses=tuple(losses), pool=pool, device=device,
+                        cache=cache, progress=progress)
+        fmri = (fmri_encoding(study, feats, cv=cv, device=device, progress=progress)
+                if study.betas is not None else None)
+        meg = (meg_encoding(study, feats, cv=cv, n_boot=n_boot, seed=seed, device=device,
+                            progress=progress) if study.epochs is not None else None)
+        base = {"model": name, "weights": loaded.weights,
+                "trained": bool(loaded.pretrained)}
+        for loss in losses:
+            result = hierarchy.run(study, feats, loss=loss, alpha=alpha, n_perm=n_perm,
+                                   n_boot=n_boot, seed=seed, cv=cv, device=device, fmri=fmri,
+                                   meg=meg)
+            signals = [("gradient", loss, result.signal)]
+            if loss == losses[0]:
+                signals.insert(0, ("activation", "", "activation"))
+            for feature, loss_name, signal in signals:
+                row = {**base, "feature": feature, "loss": loss_name}
+                row.update(_scores(result, signal, fmri, meg))
+                if feature == "gradient":
+                    row["consistent_with_backprop"] = result.consistent_with_backprop
+                    row["paper_finding"] = result.paper_finding
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _scores(result, signal: str, fmri, meg) -> dict:
+    from . import hierarchy
+
+    out = {}
+    by = result.scores.set_index(["score", "signal"])
+    if fmri is not None:
+        mask = result.masks.get(signal)
+        peak = result.best[signal]["peak"]
+        out["fmri_score"] = float(np.nanmedian(peak[result.reliable])) if mask is not None \
+            else np.nan
+        out["spatial"] = float(by.loc[("spatial", signal), "spearman"])
+        out["spatial_p"] = float(by.loc[("spatial", signal), "p_spearman"])
+    if meg is not None:
+        res = meg[signal]
+        out["meg_score"] = float(np.max(res["peak"]))
+        out["temporal"] = float(by.loc[("temporal", signal), "spearman"])
+        out["temporal_p"] = float(by.loc[("temporal", signal), "p_spearman"])
+        score = hierarchy.temporal_score(res["latency"], res["depth"],
+                                         boot_latency=res["boot_latency"])
+        out["temporal_ci_low"], out["temporal_ci_high"] = score["spearman_ci"]
+    return out
