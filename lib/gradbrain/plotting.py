@@ -376,3 +376,86 @@ def plot_category_decoding(times: np.ndarray, accuracy: np.ndarray, chance: floa
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- hierarchy tests
+
+
+def plot_hierarchy_scores(scores: pd.DataFrame):
+    """Spatial and temporal scores (Spearman) of every signal, with their p-values.
+
+    Parameters
+    ----------
+    scores : DataFrame
+        :attr:`gradbrain.hierarchy.HierarchyResult.scores` (columns modality, signal,
+        score, spearman, p_spearman).
+    """
+    panels = list(scores.groupby("score", sort=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    titles = {"spatial": "Spatial score (fMRI)\nbest-layer depth vs distance from V1",
+              "temporal": "Temporal score (MEG)\npeak latency vs layer depth"}
+    for ax, (kind, table) in zip(axes[0], panels):
+        colours = sns.color_palette("deep", len(table))
+        ax.bar(table["signal"], table["spearman"], color=colours)
+        for i, (value, p) in enumerate(zip(table["spearman"], table["p_spearman"])):
+            ax.text(i, value + (0.03 if value >= 0 else -0.03), f"p = {p:.2g}", ha="center",
+                    va="bottom" if value >= 0 else "top", fontsize=8)
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_ylim(-1.1, 1.1)
+        ax.set_ylabel("Spearman ρ")
+        ax.set_title(titles.get(kind, kind), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_best_depth_by_hierarchy(hierarchy: np.ndarray, best: dict, masks: dict, *,
+                                 n_bins: int = 8):
+    """Best-layer depth of each signal against distance from V1 (binned means ± sem)."""
+    edges = np.quantile(hierarchy, np.linspace(0, 1, n_bins + 1))
+    bins = np.digitize(hierarchy, edges[1:-1])
+    mids = np.array([np.median(hierarchy[bins == b]) for b in range(n_bins)])
+    rows = [{"signal": signal, "distance from V1 (mm)": mids[b], "depth": d}
+            for signal, b_ in best.items()
+            for b, d in zip(bins[masks[signal]], b_["depth"][masks[signal]])]
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    sns.lineplot(data=pd.DataFrame(rows), x="distance from V1 (mm)", y="depth", hue="signal",
+                 marker="o", errorbar="se", ax=ax)
+    ax.set_ylabel("best layer depth (0 = first, 1 = last)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Does the best layer deepen along the hierarchy?")
+    fig.tight_layout()
+    return fig
+
+
+def plot_model_comparison(table: pd.DataFrame):
+    """Spatial and temporal scores of every model, activations vs gradients.
+
+    Parameters
+    ----------
+    table : DataFrame
+        Output of :func:`gradbrain.compare.run`.
+    """
+    table = table.assign(
+        signal=np.where(table["feature"] == "activation", "activation",
+                        "gradient (" + table["loss"].astype(str) + ")"),
+        label=table["model"] + np.where(table["trained"], "", "\n(random init)"),
+    )
+    panels = [c for c in ("spatial", "temporal") if c in table]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    titles = {"spatial": "Spatial score (fMRI)", "temporal": "Temporal score (MEG)"}
+    for ax, column in zip(axes[0], panels):
+        sns.barplot(data=table, x="label", y=column, hue="signal", ax=ax, palette="deep")
+        if column == "temporal" and "temporal_ci_low" in table:
+            for patch_group, (_, rows) in zip(ax.containers, table.groupby("signal", sort=False)):
+                for patch, (_, row) in zip(patch_group, rows.iterrows()):
+                    x = patch.get_x() + patch.get_width() / 2
+                    ax.plot([x, x], [row["temporal_ci_low"], row["temporal_ci_high"]],
+                            color="0.2", lw=1)
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_ylim(-1.1, 1.1)
+        ax.set_xlabel("")
+        ax.set_ylabel("Spearman ρ")
+        ax.set_title(titles[column])
+        ax.legend(fontsize=8, title=None)
+    fig.tight_layout()
+    return fig
