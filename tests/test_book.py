@@ -149,7 +149,8 @@ def test_chapters_run_on_demo_profile_and_book_builds(tmp_path):
     overrides = {"n_images": 40, "batch_size": 13}  # 13: a value only the injected cell holds
     status = book.run("demo", root=tmp_path, overrides=overrides, progress=False)
     assert status == {"00_data": "executed", "01_gradients": "executed",
-                      "02_fmri_encoding": "executed", "03_meg_decoding": "executed"}
+                      "02_fmri_encoding": "executed", "03_meg_decoding": "executed",
+                      "04_hierarchy_tests": "executed", "05_model_comparison": "executed"}
 
     def outputs(name):
         nb = nbformat.read(str(tmp_path / "executed" / f"{name}.ipynb"), as_version=4)
@@ -171,6 +172,10 @@ def test_chapters_run_on_demo_profile_and_book_builds(tmp_path):
     assert "the recovered layer map matches the planted one" in text("02_fmri_encoding")
     assert n_images("03_meg_decoding") >= 5  # time courses, latencies, 2 topomaps, decoding
     assert "Simulated study, activation: recovered vs planted latencies" in text("03_meg_decoding")
+    assert n_images("04_hierarchy_tests") >= 3  # scores, best depth by hierarchy, latencies
+    assert "with a biological backpropagation (predictions 1 and 2)" in text("04_hierarchy_tests")
+    assert n_images("05_model_comparison") >= 1
+    assert "dinov3_vits16** (random init)" in text("05_model_comparison")
     build = subprocess.run(
         [str(Path(sys.executable).parent / "jupyter-book"), "build", str(tmp_path), "-W"],
         capture_output=True, text=True, timeout=600,
