@@ -113,7 +113,7 @@ def _judge(planted, truth, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_run_recovers_each_planted_truth(planted, seed):
+def test_run_recovers_each_planted_truth(planted, seed, tmp_path):
     """backprop: consistent with backprop; none, forward, paper: not; paper: paper's finding."""
     verdicts = {truth: _judge(planted, truth, seed)
                 for truth in ("backprop", "none", "forward", "paper")}
@@ -129,6 +129,17 @@ def test_run_recovers_each_planted_truth(planted, seed):
     summary = verdicts["backprop"].summary()
     assert "is consistent with a biological backpropagation" in summary
     assert "**not consistent**" in verdicts["paper"].summary()
+
+    # the saved table (what a sweep collects) carries the planted orders
+    path = verdicts["backprop"].save(tmp_path / "result.csv", model="planted", subject=seed)
+    table = pd.read_csv(path).set_index("feature")
+    assert list(table.columns[:2]) == ["model", "subject"]
+    act, grad = table.loc["activation"], table.loc["gradient"]
+    assert act.spatial > 0.5 and act.spatial_p < 0.05 and act.temporal_ci_low > 0
+    assert grad.spatial > 0.5 and grad.temporal_ci_high < 0 and grad.loss == "ce"
+    assert str(grad.consistent_with_backprop) == "True"
+    with pytest.raises(ValueError, match="ending in '.csv'"):
+        verdicts["backprop"].save(tmp_path / "result.txt")
 
 
 def test_run_without_meg_cannot_confirm_the_temporal_prediction(planted):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 
 __all__ = ["run"]
@@ -75,37 +74,9 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
             result = hierarchy.run(study, feats, loss=loss, alpha=alpha, n_perm=n_perm,
                                    n_boot=n_boot, seed=seed, cv=cv, device=device, fmri=fmri,
                                    meg=meg)
-            signals = [("gradient", loss, result.signal)]
-            if loss == losses[0]:
-                signals.insert(0, ("activation", "", "activation"))
-            for feature, loss_name, signal in signals:
-                row = {**base, "feature": feature, "loss": loss_name}
-                row.update(_scores(result, signal, fmri, meg))
-                if feature == "gradient":
-                    row["consistent_with_backprop"] = result.consistent_with_backprop
-                    row["paper_finding"] = result.paper_finding
-                rows.append(row)
+            table = result.table()
+            if loss != losses[0]:  # the activation row once per model
+                table = table[table.feature == "gradient"]
+            rows.extend({**base, **row} for row in table.to_dict("records"))
     return pd.DataFrame(rows)
 
-
-def _scores(result, signal: str, fmri, meg) -> dict:
-    from . import hierarchy
-
-    out = {}
-    by = result.scores.set_index(["score", "signal"])
-    if fmri is not None:
-        mask = result.masks.get(signal)
-        peak = result.best[signal]["peak"]
-        out["fmri_score"] = float(np.nanmedian(peak[result.reliable])) if mask is not None \
-            else np.nan
-        out["spatial"] = float(by.loc[("spatial", signal), "spearman"])
-        out["spatial_p"] = float(by.loc[("spatial", signal), "p_spearman"])
-    if meg is not None:
-        res = meg[signal]
-        out["meg_score"] = float(np.max(res["peak"]))
-        out["temporal"] = float(by.loc[("temporal", signal), "spearman"])
-        out["temporal_p"] = float(by.loc[("temporal", signal), "p_spearman"])
-        score = hierarchy.temporal_score(res["latency"], res["depth"],
-                                         boot_latency=res["boot_latency"])
-        out["temporal_ci_low"], out["temporal_ci_high"] = score["spearman_ci"]
-    return out

@@ -9,6 +9,7 @@ biological backprop predicts, each against an explicit null (:func:`run`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -164,8 +165,9 @@ def temporal_score(latency, depth, *, boot_latency=None, ci: float = 0.95) -> di
     Returns
     -------
     dict with ``pearson``, ``spearman`` (correlations), ``p_pearson``, ``p_spearman``
-    (two-sided, across layers), ``n_layers`` used and, with ``boot_latency``,
-    ``pearson_ci`` and ``spearman_ci`` (low, high).
+    (two-sided, across layers; NaN when every layer peaks at the same time),
+    ``n_layers`` used and, with ``boot_latency``, ``pearson_ci`` and ``spearman_ci``
+    (low, high).
     """
     latency, depth = np.asarray(latency, float), np.asarray(depth, float)
     if latency.shape != depth.shape or latency.ndim != 1:
@@ -175,11 +177,15 @@ def temporal_score(latency, depth, *, boot_latency=None, ci: float = 0.95) -> di
     if keep.sum() < 3:
         raise ValueError(f"A temporal score needs at least 3 layers with a peak latency; got "
                          f"{int(keep.sum())}.")
-    pearson = stats.pearsonr(depth[keep], latency[keep])
-    spearman = stats.spearmanr(depth[keep], latency[keep])
-    out = {"pearson": float(pearson.statistic), "p_pearson": float(pearson.pvalue),
-           "spearman": float(spearman.statistic), "p_spearman": float(spearman.pvalue),
-           "n_layers": int(keep.sum())}
+    if np.ptp(latency[keep]) == 0:  # every layer peaks at the same time: no order to score
+        out = {"pearson": np.nan, "p_pearson": np.nan, "spearman": np.nan,
+               "p_spearman": np.nan, "n_layers": int(keep.sum())}
+    else:
+        pearson = stats.pearsonr(depth[keep], latency[keep])
+        spearman = stats.spearmanr(depth[keep], latency[keep])
+        out = {"pearson": float(pearson.statistic), "p_pearson": float(pearson.pvalue),
+               "spearman": float(spearman.statistic), "p_spearman": float(spearman.pvalue),
+               "n_layers": int(keep.sum())}
     if boot_latency is not None:
         boot = np.asarray(boot_latency, float)
         if boot.ndim != 2 or boot.shape[1] != len(depth):
@@ -477,6 +483,10 @@ class HierarchyResult:
         Vertices with NC ≥ ``min_noise_ceiling``.
     masks : dict of str to ndarray of bool
         Per signal, the vertices its spatial tests used (reliable and predicted).
+    loss : str
+        The loss whose gradients were tested.
+    ci : float
+        Level of the bootstrap confidence intervals.
     """
 
     scores: pd.DataFrame
@@ -491,6 +501,75 @@ class HierarchyResult:
     best: dict = field(default_factory=dict)
     reliable: np.ndarray | None = None
     masks: dict = field(default_factory=dict)
+    loss: str = ""
+    ci: float = 0.95
+
+    def table(self) -> pd.DataFrame:
+        """One tidy row per signal (activation, then gradient): scores and verdicts.
+
+        Returns
+        -------
+        DataFrame with columns ``feature`` (``"activation"`` or ``"gradient"``), ``loss``
+        (empty for activations), and where fMRI was tested ``fmri_score`` (median peak
+        r/√NC over reliable vertices), ``spatial`` and ``spatial_p`` (Spearman; shuffled
+        layers); where MEG was tested ``meg_score`` (best r(t) over layers),
+        ``temporal``, ``temporal_p``, ``temporal_ci_low`` and ``temporal_ci_high``
+        (Spearman; bootstrap over test images); and ``consistent_with_backprop`` and
+        ``paper_finding`` (gradient row only; missing for the activation row).
+        """
+        by = self.scores.set_index(["score", "signal"]) if len(self.scores) else None
+        rows = []
+        for feature, signal in (("activation", "activation"), ("gradient", self.signal)):
+            row: dict = {"feature": feature, "loss": self.loss if feature == "gradient" else ""}
+            if self.fmri is not None and signal in self.best:
+                peak = self.best[signal]["peak"]
+                keep = self.reliable if self.reliable is not None else slice(None)
+                row["fmri_score"] = float(np.nanmedian(peak[keep])) if np.size(peak[keep]) \
+                    else np.nan
+                row["spatial"] = float(by.loc[("spatial", signal), "spearman"])
+                row["spatial_p"] = float(by.loc[("spatial", signal), "p_spearman"])
+            if self.meg is not None and signal in self.meg:
+                res = self.meg[signal]
+                row["meg_score"] = float(np.max(res["peak"]))
+                row["temporal"] = float(by.loc[("temporal", signal), "spearman"])
+                row["temporal_p"] = float(by.loc[("temporal", signal), "p_spearman"])
+                score = temporal_score(res["latency"], res["depth"],
+                                       boot_latency=res.get("boot_latency"), ci=self.ci)
+                row["temporal_ci_low"], row["temporal_ci_high"] = score.get(
+                    "spearman_ci", (np.nan, np.nan))
+            if feature == "gradient":
+                row["consistent_with_backprop"] = self.consistent_with_backprop
+                row["paper_finding"] = self.paper_finding
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def save(self, path, **labels) -> Path:
+        """Write :meth:`table` to a CSV file, atomically (what a sweep collects).
+
+        Parameters
+        ----------
+        path : path-like
+            The ``.csv`` file to write; its folder is created.
+        **labels
+            Constant columns put first, e.g. ``model="resnet50", subject=1``.
+
+        Returns
+        -------
+        Path of the written file.
+        """
+        from ._utils import atomic_path
+
+        path = Path(path).expanduser()
+        if path.suffix != ".csv":
+            raise ValueError(f"Result tables are written as CSV; got {str(path)!r}, give a "
+                             "path ending in '.csv'.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = self.table()
+        for i, (key, value) in enumerate(labels.items()):
+            table.insert(i, key, value)
+        with atomic_path(path, suffix=".csv") as tmp:
+            table.to_csv(tmp, index=False)
+        return path
 
     def summary(self) -> str:
         """The conclusion, in words, from the computed tests (Markdown)."""
@@ -663,5 +742,5 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         scores=pd.DataFrame(scores), tests=tests, predictions=predictions,
         consistent_with_backprop=predictions["1 spatial"] and predictions["2 temporal"],
         paper_finding=predictions["3 where"], alpha=alpha, signal=signal, fmri=fmri, meg=meg,
-        best=best, reliable=reliable, masks=usable,
+        best=best, reliable=reliable, masks=usable, loss=loss, ci=ci,
     )

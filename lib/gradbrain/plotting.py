@@ -308,9 +308,11 @@ def plot_latencies(results: dict, *, prediction: np.ndarray | None = None,
     palette = sns.color_palette("deep", len(results))
     for colour, (signal, res) in zip(palette, results.items()):
         latency, ci = res["latency"], res["latency_ci"]
-        ax.errorbar(res["depth"], latency, yerr=[latency - ci[:, 0], ci[:, 1] - latency],
-                    fmt="o-", color=colour, capsize=2, lw=1.2, ms=4,
-                    label=f"{signal} (95 % bootstrap CI)")
+        # percentile intervals need not contain the estimate (discrete peak times), so
+        # they are drawn as segments rather than as error bars around the point
+        ax.vlines(res["depth"], ci[:, 0], ci[:, 1], color=colour, lw=1.2, alpha=0.8)
+        ax.plot(res["depth"], latency, "o-", color=colour, lw=1.2, ms=4,
+                label=f"{signal} (95 % bootstrap CI)")
     depth = next(iter(results.values()))["depth"]
     if prediction is not None:
         ax.plot(depth, prediction, "k--", lw=1.2, label="backprop prediction for gradients")
