@@ -119,11 +119,11 @@ def load_profile(root: str | os.PathLike, profile: str) -> dict:
             f"{', '.join(known)}. e.g. --profile demo"
         )
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"description", "chapters", "defaults", "notebooks"}
+    unknown = set(data) - {"description", "chapters", "defaults", "notebooks", "sweep"}
     if unknown:
         raise ValueError(
             f"Profile {str(path)!r} has unknown top-level keys {sorted(unknown)}; allowed: "
-            "description, chapters, defaults, notebooks."
+            "description, chapters, defaults, notebooks, sweep (see gradbrain.sweep)."
         )
     chapters_ = data.get("chapters")
     if chapters_ is not None and (not isinstance(chapters_, list)

@@ -1,0 +1,599 @@
+"""Scale-out: the book's chain per (model, subject) as submitit jobs, and one results table.
+
+Command line::
+
+    python -m gradbrain.sweep --profile demo --models efficientnet_lite0.imagenet \\
+        dinov3_vits16 --subjects 0 1 2 --executor local
+    python -m gradbrain.sweep --profile <real-data profile> --models ... --subjects 1 2 \\
+        --executor slurm --partition gpu --timeout-min 600
+
+Each subject first gets its *data* chapters (e.g. ``00_data``, which for the simulated
+study draws one simulated participant per seed), then every (model, subject) pair gets
+one job running the *chain* chapters (e.g. fMRI encoding → MEG → hierarchy tests) with
+``model`` and ``weights`` set, one GPU per job. Jobs go through `submitit
+<https://github.com/facebookincubator/submitit>`_: ``local`` runs them as processes on
+this machine (at most one per visible GPU at a time, or ``--max-parallel``), ``slurm``
+submits them as one Slurm job array (run from the login node), ``debug`` runs them in
+this process and drops into pdb on a failure. Everything a job writes lands under ``--out``::
+
+    <out>/studies/sub-<s>/                 the subject's data (the chain reads it)
+    <out>/executed/data/sub-<s>/*.ipynb    the executed data chapters
+    <out>/executed/<model>/sub-<s>/*.ipynb the executed chapters, one book per job
+    <out>/results/<model>/sub-<s>.csv      the results chapter's table
+    <out>/results.csv                      all of them, one row per (model, subject, signal)
+    <out>/group.csv                        across subjects: median and Wilcoxon + FDR
+    <out>/logs/                            submitit's logs and pickles
+
+Rerunning the same command resumes: chapters whose notebook, parameters and library
+are unchanged are skipped (the book's stamps), and jobs with nothing left to do are not
+submitted at all. Feature caches are shared through ``$GRADBRAIN_DATA``.
+
+The profile says how a sweep maps onto its chapters, in a ``sweep`` section::
+
+    sweep:
+      data_chapters: [00_data]      # once per subject, before the chain
+      chapters: [02_fmri_encoding, 03_meg_decoding, 04_hierarchy_tests]
+      results_chapter: 04_hierarchy_tests   # declares `results_path`
+      subject: {00_data: seed}      # chapter -> parameter holding the subject
+                                    # (dotted for a nested one, e.g. things.subject)
+      weights: {efficientnet_lite0.imagenet: pretrained}   # others: random init
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import book
+
+__all__ = ["SweepSpec", "Job", "load_spec", "plan", "run", "collect", "main"]
+
+EXECUTORS = ("local", "slurm", "debug")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A profile's ``sweep`` section, checked against the chapters' parameters."""
+
+    profile: str
+    data_chapters: tuple[str, ...]
+    chapters: tuple[str, ...]
+    results_chapter: str
+    subject: dict
+    weights: dict
+
+
+@dataclass
+class Job:
+    """One unit of work: some chapters of the book, with their parameter overrides.
+
+    ``model`` is None for a subject's data job.
+    """
+
+    root: Path
+    profile: str
+    subject: object
+    model: str | None
+    chapters: tuple[str, ...]
+    overrides: dict  # chapter name -> {parameter: value}
+    output_dir: Path
+    results_path: Path | None = None
+    pending: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return f"{self.model or 'data'}/sub-{self.subject}"
+
+    def __call__(self) -> str | None:
+        """Run the chapters in order (skipping up-to-date ones); return the results path."""
+        force_results = self.results_path is not None and not self.results_path.is_file()
+        for name in self.chapters:
+            book.run(self.profile, only=[name], root=self.root, output_dir=self.output_dir,
+                     overrides=self.overrides[name], progress=False,
+                     force=force_results and name == self.chapters[-1])
+        if self.results_path is not None and not self.results_path.is_file():
+            raise RuntimeError(f"Job {self.name} ran {list(self.chapters)} but "
+                               f"{self.results_path} was not written.")
+        return str(self.results_path) if self.results_path else None
+
+
+def load_spec(root: str | os.PathLike, profile: str) -> SweepSpec:
+    """Read and check the ``sweep`` section of ``params/<profile>.yaml``.
+
+    Raises
+    ------
+    ValueError
+        When the profile has no ``sweep`` section, names unknown chapters, or a
+        chapter does not declare the parameter the sweep sets.
+    """
+    root = Path(root)
+    data = book.load_profile(root, profile)
+    section = data.get("sweep")
+    where = f"the 'sweep' section of profile {profile!r}"
+    if not isinstance(section, dict):
+        raise ValueError(
+            f"Profile {profile!r} has no 'sweep' section, so it cannot be swept; add one "
+            "(see `python -m gradbrain.sweep --help`), e.g. data_chapters: [00_data], "
+            "chapters: [04_hierarchy_tests], results_chapter: 04_hierarchy_tests, "
+            "subject: {00_data: seed}.")
+    unknown = set(section) - {"data_chapters", "chapters", "results_chapter", "subject",
+                              "weights"}
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {sorted(unknown)}; allowed: data_chapters, "
+                         "chapters, results_chapter, subject, weights.")
+    available = {c.name: c for c in book.chapters(root)}
+    covered = data.get("chapters") or list(available)
+    lists = {}
+    for key in ("data_chapters", "chapters"):
+        names = section.get(key) or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{where}: {key!r} must be a list of chapter names; got {names!r}.")
+        bad = [n for n in names if n not in available or n not in covered]
+        if bad:
+            raise ValueError(f"{where}: {key} {bad} are not chapters this profile covers "
+                             f"({covered}).")
+        lists[key] = tuple(names)
+    if not lists["chapters"]:
+        raise ValueError(f"{where}: 'chapters' is empty; list the chapters each (model, "
+                         "subject) job runs, e.g. [04_hierarchy_tests].")
+    results = section.get("results_chapter")
+    if results not in lists["chapters"]:
+        raise ValueError(f"{where}: results_chapter {results!r} must be one of its chapters "
+                         f"{list(lists['chapters'])}.")
+    declared = {name: set(_declared(available[name])) for name in
+                lists["data_chapters"] + lists["chapters"]}
+    if "results_path" not in declared[results]:
+        raise ValueError(f"{where}: results_chapter {results!r} does not declare "
+                         "'results_path' in its parameters cell.")
+    for name in lists["chapters"]:
+        missing = {"model", "weights"} - declared[name]
+        if missing:
+            raise ValueError(f"{where}: chapter {name!r} does not declare {sorted(missing)}, "
+                             "which every chain chapter needs.")
+    subject = section.get("subject") or {}
+    if not isinstance(subject, dict) or not subject:
+        raise ValueError(f"{where}: 'subject' must map chapters to the parameter holding the "
+                         "subject, e.g. {00_data: seed} or {03_meg_decoding: things.subject}.")
+    for name, parameter in subject.items():
+        if name not in declared:
+            raise ValueError(f"{where}: subject names chapter {name!r}, which the sweep does "
+                             "not run.")
+        if str(parameter).split(".")[0] not in declared[name]:
+            raise ValueError(f"{where}: chapter {name!r} does not declare "
+                             f"{str(parameter).split('.')[0]!r} (from subject: {parameter!r}).")
+    weights = section.get("weights") or {}
+    if not isinstance(weights, dict):
+        raise ValueError(f"{where}: 'weights' must map model names to weights; got {weights!r}.")
+    return SweepSpec(profile, lists["data_chapters"], lists["chapters"], results,
+                     dict(subject), dict(weights))
+
+
+def _declared(chapter: book.Chapter) -> dict:
+    import papermill
+
+    return papermill.inspect_notebook(str(chapter.source))
+
+
+def _subject_override(base: dict, parameter: str, subject) -> dict:
+    """``{top-level parameter: value}`` setting ``parameter`` (maybe dotted) to ``subject``."""
+    top, *path = parameter.split(".")
+    if not path:
+        return {top: subject}
+    value = copy.deepcopy(base.get(top) or {})
+    node = value
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = subject
+    return {top: value}
+
+
+def plan(spec: SweepSpec, models: Sequence[str], subjects: Sequence, out: str | os.PathLike,
+         *, root: str | os.PathLike | None = None, overrides: dict | None = None,
+         weights: dict | None = None, chapters: Sequence[str] | None = None
+         ) -> tuple[list[Job], list[Job]]:
+    """The data jobs (one per subject) and chain jobs (one per model and subject).
+
+    Parameters
+    ----------
+    spec : SweepSpec
+        From :func:`load_spec`.
+    models : sequence of str
+        Registry names (:func:`gradbrain.models.list_models`).
+    subjects : sequence
+        Values of the subject parameter (seeds for the simulated study, participant
+        numbers for real data).
+    out : path-like
+        The sweep's folder.
+    overrides : dict, optional
+        Parameter values for every chapter that declares them (as ``-p KEY=VALUE``).
+    weights : dict, optional
+        Per model weights, replacing the profile's ``sweep.weights``; models in neither
+        are randomly initialised (and labelled so in the results).
+    chapters : sequence of str, optional
+        Run only these of the profile's chain chapters (they must include its
+        ``results_chapter``), e.g. to skip the figure-only ones.
+
+    Returns
+    -------
+    data_jobs, chain_jobs : list of Job
+        Each job's ``pending`` lists the chapters not yet up to date.
+    """
+    from . import models as registry
+
+    root = book.find_root(root)
+    out = Path(out).expanduser().resolve()
+    if not models:
+        raise ValueError("No models given; e.g. --models efficientnet_lite0.imagenet")
+    if not subjects:
+        raise ValueError("No subjects given; e.g. --subjects 0 1 2")
+    unknown = [m for m in models if m not in registry.REGISTRY]
+    if unknown:
+        raise ValueError(f"Unknown model(s) {unknown}; known: {sorted(registry.REGISTRY)}.")
+    if len(set(map(str, subjects))) != len(subjects):
+        raise ValueError(f"Subjects repeat: {list(subjects)}; give each once.")
+    chain = tuple(spec.chapters)
+    if chapters:
+        bad = [c for c in chapters if c not in spec.chapters]
+        if bad or spec.results_chapter not in chapters:
+            raise ValueError(
+                f"chapters {list(chapters)} must be among the sweep's chain {list(chain)} and "
+                f"include its results chapter {spec.results_chapter!r}.")
+        chain = tuple(c for c in spec.chapters if c in chapters)
+    profile = book.load_profile(root, spec.profile)
+    chapters = {c.name: c for c in book.chapters(root)}
+    weights = {**spec.weights, **(weights or {})}
+
+    def job(subject, model, names, output_dir, results_path=None):
+        per_chapter, pending = {}, []
+        for name in names:
+            base = book.parameters_for(chapters[name], profile)
+            values = dict(overrides or {})
+            if "study_dir" in _declared(chapters[name]):
+                values["study_dir"] = str(out / "studies" / f"sub-{subject}")
+            if name in spec.subject:
+                values.update(_subject_override({**base, **values}, spec.subject[name], subject))
+            if model is not None:
+                values.update(model=model, weights=weights.get(model))
+                if name == spec.results_chapter:
+                    values["results_path"] = str(results_path)
+            per_chapter[name] = values
+            chapter = book.Chapter(name, chapters[name].source,
+                                   Path(output_dir) / f"{name}.ipynb")
+            parameters = book.parameters_for(chapter, profile, values)
+            if not book.is_up_to_date(chapter, book.input_digest(chapter, parameters)):
+                pending.append(name)
+        if results_path is not None and not Path(results_path).is_file() \
+                and spec.results_chapter not in pending:
+            pending.append(spec.results_chapter)
+        return Job(root, spec.profile, subject, model, tuple(names), per_chapter,
+                   Path(output_dir), results_path, tuple(pending))
+
+    data_jobs = [job(s, None, spec.data_chapters, out / "executed" / "data" / f"sub-{s}")
+                 for s in subjects] if spec.data_chapters else []
+    chain_jobs = [job(s, m, chain, out / "executed" / m / f"sub-{s}",
+                      out / "results" / m / f"sub-{s}.csv")
+                  for m in models for s in subjects]
+    return data_jobs, chain_jobs
+
+
+def _executor(kind: str, folder: Path, *, gpus_per_job: int, timeout_min: int,
+              cpus_per_job: int | None, mem_gb: int | None, partition: str | None,
+              slurm_parallelism: int | None):
+    """submitit's executor of that kind (local processes, a Slurm array, or in-process)."""
+    import submitit
+
+    if kind == "local":
+        executor = submitit.LocalExecutor(folder=str(folder))
+        executor.update_parameters(timeout_min=timeout_min, tasks_per_node=1, nodes=1)
+        return executor
+    if kind == "debug":
+        return submitit.DebugExecutor(folder=str(folder))
+    import shutil
+
+    if shutil.which("srun") is None or shutil.which("sbatch") is None:
+        raise RuntimeError("The slurm executor needs Slurm's `srun` and `sbatch` on the PATH: "
+                           "run the sweep from a cluster's login node, or use "
+                           "--executor local on this machine.")
+    executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    params = {"timeout_min": timeout_min, "tasks_per_node": 1, "nodes": 1,
+              "name": "gradbrain-sweep", "gpus_per_node": gpus_per_job,
+              "cpus_per_task": cpus_per_job, "mem_gb": mem_gb, "slurm_partition": partition,
+              "slurm_array_parallelism": slurm_parallelism}
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def _visible_gpus() -> list[int]:
+    try:
+        import torch
+
+        return list(range(torch.cuda.device_count()))
+    except Exception:  # pragma: no cover - torch without a usable CUDA driver
+        return []
+
+
+def _execute(jobs: list[Job], executor, kind: str, *, max_parallel: int, gpus: list[int],
+             poll_s: float, log) -> dict[str, object]:
+    """Run jobs; return job name -> results path (or None) or the exception it raised."""
+    outcome: dict[str, object] = {}
+    if not jobs:
+        return outcome
+    if kind == "slurm":
+        with executor.batch():
+            handles = [(job, executor.submit(job)) for job in jobs]
+        for job, handle in handles:
+            log(f"  submitted {job.name}: slurm job {handle.job_id}")
+        for job, handle in handles:
+            outcome[job.name] = _wait(job, handle, log)
+        return outcome
+    queue, running, free = list(jobs), [], list(gpus)
+    while queue or running:
+        while queue and len(running) < max_parallel:
+            job = queue.pop(0)
+            gpu = free.pop(0) if free else None
+            if kind == "local":
+                executor.update_parameters(gpus_per_node=1 if gpu is not None else 0,
+                                           visible_gpus=(gpu,) if gpu is not None else ())
+            handle = executor.submit(job)
+            where = f"GPU {gpu}" if gpu is not None else "CPU"
+            log(f"  started {job.name} on {where} (pending: {', '.join(job.pending)})")
+            running.append((job, handle, gpu))
+        for item in list(running):
+            job, handle, gpu = item
+            if handle.done():
+                running.remove(item)
+                if gpu is not None:
+                    free.append(gpu)
+                outcome[job.name] = _wait(job, handle, log)
+        if running:
+            time.sleep(poll_s)
+    return outcome
+
+
+def _reason(err: BaseException) -> str:
+    """The line of a failed job's error that says what went wrong."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for marker in ("ChapterFailed: ", "Error: ", "Exception: "):
+        found = [line for line in lines if marker in line]
+        if found:
+            line = found[-1]
+            return line.split("ChapterFailed: ", 1)[-1][:300]
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
+def _wait(job: Job, handle, log):
+    try:
+        result = handle.result()
+    except Exception as err:  # a failed chapter: report it, go on with the others
+        paths = getattr(handle, "paths", None)
+        where = f" (logs: {paths.stderr})" if paths is not None else ""
+        log(f"  FAILED {job.name}{where}: {_reason(err)}")
+        return err
+    log(f"  done {job.name}")
+    return result
+
+
+def run(profile: str, models: Sequence[str], subjects: Sequence, *, out: str | os.PathLike,
+        executor: str = "local", root: str | os.PathLike | None = None,
+        overrides: dict | None = None, weights: dict | None = None,
+        chapters: Sequence[str] | None = None, max_parallel: int | None = None, gpus_per_job: int = 1, timeout_min: int = 240,
+        cpus_per_job: int | None = None, mem_gb: int | None = None,
+        partition: str | None = None, poll_s: float = 2.0, verbose: bool = True
+        ) -> pd.DataFrame:
+    """Run a sweep (data jobs, then chain jobs) and collect its results table.
+
+    Parameters
+    ----------
+    profile : str
+        A profile with a ``sweep`` section (``params/<profile>.yaml``).
+    models, subjects : sequences
+        What to sweep over; see :func:`plan` (also for ``overrides``, ``weights`` and
+        ``chapters``).
+    out : path-like
+        The sweep's folder (layout in the module docstring).
+    executor : {"local", "slurm", "debug"}
+        submitit's executor: ``local`` processes, a ``slurm`` job array, or ``debug``
+        (in this process, for stepping through a failing job).
+    max_parallel : int, optional
+        ``local``: jobs at once (default: one per visible GPU, or 1 on CPU);
+        ``slurm``: the job array's parallelism (default: unlimited).
+    gpus_per_job, timeout_min, cpus_per_job, mem_gb, partition
+        Resources of each Slurm job (``timeout_min`` also bounds local jobs).
+
+    Returns
+    -------
+    DataFrame
+        :func:`collect`'s table (also written to ``<out>/results.csv``).
+
+    Raises
+    ------
+    RuntimeError
+        After all jobs ended, when some failed (their names and logs are listed); the
+        table of the others is written first.
+    """
+    from ._utils import check_in_allowed
+
+    check_in_allowed("executor", executor, EXECUTORS)
+    log = print if verbose else (lambda *a, **k: None)
+    root = book.find_root(root)
+    spec = load_spec(root, profile)
+    out = Path(out).expanduser().resolve()
+    data_jobs, chain_jobs = plan(spec, models, subjects, out, root=root, overrides=overrides,
+                                 weights=weights, chapters=chapters)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({
+        "profile": profile, "models": list(models), "subjects": list(subjects),
+        "executor": executor, "overrides": overrides or {}, "weights": weights or {},
+    }, indent=1, default=str))
+    gpus = _visible_gpus() if executor == "local" else []
+    if max_parallel is None:
+        max_parallel = max(1, len(gpus)) if executor == "local" else None
+    if executor != "slurm" and max_parallel is not None and max_parallel < 1:
+        raise ValueError(f"max_parallel must be at least 1; got {max_parallel}.")
+    ex = _executor(executor, out / "logs", gpus_per_job=gpus_per_job, timeout_min=timeout_min,
+                   cpus_per_job=cpus_per_job, mem_gb=mem_gb, partition=partition,
+                   slurm_parallelism=max_parallel if executor == "slurm" else None)
+    failures = {}
+    for stage, jobs in (("data", data_jobs), ("chain", chain_jobs)):
+        todo = [j for j in jobs if j.pending]
+        log(f"{stage}: {len(todo)} of {len(jobs)} job(s) to run, "
+            f"{len(jobs) - len(todo)} up to date")
+        if stage == "chain" and failures:
+            failed_subjects = {f.split("sub-", 1)[1] for f in failures}
+            skipped = [j for j in todo if str(j.subject) in failed_subjects]
+            for j in skipped:
+                failures[j.name] = RuntimeError("its subject's data job failed")
+            todo = [j for j in todo if j not in skipped]
+        outcome = _execute(todo, ex, executor, max_parallel=max_parallel or len(todo) or 1,
+                           gpus=gpus, poll_s=poll_s, log=log)
+        failures.update({k: v for k, v in outcome.items() if isinstance(v, BaseException)})
+    table = collect(out, models=models, subjects=subjects)
+    log(f"results: {len(table)} row(s) → {out / 'results.csv'}")
+    if failures:
+        lines = "\n".join(f"  {name}: {_reason(err)}"
+                          for name, err in failures.items())
+        raise RuntimeError(f"{len(failures)} sweep job(s) failed (logs under {out / 'logs'}):\n"
+                           f"{lines}\nFix the cause and rerun the same command: finished "
+                           "chapters are skipped.")
+    return table
+
+
+def collect(out: str | os.PathLike, *, models: Sequence[str] | None = None,
+            subjects: Sequence | None = None, alpha: float = 0.05) -> pd.DataFrame:
+    """Gather ``<out>/results/<model>/sub-<s>.csv`` into one table, and a group summary.
+
+    Parameters
+    ----------
+    out : path-like
+        The sweep's folder.
+    models, subjects : sequences, optional
+        Restrict to these (default: every table found).
+    alpha : float
+        FDR level of the across-subject tests.
+
+    Returns
+    -------
+    DataFrame
+        One row per (model, subject, signal), with a ``subject`` column first; written
+        atomically to ``<out>/results.csv``. With at least two subjects per model,
+        ``<out>/group.csv`` gets, per (model, feature, loss) and score (``spatial``,
+        ``temporal``), the median over subjects and a two-sided Wilcoxon test against 0,
+        FDR-corrected across all of them (:func:`gradbrain.hierarchy.group_test`).
+    """
+    from ._utils import atomic_path
+
+    out = Path(out).expanduser()
+    frames = []
+    for path in sorted((out / "results").glob("*/sub-*.csv")):
+        model, subject = path.parent.name, path.stem.split("sub-", 1)[1]
+        if models is not None and model not in models:
+            continue
+        if subjects is not None and subject not in {str(s) for s in subjects}:
+            continue
+        frame = pd.read_csv(path, keep_default_na=True)
+        frame.insert(0, "subject", subject)
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(table):
+        table["loss"] = table["loss"].fillna("")
+    with atomic_path(out / "results.csv", suffix=".csv") as tmp:
+        table.to_csv(tmp, index=False)
+    group = group_summary(table, alpha=alpha)
+    if group is not None:
+        with atomic_path(out / "group.csv", suffix=".csv") as tmp:
+            group.to_csv(tmp)
+    return table
+
+
+def group_summary(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame | None:
+    """Across-subject Wilcoxon tests of each model's spatial and temporal scores.
+
+    Returns None when no model has at least two subjects with scores.
+    """
+    from .hierarchy import group_test
+
+    if table.empty or "model" not in table:
+        return None
+    columns = {}
+    for (model, feature, loss), rows in table.groupby(["model", "feature", "loss"], sort=False):
+        for score in ("spatial", "temporal"):
+            if score in rows and rows[score].notna().sum() >= 2:
+                name = f"{model} | {feature}{f' ({loss})' if loss else ''} | {score}"
+                columns[name] = rows.set_index("subject")[score]
+    if not columns:
+        return None
+    return group_test(pd.DataFrame(columns), alternative="two-sided", alpha=alpha)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gradbrain.sweep",
+        description="Run the book's chain per (model, subject) through submitit and collect "
+                    "one results table.", epilog=__doc__.split("\n\n", 3)[3],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", required=True, help="params/<profile>.yaml with a sweep "
+                                                         "section, e.g. demo")
+    parser.add_argument("--models", nargs="+", required=True, metavar="MODEL")
+    parser.add_argument("--subjects", nargs="+", required=True, metavar="SUBJECT",
+                        type=yaml_value)
+    parser.add_argument("--executor", choices=EXECUTORS, default="local")
+    parser.add_argument("--out", help="the sweep's folder (default: sweeps/<profile>)")
+    parser.add_argument("--root", help="repository root (default: found from the cwd)")
+    parser.add_argument("-p", "--param", action="append", type=book._parse_override,
+                        default=[], metavar="KEY=VALUE", help="override a parameter")
+    parser.add_argument("--weights", action="append", type=book._parse_override, default=[],
+                        metavar="MODEL=WEIGHTS", help="e.g. dinov3_vitb16=/ckpt/dinov3.pth")
+    parser.add_argument("--chapters", nargs="+", metavar="CHAPTER",
+                        help="only these chain chapters (with the results chapter)")
+    parser.add_argument("--max-parallel", type=int,
+                        help="local: jobs at once (default: one per GPU, 1 on CPU); "
+                             "slurm: array parallelism")
+    parser.add_argument("--gpus-per-job", type=int, default=1, help="slurm (default: 1)")
+    parser.add_argument("--timeout-min", type=int, default=240,
+                        help="per job, local and slurm (default: 240)")
+    parser.add_argument("--cpus-per-job", type=int, help="slurm")
+    parser.add_argument("--mem-gb", type=int, help="slurm")
+    parser.add_argument("--partition", help="Slurm partition")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="only gather the tables already written under --out")
+    args = parser.parse_args(argv)
+    out = args.out or Path(book.find_root(args.root)) / "sweeps" / args.profile
+    try:
+        if args.collect_only:
+            table = collect(out, models=args.models, subjects=args.subjects)
+            print(f"results: {len(table)} row(s) → {Path(out) / 'results.csv'}")
+        else:
+            table = run(args.profile, args.models, args.subjects, out=out,
+                        executor=args.executor, root=args.root, overrides=dict(args.param),
+                        weights=dict(args.weights), chapters=args.chapters,
+                        max_parallel=args.max_parallel,
+                        gpus_per_job=args.gpus_per_job, timeout_min=args.timeout_min,
+                        cpus_per_job=args.cpus_per_job, mem_gb=args.mem_gb,
+                        partition=args.partition)
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if len(table):
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(table.round(3).to_string(index=False))
+    return 0
+
+
+def yaml_value(text: str):
+    """A subject as YAML reads it (``1`` → int, ``CSI1`` → str)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
