@@ -35,7 +35,7 @@ test-slow: $(INSTALLED)
 	$(PY) -m pytest -m slow
 
 bench: $(INSTALLED)
-	$(PY) benchmarks/bench_features.py
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 lab: $(INSTALLED)
 	$(VENV)/bin/jupyter lab notebooks/
