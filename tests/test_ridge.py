@@ -181,3 +181,26 @@ def test_layerwise_scores_pick_the_layer_that_generated_the_data(rng):
     out = layerwise_scores(feats, Y[train], Y[test], train, test, device="cpu")
     assert out["r"].shape == (3, 6) and out["layers"] == list(feats)
     assert (out["r"].argmax(0) == 1).all()
+
+
+def test_layerwise_predictions_equal_scikit_learn(rng):
+    """The kept test predictions are those of scikit-learn's RidgeCV with the same folds."""
+    from sklearn.linear_model import RidgeCV as SkRidgeCV
+    from sklearn.model_selection import KFold
+
+    feats = {f"layer{i}": rng.normal(size=(100, 8)) for i in range(2)}
+    Y = feats["layer1"] @ rng.normal(size=(8, 3)) + 0.5 * rng.normal(size=(100, 3))
+    train, test = np.arange(80), np.arange(80, 100)
+    alphas = np.logspace(-2, 4, 7)
+    out = layerwise_scores(feats, Y[train], Y[test], train, test, alphas=alphas, cv=5,
+                           device="cpu", dtype=torch.float64, return_prediction=True)
+    assert out["prediction"].shape == (2, 20, 3) and out["prediction"].dtype == np.float32
+    for k, layer in enumerate(feats):
+        X = feats[layer]
+        for j in range(3):  # one alpha per target: one scikit-learn model per target
+            sk = SkRidgeCV(alphas=alphas, cv=KFold(5), scoring="neg_mean_squared_error")
+            sk.fit(X[train], Y[train, j])
+            np.testing.assert_allclose(out["prediction"][k, :, j], sk.predict(X[test]),
+                                       rtol=1e-4, atol=1e-4)
+    assert "prediction" not in layerwise_scores(feats, Y[train], Y[test], train, test,
+                                                device="cpu")

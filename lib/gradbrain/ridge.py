@@ -389,7 +389,7 @@ def pearson_r(y_true, y_pred) -> np.ndarray:
 
 def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
                     alphas=DEFAULT_ALPHAS, cv=5, device=None, dtype=None,
-                    targets_batch=None) -> dict:
+                    targets_batch=None, return_prediction: bool = False) -> dict:
     """Fit on the training set, score on the held-out test set.
 
     Parameters
@@ -400,18 +400,23 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
     Y_test : array of shape (n_test, n_targets)
     noise_ceiling : array of shape (n_targets,) or None
         Percent of explainable variance (NSD's NC) of ``Y_test``.
+    return_prediction : bool
+        Also return the test-set prediction (for bootstraps over test images).
 
     Returns
     -------
     dict with ``r`` (n_targets,) Pearson correlation on the test set, ``r_nc``
     (n_targets,) = r / sqrt(NC / 100), the fraction of the largest correlation the
-    noise allows (NaN where NC = 0; only with ``noise_ceiling``), and ``alpha``
-    (n_targets,) the selected alphas.
+    noise allows (NaN where NC = 0; only with ``noise_ceiling``), ``alpha``
+    (n_targets,) the selected alphas and, if asked, ``prediction`` (n_test, n_targets).
     """
     model = RidgeCV(alphas=alphas, cv=cv, device=device, dtype=dtype,
                     targets_batch=targets_batch).fit(X_train, Y_train)
-    r = pearson_r(Y_test, model.predict(X_test))
+    prediction = model.predict(X_test)
+    r = pearson_r(Y_test, prediction)
     out = {"r": r, "alpha": model.alpha_}
+    if return_prediction:
+        out["prediction"] = np.asarray(prediction, dtype=np.float32)
     if noise_ceiling is not None:
         nc = np.asarray(noise_ceiling, dtype=float) / 100
         out["r_nc"] = np.divide(r, np.sqrt(nc), out=np.full_like(r, np.nan), where=nc > 0)
@@ -420,7 +425,7 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
 
 def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *,
                      noise_ceiling=None, alphas=DEFAULT_ALPHAS, cv=5, device=None, dtype=None,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, return_prediction: bool = False) -> dict:
     """Encoding scores of every layer's features in one call.
 
     Parameters
@@ -432,10 +437,14 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
     train_index, test_index : arrays of int
         Rows of the feature matrices for the training and test images.
 
+    return_prediction : bool
+        Also return every layer's test-set prediction.
+
     Returns
     -------
     dict with ``r`` and (with ``noise_ceiling``) ``r_nc``, each ndarray of shape
-    (n_layers, n_targets), ``alpha`` (n_layers, n_targets) and ``layers``.
+    (n_layers, n_targets), ``alpha`` (n_layers, n_targets), ``layers`` and, if asked,
+    ``prediction`` (n_layers, n_test, n_targets), float32.
     """
     from tqdm import tqdm
 
@@ -447,21 +456,23 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
     results = {"layers": list(features), "r": [], "alpha": []}
     if noise_ceiling is not None:
         results["r_nc"] = []
+    if return_prediction:
+        results["prediction"] = []
     for layer in tqdm(list(features), desc="layers", disable=not progress):
         X = np.asarray(features[layer])
         out = encoding_scores(X[train_index], Y_train_t, X[test_index], Y_test,
                               noise_ceiling=noise_ceiling, alphas=alphas, cv=cv, device=device,
-                              dtype=dtype)
+                              dtype=dtype, return_prediction=return_prediction)
         for key in out:
             results[key].append(out[key])
-    for key in ("r", "alpha", "r_nc"):
+    for key in ("r", "alpha", "r_nc", "prediction"):
         if key in results:
             results[key] = np.stack(results[key])
     return results
 
 
 def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, device=None, dtype=None,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, return_prediction: bool = False) -> dict:
     """Encode a study's fMRI from every layer's activations and gradients.
 
     The test set is held out as NSD does: images with ``study.split == "test"`` (NSD's
@@ -474,13 +485,17 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, device=None, 
         With ``betas`` (n_images, n_repeats, n_vertices) and ``split``.
     features : Features
         Extracted on ``study.images`` (same image ids, same order).
+    return_prediction : bool
+        Also keep each layer's test-set prediction and the test responses (for
+        bootstraps over test images; n_layers × n_test × n_vertices float32 per signal).
 
     Returns
     -------
     dict of str to dict
         Signal name (``"activation"``, ``"gradient (ce)"``, …) → the output of
         :func:`layerwise_scores`: ``r``, ``r_nc`` and ``alpha`` of shape
-        (n_layers, n_vertices), and ``layers``.
+        (n_layers, n_vertices), and ``layers``; if asked, ``prediction`` (n_layers,
+        n_test, n_vertices) and ``y_test`` (n_test, n_vertices).
     """
     from .features import signals
 
@@ -500,9 +515,13 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, device=None, 
         )
     Y = study.mean_betas()
     nc = study.noise_ceiling()
-    return {
+    out = {
         name: layerwise_scores(per_layer, Y[train], Y[test], train, test, noise_ceiling=nc,
                                alphas=alphas, cv=cv, device=device, dtype=dtype,
-                               progress=progress)
+                               progress=progress, return_prediction=return_prediction)
         for name, per_layer in signals(features).items()
     }
+    if return_prediction:
+        for result in out.values():
+            result["y_test"] = Y[test]
+    return out
