@@ -73,6 +73,42 @@ def test_spatial_and_temporal_scores(rng):
         hierarchy.temporal_score([np.nan, np.nan, 1.0], depth[:3])
 
 
+def test_bootstrap_spatial_score_equals_a_resampling_loop(rng):
+    """Each resample: correlations on resampled test rows, best layer, Spearman (scipy)."""
+    n_layers, n_test, n_targets = 5, 30, 60
+    depth = np.linspace(0, 1, n_layers)
+    coordinate = rng.uniform(0, 80, n_targets)
+    preferred = np.clip((coordinate / 80 * n_layers).astype(int), 0, n_layers - 1)
+    y = rng.standard_normal((n_test, n_targets))
+    noise = np.where(np.arange(n_layers)[:, None] == preferred[None], 0.8, 2.0)
+    prediction = y[None] + noise[:, None, :] * rng.standard_normal((n_layers, n_test, n_targets))
+    mask = rng.random(n_targets) > 0.2
+    indices = rng.integers(0, n_test, (40, n_test))
+    indices[0] = np.arange(n_test)  # the identity resample is the point estimate
+    out = hierarchy.bootstrap_spatial_score(prediction, y, coordinate, depth, mask=mask,
+                                            boot_indices=indices, batch=16, device="cpu")
+    expected = []
+    for rows in indices:
+        r = np.array([[np.corrcoef(prediction[k, rows, v], y[rows, v])[0, 1]
+                       for v in range(n_targets)] for k in range(n_layers)])
+        best = r.argmax(0)
+        expected.append(stats.spearmanr(depth[best[mask]], coordinate[mask]).statistic)
+    np.testing.assert_allclose(out["samples"], expected, atol=1e-10)
+    r_full = np.array([[np.corrcoef(prediction[k, :, v], y[:, v])[0, 1]
+                        for v in range(n_targets)] for k in range(n_layers)])
+    point = hierarchy.spatial_score(r_full.argmax(0), coordinate, depth, mask=mask, n_perm=10)
+    assert out["samples"][0] == pytest.approx(point["spearman"], abs=1e-10)
+    low, high = out["spearman_ci"]
+    assert low == pytest.approx(np.quantile(expected, 0.025))
+    assert high == pytest.approx(np.quantile(expected, 0.975))
+    assert 0 < low < high  # the planted order survives resampling
+    with pytest.raises(ValueError, match="Shapes must be prediction"):
+        hierarchy.bootstrap_spatial_score(prediction[:, :-1], y, coordinate, depth)
+    with pytest.raises(ValueError, match="'boot_indices' must be"):
+        hierarchy.bootstrap_spatial_score(prediction, y, coordinate, depth,
+                                          boot_indices=indices + n_test)
+
+
 def test_backprop_latency_prediction_mirrors_the_forward_sweep():
     act = np.array([100.0, 125, 150, 175, 200])
     rank = np.array([4, 3, 2, 1, 0])  # autograd: top layer first

@@ -38,10 +38,11 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
     DataFrame with one row per (model, signal) and columns ``model``, ``weights`` (in
     words), ``trained`` (bool), ``feature`` (``"activation"`` or ``"gradient"``),
     ``loss`` (empty for activations), ``fmri_score`` (median peak r/√NC over reliable
-    vertices), ``meg_score`` (best r(t) over layers), ``spatial`` and ``spatial_p``
-    (Spearman, shuffled layers), ``temporal``, ``temporal_p``, ``temporal_ci_low`` and
-    ``temporal_ci_high`` (Spearman; bootstrap over test images), and for gradient rows
-    ``consistent_with_backprop`` and ``paper_finding``.
+    vertices), ``meg_score`` (best r(t) over layers), ``spatial`` and ``temporal``
+    (Spearman), ``spatial_p`` and ``temporal_p`` (shuffled layers), ``spatial_ci_low``,
+    ``spatial_ci_high``, ``temporal_ci_low`` and ``temporal_ci_high`` (bootstrap over
+    test images), and for gradient rows ``consistent_with_backprop`` and
+    ``paper_finding`` (see :meth:`gradbrain.hierarchy.HierarchyResult.table`).
     """
     from . import hierarchy, models
     from .features import extract
@@ -64,7 +65,8 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
             loaded = models.load(name, weights=weights.get(name), seed=seed)
         feats = extract(loaded, study.images, losses=tuple(losses), pool=pool, device=device,
                         cache=cache, progress=progress)
-        fmri = (fmri_encoding(study, feats, cv=cv, device=device, progress=progress)
+        fmri = (fmri_encoding(study, feats, cv=cv, device=device, progress=progress,
+                              return_prediction=n_boot > 0)
                 if study.betas is not None else None)
         meg = (meg_encoding(study, feats, cv=cv, n_boot=n_boot, seed=seed, device=device,
                             progress=progress) if study.epochs is not None else None)

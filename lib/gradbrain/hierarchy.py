@@ -17,7 +17,8 @@ from scipy import stats
 
 __all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_targets",
            "recovery", "summarize_fmri", "temporal_score", "backprop_latency_prediction",
-           "summarize_meg", "layer_permutation_test", "spatial_score", "group_test",
+           "summarize_meg", "layer_permutation_test", "spatial_score",
+           "bootstrap_spatial_score", "group_test",
            "HierarchyResult", "run"]
 
 
@@ -403,6 +404,112 @@ def spatial_score(best_layer_index, hierarchy_coordinate, depth, *, mask=None,
     return out
 
 
+def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, mask=None,
+                            n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+                            boot_indices=None, device=None, batch: int = 64) -> dict:
+    """Bootstrap over test images of the spatial score (Spearman).
+
+    Each resample draws test images with replacement, recomputes every layer's test
+    correlation at every vertex, takes each vertex's best layer and correlates its depth
+    with the hierarchy coordinate — the whole chain that produced the spatial score, with
+    the fitted models held fixed. All resamples of a batch run at once on the device
+    (weighted sums of the test rows), one layer at a time.
+
+    Parameters
+    ----------
+    prediction : ndarray of shape (n_layers, n_test, n_targets)
+        Each layer's test-set prediction (``fmri_encoding(..., return_prediction=True)``).
+    y_test : ndarray of shape (n_test, n_targets)
+        Measured test responses.
+    hierarchy_coordinate : ndarray of shape (n_targets,)
+        Distance from V1 (mm) or the planted coordinate.
+    depth : ndarray of shape (n_layers,)
+        Relative layer depth in [0, 1] (distinct values).
+    mask : ndarray of bool, shape (n_targets,), optional
+        Targets that enter the score (as for the point estimate).
+    n_boot, ci, seed
+        Resamples, interval coverage and seed.
+    boot_indices : ndarray of int, shape (n_boot, n_test), optional
+        The resamples to use (rows of test images) instead of drawing them.
+
+    Returns
+    -------
+    dict with ``samples`` (n_boot,) the Spearman ρ of each resample (NaN when every
+    target picks the same layer) and ``spearman_ci`` (low, high).
+    """
+    import torch
+    from scipy.stats import rankdata
+
+    from ._utils import resolve_device
+
+    prediction = np.asarray(prediction, dtype=float)
+    y_test = np.asarray(y_test, dtype=float)
+    coordinate = np.asarray(hierarchy_coordinate, dtype=float)
+    depth = np.asarray(depth, dtype=float)
+    if prediction.ndim != 3 or prediction.shape[1:] != y_test.shape \
+            or prediction.shape[0] != len(depth) or coordinate.shape != y_test.shape[1:]:
+        raise ValueError(
+            "Shapes must be prediction (n_layers, n_test, n_targets), y_test (n_test, "
+            "n_targets), hierarchy_coordinate (n_targets,) and depth (n_layers,); got "
+            f"{prediction.shape}, {y_test.shape}, {coordinate.shape} and {depth.shape}.")
+    keep = np.isfinite(coordinate) if mask is None else np.asarray(mask, bool) & \
+        np.isfinite(coordinate)
+    n_layers, n_test = len(depth), y_test.shape[0]
+    if keep.sum() < 3:
+        raise ValueError(f"A spatial score needs at least 3 targets; the mask keeps "
+                         f"{int(keep.sum())}.")
+    if boot_indices is None:
+        if n_boot < 1:
+            raise ValueError(f"'n_boot' must be a positive integer; got {n_boot!r}.")
+        boot_indices = np.random.default_rng(seed).integers(0, n_test, (n_boot, n_test))
+    boot_indices = np.asarray(boot_indices)
+    if boot_indices.ndim != 2 or boot_indices.min() < 0 or boot_indices.max() >= n_test:
+        raise ValueError(f"'boot_indices' must be (n_boot, n) rows of test images 0 … "
+                         f"{n_test - 1}.")
+    device = resolve_device(device)
+    f64 = dict(device=device, dtype=torch.float64)
+    P = torch.as_tensor(prediction[:, :, keep], **f64)
+    P = P - P.mean(1, keepdim=True)
+    Y = torch.as_tensor(y_test[:, keep], **f64)
+    Y = Y - Y.mean(0, keepdim=True)
+    t = torch.as_tensor(rankdata(coordinate[keep]), **f64)
+    t = t - t.mean()
+    order = torch.as_tensor(np.argsort(depth, kind="stable"), device=device)
+    n_targets = int(keep.sum())
+    samples = []
+    for start in range(0, len(boot_indices), batch):
+        rows = torch.as_tensor(boot_indices[start:start + batch], device=device)
+        W = torch.zeros(len(rows), n_test, **f64).scatter_add_(
+            1, rows, torch.ones(rows.shape, **f64))
+        W = W / W.sum(1, keepdim=True)                              # (b, n_test)
+        my = W @ Y
+        vy = W @ (Y * Y) - my * my
+        best_r = torch.full((len(rows), n_targets), -torch.inf, **f64)
+        best = torch.zeros(len(rows), n_targets, dtype=torch.long, device=device)
+        for layer in range(n_layers):
+            X = P[layer]
+            mx = W @ X
+            r = (W @ (X * Y) - mx * my) / torch.sqrt((W @ (X * X) - mx * mx) * vy)
+            r = torch.nan_to_num(r, nan=-torch.inf)
+            better = r > best_r
+            best_r = torch.where(better, r, best_r)
+            best = torch.where(better, torch.full_like(best, layer), best)
+        # Spearman of best-layer depth with the coordinate: tied ranks within a layer
+        counts = torch.zeros(len(rows), n_layers, **f64).scatter_add_(
+            1, best, torch.ones(best.shape, **f64))
+        sums = torch.zeros(len(rows), n_layers, **f64).scatter_add_(
+            1, best, t.expand(len(rows), -1))
+        sorted_counts = counts[:, order]
+        average = torch.cumsum(sorted_counts, 1) - sorted_counts + (sorted_counts + 1) / 2
+        x = torch.empty_like(counts).scatter_(1, order.expand(len(rows), -1), average)
+        x_mean = (x * counts).sum(1, keepdim=True) / n_targets
+        spread = torch.sqrt(((x - x_mean) ** 2 * counts).sum(1) * (t * t).sum())
+        samples.append(((x * sums).sum(1) / spread).cpu().numpy())
+    samples = np.concatenate(samples)
+    samples[~np.isfinite(samples)] = np.nan
+    return {"samples": samples, "spearman_ci": _bootstrap_ci(samples, ci)}
+
+
 def group_test(values, *, alternative: str = "greater", alpha: float = 0.05) -> pd.DataFrame:
     """Across-subject Wilcoxon signed-rank tests against 0, FDR-corrected across statistics.
 
@@ -459,7 +566,9 @@ class HierarchyResult:
     ----------
     scores : DataFrame
         One row per (modality, signal): spatial or temporal score (Spearman and
-        Pearson), its p-value against shuffled layers, and the number of targets.
+        Pearson), its p-value against shuffled layers, the number of targets, and the
+        Spearman's bootstrap interval over test images (``spearman_ci_low``,
+        ``spearman_ci_high``; NaN when ``n_boot`` is 0 or predictions were not kept).
     tests : DataFrame
         One row per prediction part: ``prediction`` (``"1 spatial"``, ``"2 temporal"``,
         ``"3 where"``), ``part``, ``statistic``, ``value``, ``p_value`` or bootstrap
@@ -511,8 +620,9 @@ class HierarchyResult:
         -------
         DataFrame with columns ``feature`` (``"activation"`` or ``"gradient"``), ``loss``
         (empty for activations), and where fMRI was tested ``fmri_score`` (median peak
-        r/√NC over reliable vertices), ``spatial`` and ``spatial_p`` (Spearman; shuffled
-        layers); where MEG was tested ``meg_score`` (best r(t) over layers),
+        r/√NC over reliable vertices), ``spatial``, ``spatial_p`` (Spearman; shuffled
+        layers), ``spatial_ci_low`` and ``spatial_ci_high`` (bootstrap over test images);
+        where MEG was tested ``meg_score`` (best r(t) over layers),
         ``temporal``, ``temporal_p``, ``temporal_ci_low`` and ``temporal_ci_high``
         (Spearman; bootstrap over test images); and ``consistent_with_backprop`` and
         ``paper_finding`` (gradient row only; missing for the activation row).
@@ -528,15 +638,16 @@ class HierarchyResult:
                     else np.nan
                 row["spatial"] = float(by.loc[("spatial", signal), "spearman"])
                 row["spatial_p"] = float(by.loc[("spatial", signal), "p_spearman"])
+                row["spatial_ci_low"] = float(by.loc[("spatial", signal), "spearman_ci_low"])
+                row["spatial_ci_high"] = float(by.loc[("spatial", signal), "spearman_ci_high"])
             if self.meg is not None and signal in self.meg:
                 res = self.meg[signal]
                 row["meg_score"] = float(np.max(res["peak"]))
                 row["temporal"] = float(by.loc[("temporal", signal), "spearman"])
                 row["temporal_p"] = float(by.loc[("temporal", signal), "p_spearman"])
-                score = temporal_score(res["latency"], res["depth"],
-                                       boot_latency=res.get("boot_latency"), ci=self.ci)
-                row["temporal_ci_low"], row["temporal_ci_high"] = score.get(
-                    "spearman_ci", (np.nan, np.nan))
+                row["temporal_ci_low"] = float(by.loc[("temporal", signal), "spearman_ci_low"])
+                row["temporal_ci_high"] = float(by.loc[("temporal", signal),
+                                                       "spearman_ci_high"])
             if feature == "gradient":
                 row["consistent_with_backprop"] = self.consistent_with_backprop
                 row["paper_finding"] = self.paper_finding
@@ -670,7 +781,8 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
 
     best, reliable, usable = {}, None, {}
     if study.betas is not None:
-        fmri = fmri or fmri_encoding(study, features, cv=cv, device=device, progress=progress)
+        fmri = fmri or fmri_encoding(study, features, cv=cv, device=device, progress=progress,
+                                     return_prediction=n_boot > 0)
         best = {name: best_layer(out["r_nc"], depth) for name, out in fmri.items()}
         nc = study.noise_ceiling()
         reliable = nc >= min_noise_ceiling
@@ -678,7 +790,14 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         for name in ("activation", signal):
             s = spatial_score(best[name]["index"], study.hierarchy, depth, mask=usable[name],
                               **kw)
-            scores.append({"modality": "fMRI", "signal": name, "score": "spatial", **s})
+            low = high = np.nan
+            if n_boot > 0 and "prediction" in fmri[name] and usable[name].sum() >= 3:
+                low, high = bootstrap_spatial_score(
+                    fmri[name]["prediction"], fmri[name]["y_test"], study.hierarchy, depth,
+                    mask=usable[name], n_boot=n_boot, ci=ci, seed=seed,
+                    device=device)["spearman_ci"]
+            scores.append({"modality": "fMRI", "signal": name, "score": "spatial", **s,
+                           "spearman_ci_low": low, "spearman_ci_high": high})
         agree = layer_permutation_test(best[signal]["index"], best["activation"]["depth"], depth,
                                        mask=usable[signal], **kw)
         add_test("1 spatial", "gradient and activation layer maps agree", "Spearman ρ",
@@ -714,6 +833,11 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                                            alternative="two-sided", **kw)
                 row[method], row[f"p_{method}"] = t["statistic"], t["p_value"]
                 row["n_targets"] = t["n_targets"]
+            boot = res.get("boot_latency")
+            row["spearman_ci_low"], row["spearman_ci_high"] = (
+                temporal_score(res["latency"], res["depth"], boot_latency=boot, ci=ci)
+                ["spearman_ci"] if boot is not None and np.isfinite(res["latency"]).sum() >= 3
+                else (np.nan, np.nan))
             scores.append(row)
         after = np.nanmedian(grad["boot_latency"], 1) - np.nanmax(act["boot_latency"], 1)
         low, high = _bootstrap_ci(after, ci)

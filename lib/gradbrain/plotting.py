@@ -390,7 +390,8 @@ def plot_hierarchy_scores(scores: pd.DataFrame):
     ----------
     scores : DataFrame
         :attr:`gradbrain.hierarchy.HierarchyResult.scores` (columns modality, signal,
-        score, spearman, p_spearman).
+        score, spearman, p_spearman; bootstrap intervals drawn when ``spearman_ci_low``
+        and ``spearman_ci_high`` are there).
     """
     panels = list(scores.groupby("score", sort=False))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
@@ -399,9 +400,14 @@ def plot_hierarchy_scores(scores: pd.DataFrame):
     for ax, (kind, table) in zip(axes[0], panels):
         colours = sns.color_palette("deep", len(table))
         ax.bar(table["signal"], table["spearman"], color=colours)
+        if {"spearman_ci_low", "spearman_ci_high"} <= set(table):
+            # percentile intervals need not contain the estimate: drawn as segments
+            ax.vlines(np.arange(len(table)), table["spearman_ci_low"],
+                      table["spearman_ci_high"], color="0.15", lw=1.2,
+                      label="95 % bootstrap CI (test images)")
         for i, (value, p) in enumerate(zip(table["spearman"], table["p_spearman"])):
-            ax.text(i, value + (0.03 if value >= 0 else -0.03), f"p = {p:.2g}", ha="center",
-                    va="bottom" if value >= 0 else "top", fontsize=8)
+            ax.text(i + 0.08, value + (0.03 if value >= 0 else -0.03), f"p = {p:.2g}",
+                    ha="left", va="bottom" if value >= 0 else "top", fontsize=8)
         ax.axhline(0, color="0.3", lw=0.8)
         ax.set_ylim(-1.1, 1.1)
         ax.set_ylabel("Spearman ρ")
@@ -447,12 +453,16 @@ def plot_model_comparison(table: pd.DataFrame):
     titles = {"spatial": "Spatial score (fMRI)", "temporal": "Temporal score (MEG)"}
     for ax, column in zip(axes[0], panels):
         sns.barplot(data=table, x="label", y=column, hue="signal", ax=ax, palette="deep")
-        if column == "temporal" and "temporal_ci_low" in table:
-            for patch_group, (_, rows) in zip(ax.containers, table.groupby("signal", sort=False)):
-                for patch, (_, row) in zip(patch_group, rows.iterrows()):
-                    x = patch.get_x() + patch.get_width() / 2
-                    ax.plot([x, x], [row["temporal_ci_low"], row["temporal_ci_high"]],
-                            color="0.2", lw=1)
+        if f"{column}_ci_low" in table:  # bootstrap intervals, matched to bars by label
+            labels = [t.get_text() for t in ax.get_xticklabels()]
+            ci = table.set_index(["label", "signal"])[[f"{column}_ci_low",
+                                                       f"{column}_ci_high"]]
+            for patch_group, signal in zip(ax.containers, table["signal"].unique()):
+                for patch, label in zip(patch_group, labels):
+                    if (label, signal) in ci.index:
+                        x = patch.get_x() + patch.get_width() / 2
+                        ax.plot([x, x], ci.loc[(label, signal)].to_numpy(float), color="0.2",
+                                lw=1)
         ax.axhline(0, color="0.3", lw=0.8)
         ax.set_ylim(-1.1, 1.1)
         ax.set_xlabel("")
