@@ -56,7 +56,8 @@ def sweep_book(tmp_path):
     _notebook(tmp_path / "notebooks" / "chain.ipynb",
               "model = 'x'\nweights = None\nstudy_dir = None\nresults_path = None\n"
               "fail_model = ''", CHAIN)
-    _notebook(tmp_path / "notebooks" / "plain.ipynb", "value = 1", "pass")
+    _notebook(tmp_path / "notebooks" / "plain.ipynb", "value = 1\nmodel = 'x'\nweights = None",
+              "pass")
     (tmp_path / "_toc.yml").write_text(yaml.safe_dump({
         "format": "jb-book", "root": "intro",
         "chapters": [{"file": "executed/data"}, {"file": "executed/chain"},
@@ -226,3 +227,17 @@ def test_slurm_jobs_ask_for_one_gpu_each(tmp_path, monkeypatch):
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --time=600",
                  "#SBATCH --ntasks-per-node=1"):
         assert line in script, f"{line!r} missing from:\n{script}"
+
+
+def test_a_lost_table_reruns_its_chapter_even_when_it_is_not_the_last(sweep_book, tmp_path):
+    profile = yaml.safe_load((sweep_book / "params" / "demo.yaml").read_text())
+    profile["sweep"]["chapters"] = ["chain", "plain"]
+    (sweep_book / "params" / "two.yaml").write_text(yaml.safe_dump(profile))
+    out = tmp_path / "sweep"
+    sweep.run("two", MODELS[:1], [1], out=out, executor="debug", root=sweep_book, verbose=False)
+    table_path = out / "results" / MODELS[0] / "sub-1.csv"
+    table_path.unlink()
+    table = sweep.run("two", MODELS[:1], [1], out=out, executor="debug", root=sweep_book,
+                      verbose=False)
+    assert table_path.is_file() and len(table) == 2
+    assert (out / "studies" / "sub-1" / f"ran-{MODELS[0]}.txt").read_text() == "xx"

@@ -839,23 +839,25 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                 ["spearman_ci"] if boot is not None and np.isfinite(res["latency"]).sum() >= 3
                 else (np.nan, np.nan))
             scores.append(row)
-        after = np.nanmedian(grad["boot_latency"], 1) - np.nanmax(act["boot_latency"], 1)
-        low, high = _bootstrap_ci(after, ci)
-        add_test("2 temporal", "gradients after the forward sweep",
-                 "median gradient − latest activation latency (ms)",
-                 float(np.nanmedian(grad["latency"]) - np.nanmax(act["latency"])), low > 0,
-                 "bootstrap over test images", low=low, high=high)
+
+        def latency_gap(prediction, part, statistic, summarize_activation):
+            """Median gradient latency minus a summary of the activation latencies: > 0?"""
+            samples = (np.nanmedian(grad["boot_latency"], 1)
+                       - summarize_activation(act["boot_latency"], axis=1))
+            low, high = _bootstrap_ci(samples, ci)
+            value = np.nanmedian(grad["latency"]) - summarize_activation(act["latency"])
+            add_test(prediction, part, statistic, float(value), low > 0,
+                     "bootstrap over test images", low=low, high=high)
+
+        latency_gap("2 temporal", "gradients after the forward sweep",
+                    "median gradient − latest activation latency (ms)", np.nanmax)
         order = layer_permutation_test(layers, grad["latency"],
                                        features.backward_rank(loss).astype(float), **kw)
         add_test("2 temporal", "gradient latency follows the autograd order",
                  "Spearman ρ (latency, backward rank)", order["statistic"],
                  order["p_value"] < alpha, "shuffled layers", p=order["p_value"])
-        later = np.nanmedian(grad["boot_latency"], 1) - np.nanmedian(act["boot_latency"], 1)
-        low, high = _bootstrap_ci(later, ci)
-        add_test("3 where", "gradients peak later than activations",
-                 "median latency difference (ms)",
-                 float(np.nanmedian(grad["latency"]) - np.nanmedian(act["latency"])), low > 0,
-                 "bootstrap over test images", low=low, high=high)
+        latency_gap("3 where", "gradients peak later than activations",
+                    "median latency difference (ms)", np.nanmedian)
     else:
         for prediction, part in (("2 temporal", "MEG data"), ("3 where", "MEG data")):
             add_test(prediction, part, "available", np.nan, False, "no MEG in this study")

@@ -87,6 +87,7 @@ class Job:
     overrides: dict  # chapter name -> {parameter: value}
     output_dir: Path
     results_path: Path | None = None
+    results_chapter: str | None = None
     pending: tuple[str, ...] = field(default=())
 
     @property
@@ -99,7 +100,7 @@ class Job:
         for name in self.chapters:
             book.run(self.profile, only=[name], root=self.root, output_dir=self.output_dir,
                      overrides=self.overrides[name], progress=False,
-                     force=force_results and name == self.chapters[-1])
+                     force=force_results and name == self.results_chapter)
         if self.results_path is not None and not self.results_path.is_file():
             raise RuntimeError(f"Job {self.name} ran {list(self.chapters)} but "
                                f"{self.results_path} was not written.")
@@ -275,7 +276,8 @@ def plan(spec: SweepSpec, models: Sequence[str], subjects: Sequence, out: str | 
                 and spec.results_chapter not in pending:
             pending.append(spec.results_chapter)
         return Job(root, spec.profile, subject, model, tuple(names), per_chapter,
-                   Path(output_dir), results_path, tuple(pending))
+                   Path(output_dir), results_path,
+                   spec.results_chapter if results_path is not None else None, tuple(pending))
 
     data_jobs = [job(s, None, spec.data_chapters, out / "executed" / "data" / f"sub-{s}")
                  for s in subjects] if spec.data_chapters else []
