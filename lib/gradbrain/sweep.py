@@ -406,7 +406,8 @@ def run(profile: str, models: Sequence[str], subjects: Sequence, *, out: str | o
         submitit's executor: ``local`` processes, a ``slurm`` job array, or ``debug``
         (in this process, for stepping through a failing job).
     max_parallel : int, optional
-        ``local``: jobs at once (default: one per visible GPU, or 1 on CPU);
+        ``local``: jobs at once (default: one per visible GPU, or 1 on CPU; jobs
+        beyond the number of GPUs run on the CPU);
         ``slurm``: the job array's parallelism (default: unlimited).
     gpus_per_job, timeout_min, cpus_per_job, mem_gb, partition
         Resources of each Slurm job (``timeout_min`` also bounds local jobs).
@@ -422,7 +423,7 @@ def run(profile: str, models: Sequence[str], subjects: Sequence, *, out: str | o
         After all jobs ended, when some failed (their names and logs are listed); the
         table of the others is written first.
     """
-    from ._utils import check_in_allowed
+    from ._utils import atomic_path, check_in_allowed
 
     check_in_allowed("executor", executor, EXECUTORS)
     log = print if verbose else (lambda *a, **k: None)
@@ -432,10 +433,11 @@ def run(profile: str, models: Sequence[str], subjects: Sequence, *, out: str | o
     data_jobs, chain_jobs = plan(spec, models, subjects, out, root=root, overrides=overrides,
                                  weights=weights, chapters=chapters)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({
-        "profile": profile, "models": list(models), "subjects": list(subjects),
-        "executor": executor, "overrides": overrides or {}, "weights": weights or {},
-    }, indent=1, default=str))
+    with atomic_path(out / "sweep.json", suffix=".json") as tmp:
+        tmp.write_text(json.dumps({
+            "profile": profile, "models": list(models), "subjects": list(subjects),
+            "executor": executor, "overrides": overrides or {}, "weights": weights or {},
+        }, indent=1, default=str))
     gpus = _visible_gpus() if executor == "local" else []
     if max_parallel is None:
         max_parallel = max(1, len(gpus)) if executor == "local" else None
