@@ -52,9 +52,7 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
     if not model_names:
         raise ValueError("'model_names' is empty; give registry names, e.g. "
                          "['dinov3_vitb16', 'resnet50'].")
-    unknown = [m for m in model_names if m not in models.REGISTRY]
-    if unknown:
-        raise ValueError(f"Unknown model(s) {unknown}; known: {sorted(models.REGISTRY)}.")
+    models.check_names(model_names)
     if study.images is None:
         raise ValueError(f"Study {study.name!r} has no images to extract features from.")
     weights = dict(weights or {})

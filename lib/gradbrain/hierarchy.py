@@ -280,6 +280,32 @@ def summarize_meg(results: dict, study=None) -> str:
 ALTERNATIVES = ("greater", "less", "two-sided")
 
 
+def _layer_sum_correlation(values, counts, sums, target_norm: float, rank: bool):
+    """Correlation across targets of their layer's value with their centred target.
+
+    Only per-layer quantities are needed: ``counts`` (targets per layer) and ``sums``
+    (sum of the centred, maybe ranked, targets per layer). Rows are evaluated at once:
+    ``values``, ``counts`` and ``sums`` broadcast to (n_rows, n_layers). With ``rank``
+    the layer values are replaced by the average rank their (tied) targets take.
+
+    Returns
+    -------
+    Tensor of shape (n_rows,).
+    """
+    import torch
+
+    values, counts, sums = torch.broadcast_tensors(values, counts, sums)
+    if rank:
+        order = torch.argsort(values, dim=1)
+        sorted_counts = counts.gather(1, order)
+        average = torch.cumsum(sorted_counts, 1) - sorted_counts + (sorted_counts + 1) / 2
+        values = torch.empty_like(values).scatter_(1, order, average)
+    n = counts.sum(1, keepdim=True)
+    mean = (values * counts).sum(1, keepdim=True) / n
+    spread = torch.sqrt(((values - mean) ** 2 * counts).sum(1)) * target_norm
+    return (values * sums).sum(1) / spread
+
+
 def layer_permutation_test(layer_index, target, values, *, mask=None, method: str = "spearman",
                            alternative: str = "greater", n_perm: int = 10_000, seed: int = 0,
                            device=None) -> dict:
@@ -354,15 +380,8 @@ def layer_permutation_test(layer_index, target, values, *, mask=None, method: st
     perms = torch.argsort(torch.rand(n_perm, n_layers, generator=generator, device=device), 1)
     perms = torch.cat([torch.arange(n_layers, device=device)[None], perms])  # row 0: observed
     x = torch.as_tensor(values, **f64)[perms]                            # (1 + n_perm, L)
-    if method == "spearman":
-        # average rank of each layer's (tied) targets when layers are sorted by value
-        order = torch.argsort(x, dim=1)
-        sorted_counts = counts[order]
-        average = torch.cumsum(sorted_counts, 1) - sorted_counts + (sorted_counts + 1) / 2
-        x = torch.empty_like(x).scatter_(1, order, average)
-    x_mean = (x * counts).sum(1, keepdim=True) / n
-    spread = torch.sqrt(((x - x_mean) ** 2 * counts).sum(1)) * float(np.sqrt(np.sum(t * t)))
-    r = ((x * sums).sum(1) / spread).cpu().numpy()
+    r = _layer_sum_correlation(x, counts, sums, float(np.sqrt(np.sum(t * t))),
+                               rank=method == "spearman").cpu().numpy()
     statistic, null = float(r[0]), r[1:]
     if alternative == "greater":
         extreme = null >= statistic - 1e-12
@@ -395,10 +414,15 @@ def spatial_score(best_layer_index, hierarchy_coordinate, depth, *, mask=None,
     dict with ``spearman`` and ``pearson`` correlations, ``p_spearman`` and ``p_pearson``
     (one-sided, greater, against shuffled layer depths) and ``n_targets``.
     """
+    return _both_correlations(best_layer_index, hierarchy_coordinate, depth, mask=mask,
+                              n_perm=n_perm, seed=seed, device=device)
+
+
+def _both_correlations(layer_index, target, values, **kwargs) -> dict:
+    """Spearman and Pearson :func:`layer_permutation_test` with their p-values."""
     out = {}
     for method in ("spearman", "pearson"):
-        test = layer_permutation_test(best_layer_index, hierarchy_coordinate, depth, mask=mask,
-                                      method=method, n_perm=n_perm, seed=seed, device=device)
+        test = layer_permutation_test(layer_index, target, values, method=method, **kwargs)
         out[method], out[f"p_{method}"] = test["statistic"], test["p_value"]
         out["n_targets"] = test["n_targets"]
     return out
@@ -474,7 +498,7 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
     Y = Y - Y.mean(0, keepdim=True)
     t = torch.as_tensor(rankdata(coordinate[keep]), **f64)
     t = t - t.mean()
-    order = torch.as_tensor(np.argsort(depth, kind="stable"), device=device)
+    depth_t = torch.as_tensor(depth, **f64)
     n_targets = int(keep.sum())
     samples = []
     for start in range(0, len(boot_indices), batch):
@@ -494,17 +518,14 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
             better = r > best_r
             best_r = torch.where(better, r, best_r)
             best = torch.where(better, torch.full_like(best, layer), best)
-        # Spearman of best-layer depth with the coordinate: tied ranks within a layer
+        # Spearman of best-layer depth with the coordinate, from per-layer counts and sums
         counts = torch.zeros(len(rows), n_layers, **f64).scatter_add_(
             1, best, torch.ones(best.shape, **f64))
         sums = torch.zeros(len(rows), n_layers, **f64).scatter_add_(
             1, best, t.expand(len(rows), -1))
-        sorted_counts = counts[:, order]
-        average = torch.cumsum(sorted_counts, 1) - sorted_counts + (sorted_counts + 1) / 2
-        x = torch.empty_like(counts).scatter_(1, order.expand(len(rows), -1), average)
-        x_mean = (x * counts).sum(1, keepdim=True) / n_targets
-        spread = torch.sqrt(((x - x_mean) ** 2 * counts).sum(1) * (t * t).sum())
-        samples.append(((x * sums).sum(1) / spread).cpu().numpy())
+        samples.append(_layer_sum_correlation(depth_t, counts, sums,
+                                              float(torch.sqrt((t * t).sum())),
+                                              rank=True).cpu().numpy())
     samples = np.concatenate(samples)
     samples[~np.isfinite(samples)] = np.nan
     return {"samples": samples, "spearman_ci": _bootstrap_ci(samples, ci)}
@@ -628,6 +649,13 @@ class HierarchyResult:
         ``paper_finding`` (gradient row only; missing for the activation row).
         """
         by = self.scores.set_index(["score", "signal"]) if len(self.scores) else None
+
+        def score_columns(kind: str, signal: str) -> dict:
+            found = by.loc[(kind, signal)]
+            return {kind: float(found["spearman"]), f"{kind}_p": float(found["p_spearman"]),
+                    f"{kind}_ci_low": float(found["spearman_ci_low"]),
+                    f"{kind}_ci_high": float(found["spearman_ci_high"])}
+
         rows = []
         for feature, signal in (("activation", "activation"), ("gradient", self.signal)):
             row: dict = {"feature": feature, "loss": self.loss if feature == "gradient" else ""}
@@ -636,18 +664,10 @@ class HierarchyResult:
                 keep = self.reliable if self.reliable is not None else slice(None)
                 row["fmri_score"] = float(np.nanmedian(peak[keep])) if np.size(peak[keep]) \
                     else np.nan
-                row["spatial"] = float(by.loc[("spatial", signal), "spearman"])
-                row["spatial_p"] = float(by.loc[("spatial", signal), "p_spearman"])
-                row["spatial_ci_low"] = float(by.loc[("spatial", signal), "spearman_ci_low"])
-                row["spatial_ci_high"] = float(by.loc[("spatial", signal), "spearman_ci_high"])
+                row.update(score_columns("spatial", signal))
             if self.meg is not None and signal in self.meg:
-                res = self.meg[signal]
-                row["meg_score"] = float(np.max(res["peak"]))
-                row["temporal"] = float(by.loc[("temporal", signal), "spearman"])
-                row["temporal_p"] = float(by.loc[("temporal", signal), "p_spearman"])
-                row["temporal_ci_low"] = float(by.loc[("temporal", signal), "spearman_ci_low"])
-                row["temporal_ci_high"] = float(by.loc[("temporal", signal),
-                                                       "spearman_ci_high"])
+                row["meg_score"] = float(np.max(self.meg[signal]["peak"]))
+                row.update(score_columns("temporal", signal))
             if feature == "gradient":
                 row["consistent_with_backprop"] = self.consistent_with_backprop
                 row["paper_finding"] = self.paper_finding
@@ -674,7 +694,6 @@ class HierarchyResult:
         if path.suffix != ".csv":
             raise ValueError(f"Result tables are written as CSV; got {str(path)!r}, give a "
                              "path ending in '.csv'.")
-        path.parent.mkdir(parents=True, exist_ok=True)
         table = self.table()
         for i, (key, value) in enumerate(labels.items()):
             table.insert(i, key, value)
@@ -827,12 +846,9 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         act, grad = meg["activation"], meg[signal]
         layers = np.arange(n_layers)
         for name, res in (("activation", act), (signal, grad)):
-            row = {"modality": "MEG", "signal": name, "score": "temporal"}
-            for method in ("spearman", "pearson"):
-                t = layer_permutation_test(layers, res["latency"], depth, method=method,
-                                           alternative="two-sided", **kw)
-                row[method], row[f"p_{method}"] = t["statistic"], t["p_value"]
-                row["n_targets"] = t["n_targets"]
+            row = {"modality": "MEG", "signal": name, "score": "temporal",
+                   **_both_correlations(layers, res["latency"], depth,
+                                        alternative="two-sided", **kw)}
             boot = res.get("boot_latency")
             row["spearman_ci_low"], row["spearman_ci_high"] = (
                 temporal_score(res["latency"], res["depth"], boot_latency=boot, ci=ci)

@@ -142,6 +142,13 @@ def list_models(pattern: str = "*", *, study_only: bool = False) -> list[str]:
     )
 
 
+def check_names(names) -> None:
+    """Raise one error listing every name in ``names`` that is not in the registry."""
+    unknown = [name for name in names if name not in REGISTRY]
+    if unknown:
+        raise ValueError(f"Unknown model(s) {unknown}; known: {sorted(REGISTRY)}.")
+
+
 def get_spec(name: str) -> ModelSpec:
     """The registry entry of ``name``; an unknown name lists the valid ones."""
     if not isinstance(name, str) or name not in REGISTRY:

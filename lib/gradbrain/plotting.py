@@ -403,8 +403,7 @@ def plot_hierarchy_scores(scores: pd.DataFrame):
         if {"spearman_ci_low", "spearman_ci_high"} <= set(table):
             # percentile intervals need not contain the estimate: drawn as segments
             ax.vlines(np.arange(len(table)), table["spearman_ci_low"],
-                      table["spearman_ci_high"], color="0.15", lw=1.2,
-                      label="95 % bootstrap CI (test images)")
+                      table["spearman_ci_high"], color="0.15", lw=1.2)
         for i, (value, p) in enumerate(zip(table["spearman"], table["p_spearman"])):
             ax.text(i + 0.08, value + (0.03 if value >= 0 else -0.03), f"p = {p:.2g}",
                     ha="left", va="bottom" if value >= 0 else "top", fontsize=8)

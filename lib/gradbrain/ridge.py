@@ -436,7 +436,6 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
         Responses of the training and test images.
     train_index, test_index : arrays of int
         Rows of the feature matrices for the training and test images.
-
     return_prediction : bool
         Also return every layer's test-set prediction.
 

@@ -45,6 +45,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -236,9 +237,7 @@ def plan(spec: SweepSpec, models: Sequence[str], subjects: Sequence, out: str | 
         raise ValueError("No models given; e.g. --models efficientnet_lite0.imagenet")
     if not subjects:
         raise ValueError("No subjects given; e.g. --subjects 0 1 2")
-    unknown = [m for m in models if m not in registry.REGISTRY]
-    if unknown:
-        raise ValueError(f"Unknown model(s) {unknown}; known: {sorted(registry.REGISTRY)}.")
+    registry.check_names(models)
     if len(set(map(str, subjects))) != len(subjects):
         raise ValueError(f"Subjects repeat: {list(subjects)}; give each once.")
     chain = tuple(spec.chapters)
@@ -299,8 +298,6 @@ def _executor(kind: str, folder: Path, *, gpus_per_job: int, timeout_min: int,
         return executor
     if kind == "debug":
         return submitit.DebugExecutor(folder=str(folder))
-    import shutil
-
     if shutil.which("srun") is None or shutil.which("sbatch") is None:
         raise RuntimeError("The slurm executor needs Slurm's `srun` and `sbatch` on the PATH: "
                            "run the sweep from a cluster's login node, or use "
@@ -387,7 +384,8 @@ def _wait(job: Job, handle, log):
 def run(profile: str, models: Sequence[str], subjects: Sequence, *, out: str | os.PathLike,
         executor: str = "local", root: str | os.PathLike | None = None,
         overrides: dict | None = None, weights: dict | None = None,
-        chapters: Sequence[str] | None = None, max_parallel: int | None = None, gpus_per_job: int = 1, timeout_min: int = 240,
+        chapters: Sequence[str] | None = None, max_parallel: int | None = None,
+        gpus_per_job: int = 1, timeout_min: int = 240,
         cpus_per_job: int | None = None, mem_gb: int | None = None,
         partition: str | None = None, poll_s: float = 2.0, verbose: bool = True
         ) -> pd.DataFrame:
@@ -452,8 +450,8 @@ def run(profile: str, models: Sequence[str], subjects: Sequence, *, out: str | o
         log(f"{stage}: {len(todo)} of {len(jobs)} job(s) to run, "
             f"{len(jobs) - len(todo)} up to date")
         if stage == "chain" and failures:
-            failed_subjects = {f.split("sub-", 1)[1] for f in failures}
-            skipped = [j for j in todo if str(j.subject) in failed_subjects]
+            failed_subjects = {j.subject for j in data_jobs if j.name in failures}
+            skipped = [j for j in todo if j.subject in failed_subjects]
             for j in skipped:
                 failures[j.name] = RuntimeError("its subject's data job failed")
             todo = [j for j in todo if j not in skipped]
@@ -496,12 +494,13 @@ def collect(out: str | os.PathLike, *, models: Sequence[str] | None = None,
     from ._utils import atomic_path
 
     out = Path(out).expanduser()
+    wanted_subjects = None if subjects is None else {str(s) for s in subjects}
     frames = []
     for path in sorted((out / "results").glob("*/sub-*.csv")):
         model, subject = path.parent.name, path.stem.split("sub-", 1)[1]
         if models is not None and model not in models:
             continue
-        if subjects is not None and subject not in {str(s) for s in subjects}:
+        if wanted_subjects is not None and subject not in wanted_subjects:
             continue
         frame = pd.read_csv(path, keep_default_na=True)
         frame.insert(0, "subject", subject)
