@@ -4,11 +4,14 @@ Same problem, same folds (KFold(5), unshuffled), same alphas, measured side by s
 run. Prints the times, the speed-up over himalaya, the fraction of identical alphas, the
 largest prediction difference, and the share of the machine's matmul roofline that
 gradbrain reaches (GEMM GFLOP/s measured in the same run; the algorithm's FLOPs counted).
+Then the same comparison with ShuffleSplit(5, train_size=0.6, test_size=0.2) folds, whose
+training sets leave samples out (gradbrain's direct path; himalaya given the same splits).
+Both libraries run in float32 (gradbrain: ``dtype=torch.float32``, the encoding default).
 
 Default problem: n=2000 samples, p=768 features, v=20,000 targets, 5 folds, 10 alphas
 (1e0…1e8), float32. The last line is machine-readable::
 
-    RESULT speedup_vs_himalaya=<x> roofline_share=<y> alpha_agreement=<z> max_pred_rel_diff=<w> device=<cpu|cuda> alpha_agreement_exact=<e> alpha_agreement_himalaya64=<h>
+    RESULT speedup_vs_himalaya=<x> roofline_share=<y> alpha_agreement=<z> max_pred_rel_diff=<w> device=<cpu|cuda> alpha_agreement_exact=<e> alpha_agreement_himalaya64=<h> shufflesplit_speedup=<s> shufflesplit_alpha_agreement=<a>
 
 (``alpha_agreement`` compares with himalaya in the same precision (float32);
 ``alpha_agreement_exact`` with gradbrain's own float64 fit and ``alpha_agreement_himalaya64``
@@ -25,7 +28,7 @@ import time
 
 import numpy as np
 import torch
-from sklearn.model_selection import KFold
+from sklearn.model_selection import KFold, ShuffleSplit
 
 from gradbrain.ridge import RidgeCV
 
@@ -102,7 +105,8 @@ def main(argv=None):
     backend = set_backend("torch_cuda" if device.type == "cuda" else "torch", on_error="raise")
     Xd, Yd = backend.asarray(X), backend.asarray(Y)
 
-    ours_fn = lambda: RidgeCV(alphas=alphas, cv=folds, device=device).fit(Xd, Yd)  # noqa: E731
+    ours_fn = lambda: RidgeCV(alphas=alphas, cv=folds, device=device,  # noqa: E731
+                              dtype=torch.float32).fit(Xd, Yd)
     theirs_fn = lambda: HimalayaRidgeCV(  # noqa: E731
         alphas=alphas, cv=folds, fit_intercept=True, solver_params={"warn": False}).fit(Xd, Yd)
     ours_fn(), theirs_fn()  # warm-up
@@ -143,6 +147,26 @@ def main(argv=None):
           f"himalaya {their_exact:.5f}; gradbrain (float32) vs himalaya run in float64: "
           f"{vs_theirs64:.5f}")
 
+    # ShuffleSplit: training sets that leave samples out (no "all minus held-out" shortcut)
+    shuffle = list(ShuffleSplit(args.folds, train_size=0.6, test_size=0.2,
+                                random_state=0).split(X))
+    ss_ours_fn = lambda: RidgeCV(alphas=alphas, cv=shuffle, device=device,  # noqa: E731
+                                 dtype=torch.float32).fit(Xd, Yd)
+    ss_theirs_fn = lambda: HimalayaRidgeCV(  # noqa: E731
+        alphas=alphas, cv=shuffle, fit_intercept=True, solver_params={"warn": False}).fit(Xd, Yd)
+    ss_t_ours, ss_t_theirs = [], []
+    for _ in range(args.repeats):  # interleaved
+        s, ss_ours = timed(ss_ours_fn, device, 1)
+        ss_t_ours.append(s)
+        s, ss_theirs = timed(ss_theirs_fn, device, 1)
+        ss_t_theirs.append(s)
+    ss_t_ours, ss_t_theirs = statistics.median(ss_t_ours), statistics.median(ss_t_theirs)
+    ss_agreement = float(np.mean(np.isclose(
+        ss_ours.alpha_, np.asarray(backend.to_numpy(ss_theirs.best_alphas_)), rtol=1e-5)))
+    print(f"ShuffleSplit({args.folds}, 0.6/0.2): gradbrain {ss_t_ours:.2f} s, himalaya "
+          f"{ss_t_theirs:.2f} s -> {ss_t_theirs / ss_t_ours:.2f}x; identical alphas "
+          f"{ss_agreement:.5f}")
+
     if not args.skip_sklearn:
         from sklearn.linear_model import Ridge
 
@@ -164,7 +188,9 @@ def main(argv=None):
           f"roofline_share={flops / t_ours / 1e9 / gflops:.3f} alpha_agreement={agreement:.5f} "
           f"max_pred_rel_diff={rel_diff:.2e} device={device.type} "
           f"alpha_agreement_exact={exact_agreement:.5f} "
-          f"alpha_agreement_himalaya64={vs_theirs64:.5f}")
+          f"alpha_agreement_himalaya64={vs_theirs64:.5f} "
+          f"shufflesplit_speedup={ss_t_theirs / ss_t_ours:.3f} "
+          f"shufflesplit_alpha_agreement={ss_agreement:.5f}")
 
 
 if __name__ == "__main__":

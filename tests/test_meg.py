@@ -121,13 +121,77 @@ def test_decoding_bad_inputs(rng):
     X, y = _decoding_problem(rng, n=20)
     with pytest.raises(ValueError, match=r"must have shape \(n_trials, n_channels, n_times\)"):
         meg.decode_time_resolved(X[:, :, 0], y, X)
-    with pytest.raises(ValueError, match=r"'y_train' must have shape \(n_train=20,\)"):
+    with pytest.raises(ValueError, match=r"'y_train' must have shape \(n=20,\)"):
         meg.decode_time_resolved(X, y[:5], X)
     with pytest.raises(ValueError, match="'cv' must be 'loo', an int"):
         meg.decode_time_resolved(X, y, X, cv="kfold")
+    with pytest.raises(ValueError, match=r"'y_test' must have shape \(n=20,\)"):
+        meg.decode_time_resolved(X, y, X, y_test=y[:7])
+    with pytest.raises(ValueError, match="'meg_train' is empty"):
+        meg.decode_time_resolved(X[:, :0], y, X[:, :0])
+    with pytest.raises(ValueError, match="'groups' need a group splitter"):
+        meg.decode_time_resolved(X, y, X, groups=np.arange(20))
+    with pytest.raises(ValueError, match=r"fold 0's test indices run from 18 to 25"):
+        meg.decode_time_resolved(X, y, X, cv=[(np.arange(10), np.arange(18, 26))])
+    with pytest.raises(ValueError, match="is not a device torch knows"):
+        meg.decode_time_resolved(X, y, X, device="gpu")
+    with pytest.raises(ValueError, match=r"'labels_test' must hold one label per trial \(20\)"):
+        meg.decode_category(X, np.arange(20) % 2, X, np.arange(19) % 2)
+    grad = torch.as_tensor(X).requires_grad_()
+    out = meg.decode_time_resolved(grad, y, grad, cv=3)  # used detached, as RidgeCV does
+    np.testing.assert_allclose(out["prediction"],
+                               meg.decode_time_resolved(X, y, X, cv=3)["prediction"])
     X[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="'meg_train' contains NaN"):
         meg.decode_time_resolved(X, y, X)
+
+
+def _sliding_per_fold_reference(X, y, X_test, alphas, folds):
+    """StandardScaler on all training trials, then a per-fold Ridge loop, per time point."""
+    from sklearn.preprocessing import StandardScaler
+
+    prediction = np.empty((len(X_test), X.shape[2], y.shape[1]))
+    chosen = np.empty((X.shape[2], y.shape[1]))
+    for t in range(X.shape[2]):
+        scaler = StandardScaler().fit(X[:, :, t])
+        Z, Z_test = scaler.transform(X[:, :, t]), scaler.transform(X_test[:, :, t])
+        scores = np.zeros((len(alphas), y.shape[1]))
+        for i, alpha in enumerate(alphas):
+            for train, test in folds:
+                fit = Ridge(alpha=alpha).fit(Z[train], y[train])
+                scores[i] -= ((fit.predict(Z[test]) - y[test]) ** 2).mean(0)
+        best = scores.argmax(0)
+        for k in range(y.shape[1]):
+            chosen[t, k] = alphas[best[k]]
+            prediction[:, t, k] = Ridge(alpha=alphas[best[k]]).fit(Z, y[:, k]).predict(Z_test)
+    return prediction, chosen
+
+
+@pytest.mark.parametrize("name", ["KFold", "shuffled KFold", "LeaveOneOut", "ShuffleSplit",
+                                  "TimeSeriesSplit", "GroupKFold", "list with gaps"])
+def test_decoding_every_splitter_equals_a_per_fold_loop(rng, name):
+    """Issue #13: TimeSeriesSplit once differed from MNE/scikit-learn by 0.30 in R²."""
+    from sklearn.model_selection import (GroupKFold, LeaveOneOut, ShuffleSplit,
+                                         TimeSeriesSplit)
+
+    X, y = _decoding_problem(rng, n=48, c=6, t=3, k=2)
+    groups = np.repeat(np.arange(8), 6)  # e.g. the repeats of one image stay together
+    splitters = {
+        "KFold": (KFold(4), None), "shuffled KFold": (KFold(4, shuffle=True, random_state=0), None),
+        "LeaveOneOut": (LeaveOneOut(), None),
+        "ShuffleSplit": (ShuffleSplit(4, train_size=0.5, test_size=0.25, random_state=0), None),
+        "TimeSeriesSplit": (TimeSeriesSplit(3), None), "GroupKFold": (GroupKFold(4), groups),
+        "list with gaps": ([(np.arange(0, 20), np.arange(24, 34)),
+                            (np.arange(10, 40), np.arange(42, 48))], None),
+    }
+    cv, g = splitters[name]
+    folds = list(cv.split(X, y, g)) if hasattr(cv, "split") else cv
+    alphas = np.logspace(-2, 4, 7)
+    ours = meg.decode_time_resolved(X, y, X[:10], alphas=alphas, cv=cv,
+                                    groups=g, device="cpu")
+    reference, chosen = _sliding_per_fold_reference(X, y, X[:10], alphas, folds)
+    np.testing.assert_array_equal(ours["alpha"], chosen)
+    np.testing.assert_allclose(ours["prediction"], reference, rtol=1e-10, atol=1e-10)
 
 
 # --------------------------------------------------------------------------- bootstrap

@@ -53,7 +53,7 @@ def test_matches_scikit_learn_brute_force(rng, n, p, fit_intercept):
 def test_float32_predictions_within_1e4(rng):
     X, Y = _problem(rng, 200, 40, 50)
     alphas = np.logspace(0, 6, 7)
-    ours = RidgeCV(alphas=alphas, device="cpu").fit(X, Y)
+    ours = RidgeCV(alphas=alphas, device="cpu", dtype=torch.float32).fit(X, Y)
     exact = RidgeCV(alphas=alphas, device="cpu", dtype=torch.float64).fit(X, Y)
     assert (ours.alpha_ == exact.alpha_).mean() >= 0.98
     same = ours.alpha_ == exact.alpha_
@@ -102,7 +102,7 @@ def test_one_alpha_for_all_targets_matches_scikit_learn_ridgecv(rng, targets_bat
     ours = RidgeCV(alphas=alphas, cv=4, device="cpu", dtype=torch.float64,
                    alpha_per_target=False, targets_batch=targets_batch).fit(X, Y)
     reference = SkRidgeCV(alphas=alphas, cv=KFold(4), scoring="neg_mean_squared_error").fit(X, Y)
-    np.testing.assert_array_equal(ours.alpha_, np.full(10, reference.alpha_))
+    assert ours.alpha_ == reference.alpha_ and isinstance(ours.alpha_, float)
     np.testing.assert_allclose(ours.coef_, reference.coef_, rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(ours.predict(X), reference.predict(X), rtol=1e-7)
     per_target = RidgeCV(alphas=alphas, cv=4, device="cpu", dtype=torch.float64).fit(X, Y)
@@ -140,12 +140,12 @@ def test_accepts_torch_inputs_and_is_sklearn_compatible(rng):
 
 
 @pytest.mark.parametrize("X,y,match", [
-    (np.full((10, 3), np.nan), np.zeros(10), "X contains NaN or inf"),
-    (np.zeros((10, 3)), np.full(10, np.inf), "y contains NaN or inf"),
-    (np.zeros((10, 3)), np.zeros(9), "same number of samples"),
-    (np.zeros((0, 3)), np.zeros(0), "X is empty"),
-    (np.zeros((10, 3)), np.zeros((10, 0)), "y is empty"),
-    (np.zeros(10), np.zeros(10), r"X must have shape \(n_samples, n_features\)"),
+    (np.full((10, 3), np.nan), np.zeros(10), "Input X contains NaN"),
+    (np.zeros((10, 3)), np.full(10, np.inf), "Input y contains infinity"),
+    (np.zeros((10, 3)), np.zeros(9), "inconsistent numbers of samples"),
+    (np.zeros((0, 3)), np.zeros(0), "0 sample"),
+    (np.zeros((10, 3)), np.zeros((10, 0)), r"0 feature\(s\) \(shape=\(10, 0\)\)"),
+    (np.zeros(10), np.zeros(10), "Expected a 2-dimensional container|Expected 2D array"),
 ])
 def test_bad_inputs_each_give_one_clear_error(X, y, match):
     with pytest.raises(ValueError, match=match):
@@ -154,11 +154,252 @@ def test_bad_inputs_each_give_one_clear_error(X, y, match):
 
 def test_bad_alphas_and_predict_shape(rng):
     X, Y = _problem(rng, 20, 3, 2)
-    with pytest.raises(ValueError, match="'alphas' must be a non-empty 1-D array of positive"):
-        RidgeCV(alphas=[0.0, 1.0], device="cpu").fit(X, Y)
+    with pytest.raises(ValueError, match=r"alphas\[0\] == -1.0, must be >= 0"):
+        RidgeCV(alphas=[-1.0, 1.0], device="cpu").fit(X, Y)
+    with pytest.raises(TypeError, match=r"alphas\[1\] must be an instance of float, not str"):
+        RidgeCV(alphas=[1.0, "10"], device="cpu").fit(X, Y)
     model = RidgeCV(device="cpu").fit(X, Y)
-    with pytest.raises(ValueError, match="X has 4 features but the model was fitted on 3"):
+    with pytest.raises(ValueError, match="X has 4 features, but RidgeCV is expecting 3"):
         model.predict(np.zeros((2, 4)))
+
+
+# --------------------------------------------------------------------------- every splitter
+
+
+def _per_fold_reference(X, Y, alphas, folds, fit_intercept=True):
+    """A plain scikit-learn loop: Ridge per fold and alpha, MSE averaged, argmax, refit."""
+    scores = np.zeros((len(alphas), Y.shape[1]))
+    for i, alpha in enumerate(alphas):
+        for train, test in folds:
+            fit = Ridge(alpha=alpha, fit_intercept=fit_intercept, solver="svd")
+            fit.fit(X[train], Y[train])
+            scores[i] -= ((fit.predict(X[test]) - Y[test]) ** 2).mean(0)
+    scores /= len(folds)
+    best = np.asarray(alphas)[scores.argmax(0)]
+    coef = np.stack([Ridge(alpha=a, fit_intercept=fit_intercept, solver="svd")
+                     .fit(X, Y[:, t]).coef_ for t, a in enumerate(best)])
+    return scores, best, coef
+
+
+def _splitters(n):
+    """Each kind of splitter a neuroscientist uses, with the groups it needs."""
+    from sklearn.model_selection import (GroupKFold, LeaveOneGroupOut, LeaveOneOut,
+                                         ShuffleSplit, TimeSeriesSplit)
+
+    groups = np.repeat(np.arange(n // 6), 6)[:n]  # e.g. sessions of 6 images
+    gapped = [(np.arange(0, 20), np.arange(25, 35)), (np.arange(15, 40), np.arange(45, n)),
+              (np.r_[0:10, 30:n], np.arange(12, 24))]
+    overlapping = [(np.arange(0, 40), np.arange(30, 50)), (np.arange(20, n), np.arange(0, 25))]
+    return {
+        "KFold": (KFold(5), None),
+        "shuffled KFold": (KFold(4, shuffle=True, random_state=1), None),
+        "LeaveOneOut": (LeaveOneOut(), None),
+        "ShuffleSplit": (ShuffleSplit(5, train_size=0.5, test_size=0.2, random_state=0), None),
+        "TimeSeriesSplit": (TimeSeriesSplit(4), None),
+        "GroupKFold": (GroupKFold(3), groups),
+        "LeaveOneGroupOut": (LeaveOneGroupOut(), groups),
+        "list with gaps": (gapped, None),
+        "overlapping train and test": (overlapping, None),
+        "boolean masks": ([(np.arange(n) % 3 != k, np.arange(n) % 3 == k) for k in range(3)],
+                          None),
+    }
+
+
+@pytest.mark.parametrize("name", list(_splitters(60)))
+@pytest.mark.parametrize("n,p", [(60, 5), (60, 45)])  # primal, and dual where a fold has n_tr < p
+def test_every_splitter_equals_a_per_fold_scikit_learn_loop(rng, name, n, p):
+    """Issue #13: ShuffleSplit etc. once gave alphas 15x off; now exact to 1e-10 in float64."""
+    X, Y = _problem(rng, n, p, 4)
+    alphas = np.logspace(-2, 3, 6)
+    cv, groups = _splitters(n)[name]
+    folds = [(np.flatnonzero(tr) if np.asarray(tr).dtype == bool else tr,
+              np.flatnonzero(te) if np.asarray(te).dtype == bool else te)
+             for tr, te in (cv.split(X, Y, groups) if hasattr(cv, "split") else cv)]
+    model = RidgeCV(alphas=alphas, cv=cv, device="cpu", dtype=torch.float64)
+    model.fit(X, Y, groups=groups)
+    scores, best, coef = _per_fold_reference(X, Y, alphas, folds)
+    np.testing.assert_allclose(model.cv_scores_, scores, rtol=1e-10)
+    np.testing.assert_array_equal(model.alpha_, best)
+    np.testing.assert_allclose(model.coef_, coef, rtol=1e-8, atol=1e-10)
+
+
+def test_the_shufflesplit_example_of_the_issue(rng):
+    """The reported case: ShuffleSplit(5, .5/.2) on 60×5 data picks scikit-learn's alpha."""
+    from sklearn.model_selection import GridSearchCV, ShuffleSplit
+
+    X = rng.normal(size=(60, 5))
+    y = X @ rng.normal(size=5) + 0.3 * rng.normal(size=60)
+    cv = ShuffleSplit(5, train_size=0.5, test_size=0.2, random_state=0)
+    alphas = np.logspace(-2, 3, 6)
+    ours = RidgeCV(alphas=alphas, cv=cv, dtype=torch.float64, device="cpu").fit(X, y)
+    search = GridSearchCV(Ridge(), {"alpha": alphas}, cv=cv,
+                          scoring="neg_mean_squared_error").fit(X, y)
+    assert ours.alpha_ == search.best_params_["alpha"]
+    np.testing.assert_allclose(ours.cv_scores_[:, 0], search.cv_results_["mean_test_score"],
+                               rtol=1e-10)
+
+
+def test_groups_reach_the_splitter(rng):
+    from sklearn.model_selection import GroupKFold
+
+    X, Y = _problem(rng, 40, 4, 2)
+    with pytest.raises(ValueError, match="'groups' parameter should not be None"):
+        RidgeCV(cv=GroupKFold(4), device="cpu").fit(X, Y)
+    with pytest.raises(ValueError, match=r"'groups' must hold one label per sample, shape \(40,\)"):
+        RidgeCV(cv=GroupKFold(4), device="cpu").fit(X, Y, groups=np.arange(39))
+
+
+@pytest.mark.parametrize("cv,match", [
+    ([(np.arange(10), np.arange(55, 61))], r"indices run from 55 to 60 but there are 60 samples"),
+    ([(np.arange(10), np.array([], int))], "fold 0 has no test samples"),
+    ([(np.ones(59, bool), np.ones(60, bool))], r"boolean mask needs one entry per sample, \(60,\)"),
+    ([(np.arange(10) - 1, np.arange(20, 30))], r"indices run from -1 to 8"),
+    (1, "'cv' must be an integer >= 2"),
+    ("kfold", "'cv' must be an integer >= 2, a scikit-learn splitter"),
+])
+def test_bad_folds_are_refused_before_any_work(rng, cv, match):
+    X, Y = _problem(rng, 60, 3, 2)
+    with pytest.raises(ValueError, match=match):
+        RidgeCV(cv=cv, device="cpu").fit(X, Y)
+
+
+# --------------------------------------------------------------------------- scale and dtype
+
+
+@pytest.mark.parametrize("y_scale", [1e-25, 1e-13, 1e20])
+def test_alphas_do_not_depend_on_the_scale_of_y(rng, y_scale):
+    """float32 once collapsed every alpha to the first for y near 1e-25 (issue #13)."""
+    X, Y = _problem(rng, 80, 6, 12)
+    alphas = np.logspace(-1, 5, 7)
+    exact = RidgeCV(alphas=alphas, device="cpu", dtype=torch.float64).fit(X, Y)
+    assert len(set(exact.alpha_)) > 1
+    small = RidgeCV(alphas=alphas, device="cpu", dtype=torch.float32).fit(
+        X.astype(np.float32), (Y * y_scale).astype(np.float32))
+    np.testing.assert_array_equal(small.alpha_, exact.alpha_)
+    np.testing.assert_allclose(small.coef_ / y_scale, exact.coef_, rtol=1e-3,
+                               atol=1e-4 * np.abs(exact.coef_).max())
+    np.testing.assert_allclose(small.cv_scores_ / y_scale**2, exact.cv_scores_, rtol=1e-3)
+
+
+def test_float64_values_beyond_float32_range(rng):
+    """y of 1e39 fits in float32 (exact rescaling); coefficients that overflow are refused."""
+    X, Y = _problem(rng, 50, 4, 3)
+    exact = RidgeCV(device="cpu", dtype=torch.float64).fit(X, Y)
+    big = RidgeCV(device="cpu", dtype=torch.float64).fit(X, Y * 1e39)
+    np.testing.assert_array_equal(big.alpha_, exact.alpha_)
+    np.testing.assert_allclose(big.coef_, exact.coef_ * 1e39, rtol=1e-9)
+    tiny_x = RidgeCV(device="cpu", dtype=torch.float32).fit(X * 2.0**-90, Y)
+    scaled = RidgeCV(alphas=np.asarray(tiny_x.alphas) * 2.0**180, device="cpu",
+                     dtype=torch.float32).fit(X, Y)
+    np.testing.assert_array_equal(tiny_x.alpha_ * 2.0**180, scaled.alpha_)
+    with pytest.raises(ValueError, match="overflow float32.*dtype=torch.float64"):
+        RidgeCV(device="cpu", dtype=torch.float32).fit(X, Y * 1e39)
+
+
+def test_dtype_follows_the_input_unless_asked(rng):
+    """scikit-learn's rule: float64 inside, results in X's precision; float32 on request."""
+    X, Y = _problem(rng, 40, 5, 2)
+    as_64 = RidgeCV(device="cpu").fit(X, Y)
+    assert as_64.coef_.dtype == np.float64 and as_64.predict(X).dtype == np.float64
+    as_32 = RidgeCV(device="cpu").fit(X.astype(np.float32), Y.astype(np.float32))
+    assert as_32.coef_.dtype == np.float32
+    np.testing.assert_allclose(as_32.coef_, as_64.coef_, rtol=1e-4, atol=1e-6)
+    asked = RidgeCV(device="cpu", dtype=torch.float32).fit(X, Y)
+    assert asked.coef_.dtype == np.float32
+    with pytest.raises(ValueError, match="'dtype' must be torch.float32, torch.float64 or None"):
+        RidgeCV(device="cpu", dtype=torch.float16).fit(X, Y)
+
+
+def test_shapes_follow_scikit_learn(rng):
+    from sklearn.linear_model import RidgeCV as SkRidgeCV
+
+    X, Y = _problem(rng, 40, 5, 1)
+    for y in (Y[:, 0], Y):  # (n,) and (n, 1)
+        ours = RidgeCV(alphas=[1.0, 10.0], cv=KFold(4), device="cpu").fit(X, y)
+        theirs = SkRidgeCV(alphas=[1.0, 10.0], cv=KFold(4),
+                           scoring="neg_mean_squared_error").fit(X, y)
+        assert ours.coef_.shape == theirs.coef_.shape
+        assert np.shape(ours.intercept_) == np.shape(theirs.intercept_)
+        assert ours.predict(X).shape == theirs.predict(X).shape
+        assert np.ndim(ours.alpha_) == np.ndim(ours.best_score_) == (0 if y.ndim == 1 else 1)
+        np.testing.assert_allclose(ours.predict(X), theirs.predict(X), rtol=1e-8)
+    assert isinstance(ours.intercept_, np.ndarray)
+    single = RidgeCV(device="cpu").fit(X, Y[:, 0])
+    assert isinstance(single.intercept_, np.floating) and isinstance(single.alpha_, float)
+
+
+def test_r2_scoring_equals_scikit_learn_ridgecv(rng):
+    """scoring="r2" is scikit-learn's RidgeCV(cv=...) default; MSE is himalaya's."""
+    from sklearn.linear_model import RidgeCV as SkRidgeCV
+
+    X, Y = _problem(rng, 45, 6, 5)
+    alphas = np.logspace(-2, 4, 13)
+    for scoring in ("r2", "neg_mean_squared_error"):
+        ours = RidgeCV(alphas=alphas, cv=KFold(5), scoring=scoring, device="cpu",
+                       dtype=torch.float64, alpha_per_target=False).fit(X, Y)
+        theirs = SkRidgeCV(alphas=alphas, cv=KFold(5), scoring=scoring).fit(X, Y)
+        assert ours.alpha_ == theirs.alpha_
+        assert ours.best_score_ == pytest.approx(theirs.best_score_, rel=1e-9)
+        np.testing.assert_allclose(ours.coef_, theirs.coef_, rtol=1e-8)
+    with pytest.raises(ValueError, match="'scoring' must be one of"):
+        RidgeCV(scoring="accuracy", device="cpu").fit(X, Y)
+
+
+def test_pandas_inputs_feature_names_and_no_warning(rng):
+    import warnings
+
+    import pandas as pd
+
+    X, Y = _problem(rng, 30, 3, 2)
+    frame = pd.DataFrame(X, columns=["a", "b", "c"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not writable, feature names…: nothing may warn
+        model = RidgeCV(device="cpu").fit(frame, pd.DataFrame(Y))
+        model.predict(frame)
+    assert list(model.feature_names_in_) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="feature names"):
+        model.predict(frame.rename(columns={"a": "z"}))
+    frame["b"] = pd.array([1, None] + [2] * 28, dtype="Int64")
+    with pytest.raises(ValueError, match=r"pandas missing values \(pd.NA\) in column\(s\) \['b'\]"):
+        RidgeCV(device="cpu").fit(frame, Y)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    ("sparse", TypeError, "Sparse data was passed"),
+    ("object", ValueError, "could not convert string to float"),
+    ("complex", ValueError, "Complex data not supported"),
+])
+def test_inputs_that_are_not_dense_numbers(rng, bad, error, match):
+    import scipy.sparse
+
+    X, Y = _problem(rng, 20, 3, 2)
+    X = {"sparse": scipy.sparse.csr_matrix(X), "object": np.full((20, 3), "a", dtype=object),
+         "complex": X + 1j}[bad]
+    with pytest.raises(error, match=match):
+        RidgeCV(device="cpu").fit(X, Y)
+
+
+def test_tensors_that_require_grad_and_devices(rng):
+    X, Y = _problem(rng, 30, 4, 2)
+    Xt = torch.as_tensor(X, dtype=torch.float64).requires_grad_()
+    ours = RidgeCV(device="cpu").fit(Xt, torch.as_tensor(Y))
+    reference = RidgeCV(device="cpu").fit(X, Y)
+    np.testing.assert_allclose(ours.coef_, reference.coef_, rtol=1e-12)
+    assert ours.predict(Xt).shape == (30, 2)
+    for device, match in (("gpu", "is not a device torch knows"),
+                          ("mps", "must be the CPU or a CUDA GPU"), (3, "must be a string")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            RidgeCV(device=device).fit(X, Y)
+
+
+def test_alpha_zero_is_least_squares_minimum_norm(rng):
+    from sklearn.linear_model import LinearRegression
+
+    for n, p in ((40, 10), (15, 30)):
+        X, Y = _problem(rng, n, p, 2)
+        ours = RidgeCV(alphas=[0.0], device="cpu", dtype=torch.float64).fit(X, Y)
+        reference = LinearRegression().fit(X, Y)
+        np.testing.assert_allclose(ours.coef_, reference.coef_, rtol=1e-6, atol=1e-8)
 
 
 def test_pearson_and_encoding_scores(rng):
@@ -166,6 +407,11 @@ def test_pearson_and_encoding_scores(rng):
 
     a, b = rng.normal(size=(30, 4)), rng.normal(size=(30, 4))
     np.testing.assert_allclose(pearson_r(a, b), [pearsonr(a[:, i], b[:, i])[0] for i in range(4)])
+    a[3, 1], b[:, 2] = np.nan, 1.0
+    a[:, 3] = 2.0
+    r = pearson_r(a, b)
+    assert np.isnan(r[1]) and r[2] == 0.0 and np.isnan(r[3])  # no data / no prediction / no variance
+    assert r[0] == pytest.approx(pearsonr(a[:, 0], b[:, 0])[0])
     X = rng.normal(size=(120, 10))
     Y = X @ rng.normal(size=(10, 5)) + rng.normal(size=(120, 5))
     out = encoding_scores(X[:90], Y[:90], X[90:], Y[90:], noise_ceiling=np.full(5, 64.0),
@@ -204,3 +450,29 @@ def test_layerwise_predictions_equal_scikit_learn(rng):
                                        rtol=1e-4, atol=1e-4)
     assert "prediction" not in layerwise_scores(feats, Y[train], Y[test], train, test,
                                                 device="cpu")
+
+
+def test_targets_without_data_score_nan_not_zero(rng):
+    """NSD has vertices that are NaN on every trial: their r is NaN (issue #13), others intact."""
+    feats = {f"layer{i}": rng.normal(size=(100, 8)) for i in range(2)}
+    Y = feats["layer1"] @ rng.normal(size=(8, 5)) + 0.5 * rng.normal(size=(100, 5))
+    train, test = np.arange(80), np.arange(80, 100)
+    clean = layerwise_scores(feats, Y[train], Y[test], train, test, device="cpu",
+                             noise_ceiling=np.full(5, 50.0), return_prediction=True)
+    Y_bad = Y.copy()
+    Y_bad[:, 1] = np.nan          # a vertex without data
+    Y_bad[90, 3] = np.inf         # one corrupt test value
+    with pytest.warns(RuntimeWarning, match="2 of 5 targets hold NaN or inf"):
+        out = layerwise_scores(feats, Y_bad[train], Y_bad[test], train, test, device="cpu",
+                               noise_ceiling=np.full(5, 50.0), return_prediction=True)
+    for key in ("r", "r_nc", "alpha"):
+        assert np.isnan(out[key][:, [1, 3]]).all()
+        np.testing.assert_allclose(out[key][:, [0, 2, 4]], clean[key][:, [0, 2, 4]], rtol=1e-5)
+    assert np.isnan(out["prediction"][:, :, 1]).all()
+    with pytest.warns(RuntimeWarning):
+        single = encoding_scores(feats["layer0"][train], Y_bad[train], feats["layer0"][test],
+                                 Y_bad[test], device="cpu")
+    assert np.isnan(single["r"][[1, 3]]).all() and np.isfinite(single["r"][[0, 2, 4]]).all()
+    with pytest.raises(ValueError, match="Every target holds NaN"):
+        encoding_scores(feats["layer0"][train], np.full((80, 2), np.nan),
+                        feats["layer0"][test], np.zeros((20, 2)), device="cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
@@ -41,13 +42,16 @@ def get_data_home(data_home: str | os.PathLike | None = None) -> Path:
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
-    Nothing partial is left behind: on error the temporary file is removed.
+    Nothing partial is left behind: on error the temporary file is removed. The
+    temporary name carries this process's id (``.<name>.tmp-<pid>-…``), so files left
+    by a killed process are recognised and removed by the next write to ``path``
+    (:func:`clean_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=suffix or "".join(path.suffixes) or ".tmp", dir=path.parent
-    )
+    clean_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-",
+                               suffix=suffix or "".join(path.suffixes) or ".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -56,6 +60,61 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    try:  # Linux: the state letter follows the parenthesised command name
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove temporary siblings of ``path`` left by processes that no longer run.
+
+    Temporary files and folders are named ``.<name>.tmp-<pid>-…`` (and
+    ``.<name>.old-<pid>-…`` for a folder set aside during a swap, see
+    :meth:`gradbrain.data.Study.save`). Those of a live process are left alone. A
+    set-aside folder whose swap was cut short — ``path`` itself missing — is moved back
+    into place rather than deleted.
+
+    Returns
+    -------
+    list of Path
+        What was removed (or restored).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    cleaned = []
+    for entry in sorted(path.parent.glob(f".{glob_escape(path.name)}.*-*-*")):
+        kind, _, rest = entry.name[len(path.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not path.exists():
+            os.replace(entry, path)  # the swap died between "aside" and "in": undo it
+        elif entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        cleaned.append(entry)
+    return cleaned
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob's special characters escaped."""
+    import glob
+
+    return glob.escape(text)
 
 
 def hash_update_array(h: "hashlib._Hash", array) -> None:
@@ -79,19 +138,30 @@ def hash_arrays(arrays: Iterable) -> str:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Turn ``None`` / ``"cuda"`` / ``"cpu"`` into a usable device.
+    """Turn ``None`` / ``"cuda"`` / ``"cuda:N"`` / ``"cpu"`` into a usable device.
 
     ``None`` picks CUDA when available. Asking for CUDA where there is none warns
-    and falls back to the CPU.
+    and falls back to the CPU. Any other device (``"gpu"``, ``"mps"``, ``"meta"``…) is
+    refused with one clear error, before any work: the kernels need float64 linear
+    algebra, which only the CPU and CUDA provide.
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    hint = "Use device='cpu', 'cuda', 'cuda:N' or None (CUDA when available)."
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"'device' must be a string, a torch.device or None; got "
+                        f"{type(device).__name__}. {hint}")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"'device' {device!r} is not a device torch knows. {hint}") from err
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"'device' must be the CPU or a CUDA GPU; got {device!r}. {hint}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         warnings.warn(
             "device='cuda' was asked for but CUDA is not available; running on the CPU.",
             RuntimeWarning,
             stacklevel=3,
         )
         return torch.device("cpu")
-    return device
+    return parsed

@@ -20,13 +20,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.model_selection import check_cv
+from sklearn.base import BaseEstimator
 
 from ._utils import check_in_allowed, resolve_device
-from .ridge import DEFAULT_ALPHAS, RidgeCV, _check_alphas, pearson_r
+from .ridge import DEFAULT_ALPHAS, RidgeCV, _check_alphas, _is_complement, check_folds, pearson_r
 
 __all__ = ["average_by_image", "encode_time_resolved", "decode_time_resolved",
-           "decode_category", "peak_latency", "bootstrap_curves", "meg_encoding"]
+           "decode_category", "SlidingRidgeCV", "peak_latency", "bootstrap_curves",
+           "meg_encoding"]
 
 
 def average_by_image(epochs, image_ids: Sequence[str]) -> np.ndarray:
@@ -57,20 +58,23 @@ def average_by_image(epochs, image_ids: Sequence[str]) -> np.ndarray:
 
 
 def encode_time_resolved(X_train, Y_train, X_test, Y_test, *, alphas=DEFAULT_ALPHAS, cv=5,
-                         device=None, dtype=None, targets_batch=None, alpha_per: str = "target",
-                         return_prediction: bool = False) -> dict:
+                         groups=None, device=None, dtype=None, targets_batch=None,
+                         alpha_per: str = "target", return_prediction: bool = False) -> dict:
     """Encode every sensor at every time point from one feature matrix, as one problem.
 
     Parameters
     ----------
     X_train : array of shape (n_train, n_features)
     Y_train : array of shape (n_train, n_channels, n_times)
-        MEG per training image (e.g. :func:`average_by_image`).
+        MEG per training image (e.g. :func:`average_by_image`), any unit.
     X_test : array of shape (n_test, n_features)
     Y_test : array of shape (n_test, n_channels, n_times)
 
-    alphas, cv, device, dtype, targets_batch
-        As in :class:`gradbrain.ridge.RidgeCV`.
+    alphas, cv, groups, device, targets_batch
+        As in :class:`gradbrain.ridge.RidgeCV` (``groups``: labels of the training
+        images, for group splitters).
+    dtype : torch.dtype or None
+        Compute precision; None means float32.
     alpha_per : {"target", "time"}
         One alpha per sensor × time point, or one per time point shared by all sensors
         (chosen on their mean score; a loop of scikit-learn ``RidgeCV(cv=...)`` over
@@ -85,25 +89,28 @@ def encode_time_resolved(X_train, Y_train, X_test, Y_test, *, alphas=DEFAULT_ALP
     ``return_prediction``, ``prediction`` (n_test, n_channels, n_times) in the units of
     ``Y_test``.
     """
-    Y_train, Y_test = np.asarray(Y_train), np.asarray(Y_test)
-    if Y_train.ndim != 3 or Y_test.ndim != 3 or Y_train.shape[1:] != Y_test.shape[1:]:
+    Y_train, Y_test = _as_meg("Y_train", Y_train), _as_meg("Y_test", Y_test)
+    if Y_train.shape[1:] != Y_test.shape[1:]:
         raise ValueError(
             "'Y_train' and 'Y_test' must have shape (n_images, n_channels, n_times) with the "
             f"same channels and times; got {Y_train.shape} and {Y_test.shape}."
         )
+    for name, X, Y in (("X_train", X_train, Y_train), ("X_test", X_test, Y_test)):
+        if len(X) != len(Y):
+            raise ValueError(f"'{name}' has {len(X)} rows but the MEG has {len(Y)} images; "
+                             "give one feature row per image, in the same order.")
     check_in_allowed("alpha_per", alpha_per, ("target", "time"))
     shape = Y_train.shape[1:]
     per_target = True if alpha_per == "target" else np.tile(np.arange(shape[1]), shape[0])
-    # MEG in tesla is ~1e-13: rescale so float32 sums stay well inside its range
-    scale = float(np.abs(Y_train).max()) or 1.0
-    model = RidgeCV(alphas=alphas, cv=cv, device=device, dtype=dtype,
+    # RidgeCV rescales every target exactly (powers of two): MEG in tesla (~1e-13) is safe
+    model = RidgeCV(alphas=alphas, cv=cv, device=device, dtype=dtype or torch.float32,
                     targets_batch=targets_batch, alpha_per_target=per_target)
-    model.fit(X_train, Y_train.reshape(len(Y_train), -1) / scale)
+    model.fit(X_train, Y_train.reshape(len(Y_train), -1), groups=groups)
     prediction = model.predict(X_test)
     r = pearson_r(Y_test.reshape(len(Y_test), -1), prediction)
     out = {"r": r.reshape(shape), "alpha": model.alpha_.reshape(shape)}
     if return_prediction:
-        out["prediction"] = (scale * prediction).reshape((len(Y_test),) + shape)
+        out["prediction"] = prediction.reshape((len(Y_test),) + shape)
     return out
 
 
@@ -142,15 +149,39 @@ def peak_latency(times: np.ndarray, curve: np.ndarray, threshold: float = 0.95) 
 
 
 def _as_meg(name: str, array) -> np.ndarray:
+    """Validate MEG data of shape (n_trials, n_channels, n_times) as a numpy array."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
     array = np.asarray(array)
     if array.dtype.kind not in "fiu":
-        array = array.astype(np.float64)
+        raise ValueError(f"'{name}' must hold numbers; got dtype {array.dtype}.")
     if array.ndim != 3:
         raise ValueError(f"'{name}' must have shape (n_trials, n_channels, n_times); got "
                          f"{array.shape}.")
+    if 0 in array.shape:
+        raise ValueError(f"'{name}' is empty (shape {array.shape}): it needs trials, channels "
+                         "and time points.")
     if not np.isfinite(array.sum(dtype=np.float64)):
         raise ValueError(f"'{name}' contains NaN or infinite values.")
     return array
+
+
+def _as_targets(name: str, values, n: int) -> tuple[np.ndarray, bool]:
+    """Targets (n,) or (n, k) as float64 (n, k), and whether they were 1-D."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    values = np.asarray(values)
+    if values.dtype.kind not in "fiub":
+        raise ValueError(f"'{name}' must hold numbers; got dtype {values.dtype}.")
+    raveled = values.ndim == 1
+    values = values.astype(np.float64).reshape(len(values), -1) if values.ndim in (1, 2) \
+        else values
+    if values.ndim != 2 or len(values) != n or values.shape[1] == 0:
+        raise ValueError(f"'{name}' must have shape (n={n},) or (n, n_targets) with one row per "
+                         f"trial; got {np.shape(values)}.")
+    if not np.isfinite(values).all():
+        raise ValueError(f"'{name}' contains NaN or infinite values.")
+    return values, raveled
 
 
 def _time_major(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -160,7 +191,7 @@ def _time_major(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def decode_time_resolved(meg_train, y_train, meg_test, y_test=None, *, alphas=DEFAULT_ALPHAS,
-                         cv="loo", standardize: bool = True, device=None) -> dict:
+                         cv="loo", groups=None, standardize: bool = True, device=None) -> dict:
     """Decode targets from the sensors at every time point (ridge, one alpha per target).
 
     At time ``t`` the model is ``y ≈ X_t w_t + b_t`` with ``X_t`` the (standardised)
@@ -173,9 +204,12 @@ def decode_time_resolved(meg_train, y_train, meg_test, y_test=None, *, alphas=DE
     ``RidgeCV(alphas)`` (efficient leave-one-out: residuals ``(y - ŷ) / (1 - h)`` from
     the hat-matrix diagonal), i.e. MNE's ``SlidingEstimator(make_pipeline(
     StandardScaler(), RidgeCV(alphas)))`` run once per target. With an int or a
-    splitter it is K-fold (negative MSE averaged over folds, as
-    :class:`~gradbrain.ridge.RidgeCV`), i.e. the same pipeline with
-    ``RidgeCV(alphas, cv=KFold(cv), scoring="neg_mean_squared_error")``.
+    splitter it is the same pipeline with ``RidgeCV(alphas, cv=splitter,
+    scoring="neg_mean_squared_error")``: negative MSE averaged over folds, as
+    :class:`~gradbrain.ridge.RidgeCV`. Any splitter is exact, including those that
+    leave trials out of both sets (``ShuffleSplit``, ``TimeSeriesSplit``) and group
+    splitters (``GroupKFold`` with ``groups``: e.g. the image of each trial, so that
+    repeats of one image never sit on both sides of a fold).
 
     Parameters
     ----------
@@ -188,8 +222,10 @@ def decode_time_resolved(meg_train, y_train, meg_test, y_test=None, *, alphas=DE
         When given, the Pearson correlation of prediction and truth is returned.
     alphas : array-like of shape (n_alphas,)
     cv : "loo", int or scikit-learn splitter
-        How alphas are chosen: efficient leave-one-out, or K folds over the training
+        How alphas are chosen: efficient leave-one-out, or folds over the training
         trials (an int means ``KFold(cv)``).
+    groups : array-like of shape (n_train,), optional
+        Group label of each training trial, for group splitters.
     standardize : bool
         Z-score each sensor at each time point with the training trials' mean and
         standard deviation (as ``StandardScaler``), so that alphas mean the same thing
@@ -206,45 +242,82 @@ def decode_time_resolved(meg_train, y_train, meg_test, y_test=None, *, alphas=DE
     if meg_train.shape[1:] != meg_test.shape[1:]:
         raise ValueError("'meg_train' and 'meg_test' must have the same channels and times; "
                          f"got {meg_train.shape[1:]} and {meg_test.shape[1:]}.")
-    y = np.asarray(y_train, dtype=np.float64)
-    raveled = y.ndim == 1
-    y = y[:, None] if raveled else y
-    if y.ndim != 2 or len(y) != len(meg_train):
-        raise ValueError(f"'y_train' must have shape (n_train={len(meg_train)},) or "
-                         f"(n_train, n_targets); got {np.shape(y_train)}.")
-    if not np.isfinite(y).all():
-        raise ValueError("'y_train' contains NaN or infinite values.")
+    y, raveled = _as_targets("y_train", y_train, len(meg_train))
+    yt = None
+    if y_test is not None:
+        yt, _ = _as_targets("y_test", y_test, len(meg_test))
+        if yt.shape[1] != y.shape[1]:
+            raise ValueError(f"'y_test' must have {y.shape[1]} target(s) like 'y_train'; got "
+                             f"shape {np.shape(y_test)}.")
+    fit = _fit_sliding(meg_train, y, alphas, cv, groups, standardize, device)
+    prediction = _predict_sliding(fit, meg_test)                         # (n_test, T, k)
+    out = {"prediction": prediction, "alpha": fit["alpha"]}
+    if yt is not None:
+        out["r"] = np.stack([pearson_r(yt, prediction[:, t]) for t in range(prediction.shape[1])])
+    if raveled:
+        out = {key: value[..., 0] for key, value in out.items()}
+    return out
+
+
+def _fit_sliding(meg_train: np.ndarray, y: np.ndarray, alphas, cv, groups, standardize: bool,
+                 device) -> dict:
+    """Fit the ridge of every time point at once (see :func:`decode_time_resolved`).
+
+    Returns
+    -------
+    dict with tensors ``coef`` (T, c, k) on the standardised sensors, ``mean`` and
+    ``sd`` (T, 1, c) of the standardisation, ``mx`` (T, c) and ``my`` (k,) the centres
+    of the fit, and ``alpha`` ndarray (T, k).
+    """
     alphas_np = _check_alphas(alphas)
     device = resolve_device(device)
     loo = isinstance(cv, str)
     if loo and cv != "loo":
         raise ValueError(f"'cv' must be 'loo', an int or a scikit-learn splitter; got {cv!r}.")
-    folds = [] if loo else list(check_cv(cv).split(np.zeros(len(y))))
+    if loo and groups is not None:
+        raise ValueError("'groups' need a group splitter (e.g. cv=GroupKFold(5) or "
+                         "LeaveOneGroupOut()); cv='loo' leaves out single trials.")
+    folds = [] if loo else check_folds(cv, len(y), y=y[:, 0] if y.shape[1] == 1 else y,
+                                       groups=groups)
     if len(y) < 3 or (folds and min(len(tr) for tr, _ in folds) < 2):
         raise ValueError(f"Too few training trials ({len(y)}) for cv={cv!r}.")
 
     f64 = dict(device=device, dtype=torch.float64)
-    X, X_test = _time_major(meg_train, device), _time_major(meg_test, device)  # (T, n, c)
+    X = _time_major(meg_train, device)                                   # (T, n, c)
     if standardize:
         sd, mean = torch.std_mean(X, dim=1, correction=0, keepdim=True)
         sd = torch.where(sd > 0, sd, torch.ones_like(sd))
         X.sub_(mean).div_(sd)
-        X_test.sub_(mean).div_(sd)
+    else:
+        mean = torch.zeros((X.shape[0], 1, X.shape[2]), **f64)
+        sd = torch.ones_like(mean)
     Y = torch.as_tensor(y, **f64)                                        # (n, k)
     A = torch.as_tensor(alphas_np, **f64)
     gram, x_sum = X.transpose(1, 2) @ X, X.sum(1)                        # (T, c, c), (T, c)
     xty, y_sum = X.transpose(1, 2) @ Y, Y.sum(0)                         # (T, c, k), (k,)
 
-    def solve(held_out):
-        """Centred Gram eigendecomposition and rotated X^T y of the training trials."""
-        if held_out is None:
+    def solve(train=None, test=None):
+        """Centred Gram eigendecomposition and rotated X^T y of the training trials.
+
+        ``None``: every trial. A fold whose training set is every trial not held out
+        subtracts the held-out part from the full sums; any other fold (ShuffleSplit,
+        TimeSeriesSplit, gapped lists) sums over its training trials.
+        """
+        if train is None:
             n_tr, g, xs, xy, ys = len(Y), gram, x_sum, xty, y_sum
-        else:
+        elif _is_complement(train, test, len(Y)):
+            held_out = torch.as_tensor(test, device=device)
             x_out, y_out = X[:, held_out], Y[held_out]
-            n_tr = len(Y) - len(held_out)
+            n_tr = len(Y) - len(test)
             g = gram - x_out.transpose(1, 2) @ x_out
             xs, ys = x_sum - x_out.sum(1), y_sum - y_out.sum(0)
             xy = xty - x_out.transpose(1, 2) @ y_out
+        else:
+            kept = torch.as_tensor(train, device=device)
+            x_in, y_in = X[:, kept], Y[kept]
+            n_tr = len(train)
+            g, xy = x_in.transpose(1, 2) @ x_in, x_in.transpose(1, 2) @ y_in
+            xs, ys = x_in.sum(1), y_in.sum(0)
         mx, my = xs / n_tr, ys / n_tr
         g = g - n_tr * mx[:, :, None] * mx[:, None, :]
         xy = xy - n_tr * mx[:, :, None] * my[None, None, :]
@@ -270,39 +343,36 @@ def decode_time_resolved(meg_train, y_train, meg_test, y_test=None, *, alphas=DE
         return out
 
     if loo:
-        full = eigval, V, Z, mx, my = solve(None)
+        full = eigval, V, Z, mx, my = solve()
         P = X @ V - (mx[:, None, :] @ V)                                # (T, n, c)
         # hat-matrix diagonal of every alpha: 1/n (intercept) + Σ_k P_ik² / (λ_k + α)
         hat = 1 / len(Y) + P.square() @ (1.0 / (eigval[:, :, None] + A))  # (T, n, n_alphas)
         scores = held_out_scores(P, Z, eigval, Y - my, hat.permute(2, 0, 1)[..., None])
     else:
         scores = torch.zeros((n_alphas, n_times, n_targets), **f64)
-        for _, test in folds:
+        for train, test in folds:
+            eigval, V, Z, mx, my = solve(train, test)
             held_out = torch.as_tensor(test, device=device)
-            eigval, V, Z, mx, my = solve(held_out)
             P = X[:, held_out] @ V - (mx[:, None, :] @ V)                # (T, n_te, c)
             scores += held_out_scores(P, Z, eigval, Y[held_out] - my)
         scores /= len(folds)
-        full = solve(None)
+        full = solve()
     best = scores.argmax(0)                                             # (T, k), first max
     eigval, V, Z, mx, my = full
     coef = V @ (Z / (eigval[:, :, None] + A[best][:, None, :]))          # (T, c, k)
-    prediction = (X_test - mx[:, None, :]) @ coef + my                  # (T, n_test, k)
-    prediction = prediction.permute(1, 0, 2).cpu().numpy()              # (n_test, T, k)
-    out = {"prediction": prediction, "alpha": alphas_np[best.cpu().numpy()]}
-    if y_test is not None:
-        yt = np.asarray(y_test, dtype=np.float64).reshape(len(meg_test), -1)
-        if yt.shape[1] != Y.shape[1]:
-            raise ValueError(f"'y_test' must have {Y.shape[1]} target(s) like 'y_train'; got "
-                             f"shape {np.shape(y_test)}.")
-        out["r"] = np.stack([pearson_r(yt, prediction[:, t]) for t in range(prediction.shape[1])])
-    if raveled:
-        out = {key: value[..., 0] for key, value in out.items()}
-    return out
+    return {"coef": coef, "mean": mean, "sd": sd, "mx": mx, "my": my,
+            "alpha": alphas_np[best.cpu().numpy()]}
+
+
+def _predict_sliding(fit: dict, meg: np.ndarray) -> np.ndarray:
+    """Predictions of a :func:`_fit_sliding` model, ndarray (n_trials, T, k)."""
+    X = _time_major(meg, fit["coef"].device).sub_(fit["mean"]).div_(fit["sd"])
+    prediction = (X - fit["mx"][:, None, :]) @ fit["coef"] + fit["my"]   # (T, n, k)
+    return prediction.permute(1, 0, 2).cpu().numpy()
 
 
 def decode_category(meg_train, labels_train, meg_test, labels_test, *, alphas=DEFAULT_ALPHAS,
-                    cv="loo", standardize: bool = True, device=None) -> dict:
+                    cv="loo", groups=None, standardize: bool = True, device=None) -> dict:
     """Decode the category of each trial over time (one-vs-rest ridge, argmax).
 
     The one-hot category codes are decoded with :func:`decode_time_resolved`; a test
@@ -315,6 +385,8 @@ def decode_category(meg_train, labels_train, meg_test, labels_test, *, alphas=DE
     meg_train, meg_test : arrays of shape (n_trials, n_channels, n_times)
     labels_train, labels_test : sequences of str (or int), lengths n_train and n_test
         Test labels must be among the training labels.
+    cv, groups
+        As in :func:`decode_time_resolved`.
 
     Returns
     -------
@@ -322,6 +394,11 @@ def decode_category(meg_train, labels_train, meg_test, labels_test, *, alphas=DE
     ``chance`` (1 / n_categories) and ``categories`` (the classes, sorted).
     """
     labels_train, labels_test = np.asarray(labels_train), np.asarray(labels_test)
+    for name, labels, meg_data in (("labels_train", labels_train, meg_train),
+                                   ("labels_test", labels_test, meg_test)):
+        if labels.ndim != 1 or len(labels) != len(meg_data):
+            raise ValueError(f"'{name}' must hold one label per trial ({len(meg_data)}); got "
+                             f"shape {labels.shape}.")
     categories = np.unique(labels_train)
     if len(categories) < 2:
         raise ValueError("'labels_train' must hold at least 2 categories to decode.")
@@ -330,11 +407,116 @@ def decode_category(meg_train, labels_train, meg_test, labels_test, *, alphas=DE
         raise ValueError(f"'labels_test' has categories absent from training: {unknown[:3]}.")
     one_hot = (labels_train[:, None] == categories[None, :]).astype(float)
     out = decode_time_resolved(meg_train, one_hot, meg_test, alphas=alphas, cv=cv,
-                               standardize=standardize, device=device)
+                               groups=groups, standardize=standardize, device=device)
     evidence = out["prediction"] - one_hot.mean(0)                      # priors removed
     decoded = categories[evidence.argmax(2)]                            # (n_test, T)
     accuracy = (decoded == labels_test[:, None]).mean(0)
     return {"accuracy": accuracy, "chance": 1 / len(categories), "categories": categories}
+
+
+class SlidingRidgeCV(BaseEstimator):
+    """A scikit-learn estimator that decodes at every time point (MNE's SlidingEstimator).
+
+    ``SlidingRidgeCV(alphas)`` behaves as MNE's ``SlidingEstimator(make_pipeline(
+    StandardScaler(), RidgeCV(alphas)))``: one standardised ridge per time point, its
+    alpha chosen by efficient leave-one-out (``cv="loo"``) or by folds — but every time
+    point is fitted at once (:func:`decode_time_resolved`). It works inside
+    scikit-learn's ``cross_val_score``/``cross_val_predict`` and pipelines.
+
+    Parameters
+    ----------
+    alphas, cv, standardize, device
+        As in :func:`decode_time_resolved`.
+    scoring : {"r2", "neg_mean_squared_error"}
+        What :meth:`score` returns per time point (averaged over targets).
+
+    Attributes
+    ----------
+    coef_ : ndarray of shape (n_times, n_channels, n_targets)
+        Weights on the standardised sensors (channels flattened when X has several
+        feature axes).
+    mean_, scale_ : ndarray of shape (n_times, n_channels)
+        The training trials' sensor means and standard deviations (``StandardScaler``).
+    alpha_ : ndarray of shape (n_times, n_targets), or (n_times,) for 1-D y
+    features_shape_ : tuple
+        The feature axes of X (``(n_channels,)`` for MEG epochs).
+    n_times_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X, y = rng.normal(size=(40, 5, 3)), rng.normal(size=40)
+    >>> SlidingRidgeCV().fit(X, y).predict(X).shape
+    (40, 3)
+    """
+
+    def __init__(self, alphas=DEFAULT_ALPHAS, cv="loo", standardize: bool = True, device=None,
+                 scoring: str = "r2"):
+        self.alphas = alphas
+        self.cv = cv
+        self.standardize = standardize
+        self.device = device
+        self.scoring = scoring
+
+    @staticmethod
+    def _flatten(X) -> np.ndarray:
+        """(n_trials, *features, n_times) → (n_trials, n_features, n_times)."""
+        if isinstance(X, torch.Tensor):
+            X = X.detach().cpu().numpy()
+        X = np.asarray(X)
+        if X.ndim < 3:
+            raise ValueError(f"X must have shape (n_trials, n_channels, n_times) (or more "
+                             f"feature axes before the time axis); got {X.shape}.")
+        return X.reshape(X.shape[0], -1, X.shape[-1])
+
+    def fit(self, X, y, groups=None):
+        """Fit on MEG ``X`` (n_trials, n_channels, n_times) and ``y`` (n_trials[, n_targets]).
+
+        ``groups`` (n_trials,) labels trials for group splitters.
+        """
+        shape = np.shape(X)
+        X = _as_meg("X", self._flatten(X))
+        y_2d, raveled = _as_targets("y", y, len(X))
+        self._fit = _fit_sliding(X, y_2d, self.alphas, self.cv, groups, self.standardize,
+                                 self.device)
+        self.coef_ = self._fit["coef"].cpu().numpy()
+        self.mean_ = self._fit["mean"][:, 0].cpu().numpy()
+        self.scale_ = self._fit["sd"][:, 0].cpu().numpy()
+        self.alpha_ = self._fit["alpha"][..., 0] if raveled else self._fit["alpha"]
+        self.features_shape_ = tuple(shape[1:-1])
+        self.n_times_ = X.shape[2]
+        self._raveled = raveled
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        """Predictions, ndarray of shape (n_trials, n_times[, n_targets])."""
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "coef_")
+        shape = np.shape(X)
+        X = _as_meg("X", self._flatten(X))
+        if tuple(shape[1:-1]) != self.features_shape_ or X.shape[2] != self.n_times_:
+            raise ValueError(f"X has features {tuple(shape[1:-1])} × {X.shape[2]} times but the "
+                             f"model was fitted on {self.features_shape_} × {self.n_times_}.")
+        prediction = _predict_sliding(self._fit, X)
+        return prediction[..., 0] if self._raveled else prediction
+
+    def transform(self, X) -> np.ndarray:
+        """The decoded values, as :meth:`predict`: a pipeline step's per-time features."""
+        return self.predict(X)
+
+    def score(self, X, y) -> np.ndarray:
+        """Score per time point (averaged over targets), ndarray of shape (n_times,)."""
+        from sklearn.metrics import mean_squared_error, r2_score
+
+        check_in_allowed("scoring", self.scoring, ("r2", "neg_mean_squared_error"))
+        prediction = self.predict(X)
+        y_2d, _ = _as_targets("y", y, len(prediction))
+        pred = prediction.reshape(len(prediction), self.n_times_, -1)
+        if self.scoring == "r2":
+            return np.array([r2_score(y_2d, pred[:, t]) for t in range(self.n_times_)])
+        return np.array([-mean_squared_error(y_2d, pred[:, t]) for t in range(self.n_times_)])
 
 
 # --------------------------------------------------------------------------- bootstrap
