@@ -38,7 +38,7 @@ def tiny_book(tmp_path):
         "chapters": [{"file": "executed/b"}, {"file": "other"}, {"file": "executed/a"}],
     }))
     (tmp_path / "params" / "demo.yaml").write_text(yaml.safe_dump({
-        "defaults": {"profile": "demo", "unused": 3},
+        "defaults": {"profile": "demo", "fail": False},  # each declared by one chapter only
         "notebooks": {"a": {"value": 2}},
     }))
     return tmp_path

@@ -9,7 +9,11 @@ Command line::
 in their order, from the sources in ``notebooks/``, with the parameters of
 ``params/<profile>.yaml``, and writes the executed copies that jupyter-book renders
 to ``executed/``. A chapter whose notebook, parameters and library source are
-unchanged since its last successful run is skipped. A failing chapter stops the run
+unchanged since its last successful run, and whose inputs (the saved study it loaded,
+weights files, real data — anything passed to :func:`record_input`) still have the
+content they had then, is skipped; otherwise it reruns and the runner says why.
+Parameters no chapter declares (a misspelt ``-p n_imgaes=40``, a typo under
+``defaults:``) or of the wrong kind are refused before anything runs. A failing chapter stops the run
 with its name, the failing cell and the path of the partial output
 (``executed/<name>.failed.ipynb``); the previous good copy is left untouched.
 
@@ -43,7 +47,11 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["Chapter", "chapters", "load_profile", "run", "main"]
+from ._provenance import record_input
+from ._utils import atomic_path
+
+__all__ = ["Chapter", "chapters", "load_profile", "check_parameters", "declared_parameters",
+           "is_up_to_date", "stale_reason", "record_input", "run", "main"]
 
 EXECUTED_DIR = "executed"
 SOURCE_DIR = "notebooks"
@@ -118,7 +126,17 @@ def load_profile(root: str | os.PathLike, profile: str) -> dict:
             f"Profile {profile!r} not found (looked for {str(path)!r}). Available profiles: "
             f"{', '.join(known)}. e.g. --profile demo"
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"Profile {str(path)!r} is not valid YAML:{where}: {problem}. "
+                         "Fix that line (indentation, a missing ':' or quote).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"Profile {str(path)!r} must be a YAML mapping (description, "
+                         f"defaults, notebooks…); got {type(data).__name__}.")
     unknown = set(data) - {"description", "chapters", "defaults", "notebooks", "sweep"}
     if unknown:
         raise ValueError(
@@ -130,7 +148,112 @@ def load_profile(root: str | os.PathLike, profile: str) -> dict:
                                   or not all(isinstance(c, str) for c in chapters_)):
         raise ValueError(f"Profile {str(path)!r}: 'chapters' must be a list of chapter names, "
                          f"e.g. [03_meg_decoding]; got {chapters_!r}.")
+    for key in ("defaults", "notebooks"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ValueError(f"Profile {str(path)!r}: {key!r} must be a mapping; got "
+                             f"{type(data[key]).__name__}.")
+    for name, values in (data.get("notebooks") or {}).items():
+        if values is not None and not isinstance(values, dict):
+            raise ValueError(f"Profile {str(path)!r}: notebooks.{name} must be a mapping of "
+                             f"parameters; got {type(values).__name__}.")
+    data["_path"] = str(path)
     return data
+
+
+def declared_parameters(chapter: Chapter) -> dict:
+    """The parameters a chapter's ``parameters`` cell declares, with their defaults.
+
+    Returns
+    -------
+    dict of str to object
+        Name → default value (the literal of the cell; ``None`` when it is not a literal).
+    """
+    import ast
+
+    import papermill
+
+    out = {}
+    for name, info in papermill.inspect_notebook(str(chapter.source)).items():
+        try:
+            out[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            out[name] = None
+    return out
+
+
+def _type_problem(value, default) -> str | None:
+    """Why ``value`` cannot stand for a parameter whose default is ``default`` (or None).
+
+    None (the usual "automatic" value) is accepted for every parameter; otherwise the
+    kind of the default decides: integers take integers, floats take numbers, strings,
+    booleans, lists and mappings take their own kind.
+    """
+    if value is None or default is None:
+        return None
+    expected = [(bool, "true or false", lambda v: isinstance(v, bool)),
+                (int, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                (float, "a number", lambda v: isinstance(v, (int, float))
+                 and not isinstance(v, bool)),
+                (str, "a string", lambda v: isinstance(v, str)),
+                ((list, tuple), "a list", lambda v: isinstance(v, (list, tuple))),
+                (dict, "a mapping", lambda v: isinstance(v, dict))]
+    for kind, words, accepts in expected:
+        if isinstance(default, kind):
+            return None if accepts(value) else f"expects {words} (like its default {default!r})"
+    return None
+
+
+def check_parameters(todo: list[Chapter], profile: dict, overrides: dict | None = None,
+                     every: list[Chapter] | None = None) -> None:
+    """Refuse, before anything runs, parameters that no chapter would use or of the wrong kind.
+
+    A misspelt ``-p`` override, profile default or chapter section would otherwise be
+    silently ignored (a run with ``-p n_imgaes=40`` uses the default number of images).
+
+    Parameters
+    ----------
+    todo : list of Chapter
+        The chapters about to run.
+    profile : dict
+        From :func:`load_profile`.
+    overrides : dict or None
+        ``-p`` values: each must be declared by at least one chapter of ``todo``.
+    every : list of Chapter or None
+        All the book's chapters: profile ``defaults`` must be declared by one of them,
+        and ``notebooks`` sections must name one of them.
+
+    Raises
+    ------
+    ValueError
+        One message naming the parameter (and chapter), with the valid names.
+    """
+    every = every if every is not None else todo
+    where = f"profile {profile.get('_path', '')!r}"
+    declared = {c.name: declared_parameters(c) for c in every}
+    names = sorted({p for c in every for p in declared[c.name]})
+    known = {c.name for c in every}
+    for name in profile.get("notebooks") or {}:
+        if name not in known:
+            raise ValueError(f"The {where} sets parameters for chapter {name!r}, which the book "
+                             f"does not have; chapters: {sorted(known)}.")
+    for key in profile.get("defaults") or {}:
+        if not any(key in d for d in declared.values()):
+            raise ValueError(f"The {where} sets default {key!r}, which no chapter declares "
+                             f"(a misspelling?); parameters: {names}.")
+    run_names = sorted({p for c in todo for p in declared[c.name]})
+    for key in overrides or {}:
+        if not any(key in declared[c.name] for c in todo):
+            raise ValueError(
+                f"Parameter {key!r} (from -p/overrides) is declared by none of the chapters to "
+                f"run ({[c.name for c in todo]}), so it would be ignored; is it misspelt? "
+                f"Parameters they declare: {run_names}.")
+    for chapter in todo:
+        values = parameters_for(chapter, profile, overrides)
+        for key, value in values.items():
+            problem = _type_problem(value, declared[chapter.name].get(key))
+            if problem:
+                raise ValueError(f"Parameter {key!r} of chapter {chapter.name} {problem}; got "
+                                 f"{value!r} ({type(value).__name__}).")
 
 
 def parameters_for(chapter: Chapter, profile: dict, overrides: dict | None = None) -> dict:
@@ -175,13 +298,43 @@ def _stamp_path(chapter: Chapter) -> Path:
 
 
 def is_up_to_date(chapter: Chapter, digest: str) -> bool:
+    """True when the chapter's last successful run had the same inputs.
+
+    Same notebook, parameters and library (``digest``), and every file or folder the
+    chapter read during that run — the saved study, weights files, real data — still
+    has the fingerprint it had then (see :mod:`gradbrain._provenance`).
+    """
+    from . import _provenance
+
     stamp = _stamp_path(chapter)
     if not (stamp.is_file() and chapter.output.is_file()):
         return False
     try:
-        return json.loads(stamp.read_text()).get("digest") == digest
+        recorded = json.loads(stamp.read_text())
     except (OSError, ValueError):
         return False
+    if recorded.get("digest") != digest:
+        return False
+    return not _provenance.stale_inputs(recorded.get("inputs", []))
+
+
+def stale_reason(chapter: Chapter, digest: str) -> str | None:
+    """Why a chapter must rerun, in words (None when it is up to date)."""
+    from . import _provenance
+
+    stamp = _stamp_path(chapter)
+    if not (stamp.is_file() and chapter.output.is_file()):
+        return "never ran" if not chapter.output.is_file() else "no record of its last run"
+    try:
+        recorded = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return "its stamp is unreadable"
+    if recorded.get("digest") != digest:
+        return "its notebook, parameters or the library changed"
+    stale = _provenance.stale_inputs(recorded.get("inputs", []))
+    if stale:
+        return f"an input it read changed: {stale[0]}"
+    return None
 
 
 def tidy_for_book(path: str | os.PathLike) -> None:
@@ -203,8 +356,13 @@ def tidy_for_book(path: str | os.PathLike) -> None:
     nbformat.write(nb, str(path))
 
 
-def execute_chapter(chapter: Chapter, parameters: dict, *, cwd: Path, progress: bool) -> None:
+def execute_chapter(chapter: Chapter, parameters: dict, *, cwd: Path, progress: bool) -> list:
     """Execute one chapter to a temporary copy, then move it into place.
+
+    Returns
+    -------
+    list of dict
+        The inputs the chapter read (path and fingerprint each), for its stamp.
 
     Raises
     ------
@@ -214,10 +372,16 @@ def execute_chapter(chapter: Chapter, parameters: dict, *, cwd: Path, progress: 
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    from . import _provenance
+
     chapter.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = chapter.output.with_name(f".{chapter.name}.running.ipynb")
     failed = chapter.output.with_name(f"{chapter.name}.failed.ipynb")
+    inputs = chapter.output.with_name(f".{chapter.name}.inputs.jsonl")
     _stamp_path(chapter).unlink(missing_ok=True)
+    inputs.unlink(missing_ok=True)
+    previous = os.environ.get(_provenance.ENV)
+    os.environ[_provenance.ENV] = str(inputs)  # the kernel inherits it and records its inputs
     try:
         papermill.execute_notebook(
             str(chapter.source), str(tmp), parameters=parameters, kernel_name="python3",
@@ -234,9 +398,17 @@ def execute_chapter(chapter: Chapter, parameters: dict, *, cwd: Path, progress: 
         if tmp.exists():
             os.replace(tmp, failed)
         raise
+    finally:
+        if previous is None:
+            os.environ.pop(_provenance.ENV, None)
+        else:
+            os.environ[_provenance.ENV] = previous
     tidy_for_book(tmp)
     os.replace(tmp, chapter.output)
     failed.unlink(missing_ok=True)
+    records = _provenance.read_records(inputs)
+    inputs.unlink(missing_ok=True)
+    return records
 
 
 def run(
@@ -286,24 +458,27 @@ def run(
             raise ValueError(f"Unknown chapter(s) {unknown} in {source}; available: {names}.")
         todo = [c for c in todo if c.name in wanted]
         names = [c.name for c in todo]
+    check_parameters(todo, data, overrides, every=chapters(root, output_dir))
     status = {}
     for i, chapter in enumerate(todo, 1):
         parameters = parameters_for(chapter, data, overrides)
         digest = input_digest(chapter, parameters)
         prefix = f"[{i}/{len(todo)}] {chapter.name}"
-        if not force and is_up_to_date(chapter, digest):
+        reason = "forced" if force else stale_reason(chapter, digest)
+        if reason is None:
             print(f"{prefix}: inputs unchanged, skipped", flush=True)
             status[chapter.name] = "skipped"
             continue
-        print(f"{prefix}: running on profile {profile!r} with {parameters}", flush=True)
+        print(f"{prefix}: running ({reason}) on profile {profile!r} with {parameters}",
+              flush=True)
         start = time.perf_counter()
-        execute_chapter(chapter, parameters, cwd=root, progress=progress)
+        inputs = execute_chapter(chapter, parameters, cwd=root, progress=progress)
         stamp = _stamp_path(chapter)
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps({
-            "digest": digest, "profile": profile, "parameters": parameters,
-            "seconds": round(time.perf_counter() - start, 1),
-        }, default=str, indent=1))
+        with atomic_path(stamp, suffix=".json") as tmp:
+            tmp.write_text(json.dumps({
+                "digest": digest, "profile": profile, "parameters": parameters,
+                "inputs": inputs, "seconds": round(time.perf_counter() - start, 1),
+            }, default=str, indent=1))
         print(f"{prefix}: done in {time.perf_counter() - start:.0f} s → {chapter.output}", flush=True)
         status[chapter.name] = "executed"
     return status

@@ -23,8 +23,8 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
 
     Parameters
     ----------
-    model_names : sequence of str
-        Registry names (:func:`gradbrain.models.list_models`).
+    model_names : str or sequence of str
+        Registry names (:func:`gradbrain.models.list_models`); one name is one model.
     study : Study
         With fMRI and/or MEG, and ``images``.
     weights : mapping of str to weights, optional
@@ -49,6 +49,8 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
     from .meg import meg_encoding
     from .ridge import fmri_encoding
 
+    if isinstance(model_names, str):  # one model, not the characters of its name
+        model_names = [model_names]
     if not model_names:
         raise ValueError("'model_names' is empty; give registry names, e.g. "
                          "['dinov3_vitb16', 'resnet50'].")

@@ -49,6 +49,7 @@ import json
 import os
 import shutil
 import warnings
+import zipfile
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -237,6 +238,11 @@ def _as_batch_tensor(model: LoadedModel, images) -> tuple[torch.Tensor, list[str
         )
     if len(x) == 0:
         raise ValueError("'images' is empty; give at least one image.")
+    finite = torch.isfinite(x).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = torch.flatnonzero(~finite).tolist()
+        raise ValueError(f"'images' hold NaN or infinite pixel values (image(s) {bad[:5]}); "
+                         "features of such images are meaningless. Fix or drop those images.")
     return x.float(), ids, labels
 
 
@@ -532,9 +538,10 @@ def extract(
         final = cache_dir / f"{model.name}-{key}.npz"
         partial = cache_dir / f"{model.name}-{key}.partial"
         if final.exists():
-            cached = Features.load(final)
-            cached.image_ids, cached.labels = ids, labels
-            return cached
+            cached = _load_cached(final, len(x), layers, losses)
+            if cached is not None:
+                cached.image_ids, cached.labels = ids, labels
+                return cached
         partial.mkdir(parents=True, exist_ok=True)
 
     module = model.module.to(device)
@@ -553,8 +560,9 @@ def extract(
                    disable=not progress)
         while start < len(x):
             done = _find_chunk(partial, start)
-            if done is not None:
-                stop, acts, grads, batch_orders = _read_chunk(done, layers, losses)
+            chunk = _read_chunk(done, layers, losses) if done is not None else None
+            if chunk is not None:
+                stop, acts, grads, batch_orders = chunk
             else:
                 stop = min(start + batch_size, len(x))
                 xb = x[start:stop].to(device)
@@ -600,7 +608,13 @@ def _teacher_scores(model, heads, x, batch_size, device, dtype, partial, progres
     """DINO teacher prototype scores of the second view, (n_images, n_prototypes), float32."""
     path = partial / "teacher.npy" if partial is not None else None
     if path is not None and path.exists():
-        return torch.from_numpy(np.load(path))
+        try:
+            scores = np.load(path, allow_pickle=False)
+            if scores.ndim == 2 and len(scores) == len(x):
+                return torch.from_numpy(scores)
+            raise ValueError(f"shape {scores.shape} does not match {len(x)} images")
+        except (OSError, ValueError, EOFError) as err:
+            _discard_corrupt(path, err)
     out = []
     with torch.inference_mode(), _autocast(device, dtype):
         for start in tqdm(range(0, len(x), batch_size), desc=f"{model.name}: DINO teacher",
@@ -635,12 +649,47 @@ def _write_chunk(partial, start, stop, acts, grads, orders) -> None:
 
 
 def _read_chunk(path: Path, layers, losses):
-    stop = int(path.stem.split("-")[1])
-    with np.load(path, allow_pickle=False) as data:
-        acts = {l: data[f"act/{l}"] for l in layers}
-        grads = {loss: {l: data[f"grad/{loss}/{l}"] for l in layers} for loss in losses}
-        orders = json.loads(str(data["orders"]))
+    """A cached batch, or None (after deleting it) when the file is unreadable."""
+    try:
+        start, stop = (int(part) for part in path.stem.split("-"))
+        with np.load(path, allow_pickle=False) as data:
+            acts = {l: data[f"act/{l}"] for l in layers}
+            grads = {loss: {l: data[f"grad/{loss}/{l}"] for l in layers} for loss in losses}
+            orders = json.loads(str(data["orders"]))
+        if any(len(a) != stop - start for a in acts.values()):
+            raise ValueError(f"it holds {len(next(iter(acts.values())))} images, not "
+                             f"{stop - start}")
+    except _CACHE_ERRORS as err:
+        _discard_corrupt(path, err)
+        return None
     return stop, acts, grads, orders
+
+
+# what a truncated, emptied or foreign cache file raises when read
+_CACHE_ERRORS = (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile,
+                 json.JSONDecodeError)
+
+
+def _discard_corrupt(path: Path, err: BaseException) -> None:
+    """Warn (naming the file) and delete an unreadable cache file: it is recomputed."""
+    warnings.warn(f"Feature cache file {str(path)!r} is unreadable ({type(err).__name__}: "
+                  f"{err}); it was deleted and its features are recomputed.", RuntimeWarning,
+                  stacklevel=3)
+    Path(path).unlink(missing_ok=True)
+
+
+def _load_cached(path: Path, n_images: int, layers, losses) -> "Features | None":
+    """The cached features at ``path``, or None (after deleting it) when unreadable."""
+    try:
+        cached = Features.load(path)
+        if cached.layers != list(layers) or sorted(cached.losses) != sorted(losses):
+            raise ValueError("its layers or losses differ from the request")
+        if any(len(a) != n_images for a in cached.activations.values()):
+            raise ValueError(f"it holds another number of images than {n_images}")
+    except _CACHE_ERRORS as err:
+        _discard_corrupt(path, err)
+        return None
+    return cached
 
 
 # --------------------------------------------------------------------------- analyses

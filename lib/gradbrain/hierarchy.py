@@ -352,6 +352,9 @@ def layer_permutation_test(layer_index, target, values, *, mask=None, method: st
     index = np.asarray(layer_index)
     target = np.asarray(target, dtype=float)
     values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or not np.isfinite(values).all():
+        raise ValueError(f"'values' (one per layer, e.g. the layers' depth) must be a 1-D array "
+                         f"of finite numbers; got {values!r}.")
     if index.shape != target.shape or index.ndim != 1:
         raise ValueError(f"'layer_index' and 'target' must be 1-D of equal length; got "
                          f"{index.shape} and {target.shape}.")
@@ -772,6 +775,13 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     from .meg import meg_encoding
     from .ridge import fmri_encoding
 
+    for name, value in (("alpha", alpha), ("ci", ci)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"'{name}' must be a number between 0 and 1 (e.g. {name}="
+                             f"{0.05 if name == 'alpha' else 0.95}); got {value!r}.")
+    for name, value, low in (("n_perm", n_perm, 1), ("n_boot", n_boot, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"'{name}' must be an integer >= {low}; got {value!r}.")
     if features is None:
         if not study.truth:
             raise ValueError("'features' are needed for real data: extract them with "

@@ -243,12 +243,17 @@ class LoadedModel:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and safetensors errors of a file that is no checkpoint
+        raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint "
+                         f"({type(err).__name__}: {err}); give a .pth/.bin/.safetensors state "
+                         "dict saved with torch.save or safetensors.") from err
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -286,6 +291,9 @@ def _load_file(spec: ModelSpec, path: str | os.PathLike, seed: int) -> torch.nn.
             f"of a checkpoint of timm's {spec.timm_name!r}, or weights='pretrained' to use the "
             "hub (needs the network)."
         )
+    from . import _provenance
+
+    _provenance.record_input(path, kind="weights")
     if spec.positional_state_dict:
         module = _create(spec, seed)
         state = _read_state_dict(path)
@@ -295,9 +303,14 @@ def _load_file(spec: ModelSpec, path: str | os.PathLike, seed: int) -> torch.nn.
         else:
             _load_by_position(module, state, path)
         return module
-    return timm.create_model(
-        spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}
-    )
+    try:
+        return timm.create_model(
+            spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}
+        )
+    except Exception as err:
+        _read_state_dict(path)  # a file that is no checkpoint at all: that message
+        raise ValueError(f"{str(path)!r} is a checkpoint, but not one of timm's "
+                         f"{spec.timm_name!r} ({type(err).__name__}: {str(err)[:300]}).") from err
 
 
 def _create(spec: ModelSpec, seed: int) -> torch.nn.Module:

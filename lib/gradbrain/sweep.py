@@ -42,6 +42,7 @@ The profile says how a sweep maps onto its chapters, in a ``sweep`` section::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -90,22 +91,94 @@ class Job:
     results_path: Path | None = None
     results_chapter: str | None = None
     pending: tuple[str, ...] = field(default=())
+    driver_pid: int | None = None  # local jobs stop when this process (the sweep) is gone
 
     @property
     def name(self) -> str:
         return f"{self.model or 'data'}/sub-{self.subject}"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.output_dir / ".job.lock"
+
     def __call__(self) -> str | None:
-        """Run the chapters in order (skipping up-to-date ones); return the results path."""
-        force_results = self.results_path is not None and not self.results_path.is_file()
-        for name in self.chapters:
-            book.run(self.profile, only=[name], root=self.root, output_dir=self.output_dir,
-                     overrides=self.overrides[name], progress=False,
-                     force=force_results and name == self.results_chapter)
-        if self.results_path is not None and not self.results_path.is_file():
-            raise RuntimeError(f"Job {self.name} ran {list(self.chapters)} but "
-                               f"{self.results_path} was not written.")
-        return str(self.results_path) if self.results_path else None
+        """Run the chapters in order (skipping up-to-date ones); return the results path.
+
+        The job holds an exclusive lock on its folder while it runs (released by the
+        system even if the job is killed), so a second sweep never runs the same job
+        at once; a local job also stops when the sweep that started it is gone.
+        """
+        import fcntl
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(self.lock_path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise RuntimeError(f"Job {self.name} is already running (lock {self.lock_path} "
+                               "is held): wait for it to finish, or stop it.") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        if self.driver_pid is not None and self.driver_pid != os.getpid():
+            _stop_with(self.driver_pid)
+        try:
+            force_results = self.results_path is not None and not self.results_path.is_file()
+            for name in self.chapters:
+                book.run(self.profile, only=[name], root=self.root, output_dir=self.output_dir,
+                         overrides=self.overrides[name], progress=False,
+                         force=force_results and name == self.results_chapter)
+            if self.results_path is not None and not self.results_path.is_file():
+                raise RuntimeError(f"Job {self.name} ran {list(self.chapters)} but "
+                                   f"{self.results_path} was not written.")
+            return str(self.results_path) if self.results_path else None
+        finally:
+            lock.close()
+
+    def running_pid(self) -> int | None:
+        """The process id of a run of this job still holding its lock, else None."""
+        import fcntl
+
+        if not self.lock_path.is_file():
+            return None
+        with open(self.lock_path, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.seek(0)
+                text = lock.read().strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        return None
+
+
+def _stop_with(pid: int, poll_s: float = 1.0) -> None:
+    """Stop this process and its children (the notebook kernel) once process ``pid`` ends.
+
+    submitit's local jobs are meant to outlive the Python session that submitted them,
+    and submitit ignores SIGTERM inside a job; a sweep's jobs should not outlive the
+    sweep: killing it (even with SIGKILL) ends them within about ``poll_s`` seconds, so a
+    rerun never races a job left behind. Finished chapters are kept (each is written
+    atomically); the one that was running reruns next time.
+    """
+    import signal
+    import threading
+
+    import psutil
+
+    from ._utils import _pid_alive
+
+    def watch():
+        while _pid_alive(pid):
+            time.sleep(poll_s)
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="gradbrain-sweep-watchdog", daemon=True).start()
 
 
 def load_spec(root: str | os.PathLike, profile: str) -> SweepSpec:
@@ -249,7 +322,10 @@ def plan(spec: SweepSpec, models: Sequence[str], subjects: Sequence, out: str | 
                 f"include its results chapter {spec.results_chapter!r}.")
         chain = tuple(c for c in spec.chapters if c in chapters)
     profile = book.load_profile(root, spec.profile)
-    chapters = {c.name: c for c in book.chapters(root)}
+    every = book.chapters(root)
+    chapters = {c.name: c for c in every}
+    book.check_parameters([chapters[n] for n in spec.data_chapters + chain], profile, overrides,
+                          every=every)
     weights = {**spec.weights, **(weights or {})}
 
     def job(subject, model, names, output_dir, results_path=None):
@@ -265,7 +341,10 @@ def plan(spec: SweepSpec, models: Sequence[str], subjects: Sequence, out: str | 
                 values.update(model=model, weights=weights.get(model))
                 if name == spec.results_chapter:
                     values["results_path"] = str(results_path)
-            per_chapter[name] = values
+            # the sweep checked every override against all its chapters; each chapter is
+            # given only those its parameters cell declares
+            declared = _declared(chapters[name])
+            per_chapter[name] = values = {k: v for k, v in values.items() if k in declared}
             chapter = book.Chapter(name, chapters[name].source,
                                    Path(output_dir) / f"{name}.ipynb")
             parameters = book.parameters_for(chapter, profile, values)
@@ -446,7 +525,21 @@ def run(profile: str, models: Sequence[str], subjects: Sequence, *, out: str | o
                    slurm_parallelism=max_parallel if executor == "slurm" else None)
     failures = {}
     for stage, jobs in (("data", data_jobs), ("chain", chain_jobs)):
+        if stage == "chain" and any(j.pending for j in data_jobs):
+            # the data jobs rewrote studies: the chain's stamps are checked against them now
+            _, jobs = plan(spec, models, subjects, out, root=root, overrides=overrides,
+                           weights=weights, chapters=chapters)
         todo = [j for j in jobs if j.pending]
+        busy = [(j.name, j.running_pid()) for j in todo if j.running_pid() is not None]
+        if busy:
+            raise RuntimeError(
+                "Job(s) of an earlier run of this sweep are still running: "
+                + ", ".join(f"{name} (pid {pid})" for name, pid in busy)
+                + ". Wait for them to finish (or stop them), then rerun: finished chapters "
+                "are skipped.")
+        if executor == "local":
+            for j in todo:
+                j.driver_pid = os.getpid()
         log(f"{stage}: {len(todo)} of {len(jobs)} job(s) to run, "
             f"{len(jobs) - len(todo)} up to date")
         if stage == "chain" and failures:
@@ -507,7 +600,7 @@ def collect(out: str | os.PathLike, *, models: Sequence[str] | None = None,
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(table):
-        table["loss"] = table["loss"].fillna("")
+        table["loss"] = table["loss"].astype(object).fillna("")  # all-NaN reads as float
     with atomic_path(out / "results.csv", suffix=".csv") as tmp:
         table.to_csv(tmp, index=False)
     group = group_summary(table, alpha=alpha)
@@ -569,8 +662,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect-only", action="store_true",
                         help="only gather the tables already written under --out")
     args = parser.parse_args(argv)
-    out = args.out or Path(book.find_root(args.root)) / "sweeps" / args.profile
     try:
+        out = Path(args.out or Path(book.find_root(args.root)) / "sweeps" / args.profile)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {str(out)!r} is a file; give a folder for the sweep "
+                             "(it is created if missing).")
+        if args.collect_only and not (out / "results").is_dir():
+            raise FileNotFoundError(f"Nothing to collect: {str(out / 'results')!r} does not "
+                                    "exist. Run the sweep first (without --collect-only), or "
+                                    "give the --out of an existing sweep.")
         if args.collect_only:
             table = collect(out, models=args.models, subjects=args.subjects)
             print(f"results: {len(table)} row(s) → {Path(out) / 'results.csv'}")

@@ -67,10 +67,18 @@ def _readout(z: np.ndarray, n_out: int, rng: np.random.Generator) -> np.ndarray:
     return _zscore(z @ rng.standard_normal((z.shape[1], n_out)))
 
 
-def _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri, meg):
+def _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri, meg,
+           n_fmri_repeats=3, n_meg_test_repeats=12):
     check_in_allowed("gradient_truth", gradient_truth, GRADIENT_TRUTHS)
-    if not isinstance(seed, (int, np.integer)):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"'seed' must be an integer; got {type(seed).__name__}. e.g. seed=0")
+    if seed < 0:
+        raise ValueError(f"'seed' must be a non-negative integer; got {seed}. e.g. seed=0")
+    for name, value in (("n_fmri_repeats", n_fmri_repeats),
+                        ("n_meg_test_repeats", n_meg_test_repeats)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"'{name}' must be a positive integer (repeats per image); got "
+                             f"{value!r}. e.g. {name}=3")
     if not isinstance(n_images, (int, np.integer)) or not 10 <= n_images <= N_EMBEDDED:
         raise ValueError(
             f"'n_images' must be an integer between 10 and {N_EMBEDDED} (the embedded "
@@ -154,7 +162,8 @@ def make_study(
         ``activation_latency`` / ``gradient_latency`` (ms; NaN = none); and the
         settings.
     """
-    _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri, meg)
+    _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri, meg,
+           n_fmri_repeats, n_meg_test_repeats)
     from .. import features as gf
     from .. import models
 

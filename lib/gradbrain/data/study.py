@@ -7,6 +7,7 @@ modality leaves its attributes ``None``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import numpy as np
 
 from .images import ImageSet
 
-__all__ = ["Study", "noise_ceiling"]
+__all__ = ["Study", "noise_ceiling", "stored_digest"]
 
 
 def noise_ceiling(ncsnr: np.ndarray, n_repeats: int) -> np.ndarray:
@@ -113,22 +114,67 @@ class Study:
 
     # ------------------------------------------------------------------ files
 
+    def digest(self) -> str:
+        """Hex digest of the study's content (every array, the images, truth and MEG).
+
+        Two studies with the same digest hold the same data; :meth:`save` stores it, and
+        the book runner reruns a chapter when the study it read has another digest.
+        """
+        from .._utils import hash_update_array
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps([self.name, self.mesh, list(self.image_ids)]).encode())
+        for key in ("split", "betas", "vertices", "hemi", "hierarchy", "ncsnr"):
+            value = getattr(self, key)
+            h.update(key.encode())
+            if value is not None:
+                value = np.asarray(value)
+                hash_update_array(h, value.astype("S") if value.dtype.kind == "U" else value)
+        if self.images is not None:
+            h.update(json.dumps([self.images.ids, self.images.labels]).encode())
+            for image in self.images.images:
+                hash_update_array(h, np.asarray(image.convert("RGB")))
+        for key in sorted(self.truth):
+            value = self.truth[key]
+            h.update(key.encode())
+            if isinstance(value, np.ndarray):
+                hash_update_array(h, value.astype("S") if value.dtype.kind == "U" else value)
+            else:
+                h.update(json.dumps(value, sort_keys=True, default=str).encode())
+        if self.epochs is not None:
+            hash_update_array(h, self.epochs.get_data().astype(np.float32))
+            h.update(np.asarray(self.epochs.times).tobytes())
+            h.update(json.dumps(self.epochs.ch_names).encode())
+            if self.epochs.metadata is not None:
+                h.update(self.epochs.metadata.to_json().encode())
+        return h.hexdigest()
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write to folder ``path`` (``study.h5`` + ``meg-epo.fif``), atomically.
 
-        The folder is written under a temporary name and renamed into place, so an
-        interrupted save leaves nothing behind. An existing folder is replaced.
+        The folder is written under a temporary name, then swapped in: an existing
+        folder is first renamed aside, the new one renamed into place, and only then the
+        old one deleted — so a kill at any point leaves either the old or the new study
+        at ``path`` (a swap cut short is undone by the next save or load). Temporary
+        folders of killed saves are removed.
         """
         import h5py
 
+        from .._utils import clean_stale_temporaries
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        clean_stale_temporaries(path)
+        pid = os.getpid()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{pid}-", dir=path.parent))
+        aside = None
         try:
             with h5py.File(tmp / "study.h5", "w") as f:
                 f.attrs["name"] = self.name
                 f.attrs["mesh"] = self.mesh
                 f.attrs["image_ids"] = json.dumps(self.image_ids)
+                f.attrs["has_meg"] = self.epochs is not None
+                f.attrs["digest"] = self.digest()
                 for key in ("split", "betas", "vertices", "hemi", "hierarchy", "ncsnr"):
                     value = getattr(self, key)
                     if value is None:
@@ -148,49 +194,98 @@ class Study:
             if self.epochs is not None:
                 self.epochs.save(tmp / "meg-epo.fif", overwrite=True, verbose="error")
             if path.exists():
-                shutil.rmtree(path)
+                aside = path.with_name(f".{path.name}.old-{pid}-{tmp.name.rsplit('-', 1)[-1]}")
+                os.replace(path, aside)
             os.replace(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
+            if aside is not None:
+                if path.exists():
+                    shutil.rmtree(aside, ignore_errors=True)
+                elif aside.exists():  # the new study did not arrive: put the old one back
+                    os.replace(aside, path)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Study":
-        """Read a folder written by :meth:`save`."""
+        """Read a folder written by :meth:`save`.
+
+        Raises
+        ------
+        FileNotFoundError
+            No saved study at ``path``.
+        ValueError
+            The folder is incomplete or corrupt (a truncated ``study.h5``, a missing
+            ``meg-epo.fif``…): one message naming the file and how to rebuild it.
+        """
         import h5py
         from PIL import Image
 
-        path = Path(path)
+        from .. import _provenance
+        from .._utils import clean_stale_temporaries
+
+        path = Path(path).expanduser()
+        clean_stale_temporaries(path)  # undo a swap a kill cut short
         if not (path / "study.h5").is_file():
             raise FileNotFoundError(
                 f"{str(path)!r} is not a saved Study (no study.h5 inside); save one with "
-                "Study.save(path)."
+                "Study.save(path), e.g. by running the data chapter (00_data)."
             )
-        with h5py.File(path / "study.h5", "r") as f:
-            values = {}
-            for key in ("split", "betas", "vertices", "hemi", "hierarchy", "ncsnr"):
-                if key in f:
-                    value = f[key][()]
-                    values[key] = value.astype("U") if value.dtype.kind == "S" else value
-            images = None
-            if "images" in f:
-                g = f["images"]
-                images = ImageSet(
-                    images=[Image.fromarray(a) for a in g["pixels"][()]],
-                    ids=json.loads(g.attrs["ids"]), labels=json.loads(g.attrs["labels"]),
-                    sources=json.loads(g.attrs["sources"]),
-                )
-            truth = _read_truth(f["truth"])
-            name, mesh = str(f.attrs["name"]), str(f.attrs["mesh"])
-            image_ids = json.loads(f.attrs["image_ids"])
+        rebuild = ("Rebuild it: rerun the data chapter (python -m gradbrain.book run --only "
+                   "00_data --force), or Study.save it again.")
+        try:
+            with h5py.File(path / "study.h5", "r") as f:
+                values = {}
+                for key in ("split", "betas", "vertices", "hemi", "hierarchy", "ncsnr"):
+                    if key in f:
+                        value = f[key][()]
+                        values[key] = value.astype("U") if value.dtype.kind == "S" else value
+                images = None
+                if "images" in f:
+                    g = f["images"]
+                    images = ImageSet(
+                        images=[Image.fromarray(a) for a in g["pixels"][()]],
+                        ids=json.loads(g.attrs["ids"]), labels=json.loads(g.attrs["labels"]),
+                        sources=json.loads(g.attrs["sources"]),
+                    )
+                truth = _read_truth(f["truth"])
+                name, mesh = str(f.attrs["name"]), str(f.attrs["mesh"])
+                image_ids = json.loads(f.attrs["image_ids"])
+                has_meg = bool(f.attrs.get("has_meg", (path / "meg-epo.fif").is_file()))
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"The study at {str(path)!r} is incomplete or corrupt: "
+                             f"study.h5 cannot be read ({type(err).__name__}: {err}). "
+                             + rebuild) from err
         epochs = None
-        if (path / "meg-epo.fif").is_file():
+        if has_meg:
+            fif = path / "meg-epo.fif"
+            if not fif.is_file():
+                raise ValueError(f"The study at {str(path)!r} has MEG data but its file "
+                                 f"meg-epo.fif is missing. " + rebuild)
             import mne
 
-            epochs = mne.read_epochs(path / "meg-epo.fif", preload=True, verbose="error")
+            try:
+                epochs = mne.read_epochs(fif, preload=True, verbose="error")
+            except Exception as err:  # MNE raises many kinds on a truncated file
+                raise ValueError(f"The study at {str(path)!r} is incomplete or corrupt: "
+                                 f"meg-epo.fif cannot be read ({type(err).__name__}: {err}). "
+                                 + rebuild) from err
+        _provenance.record_input(path, kind="study")
         return cls(name=name, image_ids=image_ids, images=images, epochs=epochs, truth=truth,
                    mesh=mesh, **values)
+
+
+def stored_digest(path: str | os.PathLike) -> str | None:
+    """The content digest :meth:`Study.save` stored in a study folder (None if unreadable)."""
+    import h5py
+
+    try:
+        with h5py.File(Path(path) / "study.h5", "r") as f:
+            digest = f.attrs.get("digest")
+    except (OSError, KeyError, ValueError):
+        return None
+    return None if digest is None else str(digest)
 
 
 def _write_truth(group, truth: dict) -> None:
