@@ -297,3 +297,20 @@ def test_category_decoding_recovers_planted_classes(rng):
     assert scores["noise"] < 0.6
     with pytest.raises(ValueError, match="≥2 categories"):
         gf.category_decoding({"x": noise[:4]}, ["a", "a", "b", "b"])
+
+
+def test_extraction_runs_in_eval_mode_and_gives_the_callers_mode_back(cnn, small_images):
+    """A model left in training mode (batch norm on batch statistics) would make an
+    image's features depend on its batch companions; extract uses eval mode itself."""
+    reference = gf.extract(cnn, small_images[:4], losses=("ce",), batch_size=1)
+    cnn.module.train()
+    try:
+        together = gf.extract(cnn, small_images[:4], losses=("ce",), batch_size=4)
+        assert cnn.module.training and all(m.training for m in cnn.module.modules())
+    finally:
+        cnn.module.eval()
+    for layer in cnn.layers:
+        np.testing.assert_allclose(together.activations[layer], reference.activations[layer],
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(together.gradients["ce"][layer],
+                                   reference.gradients["ce"][layer], rtol=1e-3, atol=1e-8)

@@ -118,3 +118,20 @@ def test_hub_weights_offline_give_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="pass weights='/path/to/file'"):
         models.load("resnet50", weights="pretrained")
+
+
+@pytest.mark.parametrize("name", ["clip_vitb16", "convnext_tiny", "dinov3_vits16"])
+def test_random_init_control_has_its_trained_twins_config(name):
+    """A control differs from the trained model only in its weights: same head, input
+    size, crop and normalisation as timm's pretrained configuration of the registry tag
+    (timm's untagged default gave CLIP a 1000-class head and crop 0.95, ConvNeXt 0.95)."""
+    import timm
+
+    spec = models.get_spec(name)
+    cfg = timm.models.get_pretrained_cfg(f"{spec.timm_name}.{spec.pretrained_tag}").to_dict()
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        control = models.load(name)
+    assert control.module.num_classes == cfg["num_classes"]
+    for key in ("input_size", "crop_pct", "mean", "std", "interpolation"):
+        assert tuple(np.atleast_1d(control.data_config[key])) == \
+            tuple(np.atleast_1d(cfg[key])), key

@@ -545,41 +545,50 @@ def extract(
         partial.mkdir(parents=True, exist_ok=True)
 
     module = model.module.to(device)
-    heads = _LossHeads(model, loss_seed, device)
-    teacher_all = center = None
-    if "dino" in losses:
-        teacher_all = _teacher_scores(model, heads, x, batch_size, device, dtype, partial, progress)
-        center = teacher_all.mean(dim=0).to(device)
-
-    chunks: list[tuple[dict, dict]] = []
-    orders: dict[str, list[str]] = {}
-    capture = _Capture(module, layers)
+    # eval mode for the extraction (dropout off, batch norm on its running statistics:
+    # an image's features do not depend on its batch), the caller's modes restored after
+    modes = [m.training for m in module.modules()]
+    module.eval()
     try:
-        start = 0
-        bar = tqdm(total=len(x), desc=f"{model.name}: activations + gradients", unit="img",
-                   disable=not progress)
-        while start < len(x):
-            done = _find_chunk(partial, start)
-            chunk = _read_chunk(done, layers, losses) if done is not None else None
-            if chunk is not None:
-                stop, acts, grads, batch_orders = chunk
-            else:
-                stop = min(start + batch_size, len(x))
-                xb = x[start:stop].to(device)
-                teacher = teacher_all[start:stop].to(device) if teacher_all is not None else None
-                acts, grads, batch_orders = _extract_batch(
-                    model, heads, capture, xb, layers, losses, pool, teacher, center, device, dtype
-                )
-                if partial is not None:
-                    _write_chunk(partial, start, stop, acts, grads, batch_orders)
-            if not orders:
-                orders = batch_orders
-            chunks.append((acts, grads))
-            bar.update(stop - start)
-            start = stop
-        bar.close()
+        heads = _LossHeads(model, loss_seed, device)
+        teacher_all = center = None
+        if "dino" in losses:
+            teacher_all = _teacher_scores(model, heads, x, batch_size, device, dtype, partial,
+                                          progress)
+            center = teacher_all.mean(dim=0).to(device)
+
+        chunks: list[tuple[dict, dict]] = []
+        orders: dict[str, list[str]] = {}
+        capture = _Capture(module, layers)
+        try:
+            start = 0
+            bar = tqdm(total=len(x), desc=f"{model.name}: activations + gradients", unit="img",
+                       disable=not progress)
+            while start < len(x):
+                done = _find_chunk(partial, start)
+                chunk = _read_chunk(done, layers, losses) if done is not None else None
+                if chunk is not None:
+                    stop, acts, grads, batch_orders = chunk
+                else:
+                    stop = min(start + batch_size, len(x))
+                    xb = x[start:stop].to(device)
+                    teacher = teacher_all[start:stop].to(device) if teacher_all is not None else None
+                    acts, grads, batch_orders = _extract_batch(
+                        model, heads, capture, xb, layers, losses, pool, teacher, center, device, dtype
+                    )
+                    if partial is not None:
+                        _write_chunk(partial, start, stop, acts, grads, batch_orders)
+                if not orders:
+                    orders = batch_orders
+                chunks.append((acts, grads))
+                bar.update(stop - start)
+                start = stop
+            bar.close()
+        finally:
+            capture.remove()
     finally:
-        capture.remove()
+        for submodule, mode in zip(module.modules(), modes):
+            submodule.training = mode
 
     features = Features(
         model=model.name,

