@@ -28,8 +28,10 @@ html: $(INSTALLED)
 
 book: chapters html
 
+# one pytest-xdist worker per core; a test file stays on one worker (its module fixtures,
+# e.g. the tiny book build, are computed once)
 test: $(INSTALLED)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n auto --dist loadfile
 
 test-slow: $(INSTALLED)
 	$(PY) -m pytest -m slow

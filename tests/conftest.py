@@ -17,7 +17,9 @@ import torch  # noqa: E402
 
 import gradbrain  # noqa: E402,F401  (registers the torchvision work-around before timm)
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# under pytest-xdist (`make test` runs one worker per core) each worker takes one core
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER")
+                      else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture

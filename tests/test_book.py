@@ -1,8 +1,11 @@
-"""The papermill runner, the real chapter on the demo profile, and the book build."""
+"""The papermill runner, the real chapters on the tiny profile, the book build, and the
+built book in a real browser."""
 
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -86,6 +89,14 @@ def test_run_executes_skips_and_reruns_on_change(tiny_book):
     tags = [c.metadata.get("tags", []) for c in executed.cells]
     assert any("injected-parameters" in t and "remove-cell" in t for t in tags)
     assert any("parameters" in t and "hide-cell" in t for t in tags)
+    import datetime
+
+    import gradbrain
+
+    banner = executed.cells[0]  # no markdown title: the banner is a first cell of its own
+    assert banner.cell_type == "markdown" and banner.source.startswith("**Ran on:** profile `demo`")
+    assert datetime.date.today().isoformat() in banner.source
+    assert f"gradbrain {gradbrain.__version__}" in banner.source
 
     assert book.run("demo", root=tiny_book, progress=False) == {"b": "skipped", "a": "skipped"}
     assert (tiny_book / "a_ran.txt").read_text() == "2\n"
@@ -140,17 +151,32 @@ def test_command_line_reports_failures(tiny_book):
     assert "error: Chapter b failed" in out.stderr
 
 
-def test_chapters_run_on_demo_profile_and_book_builds(tmp_path):
-    """Every chapter under papermill (demo profile, fewer images), then jupyter-book -W."""
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """The real book: every chapter under papermill on the tiny profile (the demo made
+    small), then jupyter-book -W. The demo profile itself is what `make book` runs."""
+    root = tmp_path_factory.mktemp("book")
     for name in ("_config.yml", "_toc.yml"):
-        shutil.copy(ROOT / name, tmp_path / name)
+        shutil.copy(ROOT / name, root / name)
     for folder in ("book", "notebooks", "params"):
-        shutil.copytree(ROOT / folder, tmp_path / folder)
-    overrides = {"n_images": 40, "batch_size": 13}  # 13: a value only the injected cell holds
-    status = book.run("demo", root=tmp_path, overrides=overrides, progress=False)
+        shutil.copytree(ROOT / folder, root / folder)
+    status = book.run("tiny", root=root, progress=False)
+    build = subprocess.run(
+        [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "-W"],
+        capture_output=True, text=True, timeout=600,
+    )
+    return root, status, build
+
+
+def test_chapters_run_on_tiny_profile_and_book_builds(tiny_build):
+    tmp_path, status, build = tiny_build
+    tiny = book.load_profile(ROOT, "tiny")["notebooks"]
+    assert tiny["01_gradients"]["batch_size"] == 13  # a value only the injected cell holds
     assert status == {"00_data": "executed", "01_gradients": "executed",
                       "02_fmri_encoding": "executed", "03_meg_decoding": "executed",
                       "04_hierarchy_tests": "executed", "05_model_comparison": "executed"}
+    # `make book` twice: the second run executes nothing
+    assert set(book.run("tiny", root=tmp_path, progress=False).values()) == {"skipped"}
 
     def outputs(name):
         nb = nbformat.read(str(tmp_path / "executed" / f"{name}.ipynb"), as_version=4)
@@ -176,12 +202,116 @@ def test_chapters_run_on_demo_profile_and_book_builds(tmp_path):
     assert "with a biological backpropagation (predictions 1 and 2)" in text("04_hierarchy_tests")
     assert n_images("05_model_comparison") >= 1
     assert "dinov3_vits16** (random init)" in text("05_model_comparison")
-    build = subprocess.run(
-        [str(Path(sys.executable).parent / "jupyter-book"), "build", str(tmp_path), "-W"],
-        capture_output=True, text=True, timeout=600,
-    )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     for name in ("00_data", "01_gradients", "02_fmri_encoding"):
         page = (tmp_path / "_build" / "html" / "executed" / f"{name}.html").read_text()
         assert page.count("<img") >= 5
         assert '<span class="mi">13</span>' not in page  # the injected cell is not rendered
+        banner = page[page.index("Ran on:"):][:1500]  # right under the title
+        article = page[page.index("<article"):]
+        assert article.index("<h1") < article.index("Ran on:") < article.index("<h2")
+        assert "tiny" in banner and "efficientnet_lite0.imagenet" in banner and "device" in banner
+    # MathJax is served from the build itself, not a CDN
+    assert (tmp_path / "_build" / "html" / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    assert "cdn.jsdelivr" not in (tmp_path / "_build" / "html" / "book" / "methods.html").read_text()
+
+
+def _chromium() -> str | None:
+    """Path of a Chromium/Chrome binary; installs Debian's chromium with apt when missing
+    and this process may (root, apt-get present)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium",
+                        "chromium-driver"], capture_output=True, timeout=600)
+        return shutil.which("chromium")
+    return None
+
+
+def test_every_page_reads_well_in_a_real_browser(tiny_build):
+    """Headless Chromium opens each page as a reader would (file://, no network)."""
+    root, _, build = tiny_build
+    assert build.returncode == 0
+    browser, driver_path = _chromium(), shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.skip("NO BROWSER TEST: neither chromium nor chromedriver is installed and "
+                    "they could not be installed with apt-get (needs root); install "
+                    "Debian's chromium and chromium-driver to run it.")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1280,2000", "--allow-file-access-from-files"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    html = root / "_build" / "html"
+    shots = root / "_build" / "screenshots"
+    shots.mkdir(exist_ok=True)
+    chapters = [c.name for c in book.chapters(ROOT)]
+    pages = [html / "book" / "intro.html", *[html / "executed" / f"{c}.html" for c in chapters],
+             *[html / "book" / f"{p}.html" for p in ("methods", "rerun", "teaching",
+                                                     "references")]]
+    try:
+        for page in pages:
+            driver.get(page.as_uri())
+            driver.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+            # MathJax typesets asynchronously: wait for it on pages with math
+            for _ in range(200):
+                driver.execute_script(
+                    "if (window.MathJax && MathJax.startup && MathJax.startup.promise) "
+                    "MathJax.startup.promise.then(() => { window.__mjdone = true; });")
+                if driver.execute_script("return document.querySelectorAll('.math').length "
+                                         "=== 0 || window.__mjdone === true"):
+                    break
+                time.sleep(0.05)
+            where = page.relative_to(html)
+            text = driver.execute_script("return document.querySelector('main').innerText")
+            assert "Traceback (most recent call last)" not in text, f"{where}: a traceback"
+            assert driver.execute_script(
+                "return document.querySelectorAll('.output.traceback, .output.stderr, "
+                ".output.error').length") == 0, f"{where}: error output on the page"
+            for raw in ("\\(", "\\)", "$$"):
+                assert raw not in text, f"{where}: raw TeX {raw!r} left unrendered"
+            assert "injected-parameters" not in driver.page_source.replace(
+                "tag_injected-parameters", ""), f"{where}: papermill clutter"
+            overflow = driver.execute_script(
+                "return [...document.querySelectorAll('main table')].map("
+                "t => getComputedStyle(t).overflowX)")
+            assert all(o in ("auto", "scroll") for o in overflow), \
+                f"{where}: a wide table would be clipped ({overflow})"
+            sizes = driver.execute_script(
+                "return [...document.querySelectorAll('main img')].map("
+                "i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight])")
+            for src, complete, width, height in sizes:
+                assert complete and width > 0 and height > 0, f"{where}: image {src} not loaded"
+            if where.parts[0] == "executed":
+                assert len(sizes) >= 1, f"{where}: no figures"
+                chapter = where.stem
+                links = driver.execute_script(
+                    "return [...document.querySelectorAll('a')].map(a => a.href)")
+                launch = [u for u in links if "mybinder.org" in u or "colab.research" in u]
+                assert len(launch) == 2, f"{where}: launch buttons {launch}"
+                assert all(f"notebooks/{chapter}.ipynb" in u for u in launch), launch
+            # every internal link resolves (file and anchor)
+            hrefs = driver.execute_script(
+                "return [...document.querySelectorAll('main a[href]')].map(a => a.href)")
+            for href in hrefs:
+                if not href.startswith("file://"):
+                    continue
+                target, _, anchor = href[len("file://"):].partition("#")
+                target = Path(target)
+                assert target.exists(), f"{where}: broken link {href}"
+                if anchor and target.suffix == ".html":
+                    assert f'id="{anchor}"' in target.read_text(), f"{where}: no #{anchor}"
+            if "mjx-container" in driver.page_source:
+                assert driver.execute_script(
+                    "return document.querySelectorAll('mjx-container').length") > 0
+            driver.save_screenshot(str(shots / f"{where.stem}.png"))
+    finally:
+        driver.quit()
+    assert len(list(shots.glob("*.png"))) == len(pages)
+    methods = (html / "book" / "methods.html").read_text()
+    assert "\\(" in methods  # the page does hold math, so the raw-TeX check above had work

@@ -16,6 +16,9 @@ def study(cnn):
     return make_study(0, n_images=40, features=feats, gradient_truth="paper")
 
 
+# `make test-slow`: ~30 s; `make test` runs compare.run end to end in the tiny book's
+# model-comparison chapter (tests/test_book.py)
+@pytest.mark.slow
 def test_one_row_per_model_and_signal_with_weights_labelled(study):
     table = compare.run(["efficientnet_lite0.imagenet", "dinov3_vits16"], study,
                         weights={"efficientnet_lite0.imagenet": "pretrained"},

@@ -195,12 +195,16 @@ def extraction():
 
 
 def _same_features(a, b):
+    """Equal up to float32 summation order (the child may use another number of threads)."""
     assert a.layers == b.layers and a.backward_order == b.backward_order
     for layer in a.layers:
-        np.testing.assert_allclose(a.activations[layer], b.activations[layer], rtol=1e-5)
+        reference = b.activations[layer]
+        np.testing.assert_allclose(a.activations[layer], reference, rtol=1e-4,
+                                   atol=1e-5 * np.abs(reference).max())
         for loss in a.losses:
-            np.testing.assert_allclose(a.gradients[loss][layer], b.gradients[loss][layer],
-                                       rtol=1e-4, atol=1e-10)
+            reference = b.gradients[loss][layer]
+            np.testing.assert_allclose(a.gradients[loss][layer], reference, rtol=1e-4,
+                                       atol=1e-4 * np.abs(reference).max())
 
 
 def test_extraction_killed_at_random_moments_resumes_to_the_same_features(tmp_path,

@@ -182,6 +182,7 @@ def test_every_shipped_sweep_section_is_valid():
             sweep.load_spec(ROOT, path.stem)
 
 
+@pytest.mark.slow  # ~2 min: the real chain, two subjects, local processes (`make test-slow`)
 def test_demo_profile_sweep_from_the_command_line(tmp_path):
     """The real chain on the demo profile: two simulated participants, local executor."""
     out = tmp_path / "sweep"

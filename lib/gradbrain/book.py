@@ -356,7 +356,58 @@ def tidy_for_book(path: str | os.PathLike) -> None:
     nbformat.write(nb, str(path))
 
 
-def execute_chapter(chapter: Chapter, parameters: dict, *, cwd: Path, progress: bool) -> list:
+def ran_on(parameters: dict, profile: str) -> str:
+    """The one-line banner that opens a chapter's page: what this run used.
+
+    Profile, dataset (or images), model(s) and weights, date, gradbrain version and
+    device, from the parameters the chapter ran with (``device=None`` is reported as
+    the device it resolves to on this machine).
+    """
+    import datetime
+
+    from . import __version__
+
+    parts = [f"profile `{profile}`"]
+    for key in ("dataset", "images"):
+        if parameters.get(key) not in (None, ""):
+            parts.append(f"{key} `{parameters[key]}`")
+    weights = parameters.get("weights")
+    if parameters.get("model"):
+        label = weights if isinstance(weights, str) else "random init"
+        parts.append(f"model `{parameters['model']}` (weights: {label})")
+    if parameters.get("models_to_compare"):
+        names = parameters["models_to_compare"]
+        weights = weights if isinstance(weights, dict) else {}
+        parts.append("models " + ", ".join(
+            f"`{m}` ({weights.get(m) or 'random init'})" for m in names))
+    device = parameters.get("device")
+    if device is None:  # None, or not a parameter: the library's choice on this machine
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    parts.append(f"{datetime.date.today().isoformat()}")
+    parts.append(f"gradbrain {__version__}")
+    parts.append(f"device {device}")
+    return "**Ran on:** " + " · ".join(parts)
+
+
+def add_banner(path: str | os.PathLike, banner: str) -> None:
+    """Put ``banner`` right under the title of an executed chapter (a new first cell if
+    the notebook does not open with a markdown title)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    first = nb.cells[0] if nb.cells else None
+    if first is not None and first.cell_type == "markdown" and first.source.startswith("# "):
+        title, _, rest = first.source.partition("\n")
+        first.source = f"{title}\n\n{banner}\n{rest}"
+    else:
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(banner))
+    nbformat.write(nb, str(path))
+
+
+def execute_chapter(chapter: Chapter, parameters: dict, *, cwd: Path, progress: bool,
+                    profile: str = "") -> list:
     """Execute one chapter to a temporary copy, then move it into place.
 
     Returns
@@ -404,6 +455,7 @@ def execute_chapter(chapter: Chapter, parameters: dict, *, cwd: Path, progress: 
         else:
             os.environ[_provenance.ENV] = previous
     tidy_for_book(tmp)
+    add_banner(tmp, ran_on(parameters, profile))
     os.replace(tmp, chapter.output)
     failed.unlink(missing_ok=True)
     records = _provenance.read_records(inputs)
@@ -472,7 +524,8 @@ def run(
         print(f"{prefix}: running ({reason}) on profile {profile!r} with {parameters}",
               flush=True)
         start = time.perf_counter()
-        inputs = execute_chapter(chapter, parameters, cwd=root, progress=progress)
+        inputs = execute_chapter(chapter, parameters, cwd=root, progress=progress,
+                                 profile=profile)
         stamp = _stamp_path(chapter)
         with atomic_path(stamp, suffix=".json") as tmp:
             tmp.write_text(json.dumps({
