@@ -81,6 +81,18 @@ def make_problem(n, p, v, seed=0):
     return X, Y, X_new
 
 
+def interleaved(first, second, repeats: int, device) -> tuple[tuple, tuple]:
+    """Time two functions in alternation (this machine is noisy): for each, the median
+    time (s) and its last result."""
+    times, results = ([], []), [None, None]
+    for _ in range(repeats):
+        for i, fn in enumerate((first, second)):
+            seconds, results[i] = timed(fn, device, 1)
+            times[i].append(seconds)
+    return ((statistics.median(times[0]), results[0]),
+            (statistics.median(times[1]), results[1]))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=2000)
@@ -110,13 +122,7 @@ def main(argv=None):
     theirs_fn = lambda: HimalayaRidgeCV(  # noqa: E731
         alphas=alphas, cv=folds, fit_intercept=True, solver_params={"warn": False}).fit(Xd, Yd)
     ours_fn(), theirs_fn()  # warm-up
-    t_ours, t_theirs = [], []
-    for _ in range(args.repeats):  # interleaved
-        s, ours = timed(ours_fn, device, 1)
-        t_ours.append(s)
-        s, theirs = timed(theirs_fn, device, 1)
-        t_theirs.append(s)
-    t_ours, t_theirs = statistics.median(t_ours), statistics.median(t_theirs)
+    (t_ours, ours), (t_theirs, theirs) = interleaved(ours_fn, theirs_fn, args.repeats, device)
     gflops = gemm_gflops(args.n, args.p, args.v, device)
     flops = algorithm_flops(args.n, args.p, args.v, args.folds, len(alphas))
 
@@ -154,13 +160,8 @@ def main(argv=None):
                                  dtype=torch.float32).fit(Xd, Yd)
     ss_theirs_fn = lambda: HimalayaRidgeCV(  # noqa: E731
         alphas=alphas, cv=shuffle, fit_intercept=True, solver_params={"warn": False}).fit(Xd, Yd)
-    ss_t_ours, ss_t_theirs = [], []
-    for _ in range(args.repeats):  # interleaved
-        s, ss_ours = timed(ss_ours_fn, device, 1)
-        ss_t_ours.append(s)
-        s, ss_theirs = timed(ss_theirs_fn, device, 1)
-        ss_t_theirs.append(s)
-    ss_t_ours, ss_t_theirs = statistics.median(ss_t_ours), statistics.median(ss_t_theirs)
+    (ss_t_ours, ss_ours), (ss_t_theirs, ss_theirs) = interleaved(ss_ours_fn, ss_theirs_fn,
+                                                                  args.repeats, device)
     ss_agreement = float(np.mean(np.isclose(
         ss_ours.alpha_, np.asarray(backend.to_numpy(ss_theirs.best_alphas_)), rtol=1e-5)))
     print(f"ShuffleSplit({args.folds}, 0.6/0.2): gradbrain {ss_t_ours:.2f} s, himalaya "

@@ -13,18 +13,9 @@ import pytest
 import yaml
 
 from gradbrain import book
+from _books import write_notebook  # tests/_books.py
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _notebook(path, parameters: str, body: str):
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [
-        nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(body),
-    ]
-    nbformat.write(nb, str(path))
 
 
 @pytest.fixture
@@ -32,9 +23,9 @@ def tiny_book(tmp_path):
     """A two-chapter book: `a` writes its parameter to a file, `b` fails when asked."""
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "params").mkdir()
-    _notebook(tmp_path / "notebooks" / "a.ipynb", "value = 1\nprofile = 'x'",
+    write_notebook(tmp_path / "notebooks" / "a.ipynb", "value = 1\nprofile = 'x'",
               "open('a_ran.txt', 'a').write(f'{value}\\n')")
-    _notebook(tmp_path / "notebooks" / "b.ipynb", "fail = False",
+    write_notebook(tmp_path / "notebooks" / "b.ipynb", "fail = False",
               "x = 41\nif fail:\n    raise ValueError('asked to fail')")
     (tmp_path / "_toc.yml").write_text(yaml.safe_dump({
         "format": "jb-book", "root": "intro",

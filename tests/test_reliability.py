@@ -24,6 +24,7 @@ import yaml
 
 from gradbrain import book, sweep
 from gradbrain._utils import _pid_alive
+from _books import write_notebook, write_toc  # tests/_books.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -76,20 +77,6 @@ def _leftovers(folder: Path) -> list[Path]:
     """Temporary files or folders that a killed writer could leave."""
     return [p for p in folder.rglob("*") if ".tmp-" in p.name or ".old-" in p.name
             or p.name.endswith(".running.ipynb")]
-
-
-def _notebook(path, parameters: str, body: str):
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell(body)]
-    nbformat.write(nb, str(path))
-
-
-def _toc(root: Path, names):
-    (root / "_toc.yml").write_text(yaml.safe_dump({
-        "format": "jb-book", "root": "intro",
-        "chapters": [{"file": f"executed/{n}"} for n in names]}))
 
 
 # --------------------------------------------------------------------------- Study.save
@@ -309,9 +296,9 @@ def study_book(tmp_path):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "params").mkdir()
     study_dir = str(tmp_path / "study")
-    _notebook(tmp_path / "notebooks" / "data.ipynb", f"seed = 0\nstudy_dir = {study_dir!r}", DATA)
-    _notebook(tmp_path / "notebooks" / "use.ipynb", f"study_dir = {study_dir!r}", USE)
-    _toc(tmp_path, ["data", "use"])
+    write_notebook(tmp_path / "notebooks" / "data.ipynb", f"seed = 0\nstudy_dir = {study_dir!r}", DATA)
+    write_notebook(tmp_path / "notebooks" / "use.ipynb", f"study_dir = {study_dir!r}", USE)
+    write_toc(tmp_path, ["data", "use"])
     (tmp_path / "params" / "demo.yaml").write_text(yaml.safe_dump({"defaults": {}}))
     return tmp_path
 
@@ -344,9 +331,9 @@ def test_a_chapter_reruns_when_a_recorded_weights_file_changes(tmp_path):
     (tmp_path / "params").mkdir()
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"1")
-    _notebook(tmp_path / "notebooks" / "a.ipynb", f"path = {str(weights)!r}",
+    write_notebook(tmp_path / "notebooks" / "a.ipynb", f"path = {str(weights)!r}",
               "from gradbrain.book import record_input\nrecord_input(path, kind='weights')")
-    _toc(tmp_path, ["a"])
+    write_toc(tmp_path, ["a"])
     (tmp_path / "params" / "demo.yaml").write_text("defaults: {}\n")
     assert book.run("demo", root=tmp_path, progress=False) == {"a": "executed"}
     assert book.run("demo", root=tmp_path, progress=False) == {"a": "skipped"}
@@ -363,8 +350,8 @@ def test_the_runner_killed_at_random_moments_reruns_to_the_same_book(tmp_path):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "params").mkdir()
     for name in ("a", "b"):
-        _notebook(tmp_path / "notebooks" / f"{name}.ipynb", "value = 1\nnap = 0.0", SLOW)
-    _toc(tmp_path, ["a", "b"])
+        write_notebook(tmp_path / "notebooks" / f"{name}.ipynb", "value = 1\nnap = 0.0", SLOW)
+    write_toc(tmp_path, ["a", "b"])
     (tmp_path / "params" / "demo.yaml").write_text(
         yaml.safe_dump({"defaults": {"nap": 1.0}, "notebooks": {"b": {"value": 7}}}))
     command = ["-m", "gradbrain.book", "run", "--root", tmp_path, "--quiet"]
@@ -407,13 +394,13 @@ def sweep_book(tmp_path):
     """`data` writes seed + shift to the subject's folder; `chain` turns it into a table."""
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "params").mkdir()
-    _notebook(tmp_path / "notebooks" / "data.ipynb", "seed = 0\nshift = 0\nstudy_dir = None",
+    write_notebook(tmp_path / "notebooks" / "data.ipynb", "seed = 0\nshift = 0\nstudy_dir = None",
               "import pathlib\np = pathlib.Path(study_dir); p.mkdir(parents=True, exist_ok=True)\n"
               "(p / 'value.txt').write_text(str(seed + shift))")
-    _notebook(tmp_path / "notebooks" / "chain.ipynb",
+    write_notebook(tmp_path / "notebooks" / "chain.ipynb",
               "model = 'x'\nweights = None\nstudy_dir = None\nresults_path = None\nnap = 0.0",
               CHAIN)
-    _toc(tmp_path, ["data", "chain"])
+    write_toc(tmp_path, ["data", "chain"])
     (tmp_path / "params" / "demo.yaml").write_text(yaml.safe_dump({
         "defaults": {}, "notebooks": {},
         "sweep": {"data_chapters": ["data"], "chapters": ["chain"], "results_chapter": "chain",
@@ -586,9 +573,9 @@ def test_bad_api_input_gives_one_error_naming_the_parameter(case, tiny_inputs):
 def tiny_book(tmp_path):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "params").mkdir()
-    _notebook(tmp_path / "notebooks" / "a.ipynb", "n_images = 200\nname = 'x'\nrate = 0.5",
+    write_notebook(tmp_path / "notebooks" / "a.ipynb", "n_images = 200\nname = 'x'\nrate = 0.5",
               "pass")
-    _toc(tmp_path, ["a"])
+    write_toc(tmp_path, ["a"])
     (tmp_path / "params" / "demo.yaml").write_text("defaults:\n  name: y\n")
     return tmp_path
 

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,17 +12,10 @@ import yaml
 from scipy import stats
 
 from gradbrain import sweep
+from _books import write_notebook  # tests/_books.py
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["efficientnet_lite0.imagenet", "dinov3_vits16"]
-
-
-def _notebook(path, parameters: str, body: str):
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell(body)]
-    nbformat.write(nb, str(path))
 
 
 # The chain chapter writes a table whose scores are planted from (subject, model), so the
@@ -50,13 +42,13 @@ def sweep_book(tmp_path):
     """A book whose `data` chapter writes a subject's seed and `chain` a results table."""
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "params").mkdir()
-    _notebook(tmp_path / "notebooks" / "data.ipynb", "seed = 0\nstudy_dir = None",
+    write_notebook(tmp_path / "notebooks" / "data.ipynb", "seed = 0\nstudy_dir = None",
               "import pathlib\np = pathlib.Path(study_dir); p.mkdir(parents=True, exist_ok=True)\n"
               "(p / 'seed.txt').write_text(str(seed))")
-    _notebook(tmp_path / "notebooks" / "chain.ipynb",
+    write_notebook(tmp_path / "notebooks" / "chain.ipynb",
               "model = 'x'\nweights = None\nstudy_dir = None\nresults_path = None\n"
               "fail_model = ''", CHAIN)
-    _notebook(tmp_path / "notebooks" / "plain.ipynb", "value = 1\nmodel = 'x'\nweights = None",
+    write_notebook(tmp_path / "notebooks" / "plain.ipynb", "value = 1\nmodel = 'x'\nweights = None",
               "pass")
     (tmp_path / "_toc.yml").write_text(yaml.safe_dump({
         "format": "jb-book", "root": "intro",
