@@ -215,6 +215,14 @@ def _as_batch_tensor(model: LoadedModel, images) -> tuple[torch.Tensor, list[str
                 f"'images' tensor has shape {tuple(x.shape[1:])} per image but {model.name} "
                 f"expects {tuple(model.input_size)}; preprocess with model.preprocess(images)."
             )
+        # normalised pixels lie within a few units of 0 (|x| <= ~3 for [0, 1] images and
+        # timm's mean/std); raw 0..255 values would pass silently as very bright images
+        if x.numel() and bool(torch.isfinite(x).all()) and float(x.abs().max()) > 10:
+            raise ValueError(
+                f"'images' tensor holds values up to {float(x.abs().max()):.1f}: raw 0..255 "
+                "pixels, not a preprocessed batch. Pass PIL images or an ImageSet, or "
+                "preprocess with model.preprocess(images)."
+            )
         ids = [str(i) for i in range(len(x))]
         labels = [""] * len(x)
     elif isinstance(images, ImageSet):
@@ -249,6 +257,9 @@ def _as_batch_tensor(model: LoadedModel, images) -> tuple[torch.Tensor, list[str
 def _check_losses(losses) -> tuple[str, ...]:
     if isinstance(losses, str):
         losses = (losses,)
+    if losses is None or not isinstance(losses, (Sequence, set, frozenset)):
+        raise TypeError(f"'losses' must be a sequence of loss names from {list(LOSSES)} "
+                        f"(or () for activations only); got {losses!r}.")
     losses = tuple(losses)
     for loss in losses:
         check_in_allowed("losses", loss, LOSSES)
