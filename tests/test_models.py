@@ -135,3 +135,17 @@ def test_random_init_control_has_its_trained_twins_config(name):
     for key in ("input_size", "crop_pct", "mean", "std", "interpolation"):
         assert tuple(np.atleast_1d(control.data_config[key])) == \
             tuple(np.atleast_1d(cfg[key])), key
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_high_depth_grayscale_images_keep_their_brightness(cnn, mode):
+    """16-bit and [0, 1] float grayscale images preprocess like their 8-bit version
+    (PIL's convert('RGB') alone turns them white and black)."""
+    ramp = np.tile(np.linspace(0, 1, 256), (256, 1))
+    eight_bit = Image.fromarray(np.rint(ramp * 255).astype(np.uint8))
+    dtype = np.uint16 if mode == "I;16" else np.float32
+    deep = Image.fromarray((np.rint(ramp * 65535) if mode == "I;16" else ramp).astype(dtype))
+    assert deep.mode == mode
+    reference = cnn.preprocess([eight_bit])
+    np.testing.assert_allclose(cnn.preprocess([deep]).numpy(), reference.numpy(), atol=0.02)
+    assert float(reference.std()) > 0.5  # a ramp, not a flat white or black image

@@ -228,7 +228,7 @@ class LoadedModel:
 
         images = as_image_list(images)
         transform = self.transform()
-        return torch.stack([transform(im.convert("RGB")) for im in images])
+        return torch.stack([transform(_to_rgb(im)) for im in images])
 
     def fingerprint(self) -> str:
         """Hex digest of the architecture and every weight (for cache keys)."""
@@ -240,6 +240,27 @@ class LoadedModel:
                 hash_update_array(h, tensor)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+
+def _to_rgb(image):
+    """An 8-bit RGB copy of a PIL image, keeping the brightness of high-depth images.
+
+    PIL's own ``convert("RGB")`` clips 16-bit grayscale (modes ``I;16``, ``I``) to 255 —
+    a white image — and truncates float images (mode ``F``) in [0, 1] to 0 — a black
+    one. Those are rescaled first: 16-bit values by 65535 (or by their maximum beyond
+    it), floats in [0, 1] by 255 (other floats are clipped to 0…255).
+    """
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and values.size and values.min() >= 0 and values.max() <= 1:
+            values = values * 255.0
+        elif image.mode != "F" and values.size and values.max() > 255:
+            values = values * (255.0 / max(65535.0, float(values.max())))
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
