@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
@@ -95,7 +96,7 @@ def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     if not path.parent.is_dir():
         return []
     cleaned = []
-    for entry in sorted(path.parent.glob(f".{glob_escape(path.name)}.*-*-*")):
+    for entry in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-*-*")):
         kind, _, rest = entry.name[len(path.name) + 2:].partition("-")
         pid = rest.split("-", 1)[0]
         if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
@@ -108,13 +109,6 @@ def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
             entry.unlink(missing_ok=True)
         cleaned.append(entry)
     return cleaned
-
-
-def glob_escape(text: str) -> str:
-    """``text`` with glob's special characters escaped."""
-    import glob
-
-    return glob.escape(text)
 
 
 def hash_update_array(h: "hashlib._Hash", array) -> None:

@@ -37,6 +37,7 @@ A profile for data that only some chapters use lists them under ``chapters`` (e.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -163,22 +164,30 @@ def load_profile(root: str | os.PathLike, profile: str) -> dict:
 def declared_parameters(chapter: Chapter) -> dict:
     """The parameters a chapter's ``parameters`` cell declares, with their defaults.
 
+    Read once per version of the notebook (the runner and the sweep ask many times).
+
     Returns
     -------
     dict of str to object
         Name → default value (the literal of the cell; ``None`` when it is not a literal).
     """
+    source = Path(chapter.source)
+    return dict(_read_declared(str(source), source.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _read_declared(source: str, mtime_ns: int) -> tuple:
     import ast
 
     import papermill
 
-    out = {}
-    for name, info in papermill.inspect_notebook(str(chapter.source)).items():
+    out = []
+    for name, info in papermill.inspect_notebook(source).items():
         try:
-            out[name] = ast.literal_eval(info["default"])
+            out.append((name, ast.literal_eval(info["default"])))
         except (ValueError, SyntaxError):
-            out[name] = None
-    return out
+            out.append((name, None))
+    return tuple(out)
 
 
 def _type_problem(value, default) -> str | None:
@@ -258,9 +267,7 @@ def check_parameters(todo: list[Chapter], profile: dict, overrides: dict | None 
 
 def parameters_for(chapter: Chapter, profile: dict, overrides: dict | None = None) -> dict:
     """The profile's values for one chapter, restricted to what its parameters cell declares."""
-    import papermill
-
-    declared = set(papermill.inspect_notebook(str(chapter.source)))
+    declared = set(declared_parameters(chapter))
     specific = (profile.get("notebooks") or {}).get(chapter.name) or {}
     undeclared = set(specific) - declared
     if undeclared:
@@ -304,18 +311,7 @@ def is_up_to_date(chapter: Chapter, digest: str) -> bool:
     chapter read during that run — the saved study, weights files, real data — still
     has the fingerprint it had then (see :mod:`gradbrain._provenance`).
     """
-    from . import _provenance
-
-    stamp = _stamp_path(chapter)
-    if not (stamp.is_file() and chapter.output.is_file()):
-        return False
-    try:
-        recorded = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        return False
-    if recorded.get("digest") != digest:
-        return False
-    return not _provenance.stale_inputs(recorded.get("inputs", []))
+    return stale_reason(chapter, digest) is None
 
 
 def stale_reason(chapter: Chapter, digest: str) -> str | None:

@@ -215,14 +215,6 @@ def _as_batch_tensor(model: LoadedModel, images) -> tuple[torch.Tensor, list[str
                 f"'images' tensor has shape {tuple(x.shape[1:])} per image but {model.name} "
                 f"expects {tuple(model.input_size)}; preprocess with model.preprocess(images)."
             )
-        # normalised pixels lie within a few units of 0 (|x| <= ~3 for [0, 1] images and
-        # timm's mean/std); raw 0..255 values would pass silently as very bright images
-        if x.numel() and bool(torch.isfinite(x).all()) and float(x.abs().max()) > 10:
-            raise ValueError(
-                f"'images' tensor holds values up to {float(x.abs().max()):.1f}: raw 0..255 "
-                "pixels, not a preprocessed batch. Pass PIL images or an ImageSet, or "
-                "preprocess with model.preprocess(images)."
-            )
         ids = [str(i) for i in range(len(x))]
         labels = [""] * len(x)
     elif isinstance(images, ImageSet):
@@ -251,6 +243,16 @@ def _as_batch_tensor(model: LoadedModel, images) -> tuple[torch.Tensor, list[str
         bad = torch.flatnonzero(~finite).tolist()
         raise ValueError(f"'images' hold NaN or infinite pixel values (image(s) {bad[:5]}); "
                          "features of such images are meaningless. Fix or drop those images.")
+    if isinstance(images, torch.Tensor):
+        # normalised pixels lie within a few units of 0 (|x| <= ~3 for [0, 1] images and
+        # timm's mean/std); raw 0..255 values would pass silently as very bright images
+        largest = float(x.abs().max())
+        if largest > 10:
+            raise ValueError(
+                f"'images' tensor holds values up to {largest:.1f}: raw 0..255 pixels, not a "
+                "preprocessed batch. Pass PIL images or an ImageSet, or preprocess with "
+                "model.preprocess(images)."
+            )
     return x.float(), ids, labels
 
 

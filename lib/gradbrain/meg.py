@@ -23,7 +23,8 @@ import torch
 from sklearn.base import BaseEstimator
 
 from ._utils import check_in_allowed, resolve_device
-from .ridge import DEFAULT_ALPHAS, RidgeCV, _check_alphas, _is_complement, check_folds, pearson_r
+from .ridge import (DEFAULT_ALPHAS, SCORINGS, RidgeCV, _check_alphas, _is_complement,
+                    check_folds, pearson_r)
 
 __all__ = ["average_by_image", "encode_time_resolved", "decode_time_resolved",
            "decode_category", "SlidingRidgeCV", "peak_latency", "bootstrap_curves",
@@ -510,7 +511,7 @@ class SlidingRidgeCV(BaseEstimator):
         """Score per time point (averaged over targets), ndarray of shape (n_times,)."""
         from sklearn.metrics import mean_squared_error, r2_score
 
-        check_in_allowed("scoring", self.scoring, ("r2", "neg_mean_squared_error"))
+        check_in_allowed("scoring", self.scoring, SCORINGS)
         prediction = self.predict(X)
         y_2d, _ = _as_targets("y", y, len(prediction))
         pred = prediction.reshape(len(prediction), self.n_times_, -1)

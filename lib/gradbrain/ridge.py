@@ -322,7 +322,8 @@ def _fold_scores(fold: _Fold, XtY: torch.Tensor, X: torch.Tensor, Y: torch.Tenso
     """
     n_alphas, n_test, v = len(alphas), len(fold.test), Y.shape[1]
     y_held = Y[fold.test]
-    y_fit = None if fold.complement else Y[fold.train]
+    # the training targets, unless a complement fold works from the full sums alone
+    y_fit = None if fold.complement and fold.primal else Y[fold.train]
     if not fold.center:
         y_train_mean = torch.zeros_like(Y[0])
     elif fold.complement:
@@ -343,8 +344,7 @@ def _fold_scores(fold: _Fold, XtY: torch.Tensor, X: torch.Tensor, Y: torch.Tenso
         s_train.addr_(fold.x_mean, y_train_mean, alpha=-fold.n_train)
         torch.matmul(fold.basis.T, s_train, out=Z)              # (r, v)
     else:
-        torch.matmul(fold.basis.T, (Y[fold.train] if y_fit is None else y_fit) - y_train_mean,
-                     out=Z)
+        torch.matmul(fold.basis.T, y_fit - y_train_mean, out=Z)
     shrink = fold.shrink(alphas)                                 # (n_alphas, r)
     scaled = (shrink[:, None, :] * fold.A[None, :, :]).reshape(n_alphas * n_test, r)
     pred = _buffer(work, "pred", (n_alphas * n_test, v), Y)
@@ -584,7 +584,8 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         coef = np.empty((n_targets, p), dtype=np_dtype)
         intercept = np.zeros(n_targets, dtype=np_dtype)
         batches = [slice(s, min(s + batch, n_targets)) for s in range(0, n_targets, batch)]
-        unscale = 1.0 if self.scoring == "r2" else 1.0 / y_scale**2          # scores' units
+        # back to the scores' units (R² has none)
+        unscale = np.ones(n_targets) if self.scoring == "r2" else 1.0 / y_scale**2
 
         def centred(sl):
             Yb = _to_tensor(y[:, sl], device, dtype, scale=y_scale[sl])
@@ -605,8 +606,7 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             scores = sum(_fold_scores(f, XtY, Xt, Yb, alphas, work, self.scoring)
                          for f in fold_objs)
             scores /= len(fold_objs)
-            cv_scores[:, sl] = scores.cpu().numpy() * (unscale if np.isscalar(unscale)
-                                                       else unscale[sl])
+            cv_scores[:, sl] = scores.cpu().numpy() * unscale[sl]
             if groups_ is None:
                 refit(sl, Yb, y_offset, XtY, scores.argmax(0))
             del Yb, XtY, scores, work
@@ -731,6 +731,17 @@ def _finite_columns(values) -> np.ndarray:
         np.ones(values.shape[1], bool)
 
 
+def _scatter_targets(values: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """Per-target values of the finite targets (last axis) spread over all targets, NaN
+    elsewhere."""
+    if finite.all():
+        return values
+    out = np.full(values.shape[:-1] + (len(finite),), np.nan,
+                  dtype=values.dtype if values.dtype.kind == "f" else float)
+    out[..., finite] = values
+    return out
+
+
 def _warn_non_finite(n_bad: int, n_targets: int) -> None:
     warnings.warn(
         f"{n_bad} of {n_targets} targets hold NaN or inf values (e.g. NSD vertices without "
@@ -794,19 +805,10 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
     model = RidgeCV(alphas=alphas, cv=cv, device=device, dtype=dtype or torch.float32,
                     targets_batch=targets_batch).fit(X_train, Y_train, groups=groups)
     prediction = model.predict(X_test).reshape(len(X_test), -1)           # (n_test, n_targets)
-
-    def full(values, fill=np.nan):
-        """Scatter per-target values of the finite targets back over all targets."""
-        if finite.all():
-            return values
-        out = np.full(values.shape[:-1] + (n_targets,), fill, dtype=np.result_type(values, float))
-        out[..., finite] = values
-        return out
-
-    r = full(pearson_r(Y_test, prediction))
-    out = {"r": r, "alpha": full(np.asarray(model.alpha_, dtype=float))}
+    r = _scatter_targets(pearson_r(Y_test, prediction), finite)
+    out = {"r": r, "alpha": _scatter_targets(np.asarray(model.alpha_, dtype=float), finite)}
     if return_prediction:
-        out["prediction"] = full(np.asarray(prediction, dtype=np.float32)).astype(np.float32)
+        out["prediction"] = _scatter_targets(np.asarray(prediction, dtype=np.float32), finite)
     if noise_ceiling is not None:
         nc = np.asarray(noise_ceiling, dtype=float) / 100
         out["r_nc"] = np.divide(r, np.sqrt(nc), out=np.full_like(r, np.nan), where=nc > 0)
@@ -875,12 +877,7 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
             results[key].append(out[key])
     for key in ("r", "alpha", "r_nc", "prediction"):
         if key in results:
-            values = np.stack(results[key])
-            if not finite.all():
-                full = np.full(values.shape[:-1] + (n_targets,), np.nan, dtype=values.dtype)
-                full[..., finite] = values
-                values = full
-            results[key] = values
+            results[key] = _scatter_targets(np.stack(results[key]), finite)
     return results
 
 

@@ -224,7 +224,7 @@ def load_spec(root: str | os.PathLike, profile: str) -> SweepSpec:
     if results not in lists["chapters"]:
         raise ValueError(f"{where}: results_chapter {results!r} must be one of its chapters "
                          f"{list(lists['chapters'])}.")
-    declared = {name: set(_declared(available[name])) for name in
+    declared = {name: set(book.declared_parameters(available[name])) for name in
                 lists["data_chapters"] + lists["chapters"]}
     if "results_path" not in declared[results]:
         raise ValueError(f"{where}: results_chapter {results!r} does not declare "
@@ -250,12 +250,6 @@ def load_spec(root: str | os.PathLike, profile: str) -> SweepSpec:
         raise ValueError(f"{where}: 'weights' must map model names to weights; got {weights!r}.")
     return SweepSpec(profile, lists["data_chapters"], lists["chapters"], results,
                      dict(subject), dict(weights))
-
-
-def _declared(chapter: book.Chapter) -> dict:
-    import papermill
-
-    return papermill.inspect_notebook(str(chapter.source))
 
 
 def _subject_override(base: dict, parameter: str, subject) -> dict:
@@ -333,7 +327,7 @@ def plan(spec: SweepSpec, models: Sequence[str], subjects: Sequence, out: str | 
         for name in names:
             base = book.parameters_for(chapters[name], profile)
             values = dict(overrides or {})
-            if "study_dir" in _declared(chapters[name]):
+            if "study_dir" in book.declared_parameters(chapters[name]):
                 values["study_dir"] = str(out / "studies" / f"sub-{subject}")
             if name in spec.subject:
                 values.update(_subject_override({**base, **values}, spec.subject[name], subject))
@@ -343,7 +337,7 @@ def plan(spec: SweepSpec, models: Sequence[str], subjects: Sequence, out: str | 
                     values["results_path"] = str(results_path)
             # the sweep checked every override against all its chapters; each chapter is
             # given only those its parameters cell declares
-            declared = _declared(chapters[name])
+            declared = book.declared_parameters(chapters[name])
             per_chapter[name] = values = {k: v for k, v in values.items() if k in declared}
             chapter = book.Chapter(name, chapters[name].source,
                                    Path(output_dir) / f"{name}.ipynb")
