@@ -41,8 +41,10 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
     vertices), ``meg_score`` (best r(t) over layers), ``spatial`` and ``temporal``
     (Spearman), ``spatial_p`` and ``temporal_p`` (shuffled layers), ``spatial_ci_low``,
     ``spatial_ci_high``, ``temporal_ci_low`` and ``temporal_ci_high`` (bootstrap over
-    test images), and for gradient rows ``consistent_with_backprop`` and
-    ``paper_finding`` (see :meth:`gradbrain.hierarchy.HierarchyResult.table`).
+    test images), and for gradient rows ``consistent_with_backprop``,
+    ``paper_finding`` (see :meth:`gradbrain.hierarchy.HierarchyResult.table`) and
+    ``head``: the head the loss used (``Features.meta["heads"]``; a fixed random
+    ``ce`` head for models without a classifier, which is not warned here).
     """
     from . import hierarchy, models
     from .features import extract
@@ -63,8 +65,10 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*randomly initialised.*")
             loaded = models.load(name, weights=weights.get(name), seed=seed)
-        feats = extract(loaded, study.images, losses=tuple(losses), pool=pool, device=device,
-                        cache=cache, progress=progress)
+        with warnings.catch_warnings():  # the table's 'head' column records the fallback
+            warnings.filterwarnings("ignore", message=".*uses a fixed random.*")
+            feats = extract(loaded, study.images, losses=tuple(losses), pool=pool,
+                            device=device, cache=cache, progress=progress)
         fmri = (fmri_encoding(study, feats, cv=cv, device=device, progress=progress,
                               return_prediction=n_boot > 0)
                 if study.betas is not None else None)
@@ -79,6 +83,8 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
             table = result.table()
             if loss != losses[0]:  # the activation row once per model
                 table = table[table.feature == "gradient"]
-            rows.extend({**base, **row} for row in table.to_dict("records"))
+            head = feats.meta["heads"][loss]
+            rows.extend({**base, **row, "head": head if row["feature"] == "gradient" else None}
+                        for row in table.to_dict("records"))
     return pd.DataFrame(rows)
 

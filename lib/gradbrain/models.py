@@ -39,7 +39,8 @@ _compat.import_torchvision()
 import timm  # noqa: E402
 import timm.data  # noqa: E402
 
-__all__ = ["ModelSpec", "LoadedModel", "REGISTRY", "list_models", "get_spec", "load"]
+__all__ = ["ModelSpec", "LoadedModel", "REGISTRY", "list_models", "get_spec", "load", "wrap",
+           "timm_spec"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,13 @@ class ModelSpec:
         One line for tables and figure legends.
     study : bool
         True for the study's eight models.
+    classifier : {"classes", "projection", "none"}
+        What timm's classifier slot holds with the trained weights: a classification head
+        over ``num_classes`` classes, an embedding projection (CLIP's image projection,
+        no classes), or nothing (self-supervised backbones). It decides the ``"ce"`` loss
+        (:mod:`gradbrain.features`).
+    channels_last : bool
+        CNN-family layer outputs are (n, height, width, channels) (e.g. Swin stages).
     """
 
     name: str
@@ -74,6 +82,8 @@ class ModelSpec:
     study: bool = True
     packaged_weights: Callable[[], str] | None = field(default=None, compare=False)
     positional_state_dict: bool = False
+    classifier: str = "classes"
+    channels_last: bool = False
 
     @property
     def depth(self) -> np.ndarray:
@@ -108,15 +118,16 @@ REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("dinov3_vits16", "vit_small_patch16_dinov3", "lvd1689m", "vit", _blocks(12),
-                  "DINOv3 ViT-S/16 (self-supervised, LVD-1689M)"),
+                  "DINOv3 ViT-S/16 (self-supervised, LVD-1689M)", classifier="none"),
         ModelSpec("dinov3_vitb16", "vit_base_patch16_dinov3", "lvd1689m", "vit", _blocks(12),
-                  "DINOv3 ViT-B/16 (self-supervised, LVD-1689M)"),
+                  "DINOv3 ViT-B/16 (self-supervised, LVD-1689M)", classifier="none"),
         ModelSpec("dinov3_vitl16", "vit_large_patch16_dinov3", "lvd1689m", "vit", _blocks(24),
-                  "DINOv3 ViT-L/16 (self-supervised, LVD-1689M)"),
+                  "DINOv3 ViT-L/16 (self-supervised, LVD-1689M)", classifier="none"),
         ModelSpec("dinov2_vitb14", "vit_base_patch14_dinov2", "lvd142m", "vit", _blocks(12),
-                  "DINOv2 ViT-B/14 (self-supervised, LVD-142M)"),
+                  "DINOv2 ViT-B/14 (self-supervised, LVD-142M)", classifier="none"),
         ModelSpec("clip_vitb16", "vit_base_patch16_clip_224", "openai", "vit", _blocks(12),
-                  "CLIP ViT-B/16 image tower (image-text contrastive, OpenAI)"),
+                  "CLIP ViT-B/16 image tower (image-text contrastive, OpenAI)",
+                  classifier="projection"),
         ModelSpec("vit_b16_supervised", "vit_base_patch16_224", "augreg2_in21k_ft_in1k", "vit",
                   _blocks(12), "ViT-B/16 (supervised, ImageNet-21k → 1k)"),
         ModelSpec("convnext_tiny", "convnext_tiny", "fb_in22k_ft_in1k", "cnn",
@@ -153,10 +164,96 @@ def get_spec(name: str) -> ModelSpec:
     """The registry entry of ``name``; an unknown name lists the valid ones."""
     if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(
-            f"Unknown model {name!r}. Valid names: {', '.join(list_models())}. "
-            "e.g. gradbrain.models.load('efficientnet_lite0.imagenet', weights='pretrained')"
+            f"Unknown model {name!r}. Valid names: {', '.join(list_models())}, or any timm "
+            "model name (timm.list_models()). e.g. "
+            "gradbrain.models.load('efficientnet_lite0.imagenet', weights='pretrained')"
         )
     return REGISTRY[name]
+
+
+_STAGE_CONTAINERS = ("blocks", "stages", "layers")
+
+
+def discover_layers(module: torch.nn.Module) -> tuple[str, ...]:
+    """Top-level blocks or stages of a timm network, in forward order.
+
+    The children of its ``blocks``, ``stages`` or ``layers`` container (ViT blocks,
+    EfficientNet/MobileNet block stages, ConvNeXt stages, Swin layers), else the modules
+    timm's ``feature_info`` names (e.g. ResNet's ``act1``, ``layer1`` … ``layer4``).
+    """
+    for container in _STAGE_CONTAINERS:
+        children = getattr(module, container, None)
+        if isinstance(children, (torch.nn.Sequential, torch.nn.ModuleList)) and len(children):
+            return tuple(f"{container}.{i}" for i in range(len(children)))
+    info = getattr(module, "feature_info", None)
+    names = [entry["module"] for entry in info] if isinstance(info, list) else []
+    if not names:
+        raise ValueError(
+            f"Cannot find the layers of {type(module).__name__}: it has no blocks/stages/layers "
+            "container and no timm feature_info. Pass layers=[...] module names explicitly."
+        )
+    return tuple(names)
+
+
+def timm_spec(name: str, module: torch.nn.Module, *,
+              layers: Sequence[str] | None = None) -> ModelSpec:
+    """A registry-like entry for any timm network (layers discovered, head kind guessed).
+
+    Parameters
+    ----------
+    name : str
+        timm model name, optionally with its pretrained tag (``"resnet18.a1_in1k"``).
+    module : torch.nn.Module
+        The network built by ``timm.create_model``.
+    layers : sequence of str or None
+        Module names in forward order; ``None``: :func:`discover_layers`.
+    """
+    timm_name, _, tag = name.partition(".")
+    layers = tuple(layers) if layers is not None else discover_layers(module)
+    missing = [layer for layer in layers if not _has_submodule(module, layer)]
+    if missing or not layers:
+        raise ValueError(f"'layers' must name submodules of {name}; not found: {missing}.")
+    vit = hasattr(module, "patch_embed") and hasattr(module, "num_prefix_tokens")
+    if not getattr(module, "num_classes", 0):
+        classifier = "none"
+    elif any(k in timm_name for k in ("clip", "siglip")):
+        classifier = "projection"  # image tower of an image-text model: no classes
+    else:
+        classifier = "classes"
+    return ModelSpec(
+        name=name, timm_name=timm_name, pretrained_tag=tag, family="vit" if vit else "cnn",
+        layers=layers, description=f"{name} (timm, outside the registry)", study=False,
+        classifier=classifier,
+        channels_last=not vit and getattr(module, "output_fmt", "NCHW") == "NHWC",
+    )
+
+
+def wrap(module: torch.nn.Module, *, name: str | None = None, weights: str = "the caller's",
+         pretrained: bool = True, layers: Sequence[str] | None = None) -> LoadedModel:
+    """Use a timm network built elsewhere (e.g. fine-tuned) with :func:`gradbrain.features.extract`.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        A timm model (it needs ``forward_features``/``forward_head``).
+    name : str or None
+        Label in tables (default: its timm architecture name).
+    weights : str
+        Where its weights came from, in words.
+    pretrained : bool
+        False if its weights are a random initialisation.
+    layers : sequence of str or None
+        Module names in forward order (default: :func:`discover_layers`).
+    """
+    if not isinstance(module, torch.nn.Module) or not hasattr(module, "forward_head"):
+        raise TypeError(f"'module' must be a timm model (a torch.nn.Module with forward_features "
+                        f"and forward_head); got {type(module).__name__}.")
+    arch = getattr(module, "pretrained_cfg", {}).get("architecture") or type(module).__name__
+    spec = timm_spec(name or arch, module, layers=layers)
+    module.eval()
+    module.requires_grad_(False)
+    data_config = timm.data.resolve_data_config({}, model=module)
+    return LoadedModel(spec, module, weights, pretrained, data_config)
 
 
 @dataclass
@@ -360,7 +457,9 @@ def load(
     Parameters
     ----------
     name : str
-        Registry name (see :func:`list_models`), e.g. ``"dinov3_vits16"``.
+        Registry name (see :func:`list_models`), e.g. ``"dinov3_vits16"``, or any timm
+        model name (``timm.list_models()``, optionally ``name.tag``): its layers are then
+        discovered (:func:`discover_layers`) and its entry built by :func:`timm_spec`.
     weights : None, "pretrained", "hub" or path-like
         ``None``: random initialisation with ``seed`` (warns). ``"pretrained"`` /
         ``"hub"``: the entry's trained weights (hub, or the packaged file for
@@ -372,6 +471,8 @@ def load(
     -------
     LoadedModel
     """
+    if isinstance(name, str) and name not in REGISTRY and timm.is_model(name):
+        return _load_timm(name, weights, seed)
     spec = get_spec(name)
     if weights is None:
         warnings.warn(
@@ -415,6 +516,44 @@ def load(
     if missing:  # pragma: no cover - guarded by tests over the registry
         raise RuntimeError(f"Registry entry {name!r} lists layers the model lacks: {missing}")
     return loaded
+
+
+def _load_timm(name: str, weights, seed: int) -> LoadedModel:
+    """:func:`load` for a timm name outside the registry."""
+    if weights is None:
+        warnings.warn(f"Model {name!r} is randomly initialised (seed={seed}).", UserWarning,
+                      stacklevel=3)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = timm.create_model(name, pretrained=False)
+        return wrap(module, name=name, weights=f"random init (seed={seed})", pretrained=False)
+    if isinstance(weights, str) and weights in ("pretrained", "hub"):
+        try:
+            module = timm.create_model(name, pretrained=True)
+        except Exception as err:
+            raise RuntimeError(
+                f"Could not get the pretrained weights of timm's {name!r} from the Hugging Face "
+                f"hub: {err}. Without network access (HF_HUB_OFFLINE=1), download the "
+                "checkpoint elsewhere and pass weights='/path/to/file'."
+            ) from err
+        return wrap(module, name=name, weights=f"pretrained weights from the hub ({name})")
+    if isinstance(weights, (str, os.PathLike)):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Weights file for {name!r} not found: {str(path)!r}.")
+        module = timm.create_model(name, pretrained=False)
+        state = _read_state_dict(path)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{str(path)!r} is not a checkpoint of timm's {name!r}: "
+                             f"{str(err)[:300]}") from err
+        from . import _provenance
+
+        _provenance.record_input(path, kind="weights")
+        return wrap(module, name=name, weights=f"weights from {os.fspath(path)}")
+    raise TypeError(f"'weights' must be None, 'pretrained', 'hub' or a file path; got "
+                    f"{type(weights).__name__}.")
 
 
 def _has_submodule(module: torch.nn.Module, name: str) -> bool:
