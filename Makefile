@@ -29,9 +29,10 @@ html: $(INSTALLED)
 book: chapters html
 
 # one pytest-xdist worker per core; a test file stays on one worker (its module fixtures,
-# e.g. the tiny book build, are computed once)
+# e.g. the tiny book build, are computed once); files go out in the order tests/conftest.py
+# sets (long ones first), not sorted by their number of tests
 test: $(INSTALLED)
-	$(PY) -m pytest -m "not slow" -n auto --dist loadfile
+	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder
 
 test-slow: $(INSTALLED)
 	$(PY) -m pytest -m slow

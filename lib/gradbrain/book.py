@@ -281,6 +281,65 @@ def parameters_for(chapter: Chapter, profile: dict, overrides: dict | None = Non
     return values
 
 
+def check_received(chapter: str, namespace: dict, *, root=None) -> None:
+    """Refuse a notebook run that did not get its profile's parameters.
+
+    Called by each chapter right after its parameters cell. papermill's own CLI takes
+    flat parameter files; a profile (``params/<name>.yaml``) is nested by chapter, so
+    ``papermill … -f params/things.yaml`` would inject unused ``notebooks``/``defaults``
+    variables and run on the default data. This catches that, and a ``profile`` whose
+    declared ``dataset`` for this chapter differs from the one received.
+
+    Parameters
+    ----------
+    chapter : str
+        The chapter's name, e.g. ``"03_meg_decoding"``.
+    namespace : dict
+        The notebook's ``globals()`` after its parameters cell.
+    root : path-like or None
+        The book's root (default: found from the working directory; without one, only
+        the first check runs).
+
+    Raises
+    ------
+    ValueError
+        Naming the profile and the command that writes a flat parameter file.
+    """
+    profile = namespace.get("profile")
+    nested = [k for k in ("notebooks", "defaults") if isinstance(namespace.get(k), dict)]
+    name = (namespace["defaults"].get("profile") if "defaults" in nested else None) \
+        if nested else profile
+    command = (f"python -m gradbrain.book params --profile {name or '<profile>'} "
+               f"--chapter {chapter} > {chapter}.yaml; papermill notebooks/{chapter}.ipynb "
+               f"out.ipynb -f {chapter}.yaml")
+    if nested:
+        raise ValueError(
+            f"This notebook received {nested} as parameters: a profile file was given to "
+            f"papermill (-f params/<profile>.yaml), but profiles are nested by chapter and "
+            f"papermill reads flat files, so the chapter would run on its defaults. Write "
+            f"the chapter's flat parameters first: {command}")
+    if not isinstance(profile, str) or "dataset" not in namespace:
+        return
+    try:
+        root = Path(root) if root is not None else find_root()
+        found = [c for c in chapters(root) if c.name == chapter]
+        if not found:
+            return
+        default = declared_parameters(found[0]).get("dataset")
+        expected = parameters_for(found[0], load_profile(root, profile)).get("dataset")
+    except (FileNotFoundError, ValueError):
+        return  # no book here, or a profile it does not ship: nothing to compare with
+    # only the silent fallback is refused: the notebook's own default where the profile
+    # names another dataset (a dataset passed on purpose is the caller's choice)
+    if expected is not None and namespace["dataset"] == default != expected:
+        raise ValueError(
+            f"Profile {profile!r} declares dataset={expected!r} for {chapter}, but this run "
+            f"got the notebook's default dataset={default!r}: the profile's parameters were "
+            f"not passed (papermill -p profile {profile} sets only the name). Run it with the "
+            f"runner, python -m gradbrain.book run --profile {profile} --only {chapter}, or "
+            f"pass the profile's parameters: {command}")
+
+
 def _library_digest() -> str:
     """Hash of the gradbrain package's Python source (a library change reruns chapters)."""
     h = hashlib.blake2b(digest_size=16)
@@ -533,6 +592,29 @@ def run(
     return status
 
 
+def flat_parameters(profile: str, chapter: str, *, root=None,
+                    overrides: dict | None = None) -> str:
+    """One chapter's parameters from a profile, as the flat YAML that ``papermill -f`` reads.
+
+    Checked like a runner's run (names declared by the chapter, types of the defaults);
+    ``profile`` is included so that the chapter can check what it received.
+    """
+    root = find_root(root)
+    every = chapters(root)
+    found = [c for c in every if c.name == chapter]
+    if not found:
+        raise ValueError(f"No chapter {chapter!r}; chapters: {[c.name for c in every]}.")
+    loaded = load_profile(root, profile)
+    check_parameters(found, loaded, overrides, every=every)
+    values = parameters_for(found[0], loaded, overrides)
+    if "profile" in declared_parameters(found[0]):
+        values.setdefault("profile", Path(profile).stem if profile.endswith(
+            (".yaml", ".yml")) else profile)
+    header = (f"# parameters of {chapter} from profile {profile!r}; use with:\n"
+              f"#   papermill notebooks/{chapter}.ipynb out.ipynb -f <this file>\n")
+    return header + yaml.safe_dump(values, sort_keys=False)
+
+
 def _parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -554,11 +636,23 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     p_list = sub.add_parser("list", help="list the chapters in book order")
     p_list.add_argument("--root")
+    p_params = sub.add_parser(
+        "params", help="print one chapter's parameters from a profile, as a flat YAML file "
+                       "for papermill -f")
+    p_params.add_argument("--profile", default="demo", help="params/<profile>.yaml")
+    p_params.add_argument("--chapter", required=True, help="e.g. 03_meg_decoding")
+    p_params.add_argument("--root", help="repository root (default: found from the cwd)")
+    p_params.add_argument("-p", "--param", action="append", type=_parse_override, default=[],
+                          metavar="KEY=VALUE", help="override a parameter (YAML value)")
     args = parser.parse_args(argv)
     try:
         if args.command == "list":
             for chapter in chapters(find_root(args.root)):
                 print(chapter.name)
+            return 0
+        if args.command == "params":
+            print(flat_parameters(args.profile, args.chapter, root=args.root,
+                                  overrides=dict(args.param)), end="")
             return 0
         run(args.profile, only=args.only, root=args.root, output_dir=args.output_dir,
             overrides=dict(args.param), force=args.force, progress=not args.quiet)

@@ -665,8 +665,7 @@ def extract(
         if "dino" in losses:
             teacher_all = _teacher_scores(model, heads, x, batch_size, device, dtype, partial,
                                           progress)
-            center = _teacher_scores(model, heads, x_ref, batch_size, device, dtype, None,
-                                     False).mean(dim=0).to(device)
+            center = _dino_centre(model, heads, x_ref, batch_size, device, dtype, loss_seed)
 
         chunks: list[tuple[dict, dict]] = []
         orders: dict[str, list[str]] = {}
@@ -745,6 +744,21 @@ def _dino_reference(model: LoadedModel, reference) -> torch.Tensor:
             f"output over 1,024 prototypes) needs at least {_DINO_MIN_REFERENCE}. Pass more "
             "images, or None for the 64 embedded reference images.")
     return x_ref
+
+
+_CENTRES: dict[str, torch.Tensor] = {}  # DINO centres computed in this process
+
+
+def _dino_centre(model, heads, x_ref, batch_size, device, dtype, loss_seed) -> torch.Tensor:
+    """Mean teacher output over the reference images (n_prototypes,), kept per process."""
+    tag = json.dumps([model.fingerprint(), loss_seed, str(dtype)]).encode()
+    key = hash_arrays([np.frombuffer(tag, dtype=np.uint8), x_ref])
+    if key not in _CENTRES:
+        if len(_CENTRES) >= 16:
+            _CENTRES.pop(next(iter(_CENTRES)))
+        _CENTRES[key] = _teacher_scores(model, heads, x_ref, batch_size, device, dtype, None,
+                                        False).mean(dim=0)
+    return _CENTRES[key].to(device)
 
 
 def _move(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

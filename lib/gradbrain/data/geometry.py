@@ -62,13 +62,17 @@ def posterior_vertices(hemi: str, *, max_y: float = -40.0, max_z: float = 35.0) 
     return np.flatnonzero((coords[:, 1] < max_y) & (coords[:, 2] < max_z))
 
 
-# The CTF-275 layout lists 275 sensors; THINGS-MEG recordings have 272. The simulated
-# study leaves out three (an arbitrary, documented choice); real data keep their own.
+# The CTF-275 layout lists 275 sensors; the THINGS-MEG system recorded 272, and the
+# dataset's preprocessed epochs keep 271 (MRO11 dropped as malfunctioning). The simulated
+# study uses 272 (three layout sensors left out: an arbitrary, documented choice); real
+# data keep their own channels and never go through this function.
 _DROPPED_CTF = ("MLC11", "MRC11", "MZC01")
 
 
 def ctf_info(sfreq: float, n_channels: int = 272):
-    """An ``mne.Info`` of CTF axial gradiometers placed from MNE's CTF-275 layout.
+    """An ``mne.Info`` of CTF axial gradiometers placed from MNE's CTF-275 layout, for
+    the simulated study (272 sensors; THINGS-MEG's real epochs have 271, see
+    :mod:`gradbrain.data.things_meg`).
 
     Layout positions (2-D) are lifted onto a sphere (azimuthal equidistant, 9 cm
     radius) so that MNE's topomaps and sensor plots work.

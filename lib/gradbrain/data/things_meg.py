@@ -2,9 +2,20 @@
 
 Files used, per participant ``n`` in 1…4, under the dataset ``root``::
 
-    derivatives/preprocessed/preprocessed_P{n}-epo.fif   # ≈8 GB, 272 CTF sensors, 200 Hz,
-                                                         # −100…1300 ms, 27,048 trials
+    derivatives/preprocessed/preprocessed_P{n}-epo.fif   # ≈8 GB in all, split by MNE into
+    derivatives/preprocessed/preprocessed_P{n}-epo-1.fif # 2 GB parts (-epo.fif, -epo-1.fif,
+    …                                                    # …), all needed
     sourcedata/sample_attributes_P{n}.csv                # one row per trial, same order
+
+The epochs hold 271 magnetometers (the CTF-275's MRO11-1609 was dropped and reference
+channels were not kept), 200 Hz, −100…1300 ms, 27,048 trials. Their values are z-scores
+against each trial's baseline (the dataset's preprocessing, ``mne.baseline.rescale(...,
+mode="zscore")``), unitless although MNE labels magnetometers in tesla.
+
+``image_path`` in the trial table is ``images_meg/<concept>/<file>.jpg`` for images seen
+once, ``images_test_meg/<file>.jpg`` for the 200 test images (no concept folder) and
+``images_catch_meg/<file>.jpg`` for catch trials. An image's concept is its file name
+without the exemplar suffix (``coat_rack_16s.jpg`` → ``coat_rack``).
 
 Trials are ``trial_type`` ``"exp"`` (22,248 images seen once), ``"test"`` (200 images
 seen 12 times) and ``"catch"`` (attention checks, always left out). The epochs file
@@ -13,12 +24,14 @@ read, once.
 
 The THINGS images are not redistributed here (their own licence): download them from
 the THINGS OSF project and pass the folder as ``images_dir`` (images are looked up as
-``images_dir/<concept>/<file name>``).
+``images_dir/<concept>/<file name>``, the layout of the THINGS image database, test
+images included).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +80,7 @@ def _check_root(root) -> Path:
 
 
 def epochs_path(root, subject) -> Path:
-    """Path of a participant's preprocessed epochs (``-epo.fif``)."""
+    """Path of a participant's preprocessed epochs (``-epo.fif``, the first of its parts)."""
     return (Path(root).expanduser() / "derivatives" / "preprocessed"
             / f"preprocessed_P{_check_subject(subject)}-epo.fif")
 
@@ -93,8 +106,9 @@ def read_attributes(root, subject) -> pd.DataFrame:
     -------
     DataFrame with one row per trial (in epochs order): the CSV's columns plus
     ``image_id`` (file name without suffix, e.g. ``"aardvark_01b"``), ``concept`` (the
-    THINGS concept, the image's folder) and ``split`` (``"train"``, ``"test"`` or
-    ``"catch"``).
+    THINGS concept: the file name without its exemplar suffix, ``"coat_rack_16s"`` →
+    ``"coat_rack"``; test images have no concept folder) and ``split`` (``"train"``,
+    ``"test"`` or ``"catch"``).
     """
     subject = _check_subject(subject)
     path = attributes_path(_check_root(root), subject)
@@ -107,11 +121,62 @@ def read_attributes(root, subject) -> pd.DataFrame:
                          "sample_attributes file?")
     image_path = table["image_path"].astype(str).str.replace("\\", "/", regex=False)
     table["image_id"] = image_path.map(lambda p: Path(p).stem)
-    table["concept"] = image_path.map(lambda p: Path(p).parent.name)
+    table["concept"] = image_path.map(_concept)
     catch = (table["trial_type"] == "catch") | image_path.str.startswith("images_catch")
     table["split"] = np.where(catch, "catch",
                               np.where(table["trial_type"] == "test", "test", "train"))
     return table
+
+
+_EXEMPLAR = re.compile(r"^(?P<concept>.+)_\d+[a-z]?$")
+
+
+def _concept(image_path: str) -> str:
+    """THINGS concept of an image path (its folder for images_meg/<concept>/<file>,
+    else the file name without the exemplar suffix ``_<number><letter>``)."""
+    parts = image_path.split("/")
+    if len(parts) >= 3 and parts[-3].startswith("images_meg"):
+        return parts[-2]
+    stem = Path(parts[-1]).stem
+    match = _EXEMPLAR.match(stem)
+    return match.group("concept") if match else stem
+
+
+def _spread(ids: list, k: int) -> list:
+    """``k`` of the sorted ``ids``, evenly spaced (so across concepts, not the first k)."""
+    if k >= len(ids):
+        return list(ids)
+    return [ids[i] for i in np.linspace(0, len(ids) - 1, k).round().astype(int)] if k else []
+
+
+def _subset(image_ids: list, split_of: dict, n: int) -> list:
+    """A stratified subset of ``n`` images: at least half (or all) from the test split,
+    the rest from the training split, each spread evenly over the sorted ids."""
+    test = [i for i in image_ids if split_of[i] == "test"]
+    train = [i for i in image_ids if split_of[i] != "test"]
+    if n >= len(image_ids):
+        return list(image_ids)
+    n_test = min(len(test), max(n // 2 if train else n, round(n * len(test) / len(image_ids))))
+    n_train = min(len(train), n - n_test)
+    n_test = min(len(test), n - n_train)
+    return sorted(_spread(test, n_test) + _spread(train, n_train))
+
+
+def _read_epochs(path: Path, subject: int):
+    """Open the epochs lazily; a missing split part gets an error that names it."""
+    import mne
+
+    try:
+        return mne.read_epochs(path, preload=False, verbose="error")
+    except FileNotFoundError as err:
+        missing = Path(getattr(err, "filename", None) or str(err)).name
+        parts = sorted(p.name for p in path.parent.glob(f"{path.stem}*.fif"))
+        raise FileNotFoundError(
+            f"THINGS-MEG epochs of participant {subject} are split by MNE into parts "
+            f"({path.stem}.fif, {path.stem}-1.fif, …); part {missing} is missing (found: "
+            f"{', '.join(parts)}). Download every part with "
+            f"gradbrain.data.things_meg.download({subject}, root)."
+        ) from None
 
 
 def load_subject(subject, root, *, split: str = "test", tmin: float | None = None,
@@ -139,18 +204,27 @@ def load_subject(subject, root, *, split: str = "test", tmin: float | None = Non
         Folder of the THINGS images (one sub-folder per concept). None: the study has
         no images (``study.images is None``); features must then come from elsewhere.
     max_images : int or None
-        Keep only the first ``max_images`` images of the selection (in image-id order),
-        e.g. to try a chapter quickly.
+        Keep ``max_images`` images of the selection, e.g. to try a chapter quickly: at
+        least half from the test split when both splits are read (the chapter scores on
+        test images), each split's share spread evenly over its sorted image ids (so
+        over concepts).
 
     Returns
     -------
     Study
-        ``image_ids`` sorted, ``split`` per image, ``epochs`` with the selected trials
-        in file order and metadata columns ``image_id``, ``image_index``, ``repeat``,
-        ``split``, ``category`` (the concept) plus the CSV's own.
+        ``image_ids`` sorted, ``split`` per image, ``epochs`` (271 sensors, baseline
+        z-scores) with the selected trials in file order and metadata columns
+        ``image_id``, ``image_index``, ``repeat``, ``split``, ``category`` (the concept)
+        plus the CSV's own. Nothing is printed (MNE's messages are silenced).
     """
     import mne
 
+    with mne.utils.use_log_level("error"):
+        return _load_subject(subject, root, split, tmin, tmax, decim, picks, images_dir,
+                             max_images)
+
+
+def _load_subject(subject, root, split, tmin, tmax, decim, picks, images_dir, max_images):
     subject = _check_subject(subject)
     check_in_allowed("split", split, SPLITS)
     if not isinstance(decim, (int, np.integer)) or decim < 1:
@@ -160,7 +234,7 @@ def load_subject(subject, root, *, split: str = "test", tmin: float | None = Non
     if not path.is_file():
         raise _missing(path, subject)
     table = read_attributes(root, subject)
-    epochs = mne.read_epochs(path, preload=False, verbose="error")
+    epochs = _read_epochs(path, subject)
     if len(epochs) != len(table):
         raise ValueError(
             f"{path.name} has {len(epochs)} epochs but {attributes_path(root, subject).name} "
@@ -173,7 +247,8 @@ def load_subject(subject, root, *, split: str = "test", tmin: float | None = Non
         if not isinstance(max_images, (int, np.integer)) or max_images < 1:
             raise ValueError(f"'max_images' must be a positive integer or None; got "
                              f"{max_images!r}.")
-        image_ids = image_ids[:max_images]
+        split_of = dict(zip(table.loc[keep, "image_id"], table.loc[keep, "split"]))
+        image_ids = _subset(image_ids, split_of, int(max_images))
         keep &= table["image_id"].isin(image_ids).to_numpy()
     if not keep.any():
         raise ValueError(f"No {split!r} trials in {path.name}.")
@@ -234,8 +309,9 @@ def _load_images(images_dir, per_image: pd.DataFrame):
 def download(subject, root, *, max_concurrent_downloads: int = 5) -> list[Path]:
     """Fetch one participant's preprocessed epochs and trial table from OpenNeuro.
 
-    Only the two files :func:`load_subject` reads are downloaded (≈8 GB), into
-    ``root`` with the dataset's layout. Needs the ``openneuro-py`` package
+    Only what :func:`load_subject` reads is downloaded (≈8 GB), into ``root`` with the
+    dataset's layout: every part of the split epochs file (``-epo.fif``, ``-epo-1.fif``,
+    …, fetched with a glob) and the trial table. Needs the ``openneuro-py`` package
     (``pip install openneuro-py``) and a network connection; files already complete
     are skipped by openneuro-py. The THINGS images are not part of the MEG dataset
     (see :func:`load_subject`'s ``images_dir``).
@@ -243,7 +319,7 @@ def download(subject, root, *, max_concurrent_downloads: int = 5) -> list[Path]:
     Returns
     -------
     list of Path
-        The epochs file and the trial table.
+        The epochs file's first part (MNE reads the others from it) and the trial table.
     """
     subject = _check_subject(subject)
     try:
@@ -254,7 +330,8 @@ def download(subject, root, *, max_concurrent_downloads: int = 5) -> list[Path]:
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     wanted = [epochs_path(root, subject), attributes_path(root, subject)]
+    epochs_glob = wanted[0].relative_to(root).as_posix().replace("-epo.fif", "-epo*.fif")
     openneuro.download(dataset=OPENNEURO_ID, target_dir=os.fspath(root),
-                       include=[p.relative_to(root).as_posix() for p in wanted],
+                       include=[epochs_glob, wanted[1].relative_to(root).as_posix()],
                        max_concurrent_downloads=max_concurrent_downloads)
     return wanted
