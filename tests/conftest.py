@@ -4,6 +4,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the Hugging Face hub
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: each worker, and every kernel or subprocess
+    # it starts (the book's chapters, killed-and-rerun jobs), keeps to one thread, or the
+    # BLAS and torch thread pools of the two workers fight over the two cores
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 import warnings  # noqa: E402
 

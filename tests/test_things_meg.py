@@ -232,3 +232,84 @@ def test_download_fetches_the_epochs_parts_and_the_table(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "openneuro", None)  # not installed
     with pytest.raises(ImportError, match="pip install openneuro-py"):
         things_meg.download(4, tmp_path)
+
+
+def _write_chapter_dataset(root, images_dir, subject=1):
+    """Enough trials for the MEG chapter: 4 concepts × (10 images seen once + 2 test
+    images × 4 repeats), in the published layout (see _write_dataset), plus the THINGS
+    image folder (<concept>/<file>.jpg, test images included)."""
+    import mne
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    concepts = ["ant", "bear", "coat_rack", "drum"]
+    exp = [(f"images_meg/{c}/{c}_{i:02d}b.jpg", "exp") for c in concepts for i in range(1, 11)]
+    test = [(f"images_test_meg/{c}_{i}s.jpg", "test") for c in concepts for i in (13, 14)]
+    trials = exp + test * 4 + [("images_catch_meg/catch001.jpg", "catch")]
+    trials = [trials[i] for i in rng.permutation(len(trials))]
+    n = len(trials)
+    table = pd.DataFrame({
+        "session_nr": 1, "run_nr": 1, "trial_type": [t for _, t in trials],
+        "image_nr": np.arange(n), "things_image_nr": np.arange(n), "category_nr": 1,
+        "exemplar_nr": 1, "test_image_nr": np.nan, "image_path": [p for p, _ in trials],
+        "image_on": np.arange(n) * 1.5, "image_off": np.arange(n) * 1.5 + 0.5,
+    })[COLUMNS]
+    info = ctf_info(SFREQ, 272)
+    info = mne.pick_info(info, [i for i, name in enumerate(info["ch_names"]) if name != "MRO11"])
+    data = rng.normal(size=(n, 271, N_TIMES)).astype(np.float32)
+    (root / "derivatives" / "preprocessed").mkdir(parents=True)
+    (root / "sourcedata").mkdir()
+    mne.EpochsArray(data, info, tmin=-0.1, metadata=table, verbose="error").save(
+        root / "derivatives" / "preprocessed" / f"preprocessed_P{subject}-epo.fif",
+        fmt="single", split_size="10MB", verbose="error")
+    table.to_csv(root / "sourcedata" / f"sample_attributes_P{subject}.csv", index=False)
+    for path, kind in set(trials):
+        if kind == "catch":
+            continue
+        name = path.split("/")[-1]
+        concept = name.rsplit("_", 1)[0]
+        (images_dir / concept).mkdir(parents=True, exist_ok=True)
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        Image.new("RGB", (48, 48), colour).save(images_dir / concept / name)
+
+
+@pytest.mark.slow
+def test_the_things_profile_runs_its_chapter_through_the_runner_and_papermill(tmp_path):
+    """params/things.yaml on a fake participant in the real layout (split epochs, test
+    images without concept folders, 271 sensors), with the packaged EfficientNet-Lite0
+    instead of the hub's DINOv3: once through the runner, once through papermill's CLI
+    with the flat file `gradbrain.book params` writes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import nbformat
+    import yaml
+
+    from gradbrain import book
+
+    root = Path(__file__).resolve().parents[1]
+    data_root, images_dir = tmp_path / "ds004212", tmp_path / "THINGS"
+    _write_chapter_dataset(data_root, images_dir)
+    overrides = {"things": {"subject": 1, "root": str(data_root), "images_dir": str(images_dir),
+                            "split": "all", "decim": 2, "tmin": -0.1, "tmax": 0.8},
+                 "model": "efficientnet_lite0.imagenet", "losses": ["ce"], "n_boot": 5}
+    status = book.run("things", root=root, output_dir=tmp_path / "executed", overrides=overrides,
+                      progress=False)
+    assert status == {"03_meg_decoding": "executed"}
+    text = "\n".join(str(o.get("text", "")) for c in nbformat.read(
+        tmp_path / "executed" / "03_meg_decoding.ipynb", 4).cells for o in c.get("outputs", []))
+    assert "THINGS-MEG P1 (all)" in text and "271 sensors" in text
+    assert "Loading data" not in text and "Replacing existing metadata" not in text
+
+    flat = subprocess.run(
+        [sys.executable, "-m", "gradbrain.book", "params", "--profile", "things", "--chapter",
+         "03_meg_decoding", "--root", str(root)]
+        + [arg for k, v in overrides.items() for arg in ("-p", f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}")],
+        capture_output=True, text=True, check=True).stdout
+    (tmp_path / "p.yaml").write_text(flat)
+    out = subprocess.run(
+        [sys.executable, "-m", "papermill", str(root / "notebooks" / "03_meg_decoding.ipynb"),
+         str(tmp_path / "cli.ipynb"), "-f", str(tmp_path / "p.yaml"), "--cwd", str(root)],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
