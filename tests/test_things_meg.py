@@ -9,7 +9,7 @@ import pytest
 
 from gradbrain import meg
 from gradbrain.data import load_study, things_meg
-from gradbrain.data.geometry import ctf_info
+from gradbrain.data.geometry import THINGS_MEG_EXCLUDED, ctf_info
 
 # its module fixtures are computed once: the file stays on one pytest-xdist worker
 pytestmark = pytest.mark.xdist_group("test_things_meg")
@@ -37,9 +37,9 @@ def _write_dataset(root, subject=2, n_channels=271, split_size="2MB"):
       ``images_catch_meg/<file>.jpg`` for catch trials.
     * ``derivatives/preprocessed/preprocessed_P{n}-epo.fif``: MNE epochs saved with the
       table as metadata, split by MNE into ``-epo.fif``, ``-epo-1.fif``, … (2 GB parts
-      there; ``split_size`` here). 271 magnetometer channels (the CTF-275's MRO11-1609
-      dropped, no reference channels), −100…1300 ms at 200 Hz, values z-scored per trial
-      against the baseline (unitless, although MNE labels magnetometers in T).
+      there; ``split_size`` here). 271 magnetometer channels (CTF-275 without MLF25,
+      MRF43, MRO13 and MRO11; no reference channels), −100…1300 ms at 200 Hz, values
+      z-scored per trial against the baseline (unitless, although MNE labels them in T).
     """
     import mne
 
@@ -62,8 +62,8 @@ def _write_dataset(root, subject=2, n_channels=271, split_size="2MB"):
         "image_path": [p for p, _ in trials],
         "image_on": np.arange(n) * 1.5, "image_off": np.arange(n) * 1.5 + 0.5,
     })[COLUMNS]
-    info = ctf_info(SFREQ, 272)  # the system's 272 sensors, then MRO11 dropped as in step 1
-    info = mne.pick_info(info, [i for i, name in enumerate(info["ch_names"]) if name != "MRO11"])
+    # CTF-275 minus the three sensors the system lacks and MRO11, dropped in step 1
+    info = ctf_info(SFREQ, None, exclude=THINGS_MEG_EXCLUDED)
     assert info["nchan"] == n_channels
     data = rng.normal(size=(n, n_channels, N_TIMES)).astype(np.float32)  # z-scores
 
@@ -99,7 +99,7 @@ def test_trials_align_with_the_table_and_catch_trials_are_left_out(dataset):
     split = dict(zip(study.image_ids, study.split))
     assert split["ant_13s"] == "test" and split["eel_04b"] == "train"
     assert study.epochs.info["nchan"] == 271 and study.epochs.info["sfreq"] == SFREQ
-    assert "MRO11" not in study.epochs.ch_names
+    assert not set(THINGS_MEG_EXCLUDED) & set(study.epochs.ch_names)
 
 
 def test_test_split_averages_repeats_like_numpy(dataset):
@@ -254,8 +254,7 @@ def _write_chapter_dataset(root, images_dir, subject=1):
         "exemplar_nr": 1, "test_image_nr": np.nan, "image_path": [p for p, _ in trials],
         "image_on": np.arange(n) * 1.5, "image_off": np.arange(n) * 1.5 + 0.5,
     })[COLUMNS]
-    info = ctf_info(SFREQ, 272)
-    info = mne.pick_info(info, [i for i, name in enumerate(info["ch_names"]) if name != "MRO11"])
+    info = ctf_info(SFREQ, None, exclude=THINGS_MEG_EXCLUDED)
     data = rng.normal(size=(n, 271, N_TIMES)).astype(np.float32)
     (root / "derivatives" / "preprocessed").mkdir(parents=True)
     (root / "sourcedata").mkdir()

@@ -6,7 +6,8 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["fsaverage5", "posterior_vertices", "v1_seed", "distance_from", "ctf_info"]
+__all__ = ["fsaverage5", "posterior_vertices", "v1_seed", "distance_from", "ctf_info",
+           "THINGS_MEG_EXCLUDED"]
 
 HEMIS = ("left", "right")
 
@@ -62,29 +63,38 @@ def posterior_vertices(hemi: str, *, max_y: float = -40.0, max_z: float = 35.0) 
     return np.flatnonzero((coords[:, 1] < max_y) & (coords[:, 2] < max_z))
 
 
-# The CTF-275 layout lists 275 sensors; the THINGS-MEG system recorded 272, and the
-# dataset's preprocessed epochs keep 271 (MRO11 dropped as malfunctioning). The simulated
-# study uses 272 (three layout sensors left out: an arbitrary, documented choice); real
-# data keep their own channels and never go through this function.
+# The CTF-275 layout lists 275 sensors. THINGS-MEG's system recorded 272 (MLF25, MRF43 and
+# MRO13 absent) and the dataset's preprocessed epochs keep 271 (MRO11 dropped as
+# malfunctioning). The simulated study uses 272 of its own choosing (three layout sensors
+# left out: an arbitrary, documented choice made before the real set was known).
 _DROPPED_CTF = ("MLC11", "MRC11", "MZC01")
+THINGS_MEG_EXCLUDED = ("MLF25", "MRF43", "MRO13", "MRO11")
 
 
-def ctf_info(sfreq: float, n_channels: int = 272):
-    """An ``mne.Info`` of CTF axial gradiometers placed from MNE's CTF-275 layout, for
-    the simulated study (272 sensors; THINGS-MEG's real epochs have 271, see
-    :mod:`gradbrain.data.things_meg`).
+def ctf_info(sfreq: float, n_channels: int | None = 272, *, exclude=_DROPPED_CTF):
+    """An ``mne.Info`` of CTF axial gradiometers placed from MNE's CTF-275 layout.
 
     Layout positions (2-D) are lifted onto a sphere (azimuthal equidistant, 9 cm
     radius) so that MNE's topomaps and sensor plots work.
 
+    Parameters
+    ----------
+    sfreq : float
+        Sampling frequency (Hz).
+    n_channels : int or None
+        Keep the first ``n_channels`` sensors left (None: all).
+    exclude : sequence of str
+        Layout sensors left out: by default the simulated study's three (272 sensors);
+        :data:`THINGS_MEG_EXCLUDED` gives THINGS-MEG's 271.
+
     Returns
     -------
-    mne.Info with ``n_channels`` channels of type ``"mag"``.
+    mne.Info with the kept channels, of type ``"mag"``.
     """
     import mne
 
     layout = mne.channels.read_layout("CTF275")
-    keep = [i for i, name in enumerate(layout.names) if name not in _DROPPED_CTF][:n_channels]
+    keep = [i for i, name in enumerate(layout.names) if name not in exclude][:n_channels]
     names = [layout.names[i] for i in keep]
     xy = layout.pos[keep, :2] + layout.pos[keep, 2:4] / 2
     xy = xy - xy.mean(axis=0)

@@ -7,8 +7,9 @@ Files used, per participant ``n`` in 1…4, under the dataset ``root``::
     …                                                    # …), all needed
     sourcedata/sample_attributes_P{n}.csv                # one row per trial, same order
 
-The epochs hold 271 magnetometers (the CTF-275's MRO11-1609 was dropped and reference
-channels were not kept), 200 Hz, −100…1300 ms, 27,048 trials. Their values are z-scores
+The epochs hold 271 magnetometers (the CTF-275 layout without MLF25, MRF43 and MRO13,
+which the system did not record, and MRO11, dropped as malfunctioning; no reference
+channels), 200 Hz, −100…1300 ms, 27,048 trials. Their values are z-scores
 against each trial's baseline (the dataset's preprocessing, ``mne.baseline.rescale(...,
 mode="zscore")``), unitless although MNE labels magnetometers in tesla.
 
