@@ -51,8 +51,33 @@ def test_permutation_test_bad_inputs():
         hierarchy.layer_permutation_test([1, 1, 1], [1.0, 2, 3], depth)
     constant = hierarchy.layer_permutation_test([0, 1, 2], [5.0, 5, 5], depth)
     assert np.isnan(constant["statistic"]) and np.isnan(constant["p_value"])
+    assert np.isnan(constant["min_p"]) and constant["n_layers_used"] == 3  # same keys
     with pytest.raises(ValueError, match="'alternative' must be one of"):
         hierarchy.layer_permutation_test([0, 1, 2], [1.0, 2, 3], depth, alternative="up")
+
+
+def test_p_value_floor_counts_the_layers_targets_use():
+    """Exhaustive reference: a perfectly ordered map over k = 3 of L = 5 layers, every
+    one of the 5! assignments of depths to layers scored with scipy; the exact p-value
+    is the share at least as large as the observed ρ, i.e. 1/3!, whatever L is."""
+    from itertools import permutations
+
+    values = np.linspace(0, 1, 5)
+    index = np.repeat([0, 2, 4], 10)       # layers 1 and 3 win no vertex
+    target = np.repeat([1.0, 2.0, 3.0], 10)
+    observed = stats.spearmanr(values[index], target).statistic
+    null = [stats.spearmanr(np.asarray(p)[index], target).statistic
+            for p in permutations(values)]
+    exact = np.mean(np.asarray(null) >= observed - 1e-12)
+    assert exact == pytest.approx(1 / 6)
+    assert hierarchy.min_p_value(3, 5) == pytest.approx(exact)
+    test = hierarchy.layer_permutation_test(index, target, values, n_perm=20_000)
+    assert test["min_p"] == pytest.approx(1 / 6) and test["n_layers_used"] == 3
+    assert test["p_value"] == pytest.approx(1 / 6, abs=0.01)  # the floor is reached
+    assert hierarchy.min_p_value(3, 12) == pytest.approx(1 / 6)  # not 1/12!
+    assert hierarchy.min_p_value(3, 12, alternative="two-sided") == pytest.approx(2 / 6)
+    assert hierarchy.min_p_value(3, 12, method="pearson") == pytest.approx(1 / (12 * 11 * 10))
+    assert hierarchy.min_p_value(12, 12, n_perm=99) == pytest.approx(0.01)
 
 
 def test_spatial_and_temporal_scores(rng):
@@ -166,6 +191,11 @@ def test_run_recovers_each_planted_truth(planted, seed, tmp_path):
     assert not verdicts["paper"].predictions["1 spatial"]
     summary = verdicts["backprop"].summary()
     assert "is consistent with a biological backpropagation" in summary
+    tests = verdicts["backprop"].tests
+    shuffled = tests[tests.null.str.contains("shuffled")]  # the layer permutation tests
+    assert len(shuffled) == 3 and shuffled.min_p.notna().all()
+    assert (shuffled.p_value >= shuffled.min_p - 1e-12).all()
+    assert (tests.can_reach_alpha == ~(tests.min_p >= 0.05)).all()
     assert "**not consistent**" in verdicts["paper"].summary()
 
     # the saved table (what a sweep collects) carries the planted orders

