@@ -342,7 +342,7 @@ class _LossHeads:
                  class_embeddings: torch.Tensor | None = None):
         module = model.module
         # the width of forward_head(pre_logits=True): wider than num_features where a
-        # head MLP/conv sits before the classifier (e.g. MobileNetV3's 1,024 vs 576)
+        # head MLP/conv sits before the classifier (mobilenetv3_small_050: 1,024 vs 288)
         dim = int(getattr(module, "head_hidden_size", None) or module.num_features)
         g = torch.Generator().manual_seed(seed)
         self.prototypes = F.normalize(torch.randn(_DINO_PROTOTYPES, dim, generator=g), dim=1)
