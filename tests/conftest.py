@@ -45,6 +45,14 @@ def _isolated_data_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("GRADBRAIN_DATA", str(tmp_path_factory.getbasetemp() / "data_home"))
 
 
+@pytest.fixture(autouse=True)
+def _cpu_only(monkeypatch):
+    """The suite runs as on CI, which has no GPU: ``device=None`` means the CPU here too.
+    On a GPU machine, extract would otherwise move the shared model fixtures to CUDA in
+    place and the CPU references of later tests would meet CUDA weights."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def small_images():
     from gradbrain.data import load_embedded
