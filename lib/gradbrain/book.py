@@ -287,8 +287,9 @@ def check_received(chapter: str, namespace: dict, *, root=None) -> None:
     Called by each chapter right after its parameters cell. papermill's own CLI takes
     flat parameter files; a profile (``params/<name>.yaml``) is nested by chapter, so
     ``papermill … -f params/things.yaml`` would inject unused ``notebooks``/``defaults``
-    variables and run on the default data. This catches that, and a ``profile`` whose
-    declared ``dataset`` for this chapter differs from the one received.
+    variables and run on the default data. This catches that, and a ``profile`` that
+    declares another ``dataset`` for this chapter while the notebook kept its default
+    one (``-p profile things`` alone); a dataset passed on purpose is left alone.
 
     Parameters
     ----------
