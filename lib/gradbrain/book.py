@@ -308,8 +308,9 @@ def check_received(chapter: str, namespace: dict, *, root=None) -> None:
     """
     profile = namespace.get("profile")
     nested = [k for k in ("notebooks", "defaults") if isinstance(namespace.get(k), dict)]
-    name = (namespace["defaults"].get("profile") if "defaults" in nested else None) \
-        if nested else profile
+    name = profile  # with a profile file, its name is under defaults (if anywhere)
+    if nested:
+        name = namespace["defaults"].get("profile") if "defaults" in nested else None
     command = (f"python -m gradbrain.book params --profile {name or '<profile>'} "
                f"--chapter {chapter} > {chapter}.yaml; papermill notebooks/{chapter}.ipynb "
                f"out.ipynb -f {chapter}.yaml")
@@ -555,7 +556,8 @@ def run(
     """
     root = find_root(root)
     data = load_profile(root, profile)
-    todo = chapters(root, output_dir)
+    every = chapters(root, output_dir)
+    todo = list(every)
     names = [c.name for c in todo]
     # the profile may cover only some chapters; --only picks among those
     for source, wanted in (("the profile's 'chapters'", data.get("chapters")), ("'only'", only)):
@@ -566,7 +568,7 @@ def run(
             raise ValueError(f"Unknown chapter(s) {unknown} in {source}; available: {names}.")
         todo = [c for c in todo if c.name in wanted]
         names = [c.name for c in todo]
-    check_parameters(todo, data, overrides, every=chapters(root, output_dir))
+    check_parameters(todo, data, overrides, every=every)
     status = {}
     for i, chapter in enumerate(todo, 1):
         parameters = parameters_for(chapter, data, overrides)

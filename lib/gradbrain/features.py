@@ -388,10 +388,15 @@ class _LossHeads:
             "dino": f"fixed random {_DINO_PROTOTYPES}-prototype head on the {dim}-d embedding",
             "proj": f"fixed random {_PROJ_DIM}-d projection of the {dim}-d embedding",
         }
+        self.to(device)
+
+    def to(self, device: torch.device) -> "_LossHeads":
+        """Move the fixed heads to ``device`` (the classifier moves with the model)."""
         for name in ("prototypes", "projection", "target", "ce_head", "class_embeddings"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
+        return self
 
     def logits(self, embedding: torch.Tensor) -> torch.Tensor:
         if self.classifier is None:
@@ -660,7 +665,7 @@ def extract(
     modes = [m.training for m in module.modules()]
     module.eval()
     try:
-        heads = _LossHeads(model, loss_seed, device, class_embeddings)
+        heads.to(device)  # drawn on the CPU above, before the cache lookup
         teacher_all = center = None
         if "dino" in losses:
             teacher_all = _teacher_scores(model, heads, x, batch_size, device, dtype, partial,

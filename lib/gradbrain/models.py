@@ -249,7 +249,12 @@ def wrap(module: torch.nn.Module, *, name: str | None = None, weights: str = "th
         raise TypeError(f"'module' must be a timm model (a torch.nn.Module with forward_features "
                         f"and forward_head); got {type(module).__name__}.")
     arch = getattr(module, "pretrained_cfg", {}).get("architecture") or type(module).__name__
-    spec = timm_spec(name or arch, module, layers=layers)
+    return _ready(timm_spec(name or arch, module, layers=layers), module, weights, pretrained)
+
+
+def _ready(spec: "ModelSpec", module: torch.nn.Module, weights: str,
+           pretrained: bool) -> "LoadedModel":
+    """Eval mode, frozen parameters, timm's preprocessing config: a :class:`LoadedModel`."""
     module.eval()
     module.requires_grad_(False)
     data_config = timm.data.resolve_data_config({}, model=module)
@@ -444,9 +449,15 @@ def _create(spec: ModelSpec, seed: int) -> torch.nn.Module:
     differs from its trained twin only in its weights. timm's untagged default would
     give e.g. CLIP a 1000-class head instead of its 512-d projection, and other crops.
     """
+    return _random_init(_tagged(spec), seed)
+
+
+def _random_init(timm_name: str, seed: int) -> torch.nn.Module:
+    """``timm.create_model(timm_name)`` with random weights drawn from ``seed`` (the
+    caller's global random state is left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return timm.create_model(_tagged(spec), pretrained=False)
+        return timm.create_model(timm_name, pretrained=False)
 
 
 def load(
@@ -501,10 +512,7 @@ def load(
             f"'weights' must be None, 'pretrained', 'hub' or a file path; got "
             f"{type(weights).__name__}. e.g. weights='pretrained'"
         )
-    module.eval()
-    module.requires_grad_(False)
-    data_config = timm.data.resolve_data_config({}, model=module)
-    loaded = LoadedModel(spec, module, described, pretrained, data_config)
+    loaded = _ready(spec, module, described, pretrained)
     missing = [layer for layer in spec.layers if not _has_submodule(module, layer)]
     if missing:  # pragma: no cover - guarded by tests over the registry
         raise RuntimeError(f"Registry entry {name!r} lists layers the model lacks: {missing}")
@@ -528,10 +536,8 @@ def _load_timm(name: str, weights, seed: int) -> LoadedModel:
     if weights is None:
         warnings.warn(f"Model {name!r} is randomly initialised (seed={seed}).", UserWarning,
                       stacklevel=3)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            module = timm.create_model(name, pretrained=False)
-        return wrap(module, name=name, weights=f"random init (seed={seed})", pretrained=False)
+        return wrap(_random_init(name, seed), name=name, weights=f"random init (seed={seed})",
+                    pretrained=False)
     if isinstance(weights, str) and weights in ("pretrained", "hub"):
         module = _from_hub(name, f"timm's {name!r}")
         return wrap(module, name=name, weights=f"pretrained weights from the hub ({name})")
