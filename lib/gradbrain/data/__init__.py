@@ -1,7 +1,8 @@
 """Data: stimulus images (embedded or the user's), and the studies built on them.
 
 ``images`` → stimuli; ``study`` → the :class:`Study` container every dataset returns;
-``simulated`` → the embedded study with a planted truth; ``geometry`` → fsaverage5
+``simulated`` → the embedded study with a planted truth; ``nsd`` and ``things_meg`` →
+the real datasets (NSD fMRI, THINGS-MEG); ``geometry`` → fsaverage5
 and CTF-275 geometry that ship offline.
 """
 
@@ -25,8 +26,9 @@ def load_study(dataset: str = "simulated", **params) -> Study:
     dataset : {"simulated", "nsd", "things"}
         ``"simulated"``: :func:`gradbrain.data.simulated.make_study` with ``params``.
         ``"things"``: THINGS-MEG, :func:`gradbrain.data.things_meg.load_subject` with
-        ``params`` (``subject``, ``root``, ...). ``"nsd"`` (Natural Scenes Dataset): not
-        yet available.
+        ``params`` (``subject``, ``root``, ...). ``"nsd"``: the Natural Scenes Dataset,
+        :func:`gradbrain.data.nsd.load_subject` with ``params`` (``subject``, ``images``,
+        ``sessions``, ``source``, ...).
     **params
         Passed to the dataset's loader.
     """
@@ -39,8 +41,6 @@ def load_study(dataset: str = "simulated", **params) -> Study:
         from .things_meg import load_subject
 
         return load_subject(**params)
-    raise NotImplementedError(
-        "The Natural Scenes Dataset (NSD) loader is not part of this version of gradbrain "
-        "yet (it comes with its own loader module, gradbrain.data.nsd). Run the chapter with "
-        "dataset='simulated' (the demo profile) meanwhile."
-    )
+    from .nsd import load_subject
+
+    return load_subject(**params)

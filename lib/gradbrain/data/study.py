@@ -19,7 +19,7 @@ import numpy as np
 
 from .images import ImageSet
 
-__all__ = ["Study", "noise_ceiling", "stored_digest"]
+__all__ = ["Study", "noise_ceiling", "stored_digest", "stratified_subset"]
 
 
 def noise_ceiling(ncsnr: np.ndarray, n_repeats: int) -> np.ndarray:
@@ -42,6 +42,26 @@ def noise_ceiling(ncsnr: np.ndarray, n_repeats: int) -> np.ndarray:
         raise ValueError(f"'n_repeats' must be at least 1; got {n_repeats}.")
     ncsnr = np.asarray(ncsnr, dtype=float)
     return 100.0 * ncsnr**2 / (ncsnr**2 + 1.0 / n_repeats)
+
+
+def _spread(ids: list, k: int) -> list:
+    """``k`` of the sorted ``ids``, evenly spaced (so across concepts, not the first k)."""
+    if k >= len(ids):
+        return list(ids)
+    return [ids[i] for i in np.linspace(0, len(ids) - 1, k).round().astype(int)] if k else []
+
+
+def stratified_subset(image_ids: list, split_of: dict, n: int) -> list:
+    """A stratified subset of ``n`` images: at least half (or all) from the test split,
+    the rest from the training split, each spread evenly over the sorted ids."""
+    test = [i for i in image_ids if split_of[i] == "test"]
+    train = [i for i in image_ids if split_of[i] != "test"]
+    if n >= len(image_ids):
+        return list(image_ids)
+    n_test = min(len(test), max(n // 2 if train else n, round(n * len(test) / len(image_ids))))
+    n_train = min(len(train), n - n_test)
+    n_test = min(len(test), n - n_train)
+    return sorted(_spread(test, n_test) + _spread(train, n_train))
 
 
 @dataclass

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils import check_in_allowed
-from .study import Study
+from .study import Study, stratified_subset
 
 __all__ = ["OPENNEURO_ID", "SUBJECTS", "epochs_path", "attributes_path", "read_attributes",
            "load_subject", "download"]
@@ -143,26 +143,6 @@ def _concept(image_path: str) -> str:
     return match.group("concept") if match else stem
 
 
-def _spread(ids: list, k: int) -> list:
-    """``k`` of the sorted ``ids``, evenly spaced (so across concepts, not the first k)."""
-    if k >= len(ids):
-        return list(ids)
-    return [ids[i] for i in np.linspace(0, len(ids) - 1, k).round().astype(int)] if k else []
-
-
-def _subset(image_ids: list, split_of: dict, n: int) -> list:
-    """A stratified subset of ``n`` images: at least half (or all) from the test split,
-    the rest from the training split, each spread evenly over the sorted ids."""
-    test = [i for i in image_ids if split_of[i] == "test"]
-    train = [i for i in image_ids if split_of[i] != "test"]
-    if n >= len(image_ids):
-        return list(image_ids)
-    n_test = min(len(test), max(n // 2 if train else n, round(n * len(test) / len(image_ids))))
-    n_train = min(len(train), n - n_test)
-    n_test = min(len(test), n - n_train)
-    return sorted(_spread(test, n_test) + _spread(train, n_train))
-
-
 def _read_epochs(path: Path, subject: int):
     """Open the epochs lazily; a missing split part gets an error that names it."""
     import mne
@@ -249,7 +229,7 @@ def _load_subject(subject, root, split, tmin, tmax, decim, picks, images_dir, ma
             raise ValueError(f"'max_images' must be a positive integer or None; got "
                              f"{max_images!r}.")
         split_of = dict(zip(table.loc[keep, "image_id"], table.loc[keep, "split"]))
-        image_ids = _subset(image_ids, split_of, int(max_images))
+        image_ids = stratified_subset(image_ids, split_of, int(max_images))
         keep &= table["image_id"].isin(image_ids).to_numpy()
     if not keep.any():
         raise ValueError(f"No {split!r} trials in {path.name}.")
