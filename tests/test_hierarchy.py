@@ -216,9 +216,29 @@ def test_run_without_meg_cannot_confirm_the_temporal_prediction(planted):
     result = hierarchy.run(study, planted, n_perm=500, device="cpu")
     assert result.predictions["1 spatial"] and not result.predictions["2 temporal"]
     assert not result.consistent_with_backprop
-    assert "MEG data" in result.summary()
+    summary = result.summary()
+    assert "**not tested** (no MEG data in this study)" in summary
+    assert "**cannot be judged**" in summary and "prediction 2 was not tested" in summary
+    assert "its MEG part was not tested" in summary  # prediction 3's fMRI part ran
     with pytest.raises(ValueError, match="'loss' must be one of the features' losses"):
         hierarchy.run(study, planted, loss="dino")
+
+
+def test_run_with_a_separate_meg_study_equals_one_study_with_both(planted):
+    """NSD-like fMRI study + THINGS-like MEG study == the same data in one study."""
+    import dataclasses
+
+    study = make_study(0, n_images=N_IMAGES, features=planted, gradient_truth="backprop",
+                       noise=0.5)
+    fmri_only = dataclasses.replace(study, epochs=None)
+    meg_only = dataclasses.replace(study, betas=None, ncsnr=None)
+    kw = dict(n_perm=500, n_boot=50, device="cpu")
+    both = hierarchy.run(study, planted, **kw)
+    split = hierarchy.run(fmri_only, planted, meg_study=meg_only, meg_features=planted, **kw)
+    pd.testing.assert_frame_equal(split.tests, both.tests)
+    assert split.consistent_with_backprop and "cannot be judged" not in split.summary()
+    with pytest.raises(ValueError, match="'meg_features' must be the same model's"):
+        hierarchy.run(fmri_only, planted, meg_study=meg_only, **kw)
 
 
 @pytest.mark.slow

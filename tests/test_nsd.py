@@ -316,3 +316,28 @@ def test_contiguous_stimulus_file_is_read_by_offset(tmp_path, s3):
                (r[2][len("bytes="):].split("-") for r in proxy.requests if r[2])]
     image_reads = [n for n in lengths if n == size]
     assert len(image_reads) == 3  # one range request per image
+
+
+@pytest.mark.slow
+def test_the_nsd_profile_runs_its_chapters_through_the_runner_and_papermill(tmp_path):
+    """params/nsd.yaml on a fake subject in the published formats (one session, fsaverage5
+    cut, local copy of the bucket), with the packaged EfficientNet-Lite0 instead of the
+    hub's DINOv3: chapters 00, 01, 02, 04 through the runner, then each through papermill's
+    CLI with the flat file `gradbrain.book params` writes."""
+    from _books import run_profile_both_ways
+
+    fake = _nsd_fake.write_nsd(tmp_path / "bucket", sessions=(1,), n_vertices=10_243,
+                               n_images_per_session=10)
+    overrides = {"nsd": {"subject": 1, "source": str(fake["root"]),
+                         "cache_dir": str(tmp_path / "cache"), "sessions": [1], "n_repeats": 1,
+                         "max_images": 40},
+                 "model": "efficientnet_lite0.imagenet", "losses": ["ce"],
+                 "control_model": "dinov3_vits16", "n_images": 40, "n_perm": 200, "n_boot": 10}
+    runs = run_profile_both_ways("nsd", overrides, tmp_path)
+    assert runs["status"] == dict.fromkeys(
+        ["00_data", "01_gradients", "02_fmri_encoding", "04_hierarchy_tests"], "executed")
+    for texts in (runs["runner"], runs["cli"]):
+        assert "profile 'nsd': NSD subj01, recorded responses" in texts["00_data"]
+        assert "fMRI (n_images, n_repeats, n_vertices) = (40, 1," in texts["00_data"]
+        assert "profile 'nsd': NSD subj01 (from" in texts["02_fmri_encoding"]
+        assert "**not tested** (no MEG data in this study)" in texts["04_hierarchy_tests"]

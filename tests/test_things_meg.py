@@ -273,42 +273,26 @@ def _write_chapter_dataset(root, images_dir, subject=1):
 
 
 @pytest.mark.slow
-def test_the_things_profile_runs_its_chapter_through_the_runner_and_papermill(tmp_path):
+def test_the_things_profile_runs_its_chapters_through_the_runner_and_papermill(tmp_path):
     """params/things.yaml on a fake participant in the real layout (split epochs, test
     images without concept folders, 271 sensors), with the packaged EfficientNet-Lite0
-    instead of the hub's DINOv3: once through the runner, once through papermill's CLI
-    with the flat file `gradbrain.book params` writes."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    instead of the hub's DINOv3: chapters 00, 01, 03, 04 through the runner, then each
+    through papermill's CLI with the flat file `gradbrain.book params` writes."""
+    from _books import run_profile_both_ways
 
-    import nbformat
-    import yaml
-
-    from gradbrain import book
-
-    root = Path(__file__).resolve().parents[1]
     data_root, images_dir = tmp_path / "ds004212", tmp_path / "THINGS"
     _write_chapter_dataset(data_root, images_dir)
     overrides = {"things": {"subject": 1, "root": str(data_root), "images_dir": str(images_dir),
                             "split": "all", "decim": 2, "tmin": -0.1, "tmax": 0.8},
-                 "model": "efficientnet_lite0.imagenet", "losses": ["ce"], "n_boot": 5}
-    status = book.run("things", root=root, output_dir=tmp_path / "executed", overrides=overrides,
-                      progress=False)
-    assert status == {"03_meg_decoding": "executed"}
-    text = "\n".join(str(o.get("text", "")) for c in nbformat.read(
-        tmp_path / "executed" / "03_meg_decoding.ipynb", 4).cells for o in c.get("outputs", []))
-    assert "THINGS-MEG P1 (all)" in text and "271 sensors" in text
-    assert "Loading data" not in text and "Replacing existing metadata" not in text
-
-    flat = subprocess.run(
-        [sys.executable, "-m", "gradbrain.book", "params", "--profile", "things", "--chapter",
-         "03_meg_decoding", "--root", str(root)]
-        + [arg for k, v in overrides.items() for arg in ("-p", f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}")],
-        capture_output=True, text=True, check=True).stdout
-    (tmp_path / "p.yaml").write_text(flat)
-    out = subprocess.run(
-        [sys.executable, "-m", "papermill", str(root / "notebooks" / "03_meg_decoding.ipynb"),
-         str(tmp_path / "cli.ipynb"), "-f", str(tmp_path / "p.yaml"), "--cwd", str(root)],
-        capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+                 "model": "efficientnet_lite0.imagenet", "losses": ["ce"], "n_boot": 5,
+                 "control_model": "dinov3_vits16", "n_images": 40, "n_perm": 200}
+    runs = run_profile_both_ways("things", overrides, tmp_path)
+    assert runs["status"] == dict.fromkeys(
+        ["00_data", "01_gradients", "03_meg_decoding", "04_hierarchy_tests"], "executed")
+    for texts in (runs["runner"], runs["cli"]):
+        assert "THINGS-MEG P1 (all)" in texts["03_meg_decoding"]
+        assert "271 sensors" in texts["03_meg_decoding"]
+        for name in ("00_data", "03_meg_decoding"):
+            assert "Loading data" not in texts[name]
+            assert "Replacing existing metadata" not in texts[name]
+        assert "**not tested** (no fMRI data in this study)" in texts["04_hierarchy_tests"]

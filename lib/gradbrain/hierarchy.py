@@ -758,12 +758,24 @@ class HierarchyResult:
                                "layer first)",
                  "3 where": "The paper's positive finding (gradients predict high-level "
                             "cortex and late latencies)"}
-        lines = []
+        lines, untested, failing = [], [], []
         for key, holds in self.predictions.items():
             parts = self.tests[self.tests.prediction == key]
+            missing = parts[parts.statistic == "available"]
+            parts = parts[parts.statistic != "available"]
             failed = [p for p, ok in zip(parts.part, parts.holds) if not ok]
-            verdict = "**holds**" if holds else ("**does not hold** (fails: " + "; ".join(failed)
-                                                 + ")")
+            absent = " and ".join(m.replace(" data", "") for m in missing.part)
+            if parts.empty:
+                verdict = f"**not tested** (no {absent} data in this study)"
+                untested.append(key)
+            else:
+                verdict = "**holds**" if not failed else (
+                    "**does not hold** (fails: " + "; ".join(failed) + ")")
+                if failed:
+                    failing.append(key)
+                if len(missing):
+                    verdict += f"; its {absent} part was not tested (no {absent} data)"
+                    untested.append(key)
             lines.append(f"- {names[key]}: {verdict}.")
         blind = self.tests[~self.tests["can_reach_alpha"]] if "can_reach_alpha" in self.tests \
             else self.tests.iloc[:0]
@@ -771,18 +783,28 @@ class HierarchyResult:
             lines.append(f"- Caution: \"{row.part}\" could not reach α = {self.alpha} on these "
                          f"data (smallest attainable p = {row.min_p:.3g}): its failure is no "
                          "evidence against the prediction.")
-        verdict = ("consistent" if self.consistent_with_backprop else "**not consistent**")
-        lines.append(f"- Conclusion at α = {self.alpha}: the {self.signal} signal is {verdict} "
-                     "with a biological backpropagation (predictions 1 and 2); the paper's "
-                     f"positive finding {'is' if self.paper_finding else 'is not'} reproduced.")
+        backprop = {"1 spatial", "2 temporal"}
+        if backprop & set(failing) or not backprop & set(untested):
+            verdict = "consistent" if self.consistent_with_backprop else "**not consistent**"
+            verdict = f"is {verdict} with a biological backpropagation (predictions 1 and 2)"
+        else:
+            verdict = ("**cannot be judged** against a biological backpropagation: prediction "
+                       + " and ".join(sorted(p.split()[0] for p in backprop & set(untested)))
+                       + " was not tested (give the chapter a study with both fMRI and MEG, "
+                       "or a MEG study next to the fMRI one)")
+        finding = ("is" if self.paper_finding else
+                   "is not fully tested" if "3 where" in untested and "3 where" not in failing
+                   else "is not")
+        lines.append(f"- Conclusion at α = {self.alpha}: the {self.signal} signal {verdict}; "
+                     f"the paper's positive finding {finding} reproduced.")
         return "\n".join(lines)
 
 
 def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         min_noise_ceiling: float = 10.0, min_score: float = 0.1, n_perm: int = 10_000,
         n_boot: int = 1000, ci: float = 0.95, seed: int = 0, cv: int = 5, device=None,
-        fmri: dict | None = None, meg: dict | None = None, progress: bool = False
-        ) -> HierarchyResult:
+        fmri: dict | None = None, meg: dict | None = None, meg_study=None,
+        meg_features=None, progress: bool = False) -> HierarchyResult:
     """Test whether a study's gradient signals follow the brain's hierarchies like backprop.
 
     Predictions (each with its null; all one-sided at ``alpha``):
@@ -800,7 +822,9 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
        score) and (b) gradients peak later than activations (median latency difference,
        bootstrap CI above 0).
 
-    A prediction whose modality is missing (no fMRI, or no MEG) does not hold.
+    A prediction whose modality is missing (no fMRI, or no MEG) does not hold; the
+    summary says it was not tested. Real data come in two studies (NSD fMRI, THINGS-MEG,
+    on different images): give the MEG one as ``meg_study`` with its features.
 
     Parameters
     ----------
@@ -818,6 +842,9 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         Permutations, bootstrap resamples, interval coverage and seed.
     fmri, meg : dict or None
         Precomputed encoding results, to skip refitting.
+    meg_study, meg_features : Study and Features, or None
+        A separate MEG study (e.g. THINGS-MEG next to NSD) and the same model's features
+        on its images; by default ``study``'s own MEG.
 
     Returns
     -------
@@ -904,8 +931,14 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         for prediction, part in (("1 spatial", "fMRI data"), ("3 where", "fMRI data")):
             add_test(prediction, part, "available", np.nan, False, "no fMRI in this study")
 
-    if study.epochs is not None:
-        meg = meg or meg_encoding(study, features, cv=cv, n_boot=n_boot, ci=ci, seed=seed,
+    if meg_study is None:
+        meg_study, meg_features = study, features
+    elif meg_features is None or list(meg_features.layers) != list(features.layers) \
+            or loss not in meg_features.losses:
+        raise ValueError("'meg_features' must be the same model's features (same layers, "
+                         f"with the {loss!r} loss) extracted on meg_study.images.")
+    if meg_study.epochs is not None:
+        meg = meg or meg_encoding(meg_study, meg_features, cv=cv, n_boot=n_boot, ci=ci, seed=seed,
                                   device=device, progress=progress)
         act, grad = meg["activation"], meg[signal]
         layers = np.arange(n_layers)

@@ -139,8 +139,13 @@ def plot_decoding(table: pd.DataFrame, *, chance: float | None = None):
 
 
 def _full_hemisphere(study, values: np.ndarray, hemi: str, n_vertices: int) -> np.ndarray:
+    """One hemisphere's values on fsaverage5. A study on full fsaverage shows its first
+    10,242 vertices, which are fsaverage5's (the NSD loader checks it)."""
+    if study.mesh not in ("fsaverage5", "fsaverage"):
+        raise ValueError(f"Surface plots need a study on fsaverage5 or fsaverage; this one "
+                         f"is on {study.mesh!r}.")
     out = np.full(n_vertices, np.nan)
-    where = study.hemi == hemi
+    where = (study.hemi == hemi) & (study.vertices < n_vertices)
     out[study.vertices[where]] = values[where]
     return out
 
@@ -149,6 +154,9 @@ def plot_surface(study, values: np.ndarray, *, label: str, title: str | None = N
                  cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None,
                  views: Sequence[str] = ("posterior", "lateral", "ventral")):
     """Per-vertex values on the inflated fsaverage5 surface, both hemispheres (nilearn).
+
+    A study on full fsaverage (NSD at ``resolution="fsaverage"``) is drawn at its
+    fsaverage5 vertices (nilearn ships fsaverage5 only).
 
     Parameters
     ----------
