@@ -232,7 +232,7 @@ def test_run_with_a_separate_meg_study_equals_one_study_with_both(planted):
                        noise=0.5)
     fmri_only = dataclasses.replace(study, epochs=None)
     meg_only = dataclasses.replace(study, betas=None, ncsnr=None)
-    kw = dict(n_perm=500, n_boot=50, device="cpu")
+    kw = dict(n_perm=200, n_boot=20, device="cpu")
     both = hierarchy.run(study, planted, **kw)
     split = hierarchy.run(fmri_only, planted, meg_study=meg_only, meg_features=planted, **kw)
     pd.testing.assert_frame_equal(split.tests, both.tests)

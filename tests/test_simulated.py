@@ -180,9 +180,11 @@ def test_features_must_match_the_images(feats):
         make_study(0, n_images=20, features=feats)
 
 
-def test_real_datasets_say_they_are_not_there_yet():
-    with pytest.raises(NotImplementedError, match="Run the chapter with dataset='simulated'"):
-        load_study("nsd")
+def test_load_study_dispatches_to_the_real_loaders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="NSD folder"):
+        load_study("nsd", subject=1, source=tmp_path / "no-nsd-here")
+    with pytest.raises(FileNotFoundError, match="THINGS-MEG folder"):
+        load_study("things", subject=1, root=tmp_path / "no-things-here")
     with pytest.raises(ValueError, match="'dataset' must be one of"):
         load_study("hcp")
 
