@@ -1,6 +1,7 @@
 """Time-resolved MEG encoding and peak latencies."""
 
 import numpy as np
+from scipy import stats
 import pytest
 import torch
 from sklearn.linear_model import Ridge
@@ -260,6 +261,63 @@ def test_planted_latencies_are_recovered_within_one_sample(planted, truth, seed)
     else:
         expected = temporal_score(study.truth["gradient_latency"], grad["depth"])["pearson"]
         assert grad_score == pytest.approx(expected, abs=0.1)
+
+
+def test_peak_permutation_test_equals_a_loop_and_is_calibrated(rng):
+    """p-values equal an explicit loop over the same shuffles (scipy's Pearson r per
+    sensor and time), and under the null they are uniform (false-positive rate ≈ α)."""
+    n, c, t, n_perm = 12, 3, 5, 30
+    Y = rng.normal(size=(n, c, t))
+    P = np.stack([Y + rng.normal(scale=s, size=Y.shape) for s in (0.5, 50.0)])
+    out = meg.peak_permutation_test(Y, P, n_perm=n_perm, seed=3, device="cpu")
+
+    def peak(y, p):
+        return max(np.mean([stats.pearsonr(y[:, ch, k], p[:, ch, k])[0] for ch in range(c)])
+                   for k in range(t))
+
+    order = np.random.default_rng(3)
+    shuffles = [order.permutation(n) for _ in range(n_perm)]
+    for layer in range(2):
+        observed = peak(Y, P[layer])
+        null = np.array([peak(Y[s], P[layer]) for s in shuffles])
+        assert out["peak"][layer] == pytest.approx(observed, abs=1e-5)
+        np.testing.assert_allclose(out["null_max"][:, layer], null, atol=1e-5)
+        assert out["p_value"][layer] == pytest.approx(
+            (1 + np.sum(null >= observed - 1e-6)) / (1 + n_perm))
+    assert out["p_value"][0] == 1 / (1 + n_perm)   # a real signal: smallest p
+    # calibration: 200 null data sets, 4 layers each
+    p_values = np.concatenate([
+        meg.peak_permutation_test(rng.normal(size=(20, 4, 6)), rng.normal(size=(4, 20, 4, 6)),
+                                  n_perm=99, seed=k, device="cpu")["p_value"]
+        for k in range(50)])
+    rate = np.mean(p_values < 0.05)
+    assert 0.02 <= rate <= 0.09, rate   # 200 tests: a binomial 99.8 % interval around 0.05
+    with pytest.raises(ValueError, match="'n_perm' must be a positive integer"):
+        meg.peak_permutation_test(Y, P, n_perm=0)
+    with pytest.raises(ValueError, match="'predictions' must have shape"):
+        meg.peak_permutation_test(Y, P[0])
+
+
+def test_layers_without_signal_get_no_latency(planted):
+    """Gradient features of pure noise: every curve still has a maximum, but the peak test
+    gives (almost) no layer a latency; the planted activations keep theirs."""
+    from gradbrain.data.simulated import make_study
+    from gradbrain.features import Features
+
+    study = make_study(0, n_images=252, features=planted, fmri=False, gradient_truth="none",
+                       noise=0.5)
+    results = meg.meg_encoding(study, planted, n_boot=20, n_perm=200, device="cpu")
+    act, grad = results["activation"], results["gradient (ce)"]
+    assert act["significant"].all() and np.isfinite(act["latency"]).all()
+    assert grad["significant"].sum() <= 1 and np.isnan(grad["latency"]).sum() >= 5
+    assert np.isnan(grad["boot_latency"][:, ~grad["significant"]]).all()
+    assert (grad["p_peak"][~grad["significant"]] >= 0.05).all()
+    ungated = meg.meg_encoding(study, planted, n_boot=5, n_perm=10, latency_alpha=1.0,
+                               device="cpu")["gradient (ce)"]
+    assert np.isfinite(ungated["latency"]).sum() >= 5   # what the gate removes
+    with pytest.raises(ValueError, match="'latency_alpha' must be in"):
+        meg.meg_encoding(study, planted, latency_alpha=0)
+    del Features
 
 
 def test_meg_encoding_bad_inputs(planted):

@@ -16,6 +16,7 @@ Peak latency
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,7 +29,7 @@ from .ridge import (DEFAULT_ALPHAS, SCORINGS, RidgeCV, _check_alphas, _is_comple
 
 __all__ = ["average_by_image", "encode_time_resolved", "decode_time_resolved",
            "decode_category", "SlidingRidgeCV", "peak_latency", "bootstrap_curves",
-           "meg_encoding"]
+           "peak_permutation_test", "meg_encoding"]
 
 
 def average_by_image(epochs, image_ids: Sequence[str]) -> np.ndarray:
@@ -579,6 +580,75 @@ def bootstrap_curves(Y_test, predictions, *, n_boot: int = 1000, seed: int = 0,
     return out
 
 
+def peak_permutation_test(Y_test, predictions, *, n_perm: int = 200, seed: int = 0,
+                          device=None, max_elements: int = 20_000_000) -> dict:
+    """Does each layer predict the test responses above chance at any time point?
+
+    A max-statistic permutation test over time: the test images are shuffled relative
+    to the predictions (the same shuffles for every layer), each shuffle gives a score
+    time course (Pearson r across images, averaged over sensors) and its maximum over
+    time; a layer's p-value is the share of shuffles whose maximum reaches the observed
+    one, ``(1 + #{null max ≥ observed max}) / (1 + n_perm)`` (computed in float32; ties
+    within 1e-6 count as reached). Taking the maximum over
+    time controls the family-wise error over time points, so a layer whose course never
+    rises above noise has no peak to speak of — and no latency.
+
+    Parameters
+    ----------
+    Y_test : array of shape (n_test, n_channels, n_times)
+        Measured responses of the test images.
+    predictions : array of shape (n_layers, n_test, n_channels, n_times)
+        Each layer's predictions of ``Y_test``.
+    n_perm : int
+        Number of shuffles (the smallest p-value is ``1 / (1 + n_perm)``; 200 resolve
+        p = 0.05 to about ±0.015).
+    seed : int
+        Seed of the shuffles.
+
+    Returns
+    -------
+    dict with ``p_value`` (n_layers,), ``peak`` (n_layers,) the observed maximum of the
+    course and ``null_max`` (n_perm, n_layers).
+    """
+    Y_test = np.asarray(Y_test, dtype=np.float64)
+    predictions = np.asarray(predictions)
+    if predictions.ndim != 4 or predictions.shape[1:] != Y_test.shape:
+        raise ValueError("'predictions' must have shape (n_layers,) + Y_test.shape = "
+                         f"(n_layers, {', '.join(map(str, Y_test.shape))}); got "
+                         f"{predictions.shape}.")
+    if isinstance(n_perm, bool) or not isinstance(n_perm, (int, np.integer)) or n_perm < 1:
+        raise ValueError(f"'n_perm' must be a positive integer; got {n_perm!r}.")
+    device = resolve_device(device)
+    n, c, t = Y_test.shape
+    n_layers = predictions.shape[0]
+
+    def unit(a):  # centred columns of unit norm: their dot product is Pearson's r
+        a = torch.as_tensor(np.asarray(a).reshape(-1, n, c * t), device=device,
+                            dtype=torch.float64)
+        a = a - a.mean(1, keepdim=True)
+        norm = a.norm(dim=1, keepdim=True)
+        return (a / torch.where(norm > 0, norm, torch.ones_like(norm))).float()
+
+    # (k, n) responses and (k, n, n_layers) predictions, k = channel × time: one small
+    # matrix product per (channel, time) scores every layer on a batch of shuffles
+    Y = unit(Y_test)[0].T.contiguous()
+    P = unit(predictions).permute(2, 1, 0).contiguous()
+
+    def peaks(order):  # (B, n) shuffles → (B, n_layers) max over time of the sensor-mean r
+        r = torch.bmm(Y[:, order], P).reshape(c, t, len(order), n_layers)
+        return r.mean(0).amax(0)
+
+    observed = peaks(torch.arange(n, device=device)[None])[0]
+    rng = np.random.default_rng(seed)
+    order = torch.as_tensor(np.stack([rng.permutation(n) for _ in range(n_perm)]),
+                            device=device)
+    step = max(1, max_elements // (n * c * t))
+    null = torch.cat([peaks(order[i:i + step]) for i in range(0, n_perm, step)])
+    p = (1 + (null >= observed - 1e-6).sum(0)) / (1 + n_perm)
+    return {"p_value": p.cpu().numpy(), "peak": observed.cpu().numpy(),
+            "null_max": null.cpu().numpy()}
+
+
 def _latencies(times: np.ndarray, curves: np.ndarray, threshold: float) -> np.ndarray:
     """:func:`peak_latency` of every curve along the last axis; NaN where none rises above 0."""
     curves = np.asarray(curves, dtype=float)
@@ -594,7 +664,8 @@ def _latencies(times: np.ndarray, curves: np.ndarray, threshold: float) -> np.nd
 
 
 def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: float = 0.95,
-                 n_boot: int = 1000, ci: float = 0.95, seed: int = 0, device=None, dtype=None,
+                 n_boot: int = 1000, ci: float = 0.95, seed: int = 0, n_perm: int = 200,
+                 latency_alpha: float = 0.05, device=None, dtype=None,
                  progress: bool = False) -> dict:
     """Time-resolved encoding of a study's MEG from every layer's activations and gradients.
 
@@ -604,6 +675,12 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
     is the test-set Pearson r averaged over sensors, and its peak latency the mean time
     of the window where that course is ≥ ``threshold`` × its maximum (Raugel et al.
     2025), with a percentile bootstrap interval over test images.
+
+    A latency is only given to a layer whose course rises above chance: its peak must
+    pass a max-statistic permutation test over time at ``latency_alpha``
+    (:func:`peak_permutation_test`, shuffled test images). Other layers get NaN
+    latencies (and NaN bootstrap latencies), so temporal scores and latency contrasts
+    leave them out — a curve of pure noise still has a maximum, but no latency.
 
     Parameters
     ----------
@@ -615,6 +692,9 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         Peak-window threshold (fraction of the maximum).
     n_boot, ci, seed : int, float, int
         Bootstrap resamples of the test images, interval coverage, and seed.
+    n_perm, latency_alpha : int, float
+        Shuffles of the peak test and its level (``latency_alpha=1`` keeps every layer's
+        latency, as before the gate).
 
     Returns
     -------
@@ -624,7 +704,8 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         ``curve`` (n_layers, n_times) r averaged over sensors, ``peak`` (n_layers,) its
         maximum, ``latency`` (n_layers,) ms, ``latency_ci`` (n_layers, 2) ms and
         ``boot_latency`` (n_boot, n_layers) ms (NaN where a resampled course never rises
-        above 0).
+        above 0), ``p_peak`` (n_layers,) the peak test's p-value and ``significant``
+        (n_layers,) bool; latencies of layers that are not significant are NaN.
     """
     from tqdm import tqdm
 
@@ -639,6 +720,9 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         )
     if not 0 < ci < 1:
         raise ValueError(f"'ci' must be in (0, 1), e.g. 0.95; got {ci!r}.")
+    if isinstance(latency_alpha, bool) or not isinstance(latency_alpha, (int, float)) \
+            or not 0 < latency_alpha <= 1:
+        raise ValueError(f"'latency_alpha' must be in (0, 1], e.g. 0.05; got {latency_alpha!r}.")
     ids = np.asarray(study.image_ids)
     shown = set(study.epochs.metadata["image_id"])
     train = np.flatnonzero((study.split == "train") & np.isin(ids, list(shown)))
@@ -661,15 +745,24 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
             predictions.append(out["prediction"].astype(np.float32))
         r = np.stack(r)
         curve = r.mean(1)
-        boot = _latencies(times, bootstrap_curves(Y_test, np.stack(predictions), n_boot=n_boot,
+        predictions = np.stack(predictions)
+        boot = _latencies(times, bootstrap_curves(Y_test, predictions, n_boot=n_boot,
                                                   seed=seed, device=device), threshold)
+        p_peak = peak_permutation_test(Y_test, predictions, n_perm=n_perm, seed=seed,
+                                       device=device)["p_value"]
+        significant = p_peak < latency_alpha if latency_alpha < 1 else np.ones(len(layers), bool)
+        latency = _latencies(times, curve, threshold)
+        latency[~significant] = np.nan
+        boot[:, ~significant] = np.nan
         low, high = (1 - ci) / 2, (1 + ci) / 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN interval
+            latency_ci = np.stack([np.nanquantile(boot, low, axis=0),
+                                   np.nanquantile(boot, high, axis=0)], axis=1)
         results[name] = {
             "layers": layers, "depth": np.asarray(features.depth, dtype=float), "times": times,
-            "r": r, "curve": curve, "peak": curve.max(1),
-            "latency": _latencies(times, curve, threshold),
-            "latency_ci": np.stack([np.nanquantile(boot, low, axis=0),
-                                    np.nanquantile(boot, high, axis=0)], axis=1),
-            "boot_latency": boot,
+            "r": r, "curve": curve, "peak": curve.max(1), "latency": latency,
+            "latency_ci": latency_ci, "boot_latency": boot, "p_peak": p_peak,
+            "significant": significant,
         }
     return results
