@@ -194,7 +194,9 @@ def test_run_recovers_each_planted_truth(planted, seed, tmp_path):
     tests = verdicts["backprop"].tests
     shuffled = tests[tests.null.str.contains("shuffled")]  # the layer permutation tests
     assert len(shuffled) == 3 and shuffled.min_p.notna().all()
-    assert (shuffled.p_value >= shuffled.min_p - 1e-12).all()
+    # a Monte Carlo p-value scatters around the exact floor by its binomial error
+    assert (shuffled.p_value >= shuffled.min_p
+            - 4 * np.sqrt(shuffled.min_p * (1 - shuffled.min_p) / 2000)).all()
     assert (tests.can_reach_alpha == ~(tests.min_p >= 0.05)).all()
     assert "**not consistent**" in verdicts["paper"].summary()
 
@@ -208,6 +210,62 @@ def test_run_recovers_each_planted_truth(planted, seed, tmp_path):
     assert str(grad.consistent_with_backprop) == "True"
     with pytest.raises(ValueError, match="ending in '.csv'"):
         verdicts["backprop"].save(tmp_path / "result.txt")
+
+
+def test_unit_best_layer_equals_a_loop(rng):
+    scores = rng.normal(size=(5, 300))
+    coordinate = rng.uniform(0, 80, 300)
+    mask = rng.random(300) > 0.3
+    units = hierarchy.hierarchy_units(coordinate, mask, 12)
+    assert set(units[mask]) == set(range(12)) and (units[~mask] == -1).all()
+    counts = np.bincount(units[mask])
+    assert counts.max() - counts.min() <= 1           # equal-count bins
+    for u in range(11):                               # in order of the coordinate
+        assert coordinate[units == u].max() <= coordinate[units == u + 1].min()
+    keep = mask & (rng.random(300) > 0.2)
+    out = hierarchy.unit_best_layer(scores, units, np.linspace(0, 1, 5), mask=keep)
+    for u in range(12):
+        where = keep & (units == u)
+        np.testing.assert_allclose(out["profile"][:, u], scores[:, where].mean(1))
+        assert out["index"][u] == scores[:, where].mean(1).argmax()
+    np.testing.assert_allclose(hierarchy.unit_coordinates(coordinate, units),
+                               [np.median(coordinate[units == u]) for u in range(12)])
+
+
+def test_unit_bootstrap_interval_holds_its_estimate(planted):
+    """Per-vertex argmax makes the bootstrap interval of the spatial score sit below the
+    estimate; averaging vertices into units first removes that bias. The identity
+    resample reproduces the unit estimate exactly."""
+    from gradbrain.ridge import fmri_encoding
+
+    study = make_study(0, n_images=N_IMAGES, features=planted, gradient_truth="backprop",
+                       noise=0.5, meg=False)
+    fmri = fmri_encoding(study, planted, device="cpu", return_prediction=True)["activation"]
+    depth = np.asarray(planted.depth, float)
+    reliable = study.noise_ceiling() >= 10
+    best = hierarchy.best_layer(fmri["r_nc"], depth)
+    usable = reliable & (best["peak"] > 0.1)
+    kw = dict(mask=usable, n_boot=100, device="cpu")
+    vertex = hierarchy.spatial_score(best["index"], study.hierarchy, depth, mask=usable,
+                                     n_perm=10)["spearman"]
+    vertex_ci = hierarchy.bootstrap_spatial_score(fmri["prediction"], fmri["y_test"],
+                                                  study.hierarchy, depth, **kw)["spearman_ci"]
+    assert vertex > vertex_ci[1]                      # the bias the units remove
+    units = hierarchy.hierarchy_units(study.hierarchy, reliable, 20)
+    unit = hierarchy.unit_best_layer(fmri["r"], units, depth, mask=usable)
+    estimate = hierarchy.spatial_score(unit["index"], hierarchy.unit_coordinates(
+        study.hierarchy, units), depth, mask=unit["present"], n_perm=10)["spearman"]
+    boot = hierarchy.bootstrap_spatial_score(fmri["prediction"], fmri["y_test"],
+                                             study.hierarchy, depth, units=units, **kw)
+    assert boot["spearman_ci"][0] <= estimate <= boot["spearman_ci"][1]
+    assert abs(np.nanmedian(boot["samples"]) - estimate) < 0.01
+    identity = hierarchy.bootstrap_spatial_score(
+        fmri["prediction"], fmri["y_test"], study.hierarchy, depth, mask=usable, units=units,
+        boot_indices=np.arange(len(fmri["y_test"]))[None], device="cpu")
+    assert identity["samples"][0] == pytest.approx(estimate, abs=1e-12)
+    with pytest.raises(ValueError, match="'units' must label every target"):
+        hierarchy.bootstrap_spatial_score(fmri["prediction"], fmri["y_test"],
+                                          study.hierarchy, depth, units=units[:5], n_boot=2)
 
 
 def test_run_without_meg_cannot_confirm_the_temporal_prediction(planted):

@@ -8,6 +8,7 @@ biological backprop predicts, each against an explicit null (:func:`run`).
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from scipy import stats
 __all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_targets",
            "recovery", "summarize_fmri", "temporal_score", "backprop_latency_prediction",
            "summarize_meg", "layer_permutation_test", "spatial_score",
-           "bootstrap_spatial_score", "group_test",
+           "bootstrap_spatial_score", "hierarchy_units", "unit_coordinates", "unit_best_layer",
+           "group_test",
            "HierarchyResult", "run"]
 
 
@@ -64,6 +66,81 @@ def hierarchy_regions(coordinate: np.ndarray, n_regions: int = 4) -> np.ndarray:
     names[0] += " (early)"
     names[-1] += " (high-level)"
     return np.asarray(names)[index]
+
+
+def hierarchy_units(coordinate: np.ndarray, mask: np.ndarray | None = None,
+                    n_units: int = 20) -> np.ndarray:
+    """Equal-count bins of the hierarchy coordinate: the units of the spatial tests.
+
+    Neighbouring vertices share noise and signal, so tests that count vertices as
+    independent observations are anticonservative, and a vertex's best layer is a noisy
+    argmax that a bootstrap over images pushes further from the truth. Averaging the
+    vertices of a bin before taking its best layer removes both problems.
+
+    Parameters
+    ----------
+    coordinate : ndarray of shape (n_targets,)
+        Hierarchy coordinate (distance from V1, mm).
+    mask : ndarray of bool, shape (n_targets,), or None
+        Targets that get a unit (e.g. reliable vertices); the others get -1.
+    n_units : int
+        Number of bins (fewer when the mask keeps fewer targets).
+
+    Returns
+    -------
+    ndarray of int, shape (n_targets,): unit 0 … n_units - 1 in order of the coordinate,
+    or -1.
+    """
+    coordinate = np.asarray(coordinate, dtype=float)
+    mask = np.isfinite(coordinate) if mask is None else np.asarray(mask, bool) & \
+        np.isfinite(coordinate)
+    units = np.full(len(coordinate), -1)
+    n = int(min(n_units, mask.sum()))
+    if n < 1:
+        return units
+    order = np.flatnonzero(mask)[np.argsort(coordinate[mask], kind="stable")]
+    units[order] = np.arange(len(order)) * n // len(order)
+    return units
+
+
+def unit_coordinates(coordinate: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Median coordinate of each unit's targets, shape (n_units,)."""
+    coordinate, units = np.asarray(coordinate, float), np.asarray(units)
+    return np.array([np.median(coordinate[units == u]) for u in range(units.max() + 1)])
+
+
+def unit_best_layer(scores: np.ndarray, units: np.ndarray, depth: np.ndarray, *,
+                    mask: np.ndarray | None = None) -> dict:
+    """Best layer of every unit, from its targets' scores averaged per layer.
+
+    Parameters
+    ----------
+    scores : ndarray of shape (n_layers, n_targets)
+        Encoding score per layer and target (test-set r).
+    units : ndarray of int, shape (n_targets,)
+        From :func:`hierarchy_units` (-1: no unit).
+    mask : ndarray of bool, shape (n_targets,), or None
+        Targets whose scores enter the averages.
+
+    Returns
+    -------
+    dict with ``index`` and ``depth`` (n_units,), ``profile`` (n_layers, n_units) the
+    averaged scores and ``present`` (n_units,) bool: units with at least one target.
+    """
+    scores, units = np.asarray(scores, float), np.asarray(units)
+    depth = np.asarray(depth, float)
+    keep = units >= 0 if mask is None else (units >= 0) & np.asarray(mask, bool)
+    n_units = int(units.max()) + 1
+    total = np.zeros((len(depth), n_units))
+    count = np.bincount(units[keep], minlength=n_units).astype(float)
+    for layer in range(len(depth)):
+        total[layer] = np.bincount(units[keep], weights=np.nan_to_num(scores[layer, keep]),
+                                   minlength=n_units)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        profile = total / count
+    present = count > 0
+    index = np.where(present, np.nan_to_num(profile, nan=-np.inf).argmax(0), 0)
+    return {"index": index, "depth": depth[index], "profile": profile, "present": present}
 
 
 def layer_profiles(scores: dict, depth: np.ndarray, regions: np.ndarray,
@@ -476,7 +553,7 @@ def _both_correlations(layer_index, target, values, **kwargs) -> dict:
 
 
 def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, mask=None,
-                            n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+                            units=None, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
                             boot_indices=None, device=None, batch: int = 64) -> dict:
     """Bootstrap over test images of the spatial score (Spearman).
 
@@ -498,6 +575,11 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
         Relative layer depth in [0, 1] (distinct values).
     mask : ndarray of bool, shape (n_targets,), optional
         Targets that enter the score (as for the point estimate).
+    units : ndarray of int, shape (n_targets,), optional
+        Unit of every target (:func:`hierarchy_units`; -1: none). Each resample then
+        averages its targets' r per unit and layer before taking each unit's best layer,
+        and correlates those with the units' median coordinates — the chain of
+        :func:`unit_best_layer` and :func:`spatial_score` on units.
     n_boot, ci, seed
         Resamples, interval coverage and seed.
     boot_indices : ndarray of int, shape (n_boot, n_test), optional
@@ -526,6 +608,17 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
     keep = np.isfinite(coordinate) if mask is None else np.asarray(mask, bool) & \
         np.isfinite(coordinate)
     n_layers, n_test = len(depth), y_test.shape[0]
+    if units is not None:
+        units = np.asarray(units)
+        if units.shape != coordinate.shape:
+            raise ValueError(f"'units' must label every target, shape {coordinate.shape}; "
+                             f"got {units.shape}.")
+        keep &= units >= 0
+        unit_coordinate = unit_coordinates(coordinate, units)
+        present = np.bincount(units[keep], minlength=len(unit_coordinate)) > 0
+        if present.sum() < 3:
+            raise ValueError(f"A spatial score needs at least 3 units with targets; got "
+                             f"{int(present.sum())}.")
     if keep.sum() < 3:
         raise ValueError(f"A spatial score needs at least 3 targets; the mask keeps "
                          f"{int(keep.sum())}.")
@@ -543,10 +636,18 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
     P = P - P.mean(1, keepdim=True)
     Y = torch.as_tensor(y_test[:, keep], **f64)
     Y = Y - Y.mean(0, keepdim=True)
-    t = torch.as_tensor(rankdata(coordinate[keep]), **f64)
+    if units is None:
+        t = torch.as_tensor(rankdata(coordinate[keep]), **f64)
+        average = None
+    else:  # (kept targets, present units): the mean over each unit's targets
+        t = torch.as_tensor(rankdata(unit_coordinate[present]), **f64)
+        column = np.cumsum(present) - 1
+        average = torch.zeros(int(keep.sum()), int(present.sum()), **f64)
+        average[torch.arange(int(keep.sum())), torch.as_tensor(column[units[keep]])] = 1.0
+        average = average / average.sum(0, keepdim=True)
     t = t - t.mean()
     depth_t = torch.as_tensor(depth, **f64)
-    n_targets = int(keep.sum())
+    n_targets = len(t)
     samples = []
     for start in range(0, len(boot_indices), batch):
         rows = torch.as_tensor(boot_indices[start:start + batch], device=device)
@@ -561,6 +662,8 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
             X = P[layer]
             mx = W @ X
             r = (W @ (X * Y) - mx * my) / torch.sqrt((W @ (X * X) - mx * mx) * vy)
+            if average is not None:
+                r = torch.nan_to_num(r, nan=0.0) @ average
             r = torch.nan_to_num(r, nan=-torch.inf)
             better = r > best_r
             best_r = torch.where(better, r, best_r)
@@ -663,6 +766,10 @@ class HierarchyResult:
         Vertices with NC ≥ ``min_noise_ceiling``.
     masks : dict of str to ndarray of bool
         Per signal, the vertices its spatial tests used (reliable and predicted).
+    units : ndarray of int, shape (n_vertices,), or None
+        Unit of every vertex in the spatial tests (-1: not reliable).
+    unit_best : dict of str to dict
+        Per signal, :func:`unit_best_layer` on those units.
     loss : str
         The loss whose gradients were tested.
     ci : float
@@ -683,6 +790,8 @@ class HierarchyResult:
     masks: dict = field(default_factory=dict)
     loss: str = ""
     ci: float = 0.95
+    units: np.ndarray | None = None
+    unit_best: dict = field(default_factory=dict)
 
     def table(self) -> pd.DataFrame:
         """One tidy row per signal (activation, then gradient): scores and verdicts.
@@ -802,7 +911,8 @@ class HierarchyResult:
 
 
 def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
-        min_noise_ceiling: float = 10.0, min_score: float = 0.1, n_perm: int = 10_000,
+        min_noise_ceiling: float = 10.0, min_score: float = 0.1, n_units: int = 20,
+        n_perm: int = 10_000,
         n_boot: int = 1000, ci: float = 0.95, seed: int = 0, cv: int = 5, device=None,
         fmri: dict | None = None, meg: dict | None = None, meg_study=None,
         meg_features=None, progress: bool = False) -> HierarchyResult:
@@ -811,16 +921,21 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     Predictions (each with its null; all one-sided at ``alpha``):
 
     1. **spatial** — (a) the gradient best-layer map agrees with the activation one
-       (Spearman across vertices where gradients predict, vs shuffled gradient layer
-       depths) and (b) the gradient spatial score is positive (vs shuffled depths);
+       (Spearman across units, vs shuffled gradient layer depths) and (b) the gradient
+       spatial score is positive (vs shuffled depths). Units are ``n_units`` equal-count
+       bins of the hierarchy coordinate over reliable vertices
+       (:func:`hierarchy_units`); a unit's best layer is the argmax of its usable
+       vertices' mean test r (:func:`unit_best_layer`), so neighbouring vertices are not
+       counted as independent and the bootstrap interval is not biased by per-vertex
+       argmax noise;
     2. **temporal** — (a) gradients arrive after the forward sweep: median gradient
        latency minus the latest activation latency, bootstrap CI above 0; (b) in the
        measured autograd order: gradient latency rises with backward rank (Spearman,
        vs shuffled layers), i.e. a negative temporal score;
     3. **where** (the paper's positive finding, not a backprop prediction) — (a)
        gradients gain on activations more in high-level than in early cortex (top vs
-       bottom quarter of the hierarchy, Mann–Whitney on gradient minus activation peak
-       score) and (b) gradients peak later than activations (median latency difference,
+       bottom quarter of the units, Mann–Whitney on the units' mean gradient minus
+       activation peak score) and (b) gradients peak later than activations (median latency difference,
        bootstrap CI above 0).
 
     A prediction whose modality is missing (no fMRI, or no MEG) does not hold; the
@@ -839,6 +954,8 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     min_noise_ceiling, min_score : float
         Vertices enter the spatial tests if NC ≥ ``min_noise_ceiling`` (%) and the
         signal's peak score (r / √NC) > ``min_score``.
+    n_units : int
+        Bins of the hierarchy coordinate the spatial tests count as observations.
     n_perm, n_boot, ci, seed : int, int, float, int
         Permutations, bootstrap resamples, interval coverage and seed.
     fmri, meg : dict or None
@@ -897,37 +1014,58 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         nc = study.noise_ceiling()
         reliable = nc >= min_noise_ceiling
         usable = {name: reliable & (b["peak"] > min_score) for name, b in best.items()}
+        units = hierarchy_units(study.hierarchy, reliable, n_units)
+        coordinate = unit_coordinates(study.hierarchy, units) if units.max() >= 0 else \
+            np.zeros(0)
+        unit_best = {name: unit_best_layer(fmri[name]["r"], units, depth, mask=usable[name])
+                     for name in ("activation", signal)} if len(coordinate) else {}
         for name in ("activation", signal):
-            s = spatial_score(best[name]["index"], study.hierarchy, depth, mask=usable[name],
-                              **kw)
+            present = unit_best[name]["present"] if unit_best else np.zeros(0, bool)
+            if present.sum() >= 3 and len(np.unique(unit_best[name]["index"][present])) >= 2:
+                s = spatial_score(unit_best[name]["index"], coordinate, depth, mask=present,
+                                  **kw)
+            else:  # too few units (or one layer everywhere): no spatial score
+                s = {key: np.nan for key in ("spearman", "p_spearman", "min_p_spearman",
+                                             "pearson", "p_pearson", "min_p_pearson")}
+                s["n_targets"] = int(present.sum())
             low = high = np.nan
-            if n_boot > 0 and "prediction" in fmri[name] and usable[name].sum() >= 3:
+            if n_boot > 0 and "prediction" in fmri[name] and present.sum() >= 3:
                 low, high = bootstrap_spatial_score(
                     fmri[name]["prediction"], fmri[name]["y_test"], study.hierarchy, depth,
-                    mask=usable[name], n_boot=n_boot, ci=ci, seed=seed,
+                    mask=usable[name], units=units, n_boot=n_boot, ci=ci, seed=seed,
                     device=device)["spearman_ci"]
             scores.append({"modality": "fMRI", "signal": name, "score": "spatial", **s,
                            "spearman_ci_low": low, "spearman_ci_high": high})
-        agree = layer_permutation_test(best[signal]["index"], best["activation"]["depth"], depth,
-                                       mask=usable[signal], **kw)
-        add_test("1 spatial", "gradient and activation layer maps agree", "Spearman ρ",
-                 agree["statistic"], agree["p_value"] < alpha, "shuffled gradient layers",
-                 p=agree["p_value"], min_p=agree["min_p"])
+        both = (unit_best[signal]["present"] & unit_best["activation"]["present"]
+                if unit_best else np.zeros(0, bool))
+        if both.sum() >= 3 and len(np.unique(unit_best[signal]["index"][both])) >= 2:
+            agree = layer_permutation_test(unit_best[signal]["index"],
+                                           unit_best["activation"]["depth"], depth, mask=both,
+                                           **kw)
+            add_test("1 spatial", "gradient and activation layer maps agree", "Spearman ρ",
+                     agree["statistic"], agree["p_value"] < alpha,
+                     "shuffled gradient layers (units)", p=agree["p_value"],
+                     min_p=agree["min_p"])
+        else:
+            add_test("1 spatial", "gradient and activation layer maps agree", "Spearman ρ",
+                     np.nan, False, f"fewer than 3 units, or one layer in all ({both.sum()})")
         grad_spatial = scores[-1]
         add_test("1 spatial", "gradient spatial score > 0", "Spearman ρ",
                  grad_spatial["spearman"], grad_spatial["p_spearman"] < alpha,
-                 "shuffled layer depths", p=grad_spatial["p_spearman"],
+                 "shuffled layer depths (units)", p=grad_spatial["p_spearman"],
                  min_p=grad_spatial["min_p_spearman"])
-        regions = hierarchy_regions(study.hierarchy, 4)
-        names = sorted(set(regions))
+        # gain of gradients over activations per unit; top vs bottom quarter of the units
         gain = best[signal]["peak"] - best["activation"]["peak"]
-        high, early = reliable & (regions == names[-1]), reliable & (regions == names[0])
-        if high.sum() >= 3 and early.sum() >= 3:
-            test = stats.mannwhitneyu(gain[high], gain[early], alternative="greater")
+        n_found = len(coordinate)
+        unit_gain = np.array([gain[units == u].mean() for u in range(n_found)])
+        quarter = n_found // 4
+        if quarter >= 3:
+            high, early = unit_gain[-quarter:], unit_gain[:quarter]
+            test = stats.mannwhitneyu(high, early, alternative="greater")
             add_test("3 where", "gradients gain more in high-level than early cortex",
-                     "median gain, high − early",
-                     float(np.median(gain[high]) - np.median(gain[early])),
-                     test.pvalue < alpha, "Mann–Whitney U, vertices", p=float(test.pvalue))
+                     "median gain, high − early", float(np.median(high) - np.median(early)),
+                     test.pvalue < alpha, f"Mann–Whitney U, {quarter} vs {quarter} units",
+                     p=float(test.pvalue), min_p=1 / math.comb(2 * quarter, quarter))
     else:
         for prediction, part in (("1 spatial", "fMRI data"), ("3 where", "fMRI data")):
             add_test(prediction, part, "available", np.nan, False, "no fMRI in this study")
@@ -1000,4 +1138,6 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         consistent_with_backprop=predictions["1 spatial"] and predictions["2 temporal"],
         paper_finding=predictions["3 where"], alpha=alpha, signal=signal, fmri=fmri, meg=meg,
         best=best, reliable=reliable, masks=usable, loss=loss, ci=ci,
+        units=units if study.betas is not None else None,
+        unit_best=unit_best if study.betas is not None else {},
     )
