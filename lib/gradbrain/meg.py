@@ -524,6 +524,17 @@ class SlidingRidgeCV(BaseEstimator):
 # --------------------------------------------------------------------------- bootstrap
 
 
+def _test_arrays(Y_test, predictions) -> tuple[np.ndarray, np.ndarray]:
+    """Test responses (float64) and per-layer predictions of them, shapes checked."""
+    Y_test = np.asarray(Y_test, dtype=np.float64)
+    predictions = np.asarray(predictions)
+    if predictions.ndim != 4 or predictions.shape[1:] != Y_test.shape:
+        raise ValueError("'predictions' must have shape (n_layers,) + Y_test.shape = "
+                         f"(n_layers, {', '.join(map(str, Y_test.shape))}); got "
+                         f"{predictions.shape}.")
+    return Y_test, predictions
+
+
 def bootstrap_curves(Y_test, predictions, *, n_boot: int = 1000, seed: int = 0,
                      device=None, chunk: int = 100) -> np.ndarray:
     """Score time courses on test images resampled with replacement.
@@ -548,12 +559,7 @@ def bootstrap_curves(Y_test, predictions, *, n_boot: int = 1000, seed: int = 0,
     ndarray of shape (n_boot, n_layers, n_times)
         Pearson r across the resampled images, averaged over sensors.
     """
-    Y_test = np.asarray(Y_test, dtype=np.float64)
-    predictions = np.asarray(predictions)
-    if predictions.ndim != 4 or predictions.shape[1:] != Y_test.shape:
-        raise ValueError("'predictions' must have shape (n_layers,) + Y_test.shape = "
-                         f"(n_layers, {', '.join(map(str, Y_test.shape))}); got "
-                         f"{predictions.shape}.")
+    Y_test, predictions = _test_arrays(Y_test, predictions)
     if n_boot < 1:
         raise ValueError(f"'n_boot' must be a positive integer; got {n_boot!r}.")
     device = resolve_device(device)
@@ -610,12 +616,7 @@ def peak_permutation_test(Y_test, predictions, *, n_perm: int = 200, seed: int =
     dict with ``p_value`` (n_layers,), ``peak`` (n_layers,) the observed maximum of the
     course and ``null_max`` (n_perm, n_layers).
     """
-    Y_test = np.asarray(Y_test, dtype=np.float64)
-    predictions = np.asarray(predictions)
-    if predictions.ndim != 4 or predictions.shape[1:] != Y_test.shape:
-        raise ValueError("'predictions' must have shape (n_layers,) + Y_test.shape = "
-                         f"(n_layers, {', '.join(map(str, Y_test.shape))}); got "
-                         f"{predictions.shape}.")
+    Y_test, predictions = _test_arrays(Y_test, predictions)
     if isinstance(n_perm, bool) or not isinstance(n_perm, (int, np.integer)) or n_perm < 1:
         raise ValueError(f"'n_perm' must be a positive integer; got {n_perm!r}.")
     device = resolve_device(device)
