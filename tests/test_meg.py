@@ -317,6 +317,17 @@ def test_layers_without_signal_get_no_latency(planted):
     assert np.isfinite(ungated["latency"]).sum() >= 5   # what the gate removes
     with pytest.raises(ValueError, match="'latency_alpha' must be in"):
         meg.meg_encoding(study, planted, latency_alpha=0)
+    # what the chapters print and draw copes with a signal left without latencies
+    from gradbrain import hierarchy, plotting
+
+    grad["latency"][:] = np.nan
+    table = hierarchy.temporal_table(results).set_index("signal")
+    assert table.loc["gradient (ce)", "layers timed"] == "0 of 6"
+    assert np.isnan(table.loc["gradient (ce)", "temporal score (Pearson r)"])
+    assert table.loc["activation", "temporal score (Pearson r)"] > 0.9
+    assert "0 of 6 layers peak above chance" in hierarchy.summarize_meg(results, study)
+    assert plotting.plot_topomaps(grad["r"], study.epochs.info, grad["times"], [0, 5],
+                                  grad["latency"], names=grad["layers"], title="") is None
     del Features
 
 

@@ -19,7 +19,7 @@ from scipy import stats
 
 __all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_targets",
            "recovery", "summarize_fmri", "temporal_score", "backprop_latency_prediction",
-           "summarize_meg", "layer_permutation_test", "spatial_score",
+           "summarize_meg", "temporal_table", "layer_permutation_test", "spatial_score",
            "bootstrap_spatial_score", "hierarchy_units", "unit_coordinates", "unit_best_layer",
            "group_test",
            "HierarchyResult", "run"]
@@ -325,6 +325,12 @@ def summarize_meg(results: dict, study=None) -> str:
     """
     lines = []
     for signal, res in results.items():
+        timed = int(np.isfinite(res["latency"]).sum())
+        if timed < 3:
+            lines.append(f"- {signal}: {timed} of {len(res['latency'])} layers peak above "
+                         "chance — too few for a temporal score; best r(t) = "
+                         f"{np.max(res['peak']):.3f}.")
+            continue
         score = temporal_score(res["latency"], res["depth"], boot_latency=res["boot_latency"])
         lo, hi = score["pearson_ci"]
         if lo > 0 or hi < 0:
@@ -346,11 +352,46 @@ def summarize_meg(results: dict, study=None) -> str:
         if values is None or signal not in results:
             continue
         found = results[signal]["latency"]
-        rec = recovery(found, values)
+        timed = np.isfinite(found)
+        if timed.sum() < 3:
+            continue
+        rec = recovery(found[timed], np.asarray(values)[timed])
         lines.append(f"- Simulated study, {signal}: recovered vs planted latencies r = "
                      f"{rec['r']:.2f} (Spearman ρ = {rec['rho']:.2f}), median |error| "
                      f"{np.nanmedian(np.abs(found - values)):.0f} ms.")
     return "\n".join(lines)
+
+
+def temporal_table(results: dict) -> pd.DataFrame:
+    """One row per signal of an MEG encoding run: temporal score and latencies.
+
+    Parameters
+    ----------
+    results : dict
+        Output of :func:`gradbrain.meg.meg_encoding`.
+
+    Returns
+    -------
+    DataFrame with columns signal, layers timed (layers whose course peaks above chance),
+    temporal score (Pearson r) with its bootstrap interval, Spearman ρ, p (across layers)
+    and the median latency (ms); NaN scores where fewer than 3 layers are timed.
+    """
+    rows = []
+    for signal, res in results.items():
+        timed = int(np.isfinite(res["latency"]).sum())
+        row = {"signal": signal, "layers timed": f"{timed} of {len(res['latency'])}",
+               "temporal score (Pearson r)": np.nan, "95 % CI": "", "Spearman ρ": np.nan,
+               "p (across layers)": np.nan, "median latency (ms)": np.nan}
+        if timed >= 3:
+            score = temporal_score(res["latency"], res["depth"],
+                                   boot_latency=res.get("boot_latency"))
+            row.update({"temporal score (Pearson r)": score["pearson"],
+                        "95 % CI": "[{:.2f}, {:.2f}]".format(*score["pearson_ci"])
+                        if "pearson_ci" in score else "",
+                        "Spearman ρ": score["spearman"], "p (across layers)": score["p_pearson"],
+                        "median latency (ms)": float(np.nanmedian(res["latency"]))})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- scores and tests

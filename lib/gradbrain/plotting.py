@@ -352,13 +352,16 @@ def plot_topomaps(r: np.ndarray, info, times: np.ndarray, layers: Sequence[int],
     layers : sequence of int
         Which layers to draw.
     latencies : ndarray of shape (n_layers,)
-        ms; each map is drawn at the sample nearest its layer's latency.
+        ms; each map is drawn at the sample nearest its layer's latency. Layers without
+        one (NaN: no significant peak) are skipped; with none left, None is returned.
     names : sequence of str
         Layer names (length n_layers).
     """
     import mne
 
     layers = [l for l in layers if np.isfinite(latencies[l])]
+    if not layers:  # no layer peaks above chance: there is no latency to draw at
+        return None
     fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers) + 0.8, 2.9),
                              squeeze=False)
     maps = [r[l][:, int(np.argmin(np.abs(times - latencies[l])))] for l in layers]
