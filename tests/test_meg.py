@@ -302,7 +302,6 @@ def test_layers_without_signal_get_no_latency(planted):
     """Gradient features of pure noise: every curve still has a maximum, but the peak test
     gives (almost) no layer a latency; the planted activations keep theirs."""
     from gradbrain.data.simulated import make_study
-    from gradbrain.features import Features
 
     study = make_study(0, n_images=252, features=planted, fmri=False, gradient_truth="none",
                        noise=0.5)
@@ -328,7 +327,6 @@ def test_layers_without_signal_get_no_latency(planted):
     assert "0 of 6 layers peak above chance" in hierarchy.summarize_meg(results, study)
     assert plotting.plot_topomaps(grad["r"], study.epochs.info, grad["times"], [0, 5],
                                   grad["latency"], names=grad["layers"], title="") is None
-    del Features
 
 
 def test_meg_encoding_bad_inputs(planted):
