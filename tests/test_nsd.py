@@ -196,6 +196,11 @@ def test_interrupted_download_resumes_without_refetching(fake, s3, tmp_path):
     assert block_reads == 2 * 2 * 15 - len(finished)  # one request per missing block
     np.testing.assert_allclose(study.betas, _reference(fake)[1], rtol=1e-5, atol=1e-5)
     assert not list(cache.rglob(".*tmp-*"))  # the killed writer's temporary is gone
+    proxy.requests.clear()                   # from a full cache: no betas file is read
+    again = nsd.load_subject(1, source=_source(url), cache_dir=cache, resolution="fsaverage",
+                             progress=False)
+    assert not [r for r in proxy.requests if r[0] == "GET" and ".betas_session" in r[1]]
+    assert again.digest() == study.digest()
 
 
 def test_corrupt_cache_entries_are_detected_and_refetched(fake, tmp_path):

@@ -80,7 +80,7 @@ _ACCESS_HELP = (
 )
 
 
-def betas_key(subject: int, session: int, hemi: str, resolution: str = "fsaverage") -> str:
+def betas_key(subject: int, session: int, hemi: str) -> str:
     """Bucket key of one session's betas (``hemi`` "lh"/"rh"; fsaverage files serve both
     resolutions)."""
     return (f"nsddata_betas/ppdata/subj{subject:02d}/fsaverage/{BETAS_VERSION}/"
@@ -139,18 +139,25 @@ class Source:
         """
         if stop <= start:
             return b""
+
+        def once():
+            data = self._read(key, start, stop)
+            if len(data) != stop - start:
+                raise _Transient(f"short body: {len(data)} of {stop - start} bytes")
+            return data
+
+        return self._retrying(f"Reading bytes {start}–{stop - 1} of {key!r}", once)
+
+    def _retrying(self, what: str, once):
+        """``once()``, tried again with backoff while it fails transiently."""
         for attempt in range(self.retries + 1):
             try:
-                data = self._read(key, start, stop)
-                if len(data) != stop - start:
-                    raise _Transient(f"short body: {len(data)} of {stop - start} bytes")
-                return data
+                return once()
             except _Transient as err:
                 if attempt == self.retries:
                     raise ConnectionError(
-                        f"Reading bytes {start}–{stop - 1} of {key!r} from {self.description} "
-                        f"failed {self.retries + 1} times (last: {err}). " + _ACCESS_HELP
-                    ) from None
+                        f"{what} from {self.description} failed {self.retries + 1} times "
+                        f"(last: {err}). " + _ACCESS_HELP) from None
                 time.sleep(self.backoff * 2**attempt * (1 + random.random()))
         raise AssertionError("unreachable")
 
@@ -232,19 +239,9 @@ class _S3Source(Source):
         except BotoCoreError as err:  # e.g. IncompleteReadError, ResponseStreamingError
             raise _Transient(f"{type(err).__name__}: {err}") from None
 
-    def _with_retries(self, key: str, fn):
-        for attempt in range(self.retries + 1):
-            try:
-                return self._call(key, fn)
-            except _Transient as err:
-                if attempt == self.retries:
-                    raise ConnectionError(f"{self.description} could not be reached for "
-                                          f"{key!r} ({err}). " + _ACCESS_HELP) from None
-                time.sleep(self.backoff * 2**attempt * (1 + random.random()))
-
     def size(self, key: str) -> int:
-        head = self._with_retries(key, lambda: self.client.head_object(
-            Bucket=self.bucket, Key=self._key(key)))
+        head = self._retrying(f"Reading the size of {key!r}", lambda: self._call(
+            key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key))))
         return int(head["ContentLength"])
 
     def list(self, prefix: str) -> list[str]:
@@ -255,7 +252,7 @@ class _S3Source(Source):
             return [item["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=full)
                     for item in page.get("Contents", [])]
 
-        keys = self._with_retries(prefix, listing)
+        keys = self._retrying(f"Listing {prefix!r}", lambda: self._call(prefix, listing))
         cut = len(self.prefix) + 1 if self.prefix else 0
         return sorted(k[cut:] for k in keys)
 
@@ -421,9 +418,21 @@ def available_sessions(subject, source=None) -> list[int]:
 # ---------------------------------------------------------------------- betas
 
 
-def _mgh_shape(src: Source, key: str) -> tuple[int, int]:
-    """(n_vertices, n_frames) from an MGH header, checking it holds float32 data."""
-    header = src.read(key, 0, MGH_HEADER_BYTES)
+def _mgh_shape(src: Source, key: str, cache: Path | None = None) -> tuple[int, int]:
+    """(n_vertices, n_frames) from an MGH header, checking it holds float32 data.
+
+    With ``cache``, a remote file's header is kept there, so a load from a full cache
+    reads no betas file again.
+    """
+    path = None if cache is None or isinstance(src, _LocalSource) else \
+        cache / "headers" / key
+    if path is not None and path.is_file() and path.stat().st_size == MGH_HEADER_BYTES:
+        header = path.read_bytes()
+    else:
+        header = src.read(key, 0, MGH_HEADER_BYTES)
+        if path is not None:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(header)
     version, width, height, depth, frames, kind = np.frombuffer(header[:24], ">i4")
     if version != 1 or kind != 3:
         raise ValueError(f"{key!r} is not an MGH file of float32 data (version {version}, "
@@ -471,13 +480,19 @@ def read_trials(subject, session: int, hemi: str, trials, *, resolution: str = "
     src = open_source(source, max_workers=max_workers)
     key = betas_key(subject, session, hemi)
     n_vertices, n_frames = _mgh_shape(src, key)
-    n_keep = _n_keep(resolution, n_vertices, key)
     trials = np.asarray(trials, dtype=np.int64)
     if trials.size and (trials.min() < 0 or trials.max() >= n_frames):
         raise ValueError(f"'trials' must lie in 0…{n_frames - 1} (the frames of {key!r}); got "
                          f"{trials.min()}…{trials.max()}.")
-    stride = n_vertices * 4
-    starts = MGH_HEADER_BYTES + trials * stride
+    return _fetch_trials(src, key, n_vertices, _n_keep(resolution, n_vertices, key), trials,
+                         max_workers, progress)
+
+
+def _fetch_trials(src: Source, key: str, n_vertices: int, n_keep: int, trials: np.ndarray,
+                  max_workers: int, progress) -> np.ndarray:
+    """The first ``n_keep`` values of each of ``trials`` (frames of ``n_vertices``), by
+    coalesced range requests in parallel: (len(trials), n_keep) float32."""
+    starts = MGH_HEADER_BYTES + trials * (n_vertices * 4)
     out = np.empty((trials.size, n_keep), dtype=np.float32)
 
     def fetch(request):
@@ -508,14 +523,15 @@ def _n_keep(resolution: str, n_vertices: int, key: str) -> int:
 
 
 def _session_betas(src, cache: Path, subject: int, session: int, hemi: str, resolution: str,
-                   max_workers: int, progress) -> np.ndarray:
+                   shape: tuple[int, int], max_workers: int, progress) -> np.ndarray:
     """All trials of one session and hemisphere, (750, n_vertices), via the block cache.
 
-    Blocks of 50 trials are cached as ``.npy``; a block that does not load with the
-    expected shape is reported, deleted and fetched again.
+    ``shape`` is the file's (n_vertices, n_frames) (:func:`_mgh_shape`). Blocks of 50
+    trials are cached as ``.npy``; a block that does not load with the expected shape is
+    reported, deleted and fetched again.
     """
     key = betas_key(subject, session, hemi)
-    n_vertices, n_frames = _mgh_shape(src, key)
+    n_vertices, n_frames = shape
     if n_frames != TRIALS_PER_SESSION:
         raise ValueError(f"{key!r} has {n_frames} trials; NSD sessions have "
                          f"{TRIALS_PER_SESSION}.")
@@ -527,9 +543,8 @@ def _session_betas(src, cache: Path, subject: int, session: int, hemi: str, reso
         path = folder / f"trials{start:03d}-{stop - 1:03d}.npy"
         block = _load_block(path, (stop - start, n_keep))
         if block is None:
-            block = read_trials(subject, session, hemi, range(start, stop),
-                                resolution=resolution, source=src, max_workers=max_workers,
-                                progress=progress)
+            block = _fetch_trials(src, key, n_vertices, n_keep, np.arange(start, stop),
+                                  max_workers, progress)
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, block)
@@ -732,9 +747,8 @@ def read_images(nsd_ids, source=None, *, cache_dir=None, max_workers: int = 16,
             return i, image
 
         workers = max_workers if layout.offset is not None else 1  # h5py is not threaded
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with handle, ThreadPoolExecutor(max_workers=workers) as pool:
             images.update(pool.map(fetch, todo))
-        handle.close()
     return [images[i] for i in ids]
 
 
@@ -885,11 +899,12 @@ def load_subject(subject=1, *, images="all", sessions=None, n_repeats: int = 3,
     read_sessions = sorted(set(trials.session))
     hemi_codes = [HEMIS[h] for h in hemis]
     files = [betas_key(subject, s, h) for s in read_sessions for h in hemi_codes]
-    n_keep = [_n_keep(resolution, _mgh_shape(src, key)[0], key) for key in files]
+    shapes = {key: _mgh_shape(src, key, cache) for key in files}
+    kept = {key: _n_keep(resolution, shapes[key][0], key) for key in files}
     plan = {
         "subject": subject, "sessions": read_sessions, "n_images": len(ids),
         "n_trials_kept": len(trials), "n_trials_read": len(read_sessions) * TRIALS_PER_SESSION,
-        "files": files, "betas_bytes": TRIALS_PER_SESSION * 4 * sum(n_keep),
+        "files": files, "betas_bytes": TRIALS_PER_SESSION * 4 * sum(kept.values()),
         "image_bytes": len(ids) * 425 * 425 * 3,
     }
     if dry_run:
@@ -898,8 +913,8 @@ def load_subject(subject=1, *, images="all", sessions=None, n_repeats: int = 3,
 
     # per vertex: atlas labels, ROI, coordinates, NC
     per_hemi = {}
-    n_keep = n_keep[0]
     for hemi in hemi_codes:
+        n_keep = kept[betas_key(subject, read_sessions[0], hemi)]
         coords = _surface(src, cache, hemi)
         if resolution == "fsaverage5":
             _check_fsaverage5(coords, hemi)
@@ -923,8 +938,9 @@ def load_subject(subject=1, *, images="all", sessions=None, n_repeats: int = 3,
             column = 0
             for hemi in hemi_codes:
                 keep = per_hemi[hemi]["keep"]
+                key = betas_key(subject, session, hemi)
                 z = _zscore(_session_betas(src, cache, subject, session, hemi, resolution,
-                                           max_workers, bar)[:, keep])
+                                           shapes[key], max_workers, bar)[:, keep])
                 betas[image_index, repeat, column:column + keep.sum()] = \
                     z[rows.trial_in_session.to_numpy()]
                 column += keep.sum()
