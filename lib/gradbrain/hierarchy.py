@@ -222,6 +222,14 @@ def summarize_fmri(study, best: dict, reliable: np.ndarray, regions: np.ndarray)
     return "\n".join(lines)
 
 
+MIN_TIMED_LAYERS = 3  # layers with a latency a temporal score needs
+
+
+def _n_timed(latency) -> int:
+    """Layers with a latency (a significant peak, see :func:`gradbrain.meg.meg_encoding`)."""
+    return int(np.isfinite(np.asarray(latency, float)).sum())
+
+
 def temporal_score(latency, depth, *, boot_latency=None, ci: float = 0.95) -> dict:
     """Temporal score: correlation between layer depth and peak latency.
 
@@ -253,9 +261,9 @@ def temporal_score(latency, depth, *, boot_latency=None, ci: float = 0.95) -> di
         raise ValueError(f"'latency' and 'depth' must be 1-D of equal length (one value per "
                          f"layer); got {latency.shape} and {depth.shape}.")
     keep = np.isfinite(latency)
-    if keep.sum() < 3:
-        raise ValueError(f"A temporal score needs at least 3 layers with a peak latency; got "
-                         f"{int(keep.sum())}.")
+    if keep.sum() < MIN_TIMED_LAYERS:
+        raise ValueError(f"A temporal score needs at least {MIN_TIMED_LAYERS} layers with a "
+                         f"peak latency; got {int(keep.sum())}.")
     if np.ptp(latency[keep]) == 0:  # every layer peaks at the same time: no order to score
         out = {"pearson": np.nan, "p_pearson": np.nan, "spearman": np.nan,
                "p_spearman": np.nan, "n_layers": int(keep.sum())}
@@ -325,8 +333,8 @@ def summarize_meg(results: dict, study=None) -> str:
     """
     lines = []
     for signal, res in results.items():
-        timed = int(np.isfinite(res["latency"]).sum())
-        if timed < 3:
+        timed = _n_timed(res["latency"])
+        if timed < MIN_TIMED_LAYERS:
             lines.append(f"- {signal}: {timed} of {len(res['latency'])} layers peak above "
                          "chance — too few for a temporal score; best r(t) = "
                          f"{np.max(res['peak']):.3f}.")
@@ -353,7 +361,7 @@ def summarize_meg(results: dict, study=None) -> str:
             continue
         found = results[signal]["latency"]
         timed = np.isfinite(found)
-        if timed.sum() < 3:
+        if timed.sum() < MIN_TIMED_LAYERS:
             continue
         rec = recovery(found[timed], np.asarray(values)[timed])
         lines.append(f"- Simulated study, {signal}: recovered vs planted latencies r = "
@@ -378,11 +386,11 @@ def temporal_table(results: dict) -> pd.DataFrame:
     """
     rows = []
     for signal, res in results.items():
-        timed = int(np.isfinite(res["latency"]).sum())
+        timed = _n_timed(res["latency"])
         row = {"signal": signal, "layers timed": f"{timed} of {len(res['latency'])}",
                "temporal score (Pearson r)": np.nan, "95 % CI": "", "Spearman ρ": np.nan,
                "p (across layers)": np.nan, "median latency (ms)": np.nan}
-        if timed >= 3:
+        if timed >= MIN_TIMED_LAYERS:
             score = temporal_score(res["latency"], res["depth"],
                                    boot_latency=res.get("boot_latency"))
             row.update({"temporal score (Pearson r)": score["pearson"],
@@ -580,6 +588,13 @@ def spatial_score(best_layer_index, hierarchy_coordinate, depth, *, mask=None,
     """
     return _both_correlations(best_layer_index, hierarchy_coordinate, depth, mask=mask,
                               n_perm=n_perm, seed=seed, device=device)
+
+
+def _no_correlation(n_targets: int) -> dict:
+    """The keys of :func:`_both_correlations`, NaN: a score that cannot be computed."""
+    return {**{key: np.nan for key in ("spearman", "p_spearman", "min_p_spearman",
+                                       "pearson", "p_pearson", "min_p_pearson")},
+            "n_targets": int(n_targets)}
 
 
 def _both_correlations(layer_index, target, values, **kwargs) -> dict:
@@ -1066,9 +1081,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                 s = spatial_score(unit_best[name]["index"], coordinate, depth, mask=present,
                                   **kw)
             else:  # too few units (or one layer everywhere): no spatial score
-                s = {key: np.nan for key in ("spearman", "p_spearman", "min_p_spearman",
-                                             "pearson", "p_pearson", "min_p_pearson")}
-                s["n_targets"] = int(present.sum())
+                s = _no_correlation(present.sum())
             low = high = np.nan
             if n_boot > 0 and "prediction" in fmri[name] and present.sum() >= 3:
                 low, high = bootstrap_spatial_score(
@@ -1122,23 +1135,16 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                                   device=device, progress=progress)
         act, grad = meg["activation"], meg[signal]
         layers = np.arange(n_layers)
-        def timed(latency):
-            """At least 3 layers have a latency (a significant peak, see meg_encoding)."""
-            return np.isfinite(latency).sum() >= 3
-
         for name, res in (("activation", act), (signal, grad)):
+            timed = _n_timed(res["latency"]) >= MIN_TIMED_LAYERS
             row = {"modality": "MEG", "signal": name, "score": "temporal",
                    **(_both_correlations(layers, res["latency"], depth,
                                          alternative="two-sided", **kw)
-                      if timed(res["latency"]) else
-                      {key: np.nan for key in ("spearman", "p_spearman", "min_p_spearman",
-                                               "pearson", "p_pearson", "min_p_pearson")}
-                      | {"n_targets": int(np.isfinite(res["latency"]).sum())})}
+                      if timed else _no_correlation(_n_timed(res["latency"])))}
             boot = res.get("boot_latency")
             row["spearman_ci_low"], row["spearman_ci_high"] = (
                 temporal_score(res["latency"], res["depth"], boot_latency=boot, ci=ci)
-                ["spearman_ci"] if boot is not None and np.isfinite(res["latency"]).sum() >= 3
-                else (np.nan, np.nan))
+                ["spearman_ci"] if boot is not None and timed else (np.nan, np.nan))
             scores.append(row)
 
         def latency_gap(prediction, part, statistic, summarize_activation):
@@ -1154,7 +1160,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
 
         latency_gap("2 temporal", "gradients after the forward sweep",
                     "median gradient − latest activation latency (ms)", np.nanmax)
-        if timed(grad["latency"]):
+        if _n_timed(grad["latency"]) >= MIN_TIMED_LAYERS:
             order = layer_permutation_test(layers, grad["latency"],
                                            features.backward_rank(loss).astype(float), **kw)
             add_test("2 temporal", "gradient latency follows the autograd order",
@@ -1164,8 +1170,8 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         else:
             add_test("2 temporal", "gradient latency follows the autograd order",
                      "Spearman ρ (latency, backward rank)", np.nan, False,
-                     f"fewer than 3 layers with a significant peak "
-                     f"({int(np.isfinite(grad['latency']).sum())})")
+                     f"fewer than {MIN_TIMED_LAYERS} layers with a significant peak "
+                     f"({_n_timed(grad['latency'])})")
         latency_gap("3 where", "gradients peak later than activations",
                     "median latency difference (ms)", np.nanmedian)
     else:
