@@ -522,3 +522,77 @@ def test_a_failed_device_move_is_undone_before_the_error(cnn, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         gf._move(cnn.module, torch.device("cuda"))
     assert calls == [torch.device("cuda"), torch.device("cpu")]
+
+
+# --------------------------------------------------------------------------- beyond activations
+
+
+def _toy_features(rng, n=60):
+    acts = {"a": rng.normal(size=(n, 5)), "b": rng.normal(size=(n, 30)) * 7 + 2}
+    stacked = np.concatenate(list(acts.values()), axis=1)
+    shared = rng.normal(size=(n, 8))
+    grads = {"a": stacked @ rng.normal(size=(35, 8)) * 0.3 + shared,  # partly predicted
+             "b": rng.normal(size=(n, 4)) * 3 + 1}                   # not at all
+    return gf.Features(model="toy", weights="none", layers=["a", "b"],
+                       depth=np.array([0.0, 1.0]), activations=acts, gradients={"ce": grads},
+                       backward_order={"ce": ["b", "a"]}, image_ids=[str(i) for i in range(n)],
+                       labels=[""] * n, pool="mean"), shared
+
+
+def test_beyond_activations_equals_scikit_learn_cross_fitted_ridge(rng):
+    """Alpha = sklearn RidgeCV's (same folds, MSE); training residuals = cross_val_predict
+    of sklearn Ridge; test residuals = Ridge fitted on all training images."""
+    from sklearn.linear_model import Ridge, RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    feats, _ = _toy_features(rng)
+    train = np.arange(60) < 45
+    out = gf.beyond_activations(feats, train, device="cpu")
+    alphas = np.concatenate([np.logspace(-3, -1, 3), np.logspace(0, 8, 10)])
+    # the predictors, built by hand: each layer z-scored on training rows, divided by √dim
+    blocks = []
+    for a in feats.activations.values():
+        z = (a - a[train].mean(0)) / a[train].std(0)
+        blocks.append(z / np.sqrt(a.shape[1]))
+    X = np.concatenate(blocks, axis=1)
+    for layer in feats.layers:
+        G = feats.gradients["ce"][layer]
+        mean, std = G[train].mean(0), G[train].std(0)
+        Z = (G - mean) / std
+        ref = RidgeCV(alphas=alphas, cv=KFold(5), scoring="neg_mean_squared_error")
+        alpha = ref.fit(X[train], Z[train]).alpha_
+        assert out.meta["residual_alpha"]["ce"][layer] == alpha
+        predicted = np.empty_like(Z)
+        predicted[train] = cross_val_predict(Ridge(alpha=alpha), X[train], Z[train], cv=KFold(5))
+        predicted[~train] = Ridge(alpha=alpha).fit(X[train], Z[train]).predict(X[~train])
+        np.testing.assert_allclose(out.gradients["ce"][layer], G - (mean + std * predicted),
+                                   rtol=1e-5, atol=1e-5 * np.abs(G).max())
+    assert out.activations is feats.activations and out.meta["gradients"] == "beyond activations"
+    assert out.backward_order == feats.backward_order and out.layers == feats.layers
+
+
+def test_beyond_activations_removes_what_activations_carry(rng):
+    """Gradients that copy the activations vanish; independent ones are left nearly intact."""
+    feats, shared = _toy_features(rng, n=200)
+    acts = feats.activations
+    feats.gradients["ce"]["a"] = np.concatenate([acts["a"], acts["b"][:, :3]], axis=1) * 2.0
+    train = np.arange(200) < 160
+    out = gf.beyond_activations(feats, train, device="cpu").gradients["ce"]
+    copied, fresh = feats.gradients["ce"]["a"], feats.gradients["ce"]["b"]
+    assert out["a"][~train].var() < 0.05 * copied[~train].var()
+    r = [np.corrcoef(out["b"][~train, j], fresh[~train, j])[0, 1] for j in range(4)]
+    assert min(r) > 0.9
+
+
+def test_beyond_activations_bad_inputs(rng):
+    feats, _ = _toy_features(rng)
+    with pytest.raises(ValueError, match="'train' must be a boolean mask over the 60 images"):
+        gf.beyond_activations(feats, np.arange(40))
+    with pytest.raises(ValueError, match="too few for 5-fold"):
+        gf.beyond_activations(feats, np.arange(60) < 8)
+    with pytest.raises(ValueError, match="'cv' must be an integer >= 2"):
+        gf.beyond_activations(feats, np.arange(60) < 40, cv=1)
+    with pytest.raises(ValueError, match="'loss' must be one of"):
+        gf.beyond_activations(feats, np.arange(60) < 40, loss="dino")
+    with pytest.raises(ValueError, match="'alphas' must be a 1-D array of positive"):
+        gf.beyond_activations(feats, np.arange(60) < 40, alphas=[0.0, 1.0])

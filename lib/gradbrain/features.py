@@ -73,7 +73,7 @@ from .models import LoadedModel, load, wrap
 
 __all__ = [
     "LOSSES", "POOLS", "Features", "extract", "linear_cka", "cka_matrix", "category_decoding",
-    "norms_table", "decoding_table", "signals",
+    "norms_table", "decoding_table", "signals", "beyond_activations",
 ]
 
 LOSSES = ("dino", "ce", "proj")
@@ -907,6 +907,151 @@ def cka_matrix(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> np.ndarray
     ndarray of shape (len(a), len(b)), rows in ``a``'s order, columns in ``b``'s.
     """
     return np.array([[linear_cka(xa, xb) for xb in b.values()] for xa in a.values()])
+
+
+def _block_scaled(blocks: Sequence[np.ndarray], train: np.ndarray) -> np.ndarray:
+    """Concatenate feature blocks, each z-scored on ``train`` rows and divided by √dim.
+
+    Every block (layer) then adds the same total variance to a ridge kernel, whatever its
+    width; columns constant over the training rows become 0.
+    """
+    out = []
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float64)
+        mean, std = block[train].mean(axis=0), block[train].std(axis=0)
+        out.append(np.where(std > 0, (block - mean) / np.where(std > 0, std, 1), 0.0)
+                   / np.sqrt(block.shape[1]))
+    return np.concatenate(out, axis=1)
+
+
+def _ridge_predictions(X: torch.Tensor, Y: torch.Tensor, fit: np.ndarray, apply: np.ndarray,
+                       alphas: np.ndarray) -> torch.Tensor:
+    """Ridge (with intercept) fit on rows ``fit``, predictions on rows ``apply``, per alpha.
+
+    Dual form through one eigendecomposition of the centred training kernel.
+
+    Returns
+    -------
+    Tensor of shape (n_alphas, len(apply), n_targets).
+    """
+    x_fit, y_fit = X[fit], Y[fit]
+    x_mean, y_mean = x_fit.mean(0), y_fit.mean(0)
+    xc = x_fit - x_mean
+    eigval, eigvec = torch.linalg.eigh(xc @ xc.T)
+    eigval = eigval.clamp_min(0)
+    cross = (X[apply] - x_mean) @ xc.T @ eigvec               # (n_apply, n_fit)
+    projected = eigvec.T @ (y_fit - y_mean)                   # (n_fit, n_targets)
+    alphas_t = torch.as_tensor(alphas, dtype=X.dtype, device=X.device)
+    inverse = 1.0 / (eigval[None, :] + alphas_t[:, None])     # (n_alphas, n_fit)
+    return torch.einsum("pf,af,ft->apt", cross, inverse, projected) + y_mean
+
+
+def beyond_activations(features: Features, train, *, loss: str | None = None,
+                       alphas=None, cv: int = 5, device=None) -> Features:
+    """Gradients with what the activations predict of them removed (their unique part).
+
+    For every layer ``l``, the gradient features ``G_l`` (n_images, dim_l) are regressed
+    on the activations of **all** layers (each layer's block z-scored and weighted by
+    1/√dim so that every layer counts equally) by ridge regression fitted on the
+    training images only, with one alpha per layer chosen by ``cv``-fold
+    cross-validation (mean squared error of the z-scored gradient features). What is
+    returned for each image is ``G_l`` minus its prediction, in ``G_l``'s own units:
+
+    - training images get their **cross-fitted** residual (predicted by the fold model
+      that did not see them), so that they are distributed as the test residuals are;
+    - test images get the residual of the model fitted on all training images.
+
+    Encoding a brain signal from these residuals measures the variance of gradients
+    beyond what a linear read-out of the activations explains: all variance the two
+    share is credited to the activations (the conservative attribution; in ordinary least
+    squares the explained variance of ``y ~ residual`` equals R²(activations +
+    gradients) − R²(activations), the usual variance-partitioning subtraction).
+
+    Parameters
+    ----------
+    features : Features
+        Extracted activations and gradients.
+    train : array-like of bool, shape (n_images,)
+        Training images (e.g. ``study.split == "train"``); the regression never sees the
+        others.
+    loss : str or None
+        Gradient loss to residualise; default all of ``features.losses``.
+    alphas : array-like or None
+        Ridge penalties to choose from (default :data:`gradbrain.ridge.DEFAULT_ALPHAS`
+        extended down to 1e-3, as the blocks are standardised).
+    cv : int
+        Contiguous folds of the training images (alpha choice and cross-fitting).
+    device : str, torch.device or None
+        Where the linear algebra runs (float64).
+
+    Returns
+    -------
+    Features
+        Same model, layers, activations and backward order; ``gradients`` holds the
+        residuals of the chosen loss(es), float32; ``meta["gradients"]`` says
+        ``"beyond activations"`` and ``meta["residual_alpha"][loss]`` the alpha per layer.
+    """
+    train = np.asarray(train)
+    if train.dtype != bool or train.shape != (features.n_images,):
+        raise ValueError(f"'train' must be a boolean mask over the {features.n_images} images "
+                         f"(e.g. study.split == 'train'); got dtype {train.dtype} and shape "
+                         f"{train.shape}.")
+    n_train = int(train.sum())
+    if isinstance(cv, bool) or not isinstance(cv, (int, np.integer)) or cv < 2:
+        raise ValueError(f"'cv' must be an integer >= 2 (folds of the training images); got "
+                         f"{cv!r}.")
+    if n_train < 2 * cv:
+        raise ValueError(f"{n_train} training images are too few for {cv}-fold "
+                         f"cross-validation; give at least {2 * cv}, or a smaller 'cv'.")
+    losses = features.losses if loss is None else [loss]
+    for name in losses:
+        check_in_allowed("loss", name, features.losses)
+    if alphas is None:
+        from .ridge import DEFAULT_ALPHAS
+
+        alphas = np.concatenate([np.logspace(-3, -1, 3), DEFAULT_ALPHAS])
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if alphas.ndim != 1 or not len(alphas) or not np.all(np.isfinite(alphas)) \
+            or np.any(alphas <= 0):
+        raise ValueError(f"'alphas' must be a 1-D array of positive numbers; got {alphas!r}.")
+    device = resolve_device(device)
+
+    train_rows, test_rows = np.flatnonzero(train), np.flatnonzero(~train)
+    X = torch.as_tensor(_block_scaled(list(features.activations.values()), train),
+                        dtype=torch.float64, device=device)
+    folds = np.array_split(np.arange(n_train), cv)
+    gradients, chosen = dict(features.gradients), {}
+    for name in losses:
+        per_layer, chosen[name] = {}, {}
+        for layer in features.layers:
+            G = np.asarray(features.gradients[name][layer], dtype=np.float64)
+            mean, std = G[train].mean(axis=0), G[train].std(axis=0)
+            scale = np.where(std > 0, std, 1.0)
+            Y = torch.as_tensor((G - mean) / scale * (std > 0), dtype=torch.float64,
+                                device=device)
+            held_out = torch.empty((len(alphas), n_train, Y.shape[1]), dtype=torch.float64,
+                                   device=device)
+            for fold in folds:
+                rest = np.setdiff1d(np.arange(n_train), fold)
+                held_out[:, fold] = _ridge_predictions(X, Y, train_rows[rest], train_rows[fold],
+                                                       alphas)
+            mse = ((held_out - Y[train_rows][None]) ** 2).mean(dim=(1, 2))
+            best = int(torch.argmin(mse))
+            predicted = torch.empty_like(Y)
+            predicted[train_rows] = held_out[best]
+            if len(test_rows):
+                predicted[test_rows] = _ridge_predictions(X, Y, train_rows, test_rows,
+                                                          alphas[best:best + 1])[0]
+            residual = G - (mean + scale * (std > 0) * predicted.cpu().numpy())
+            per_layer[layer] = residual.astype(np.float32)
+            chosen[name][layer] = float(alphas[best])
+        gradients[name] = per_layer
+    meta = {**features.meta, "gradients": "beyond activations",
+            "residual_alpha": {**features.meta.get("residual_alpha", {}), **chosen}}
+    return Features(model=features.model, weights=features.weights, layers=list(features.layers),
+                    depth=features.depth, activations=features.activations, gradients=gradients,
+                    backward_order=features.backward_order, image_ids=list(features.image_ids),
+                    labels=list(features.labels), pool=features.pool, meta=meta)
 
 
 def category_decoding(
