@@ -282,15 +282,17 @@ def test_run_without_meg_cannot_confirm_the_temporal_prediction(planted):
         hierarchy.run(study, planted, loss="dino")
 
 
-def test_run_with_a_separate_meg_study_equals_one_study_with_both(planted):
-    """NSD-like fMRI study + THINGS-like MEG study == the same data in one study."""
+@pytest.mark.parametrize("gradient_part", ["whole", "unique"])
+def test_run_with_a_separate_meg_study_equals_one_study_with_both(planted, gradient_part):
+    """NSD-like fMRI study + THINGS-like MEG study == the same data in one study (the
+    unique part is fitted on each study's own training images: here the same ones)."""
     import dataclasses
 
     study = make_study(0, n_images=N_IMAGES, features=planted, gradient_truth="backprop",
                        noise=0.5)
     fmri_only = dataclasses.replace(study, epochs=None)
     meg_only = dataclasses.replace(study, betas=None, ncsnr=None)
-    kw = dict(n_perm=200, n_boot=20, device="cpu")
+    kw = dict(n_perm=200, n_boot=20, device="cpu", gradient_part=gradient_part)
     both = hierarchy.run(study, planted, **kw)
     split = hierarchy.run(fmri_only, planted, meg_study=meg_only, meg_features=planted, **kw)
     pd.testing.assert_frame_equal(split.tests, both.tests)
@@ -309,3 +311,186 @@ def test_power_and_false_positive_rate_over_20_seeds(planted):
     print(f"power {power:.2f}, false-positive rate {np.mean(false):.3f} over {len(seeds)} seeds")
     assert power >= 0.9
     assert np.mean(false) <= 0.05
+
+
+# --------------------------------------------------------------------------- error rates
+
+
+def test_error_rates_are_proportions_with_wilson_intervals():
+    """Rates = counts over the null truths of each test; intervals = scipy's Wilson."""
+    part = "gradient latency follows the autograd order"  # nulls none, forward, paper
+    held = {"none": [1, 0, 0, 0], "forward": [0, 0, 0, 0], "paper": [1, 1, 0, 0],
+            "backprop": [1, 1, 1, 0]}
+    sims = pd.DataFrame([{"truth": t, "seed": s, "part": part, "value": float(h),
+                          "holds": bool(h)} for t, hs in held.items()
+                         for s, h in enumerate(hs)])
+    rates = hierarchy.error_rates(sims).set_index("part").loc[part]
+    assert rates.fpr == 3 / 12 and rates.n_null == 12 and rates.power == 3 / 4
+    assert rates.worst_null == "paper" and rates.worst_fpr == 0.5
+    assert rates.held_forward == 0 and rates.held_backprop == 0.75
+    ci = stats.binomtest(3, 12).proportion_ci(method="wilson")
+    assert (rates.fpr_low, rates.fpr_high) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    ci = stats.binomtest(3, 4).proportion_ci(method="wilson")
+    assert (rates.power_low, rates.power_high) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    with pytest.raises(ValueError, match="lacks the columns"):
+        hierarchy.error_rates(sims.drop(columns="holds"))
+
+
+def test_model_null_p_counts_exceedances_per_null_truth():
+    """p = (1 + #null ≥ observed) / (1 + n), worst null truth; NaN sims are no evidence."""
+    part = "gradients gain more in high-level than early cortex"  # nulls none/forward/backprop
+    values = {"none": [0.1, 0.3, np.nan, 0.5], "forward": [0.0, 0.0, 0.0, 0.9],
+              "backprop": [0.2, 0.2, 0.2, 0.2], "paper": [5.0, 5.0, 5.0, 5.0]}
+    sims = pd.DataFrame([{"truth": t, "seed": s, "part": part, "value": v, "holds": False}
+                         for t, vs in values.items() for s, v in enumerate(vs)])
+    p, n = hierarchy.model_null_p(part, 0.3, sims)
+    # none: 0.3 and 0.5 reach 0.3 → 3/5; forward 0.9 → 2/5; backprop none → 1/5; paper ignored
+    assert p == pytest.approx(3 / 5) and n == 4
+    assert hierarchy.model_null_p(part, 1.0, sims)[0] == pytest.approx(1 / 5)
+    assert np.isnan(hierarchy.model_null_p(part, np.nan, sims)[0])
+
+
+def test_error_rate_figure_shows_every_rate_and_marks_the_expected_cells():
+    from gradbrain.plotting import plot_error_rates
+
+    rows = [{"truth": t, "seed": s, "part": part, "value": 0.0, "holds": bool((s + i) % 2)}
+            for i, part in enumerate(hierarchy.TEST_TRUTHS)
+            for t in ("none", "forward", "backprop", "paper") for s in range(3)]
+    rates = hierarchy.error_rates(pd.DataFrame(rows))
+    fig = plot_error_rates(rates, alpha=0.05)
+    ax = fig.axes[0]
+    shown = [float(t.get_text()) for t in ax.texts]
+    expected = rates[[f"held_{t}" for t in ("none", "forward", "backprop", "paper")]]
+    np.testing.assert_allclose(shown, expected.to_numpy().ravel(), atol=0.005)
+    assert ax.get_xlabel() and ax.get_ylabel() and fig.axes[1].get_ylabel()  # colour bar
+    n_boxes = sum(len(n.split(", ")) + 1 for n in rates.null_truths)
+    assert len(ax.patches) == n_boxes
+
+
+@pytest.fixture(scope="module")
+def small_planted():
+    return _planted_features(60)
+
+
+def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, monkeypatch):
+    """Rows = run() on make_study of each truth and seed; cached per study and keyed on
+    the settings and features; a shipped table is used only for its own key."""
+    import copy
+
+    monkeypatch.setenv("GRADBRAIN_DATA", str(tmp_path / "data"))
+    kw = dict(n_perm=200, n_boot=20, device="cpu")
+    sims = hierarchy.simulate_tests(small_planted, truths=("backprop", "none"), n_seeds=1,
+                                    first_seed=3, noise=0.5, progress=False, **kw)
+    assert list(sims.truth.unique()) == ["backprop", "none"] and set(sims.seed) == {3}
+    assert set(sims.part) == set(hierarchy.TEST_TRUTHS)
+    study = make_study(3, n_images=60, features=small_planted, gradient_truth="none",
+                       noise=0.5)
+    direct = hierarchy.run(study, small_planted, seed=3, **kw)
+    mine = sims[(sims.truth == "none") & ~sims.part.str.startswith("verdict")]
+    np.testing.assert_array_equal(mine.holds.to_numpy(), direct.tests.holds.to_numpy())
+    np.testing.assert_allclose(mine.value.to_numpy(float), direct.tests.value.to_numpy(float))
+    verdict = sims.set_index(["truth", "part"]).holds
+    assert verdict[("backprop", hierarchy.VERDICT_BACKPROP)]  # planted, layer-specific
+    assert not verdict[("none", hierarchy.VERDICT_BACKPROP)]
+    # cached per study: a second call reads them (no study is simulated again) ...
+    import gradbrain.data.simulated as simulated
+
+    made = []
+    real = simulated.make_study
+    monkeypatch.setattr(simulated, "make_study", lambda *a, **k: made.append(a) or real(*a, **k))
+    again = hierarchy.simulate_tests(small_planted, truths=("backprop", "none"), n_seeds=1,
+                                     first_seed=3, noise=0.5, progress=False, **kw)
+    assert made == []
+    pd.testing.assert_frame_equal(again, sims, check_dtype=False)
+    home = tmp_path / "data" / "simulated_tests"
+    assert sorted(p.name for p in home.rglob("*.csv")) == ["backprop-3.csv", "none-3.csv"]
+    # ... another setting is another key: simulated anew
+    hierarchy.simulate_tests(small_planted, truths=("none",), n_seeds=1, first_seed=3,
+                             noise=0.6, progress=False, **kw)
+    assert len(made) == 1 and len(list(home.iterdir())) == 2
+    # a table shipped for these settings and features is read instead of simulating
+    monkeypatch.setattr(hierarchy, "_REFERENCE", tmp_path / "reference")
+    shipped = sims.assign(value=sims.value.abs() + 100.0)  # recognisable
+    hierarchy.write_reference(shipped, small_planted, noise=0.5, name="test", **kw)
+    from_shipped = hierarchy.simulate_tests(small_planted, truths=("backprop", "none"),
+                                            n_seeds=1, first_seed=3, noise=0.5,
+                                            progress=False, **kw)
+    assert len(made) == 1
+    np.testing.assert_allclose(from_shipped.value, shipped.value)
+    # not for other settings, nor for other features
+    other = hierarchy.simulate_tests(small_planted, truths=("none",), n_seeds=1, first_seed=3,
+                                     noise=0.5, cache=tmp_path / "other", progress=False,
+                                     **{**kw, "n_perm": 201})
+    assert len(made) == 2 and len(other) == 8
+    changed = copy.copy(small_planted)
+    changed.activations = {k: v * 1.01 for k, v in small_planted.activations.items()}
+    hierarchy.simulate_tests(changed, truths=("none",), n_seeds=1, first_seed=3, noise=0.5,
+                             cache=tmp_path / "other", progress=False, **kw)
+    assert len(made) == 3
+    with pytest.raises(ValueError, match="'truths' must be one of"):
+        hierarchy.simulate_tests(small_planted, truths=("sideways",), progress=False)
+    with pytest.raises(ValueError, match="'seed', 'fmri' and 'meg'"):
+        hierarchy.simulate_tests(small_planted, seed=3, progress=False)
+
+
+def test_calibrate_uses_the_model_based_null_where_it_can_reach_alpha(small_planted):
+    study = make_study(3, n_images=60, features=small_planted, gradient_truth="backprop",
+                       noise=0.5)
+    result = hierarchy.run(study, small_planted, n_perm=200, n_boot=20, seed=3, device="cpu")
+    observed = result.tests.set_index("part").value
+
+    def table(n_seeds, below):
+        rows = []
+        for part, (nulls, power_truth) in hierarchy.TEST_TRUTHS.items():
+            for truth in (*nulls, power_truth):
+                for s in range(n_seeds):
+                    value = observed.get(part, 1.0)
+                    value = value - 1 if below else value + 1
+                    rows.append({"truth": truth, "seed": s, "part": part, "value": value,
+                                 "holds": truth == power_truth})
+        return pd.DataFrame(rows)
+
+    calibrated = result.calibrate(table(20, below=True))  # every null study below: p = 1/21
+    tests = calibrated.tests
+    finite = tests.value.notna()
+    np.testing.assert_allclose(tests.p_model[finite], 1 / 21)
+    assert (tests.null_used[finite] == "model-based").all()
+    assert tests.holds[finite].all() and (tests.fpr == 0).all() and (tests.power == 1).all()
+    assert (tests.holds_nominal == result.tests.holds).all()
+    assert calibrated.consistent_with_backprop == bool(finite.all())
+    summary = calibrated.summary()
+    assert "power 100 % [" in summary and "model-based null (p = 0.0476)" in summary
+    assert "found a planted backprop in 100 %" in summary
+    # every null study above the observed value: nothing holds
+    assert not result.calibrate(table(20, below=False)).tests.holds.any()
+    # too few null studies (floor 1/11 > α): the nominal decisions stand, rates quoted
+    few = result.calibrate(table(10, below=False)).tests
+    assert (few.null_used == "nominal").all() and (few.holds == result.tests.holds).all()
+    assert "nominal null (too few simulated studies" in result.calibrate(
+        table(10, below=False)).summary()
+
+
+def test_unique_gradients_do_not_pass_for_activations(planted):
+    """Gradients that equal the activations (plus a little of their own) pass the spatial
+    tests on a no-gradient study as extracted; beyond activations they cannot."""
+    import copy
+
+    rng = np.random.default_rng(5)
+    echo = copy.copy(planted)
+    echo.gradients = {"ce": {layer: a + 0.1 * rng.normal(size=a.shape).astype(np.float32)
+                             for layer, a in planted.activations.items()}}
+    study = make_study(4, n_images=N_IMAGES, features=echo, gradient_truth="none", noise=0.5,
+                       meg=False)
+    kw = dict(n_perm=500, n_boot=0, seed=4, device="cpu")
+    whole = hierarchy.run(study, echo, **kw)
+    unique = hierarchy.run(study, echo, gradient_part="unique", **kw)
+    spatial = "gradient spatial score > 0"
+    assert whole.tests.set_index("part").holds[spatial]
+    assert not unique.tests.set_index("part").holds[spatial]
+    peak = {name: np.nanmedian(r.best[r.signal]["peak"][r.reliable])
+            for name, r in (("whole", whole), ("unique", unique))}
+    assert peak["whole"] > 0.5 and peak["unique"] < 0.3 * peak["whole"], peak
+    assert unique.gradient_part == "unique" and "unique part of the gradient (ce)" in \
+        unique.summary()
+    with pytest.raises(ValueError, match="'gradient_part' must be one of"):
+        hierarchy.run(study, echo, gradient_part="residual", **kw)

@@ -17,12 +17,17 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ._utils import check_in_allowed
+
 __all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_targets",
            "recovery", "summarize_fmri", "temporal_score", "backprop_latency_prediction",
            "summarize_meg", "temporal_table", "layer_permutation_test", "spatial_score",
            "bootstrap_spatial_score", "hierarchy_units", "unit_coordinates", "unit_best_layer",
            "group_test",
-           "HierarchyResult", "run"]
+           "HierarchyResult", "run", "GRADIENT_PARTS"]
+
+#: What :func:`run` tests of the gradients: as extracted, or beyond activations.
+GRADIENT_PARTS = ("whole", "unique")
 
 
 def best_layer(scores: np.ndarray, depth: np.ndarray) -> dict:
@@ -482,7 +487,7 @@ def layer_permutation_test(layer_index, target, values, *, mask=None, method: st
     import torch
     from scipy.stats import rankdata
 
-    from ._utils import check_in_allowed, resolve_device
+    from ._utils import resolve_device
 
     check_in_allowed("method", method, ("spearman", "pearson"))
     check_in_allowed("alternative", alternative, ALTERNATIVES)
@@ -755,7 +760,6 @@ def group_test(values, *, alternative: str = "greater", alpha: float = 0.05) -> 
     """
     from mne.stats import fdr_correction
 
-    from ._utils import check_in_allowed
 
     check_in_allowed("alternative", alternative, ALTERNATIVES)
     values = pd.DataFrame(values)
@@ -774,6 +778,11 @@ def group_test(values, *, alternative: str = "greater", alpha: float = 0.05) -> 
 
 
 # --------------------------------------------------------------------------- the study's tests
+
+
+def _pct(rate: float, low: float, high: float) -> str:
+    """A rate and its interval as percentages: ``"80 % [49–94 %]"``."""
+    return f"{100 * rate:.0f} % [{100 * low:.0f}–{100 * high:.0f} %]"
 
 
 def _bootstrap_ci(samples, ci: float) -> tuple[float, float]:
@@ -826,6 +835,11 @@ class HierarchyResult:
         Unit of every vertex in the spatial tests (-1: not reliable).
     unit_best : dict of str to dict
         Per signal, :func:`unit_best_layer` on those units.
+    gradient_part : {"whole", "unique"}
+        Whether the gradients were tested as extracted or beyond activations.
+    verdict_rates : dict
+        After :meth:`calibrate`: per verdict (:data:`VERDICT_BACKPROP`,
+        :data:`VERDICT_PAPER`) its row of :func:`error_rates`.
     loss : str
         The loss whose gradients were tested.
     ci : float
@@ -848,6 +862,67 @@ class HierarchyResult:
     ci: float = 0.95
     units: np.ndarray | None = None
     unit_best: dict = field(default_factory=dict)
+    gradient_part: str = "whole"
+    verdict_rates: dict = field(default_factory=dict)
+
+    @property
+    def signal_name(self) -> str:
+        """The tested gradient signal, in words."""
+        return (f"unique part of the {self.signal} signal (beyond activations)"
+                if self.gradient_part == "unique" else f"{self.signal} signal")
+
+    def calibrate(self, simulated: pd.DataFrame) -> "HierarchyResult":
+        """Judge every test against its model-based null, and attach its error rates.
+
+        Parameters
+        ----------
+        simulated : DataFrame
+            :func:`simulate_tests` run on the features and settings of this result.
+
+        Returns
+        -------
+        HierarchyResult
+            A copy whose ``tests`` gain ``p_model`` and ``model_min_p``
+            (:func:`model_null_p` and its floor ``1 / (1 + n)``), ``holds_nominal`` (the
+            previous ``holds``), ``fpr``/``power`` with Wilson bounds (:func:`error_rates`
+            of the nominal test) and ``null_used``. A test whose model-based null can
+            reach α (``model_min_p < alpha``: at least ``1 / alpha - 1`` simulated studies
+            per null truth) now holds iff ``p_model < alpha``; the others keep their
+            nominal decision, and the summary quotes their measured false-positive rate.
+            Predictions and verdicts are recomputed from ``holds``.
+        """
+        import copy
+
+        rates = error_rates(simulated).set_index("part")
+        tests = self.tests.copy()
+        p_model, floor = [], []
+        for row in tests.itertuples():
+            if row.part in TEST_TRUTHS:
+                p, n = model_null_p(row.part, row.value, simulated)
+            else:  # a modality missing from the study
+                p, n = np.nan, 0
+            p_model.append(p)
+            floor.append(1 / (1 + n) if n else np.nan)
+        tests["holds_nominal"] = tests.holds
+        tests["p_model"], tests["model_min_p"] = p_model, floor
+        for column in ("fpr", "fpr_low", "fpr_high", "power", "power_low", "power_high",
+                       "n_null", "n_power"):
+            tests[column] = [rates.at[part, column] if part in rates.index else np.nan
+                             for part in tests.part]
+        usable = tests.model_min_p < self.alpha
+        tests["null_used"] = np.where(usable, "model-based", "nominal")
+        tests["holds"] = np.where(usable, tests.p_model < self.alpha, tests.holds_nominal)
+        tests["holds"] = tests.holds.astype(bool)
+        out = copy.copy(self)
+        out.tests = tests
+        out.predictions = {key: bool(group.holds.all())
+                           for key, group in tests.groupby("prediction")}
+        out.consistent_with_backprop = (out.predictions["1 spatial"]
+                                        and out.predictions["2 temporal"])
+        out.paper_finding = out.predictions["3 where"]
+        out.verdict_rates = {name: (rates.loc[name].to_dict() if name in rates.index else {})
+                             for name in (VERDICT_BACKPROP, VERDICT_PAPER)}
+        return out
 
     def table(self) -> pd.DataFrame:
         """One tidy row per signal (activation, then gradient): scores and verdicts.
@@ -961,7 +1036,28 @@ class HierarchyResult:
         finding = ("is" if self.paper_finding else
                    "is not fully tested" if "3 where" in untested and "3 where" not in failing
                    else "is not")
-        lines.append(f"- Conclusion at α = {self.alpha}: the {self.signal} signal {verdict}; "
+        if "fpr" in self.tests:  # calibrated: quote each test's measured error rates
+            lines.append("- Error rates measured on studies simulated from these features, "
+                         "sizes and noise (false positives under the truths where a test "
+                         "must fail; power under the one where it must hold; Wilson 95 %):")
+            for row in self.tests.itertuples():
+                if not np.isfinite(row.fpr):
+                    continue
+                null = ("its model-based null (p = {:.3g})".format(row.p_model)
+                        if row.null_used == "model-based" else
+                        "its nominal null (too few simulated studies for a model-based one)")
+                fpr = _pct(row.fpr, row.fpr_low, row.fpr_high)
+                power = _pct(row.power, row.power_low, row.power_high)
+                lines.append(f"  - \"{row.part}\": false positives {fpr} of {row.n_null}, "
+                             f"power {power} of {row.n_power}; judged against {null}.")
+            rates = self.verdict_rates.get(VERDICT_BACKPROP, {})
+            if rates and np.isfinite(rates.get("power", np.nan)) and not untested:
+                power = _pct(rates["power"], rates["power_low"], rates["power_high"])
+                fpr = _pct(rates["fpr"], rates["fpr_low"], rates["fpr_high"])
+                verdict += (f" (as a test, this verdict found a planted backprop in {power} "
+                            f"of {rates['n_power']} simulated studies and claimed one where "
+                            f"there was none in {fpr} of {rates['n_null']})")
+        lines.append(f"- Conclusion at α = {self.alpha}: the {self.signal_name} {verdict}; "
                      f"the paper's positive finding {finding} reproduced.")
         return "\n".join(lines)
 
@@ -971,7 +1067,8 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         n_perm: int = 10_000,
         n_boot: int = 1000, ci: float = 0.95, seed: int = 0, cv: int = 5, device=None,
         fmri: dict | None = None, meg: dict | None = None, meg_study=None,
-        meg_features=None, progress: bool = False) -> HierarchyResult:
+        meg_features=None, gradient_part: str = "whole",
+        progress: bool = False) -> HierarchyResult:
     """Test whether a study's gradient signals follow the brain's hierarchies like backprop.
 
     Predictions (each with its null; all one-sided at ``alpha``):
@@ -993,6 +1090,13 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
        bottom quarter of the units, Mann–Whitney on the units' mean gradient minus
        activation peak score) and (b) gradients peak later than activations (median latency difference,
        bootstrap CI above 0).
+
+    With ``gradient_part="unique"`` every test runs on the gradients' unique part: each
+    layer's gradient features with what a ridge read-out of all activation layers
+    predicts of them removed (:func:`gradbrain.features.beyond_activations`, fitted on
+    each study's training images). Gradients share much of their image information with
+    activations, so on the whole gradients a brain signal carried by activations alone
+    can pass tests meant for gradients; the unique part cannot.
 
     A prediction whose modality is missing (no fMRI, or no MEG) does not hold; the
     summary says it was not tested. Real data come in two studies (NSD fMRI, THINGS-MEG,
@@ -1019,12 +1123,15 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     meg_study, meg_features : Study and Features, or None
         A separate MEG study (e.g. THINGS-MEG next to NSD) and the same model's features
         on its images; by default ``study``'s own MEG.
+    gradient_part : {"whole", "unique"}
+        Test the gradient features as extracted, or their part beyond activations.
+        Precomputed ``fmri``/``meg`` results must have been computed on the same part.
 
     Returns
     -------
     HierarchyResult
     """
-    from .features import extract
+    from .features import beyond_activations, extract
     from .meg import meg_encoding
     from .ridge import fmri_encoding
 
@@ -1049,6 +1156,18 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     if loss not in features.losses:
         raise ValueError(f"'loss' must be one of the features' losses {features.losses}; "
                          f"got {loss!r}.")
+    check_in_allowed("gradient_part", gradient_part, GRADIENT_PARTS)
+    if meg_study is not None and (meg_features is None or list(meg_features.layers) != list(
+            features.layers) or loss not in meg_features.losses):
+        raise ValueError("'meg_features' must be the same model's features (same layers, "
+                         f"with the {loss!r} loss) extracted on meg_study.images.")
+    if gradient_part == "unique":
+        if study.betas is not None or meg_study is None:
+            features = beyond_activations(features, study.split == "train", loss=loss,
+                                          cv=cv, device=device)
+        if meg_study is not None:
+            meg_features = beyond_activations(meg_features, meg_study.split == "train",
+                                              loss=loss, cv=cv, device=device)
     signal = f"gradient ({loss})"
     depth = np.asarray(features.depth, float)
     n_layers = len(depth)
@@ -1126,10 +1245,6 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
 
     if meg_study is None:
         meg_study, meg_features = study, features
-    elif meg_features is None or list(meg_features.layers) != list(features.layers) \
-            or loss not in meg_features.losses:
-        raise ValueError("'meg_features' must be the same model's features (same layers, "
-                         f"with the {loss!r} loss) extracted on meg_study.images.")
     if meg_study.epochs is not None:
         meg = meg or meg_encoding(meg_study, meg_features, cv=cv, n_boot=n_boot, ci=ci, seed=seed,
                                   device=device, progress=progress)
@@ -1187,4 +1302,348 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         best=best, reliable=reliable, masks=usable, loss=loss, ci=ci,
         units=units if study.betas is not None else None,
         unit_best=unit_best if study.betas is not None else {},
+        gradient_part=gradient_part,
     )
+
+
+# --------------------------------------------------------------------------- error rates
+
+#: For every test part of :func:`run`: the planted truths of
+#: :func:`gradbrain.data.simulated.make_study` under which it must not hold (its nulls),
+#: and the truth under which it should (its power).
+TEST_TRUTHS = {
+    "gradient and activation layer maps agree": (("none", "paper"), "backprop"),
+    "gradient spatial score > 0": (("none", "paper"), "backprop"),
+    "gradients after the forward sweep": (("none", "forward"), "backprop"),
+    "gradient latency follows the autograd order": (("none", "forward", "paper"), "backprop"),
+    "gradients gain more in high-level than early cortex": (("none", "forward", "backprop"),
+                                                            "paper"),
+    "gradients peak later than activations": (("none", "forward"), "paper"),
+}
+#: Rows of :func:`simulate_tests` for the two verdicts of a simulated study.
+VERDICT_BACKPROP = "verdict: consistent with backprop"
+VERDICT_PAPER = "verdict: the paper's finding"
+TEST_TRUTHS[VERDICT_BACKPROP] = (("none", "forward", "paper"), "backprop")
+TEST_TRUTHS[VERDICT_PAPER] = (("none", "forward", "backprop"), "paper")
+
+
+def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: float,
+                     modalities: dict, run_kwargs: dict, n_threads: int | None,
+                     cache_dir: Path | None = None) -> list[dict]:
+    """Simulate one study from ``features`` and judge it as :func:`run` does.
+
+    With ``cache_dir``, the study's rows are read from / written to
+    ``<cache_dir>/<truth>-<seed>.csv`` (atomically), so an interrupted series resumes.
+    """
+    import torch
+
+    from ._utils import atomic_path
+    from .data.simulated import make_study
+
+    path = cache_dir / f"{truth}-{seed}.csv" if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            return pd.read_csv(path).to_dict("records")
+        except (OSError, ValueError, pd.errors.ParserError) as err:
+            warnings.warn(f"Unreadable cached simulated study {path} ({err}); recomputing it.",
+                          RuntimeWarning, stacklevel=2)
+            path.unlink(missing_ok=True)
+    if n_threads:
+        torch.set_num_threads(n_threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = make_study(seed, n_images=n_images, features=features, gradient_truth=truth,
+                           noise=noise, gradient_loss=run_kwargs.get("loss") or
+                           features.losses[0], **modalities)
+        result = run(study, features, seed=seed, **run_kwargs)
+    rows = [{"truth": truth, "seed": seed, "prediction": t.prediction, "part": t.part,
+             "value": t.value, "p_value": t.p_value, "holds": bool(t.holds)}
+            for t in result.tests.itertuples()]
+    for part, holds in ((VERDICT_BACKPROP, result.consistent_with_backprop),
+                        (VERDICT_PAPER, result.paper_finding)):
+        rows.append({"truth": truth, "seed": seed, "prediction": "verdict", "part": part,
+                     "value": float(holds), "p_value": np.nan, "holds": bool(holds)})
+    if path is not None:
+        with atomic_path(path, suffix=".csv") as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False)
+    return rows
+
+
+#: Bump when a change to the simulation or the tests changes simulated statistics: cached
+#: and shipped tables of :func:`simulate_tests` carry it in their key.
+SIMULATION_VERSION = 1
+_REFERENCE = Path(__file__).parent / "reference"
+
+
+def _simulation_key(features, n_images: int, noise: float, modalities: dict,
+                    run_kwargs: dict) -> dict:
+    """Every setting that changes :func:`simulate_tests`' rows (not the seeds, not the
+    device), with :func:`run`'s defaults filled in."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(run).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    settings = {name: run_kwargs.get(name, defaults[name]) for name in (
+        "alpha", "min_noise_ceiling", "min_score", "n_units", "n_perm", "n_boot", "ci", "cv",
+        "gradient_part")}
+    loss = run_kwargs.get("loss") or features.losses[0]
+    return {"version": SIMULATION_VERSION, "model": features.model,
+            "weights": features.weights, "pool": features.pool, "loss": loss,
+            "n_images": int(n_images), "noise": float(noise), **modalities,
+            **{k: (float(v) if isinstance(v, float) else v) for k, v in settings.items()}}
+
+
+def _fingerprint(features, loss: str) -> np.ndarray:
+    """Per layer, mean and sd of the activations and of the ``loss`` gradients (float64):
+    what identifies the features of a shipped table across machines, whose last bits
+    differ."""
+    values = []
+    for layer in features.layers:
+        for array in (features.activations[layer], features.gradients[loss][layer]):
+            array = np.asarray(array, dtype=np.float64)
+            values += [array.mean(), array.std()]
+    return np.array(values)
+
+
+def _shipped_simulations(key: dict, fingerprint: np.ndarray) -> pd.DataFrame | None:
+    """A table shipped in ``gradbrain/reference`` for these settings and features."""
+    import json
+
+    for meta_path in sorted(_REFERENCE.glob("simulated_tests-*.json")):
+        meta = json.loads(meta_path.read_text())
+        shipped = np.asarray(meta["fingerprint"], dtype=np.float64)
+        if meta["key"] == key and shipped.shape == fingerprint.shape and np.allclose(
+                shipped, fingerprint, rtol=1e-3, atol=1e-6 * np.abs(shipped).max()):
+            return pd.read_csv(meta_path.with_suffix(".csv.gz"))
+    return None
+
+
+def write_reference(simulated: pd.DataFrame, features, *, n_images: int | None = None,
+                    noise: float = 1.0, simulate_fmri: bool = True, simulate_meg: bool = True,
+                    name: str, note: str = "", **run_kwargs) -> Path:
+    """Ship a table of :func:`simulate_tests` with the library (maintainers' tool).
+
+    Writes ``gradbrain/reference/simulated_tests-<name>.csv.gz`` and its key (the
+    settings and a fingerprint of ``features``) as ``.json``; :func:`simulate_tests`
+    then reads its studies instead of simulating them whenever it is called with the
+    same settings on the same features. Give the same arguments as to that call.
+    """
+    import json
+
+    from ._utils import atomic_path
+
+    modalities = {"fmri": bool(simulate_fmri), "meg": bool(simulate_meg)}
+    n_images = features.n_images if n_images is None else n_images
+    key = _simulation_key(features, n_images, noise, modalities, run_kwargs)
+    base = _REFERENCE / f"simulated_tests-{name}"
+    with atomic_path(base.with_suffix(".csv.gz"), suffix=".csv.gz") as tmp:
+        simulated.to_csv(tmp, index=False)
+    meta = {"key": key, "fingerprint": _fingerprint(features, key["loss"]).tolist(),
+            "n_studies": int(simulated[["truth", "seed"]].drop_duplicates().shape[0]),
+            "note": note}
+    with atomic_path(base.with_suffix(".json"), suffix=".json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    return base.with_suffix(".json")
+
+
+def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
+                   truths=("none", "forward", "backprop", "paper"), n_seeds: int = 20,
+                   first_seed: int = 1000, n_jobs: int = 1, simulate_fmri: bool = True,
+                   simulate_meg: bool = True, cache=True, progress: bool = True,
+                   **run_kwargs) -> pd.DataFrame:
+    """Run every test of :func:`run` on studies simulated from the chapter's own features.
+
+    For each planted truth and seed, :func:`gradbrain.data.simulated.make_study` builds
+    fMRI and MEG responses from ``features`` (the model the chapter tests, on the
+    embedded images) and :func:`run` judges them with the same settings. The table this
+    returns gives each test's false-positive rate and power (:func:`error_rates`) and its
+    model-based null (:meth:`HierarchyResult.calibrate`) on these very features, sizes
+    and noise — not on idealised layer-specific features, whose layers do not share
+    information the way a real network's do.
+
+    Parameters
+    ----------
+    features : Features
+        Extracted on the first ``n_images`` embedded images
+        (:func:`gradbrain.data.load_embedded`), with the tested loss.
+    n_images : int or None
+        Images per simulated study; default ``features.n_images``.
+    noise : float
+        Noise scale of the simulated studies (``make_study``'s ``noise``).
+    truths : sequence of {"none", "forward", "backprop", "paper"}
+        Planted gradient truths to simulate.
+    n_seeds : int
+        Studies per truth (seeds ``first_seed`` … ``first_seed + n_seeds - 1``; keep them
+        apart from the seed of the study under test).
+    n_jobs : int
+        Studies simulated in parallel (processes; each keeps to its share of the cores).
+    simulate_fmri, simulate_meg : bool
+        Modalities of the simulated studies (as in the study under test: an fMRI-only
+        study needs no simulated MEG).
+    cache : bool or path-like
+        Keep every simulated study's rows under ``<cache>/simulated_tests/<key>/``
+        (True: ``$GRADBRAIN_DATA``), keyed on every setting that changes them and on the
+        features; an interrupted call resumes. Studies of a table shipped with the
+        library for the same settings and features (``gradbrain/reference``, written by
+        :func:`write_reference`) are read from it. False: always simulate.
+    **run_kwargs
+        Passed to :func:`run` (``loss``, ``alpha``, ``n_perm``, ``n_boot``, ``cv``,
+        ``min_noise_ceiling``, ``min_score``, ``n_units``, ``gradient_part``, ``device``).
+
+    Returns
+    -------
+    DataFrame
+        One row per (truth, seed, test part): ``truth``, ``seed``, ``prediction``,
+        ``part``, ``value`` (the test's statistic; larger is more evidence for it),
+        ``p_value`` and ``holds``; plus the two verdict rows per study
+        (:data:`VERDICT_BACKPROP`, :data:`VERDICT_PAPER`, value 1.0 or 0.0).
+    """
+    import os
+
+    from tqdm import tqdm
+
+    from .data.simulated import GRADIENT_TRUTHS
+
+    truths = [truths] if isinstance(truths, str) else list(truths)
+    for truth in truths:
+        check_in_allowed("truths", truth, GRADIENT_TRUTHS)
+    for name, value in (("n_seeds", n_seeds), ("n_jobs", n_jobs), ("first_seed", first_seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (
+                0 if name == "first_seed" else 1):
+            raise ValueError(f"'{name}' must be a positive integer; got {value!r}.")
+    if "seed" in run_kwargs or "fmri" in run_kwargs or "meg" in run_kwargs:
+        raise ValueError("'seed', 'fmri' and 'meg' are set per simulated study; do not pass "
+                         "them to simulate_tests.")
+    if not (simulate_fmri or simulate_meg):
+        raise ValueError("At least one of 'simulate_fmri' and 'simulate_meg' must be True.")
+    modalities = {"fmri": bool(simulate_fmri), "meg": bool(simulate_meg)}
+    n_images = features.n_images if n_images is None else n_images
+    jobs = [(truth, first_seed + s) for truth in truths for s in range(n_seeds)]
+    rows, cache_dir = [], None
+    if cache is not False:
+        import json
+
+        from ._utils import get_data_home, hash_arrays
+
+        key = _simulation_key(features, n_images, noise, modalities, run_kwargs)
+        shipped = _shipped_simulations(key, _fingerprint(features, key["loss"]))
+        if shipped is not None:
+            have = set(zip(shipped.truth, shipped.seed))
+            found = [job for job in jobs if job in have]
+            rows += shipped[[job in set(found) for job in zip(shipped.truth, shipped.seed)]] \
+                .to_dict("records")
+            jobs = [job for job in jobs if job not in have]
+        settings = np.frombuffer(json.dumps(key, sort_keys=True).encode(), dtype=np.uint8)
+        digest = hash_arrays([settings, *(features.activations[layer]
+                                          for layer in features.layers),
+                              *(features.gradients[key["loss"]][layer]
+                                for layer in features.layers)])
+        root = get_data_home() if cache is True else Path(cache).expanduser()
+        cache_dir = root / "simulated_tests" / digest
+    bar = tqdm(total=len(jobs), desc="simulated studies", disable=not progress or not jobs)
+    if n_jobs == 1:
+        for truth, seed in jobs:
+            rows += _simulated_tests(features, truth, seed, n_images, noise, modalities,
+                                     run_kwargs, None, cache_dir)
+            bar.update()
+    elif jobs:
+        from joblib import Parallel, delayed
+
+        threads = max(1, (os.cpu_count() or 1) // n_jobs)
+        for done in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(  # joblib ≥ 1.4
+                delayed(_simulated_tests)(features, truth, seed, n_images, noise, modalities,
+                                          run_kwargs, threads, cache_dir)
+                for truth, seed in jobs):
+            rows += done
+            bar.update()
+    bar.close()
+    table = pd.DataFrame(rows)
+    order = {truth: i for i, truth in enumerate(truths)}
+    return table.sort_values(["truth", "seed"], key=lambda c: c.map(order) if c.name == "truth"
+                             else c, kind="stable").reset_index(drop=True)
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson 95 % interval of a binomial proportion k / n (NaN for n = 0)."""
+    if n == 0:
+        return (np.nan, np.nan)
+    z = stats.norm.ppf(0.975)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def error_rates(simulated: pd.DataFrame) -> pd.DataFrame:
+    """False-positive rate and power of every test, from :func:`simulate_tests`' table.
+
+    Parameters
+    ----------
+    simulated : DataFrame
+        The output of :func:`simulate_tests`.
+
+    Returns
+    -------
+    DataFrame, one row per test part (in :data:`TEST_TRUTHS` order), with
+    ``null_truths``, ``fpr`` (fraction of studies under those truths in which the test
+    held), ``fpr_low``/``fpr_high`` (Wilson 95 %), ``n_null``, ``worst_null`` and
+    ``worst_fpr`` (the null truth with the highest rate, and that rate), ``power_truth``,
+    ``power``, ``power_low``/``power_high``, ``n_power``, and one ``held_<truth>``
+    column per simulated truth. Rates without simulated studies are NaN.
+    """
+    missing = {"truth", "part", "holds"} - set(simulated.columns)
+    if missing:
+        raise ValueError(f"'simulated' must be the table of simulate_tests(); it lacks the "
+                         f"columns {sorted(missing)}.")
+    truths = list(dict.fromkeys(simulated.truth))
+    rows = []
+    for part, (nulls, power_truth) in TEST_TRUTHS.items():
+        mine = simulated[simulated.part == part]
+        if mine.empty:
+            continue
+        held = mine.groupby("truth").holds.agg(["sum", "count"])
+        null = held.loc[held.index.intersection(nulls)]
+        k, n = int(null["sum"].sum()), int(null["count"].sum())
+        rates = (null["sum"] / null["count"]).sort_values(ascending=False)
+        hit = held.loc[[power_truth]] if power_truth in held.index else held.iloc[:0]
+        kp, npow = int(hit["sum"].sum()), int(hit["count"].sum())
+        row = {"part": part, "null_truths": ", ".join(nulls),
+               "fpr": k / n if n else np.nan, **dict(zip(("fpr_low", "fpr_high"),
+                                                          _wilson(k, n))),
+               "n_null": n, "worst_null": rates.index[0] if len(rates) else "",
+               "worst_fpr": float(rates.iloc[0]) if len(rates) else np.nan,
+               "power_truth": power_truth, "power": kp / npow if npow else np.nan,
+               **dict(zip(("power_low", "power_high"), _wilson(kp, npow))), "n_power": npow}
+        for truth in truths:
+            row[f"held_{truth}"] = (float(held.loc[truth, "sum"] / held.loc[truth, "count"])
+                                    if truth in held.index else np.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def model_null_p(part: str, value: float, simulated: pd.DataFrame) -> tuple[float, int]:
+    """p-value of one test's statistic against its model-based null.
+
+    The null distribution is the statistic of the same test on studies simulated from
+    the same features, sizes and noise under each truth in which the test must not hold
+    (:data:`TEST_TRUTHS`); a simulated study in which the test could not be computed
+    (NaN) counts as no evidence. Per null truth ``p_t = (1 + #{sim ≥ value}) / (1 + n_t)``
+    (valid for a study drawn like the simulated ones, as the observed statistic is then
+    exchangeable with them); the composite p is the largest ``p_t``.
+
+    Returns
+    -------
+    (p, n) : the p-value (NaN if ``value`` is NaN or no null studies exist) and the
+    smallest number of null studies per truth (its floor is ``1 / (1 + n)``).
+    """
+    nulls = TEST_TRUTHS[part][0]
+    mine = simulated[(simulated.part == part) & simulated.truth.isin(nulls)]
+    if not np.isfinite(value) or mine.empty:
+        return np.nan, int(mine.groupby("truth").size().min()) if len(mine) else 0
+    p, n_min = 0.0, None
+    for _, group in mine.groupby("truth"):
+        sims = group.value.to_numpy(float)
+        exceed = int(np.sum(np.nan_to_num(sims, nan=-np.inf) >= value))
+        p = max(p, (1 + exceed) / (1 + len(sims)))
+        n_min = len(sims) if n_min is None else min(n_min, len(sims))
+    return p, n_min

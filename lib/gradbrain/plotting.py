@@ -481,3 +481,44 @@ def plot_model_comparison(table: pd.DataFrame):
         ax.legend(fontsize=8, title=None)
     fig.tight_layout()
     return fig
+
+
+def plot_error_rates(rates: pd.DataFrame, *, alpha: float | None = None):
+    """How often each hierarchy test held under each planted truth (a heat map).
+
+    Parameters
+    ----------
+    rates : DataFrame
+        :func:`gradbrain.hierarchy.error_rates` (its ``held_<truth>`` columns, and per
+        test its ``null_truths`` and ``power_truth``).
+    alpha : float or None
+        The tests' level, quoted in the title.
+
+    Returns
+    -------
+    Figure. Cells where the test should fail (its null truths) are outlined in red, the
+    cell where it should hold (its power truth) in black.
+    """
+    truths = [c.removeprefix("held_") for c in rates.columns if c.startswith("held_")]
+    matrix = rates[[f"held_{t}" for t in truths]].to_numpy(float)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.3 * len(truths), 0.55 * len(rates) + 1.6))
+    sns.heatmap(matrix, ax=ax, vmin=0, vmax=1, cmap="magma", annot=True, fmt=".2f",
+                xticklabels=truths, yticklabels=list(rates.part),
+                cbar_kws={"label": "fraction of simulated studies in which it held"})
+    for i, row in enumerate(rates.itertuples()):
+        for j, truth in enumerate(truths):
+            if truth in row.null_truths.split(", "):
+                colour = "tab:red"
+            elif truth == row.power_truth:
+                colour = "black"
+            else:
+                continue
+            ax.add_patch(plt.Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, fill=False, lw=2,
+                                       edgecolor=colour))
+    ax.set_xlabel("planted gradient truth of the simulated studies")
+    ax.set_ylabel("test")
+    level = f" at α = {alpha}" if alpha is not None else ""
+    ax.set_title(f"Tests that held{level} (red: should fail, false positives; black: should "
+                 "hold, power)", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -24,6 +24,10 @@ this process and drops into pdb on a failure. Everything a job writes lands unde
     <out>/group.csv                        across subjects: median and Wilcoxon + FDR
     <out>/logs/                            submitit's logs and pickles
 
+The results chapter runs without simulated studies (``n_sim_seeds=0``: nominal tests;
+its error rates depend on the model and settings, not on the subject, so measure them
+once with chapter 04, or pass ``-p n_sim_seeds=N`` to the sweep).
+
 Rerunning the same command resumes: chapters whose notebook, parameters and library
 are unchanged are skipped (the book's stamps), and jobs with nothing left to do are not
 submitted at all. Feature caches are shared through ``$GRADBRAIN_DATA``.
@@ -335,6 +339,10 @@ def plan(spec: SweepSpec, models: Sequence[str], subjects: Sequence, out: str | 
                 values.update(model=model, weights=weights.get(model))
                 if name == spec.results_chapter:
                     values["results_path"] = str(results_path)
+            if name == spec.results_chapter and "n_sim_seeds" not in (overrides or {}):
+                # error rates are a property of a model and settings, not of a subject:
+                # measured by chapter 04 on its own, not in every job (-p n_sim_seeds=N)
+                values["n_sim_seeds"] = 0
             # the sweep checked every override against all its chapters; each chapter is
             # given only those its parameters cell declares
             declared = book.declared_parameters(chapters[name])
