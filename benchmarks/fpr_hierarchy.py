@@ -38,32 +38,6 @@ import pandas as pd
 TRUTHS = ("none", "forward", "backprop", "paper")
 
 
-def leave_one_out(sims: pd.DataFrame, alpha: float) -> pd.DataFrame:
-    """Each study's tests decided against the model-based null of the other studies."""
-    from gradbrain.hierarchy import TEST_TRUTHS, VERDICT_BACKPROP, VERDICT_PAPER, model_null_p
-
-    tests = sims[~sims.part.str.startswith("verdict")]
-    rows = []
-    for (truth, seed), study in tests.groupby(["truth", "seed"], sort=False):
-        others = tests[~((tests.truth == truth) & (tests.seed == seed))]
-        holds = {}
-        for row in study.itertuples():
-            p, n = model_null_p(row.part, row.value, others)
-            holds[row.part] = bool(p < alpha)
-            rows.append({"truth": truth, "seed": seed, "prediction": row.prediction,
-                         "part": row.part, "value": row.value, "p_value": p,
-                         "holds": holds[row.part], "n_null": n})
-        by_prediction = study.groupby("prediction").part.apply(
-            lambda parts: all(holds[p] for p in parts))
-        for part, value in (
-                (VERDICT_BACKPROP, by_prediction["1 spatial"] and by_prediction["2 temporal"]),
-                (VERDICT_PAPER, by_prediction["3 where"])):
-            rows.append({"truth": truth, "seed": seed, "prediction": "verdict", "part": part,
-                         "value": float(value), "p_value": np.nan, "holds": bool(value)})
-    assert set(TEST_TRUTHS) >= set(tests.part)
-    return pd.DataFrame(rows)
-
-
 def report(title: str, rates: pd.DataFrame) -> None:
     print(f"\n{title}")
     for row in rates.itertuples():
@@ -112,7 +86,7 @@ def main(argv=None):
     if args.out:
         sims.to_csv(args.out, index=False)
     nominal = hierarchy.error_rates(sims)
-    model_based = hierarchy.error_rates(leave_one_out(sims, args.alpha))
+    model_based = hierarchy.error_rates(sims, null="model", alpha=args.alpha)
     report("Nominal tests (as run() decides):", nominal)
     report("Model-based nulls (leave-one-study-out):", model_based)
 

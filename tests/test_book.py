@@ -232,8 +232,13 @@ def test_chapters_run_on_tiny_profile_and_book_builds(tiny_build):
     assert "the recovered layer map matches the planted one" in text("02_fmri_encoding")
     assert n_images("03_meg_decoding") >= 5  # time courses, latencies, 2 topomaps, decoding
     assert "Simulated study, activation: recovered vs planted latencies" in text("03_meg_decoding")
-    assert n_images("04_hierarchy_tests") >= 3  # scores, best depth by hierarchy, latencies
+    # scores, best depth by hierarchy, latencies, whole vs unique by hierarchy, error rates
+    assert n_images("04_hierarchy_tests") >= 5
     assert "with a biological backpropagation (predictions 1 and 2)" in text("04_hierarchy_tests")
+    assert "Simulated studies per truth: 1 (40 images" in text("04_hierarchy_tests")
+    assert "Error rates measured on studies simulated from these features" in text(
+        "04_hierarchy_tests")
+    assert "value (unique)" in text("04_hierarchy_tests")
     assert n_images("05_model_comparison") >= 1
     assert "dinov3_vits16** (random init)" in text("05_model_comparison")
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]

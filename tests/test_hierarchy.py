@@ -367,6 +367,29 @@ def test_error_rate_figure_shows_every_rate_and_marks_the_expected_cells():
     assert len(ax.patches) == n_boxes
 
 
+def test_model_based_rates_leave_each_study_out(rng):
+    """Each simulated study judged against all the others, by an explicit loop."""
+    part = "gradient latency follows the autograd order"  # nulls none, forward, paper
+    truths = ("none", "forward", "paper", "backprop")
+    rows = [{"truth": t, "seed": s, "prediction": "2 temporal", "part": part,
+             "value": rng.normal(3.0 if t == "backprop" else 0.0), "holds": False}
+            for t in truths for s in range(24)]
+    sims = pd.DataFrame(rows)
+    rates = hierarchy.error_rates(sims, null="model").set_index("part").loc[part]
+    held = {t: [] for t in truths}
+    for row in rows:
+        p = 0.0
+        for null in ("none", "forward", "paper"):
+            others = [r["value"] for r in rows if r["truth"] == null
+                      and (r["truth"], r["seed"]) != (row["truth"], row["seed"])]
+            p = max(p, (1 + sum(v >= row["value"] for v in others)) / (1 + len(others)))
+        held[row["truth"]].append(p < 0.05)
+    assert rates.fpr == pytest.approx(np.mean(held["none"] + held["forward"] + held["paper"]))
+    assert rates.power == pytest.approx(np.mean(held["backprop"])) and rates.power > 0.2
+    with pytest.raises(ValueError, match="need the columns"):
+        hierarchy.error_rates(sims.drop(columns="prediction"), null="model")
+
+
 @pytest.fixture(scope="module")
 def small_planted():
     return _planted_features(60)
@@ -438,16 +461,20 @@ def test_calibrate_uses_the_model_based_null_where_it_can_reach_alpha(small_plan
                        noise=0.5)
     result = hierarchy.run(study, small_planted, n_perm=200, n_boot=20, seed=3, device="cpu")
     observed = result.tests.set_index("part").value
+    prediction = result.tests.set_index("part").prediction
 
     def table(n_seeds, below):
+        """Null studies all below (or above) the observed value; power studies above all."""
         rows = []
         for part, (nulls, power_truth) in hierarchy.TEST_TRUTHS.items():
             for truth in (*nulls, power_truth):
                 for s in range(n_seeds):
                     value = observed.get(part, 1.0)
-                    value = value - 1 if below else value + 1
+                    value = (value + 5 if truth == power_truth else
+                             value - 1 - 0.01 * s if below else value + 1 + 0.01 * s)
                     rows.append({"truth": truth, "seed": s, "part": part, "value": value,
-                                 "holds": truth == power_truth})
+                                 "holds": truth == power_truth,
+                                 "prediction": prediction.get(part, "verdict")})
         return pd.DataFrame(rows)
 
     calibrated = result.calibrate(table(20, below=True))  # every null study below: p = 1/21

@@ -337,7 +337,8 @@ def test_the_nsd_profile_runs_its_chapters_through_the_runner_and_papermill(tmp_
                          "cache_dir": str(tmp_path / "cache"), "sessions": [1], "n_repeats": 1,
                          "max_images": 40},
                  "model": "efficientnet_lite0.imagenet", "losses": ["ce"],
-                 "control_model": "dinov3_vits16", "n_images": 40, "n_perm": 200, "n_boot": 10}
+                 "control_model": "dinov3_vits16", "n_images": 40, "n_perm": 200, "n_boot": 10,
+                 "n_sim_seeds": 1, "sim_n_images": 40}
     runs = run_profile_both_ways("nsd", overrides, tmp_path)
     assert runs["status"] == dict.fromkeys(
         ["00_data", "01_gradients", "02_fmri_encoding", "04_hierarchy_tests"], "executed")

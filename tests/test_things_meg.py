@@ -285,7 +285,8 @@ def test_the_things_profile_runs_its_chapters_through_the_runner_and_papermill(t
     overrides = {"things": {"subject": 1, "root": str(data_root), "images_dir": str(images_dir),
                             "split": "all", "decim": 2, "tmin": -0.1, "tmax": 0.8},
                  "model": "efficientnet_lite0.imagenet", "losses": ["ce"], "n_boot": 5,
-                 "control_model": "dinov3_vits16", "n_images": 40, "n_perm": 200}
+                 "control_model": "dinov3_vits16", "n_images": 40, "n_perm": 200,
+                 "n_sim_seeds": 1, "sim_n_images": 40}
     runs = run_profile_both_ways("things", overrides, tmp_path)
     assert runs["status"] == dict.fromkeys(
         ["00_data", "01_gradients", "03_meg_decoding", "04_hierarchy_tests"], "executed")

@@ -760,7 +760,6 @@ def group_test(values, *, alternative: str = "greater", alpha: float = 0.05) -> 
     """
     from mne.stats import fdr_correction
 
-
     check_in_allowed("alternative", alternative, ALTERNATIVES)
     values = pd.DataFrame(values)
     if len(values) < 2:
@@ -884,16 +883,17 @@ class HierarchyResult:
         HierarchyResult
             A copy whose ``tests`` gain ``p_model`` and ``model_min_p``
             (:func:`model_null_p` and its floor ``1 / (1 + n)``), ``holds_nominal`` (the
-            previous ``holds``), ``fpr``/``power`` with Wilson bounds (:func:`error_rates`
-            of the nominal test) and ``null_used``. A test whose model-based null can
-            reach α (``model_min_p < alpha``: at least ``1 / alpha - 1`` simulated studies
-            per null truth) now holds iff ``p_model < alpha``; the others keep their
-            nominal decision, and the summary quotes their measured false-positive rate.
-            Predictions and verdicts are recomputed from ``holds``.
+            previous ``holds``), ``null_used`` and the error rates of the test as decided
+            (``fpr``/``power`` with Wilson bounds, :func:`error_rates`: model-based,
+            leaving each simulated study out, or nominal). A test whose model-based null
+            can reach α (``model_min_p < alpha``: at least ``1 / alpha`` simulated
+            studies per null truth) now holds iff ``p_model < alpha``; the others keep
+            their nominal decision. Predictions and verdicts are recomputed from
+            ``holds``; the summary quotes every test's rates.
         """
         import copy
 
-        rates = error_rates(simulated).set_index("part")
+        nominal = error_rates(simulated).set_index("part")
         tests = self.tests.copy()
         p_model, floor = [], []
         for row in tests.itertuples():
@@ -905,14 +905,18 @@ class HierarchyResult:
             floor.append(1 / (1 + n) if n else np.nan)
         tests["holds_nominal"] = tests.holds
         tests["p_model"], tests["model_min_p"] = p_model, floor
+        usable = (tests.model_min_p < self.alpha).to_numpy()
+        model = (error_rates(simulated, null="model", alpha=self.alpha).set_index("part")
+                 if usable.any() else nominal)
         for column in ("fpr", "fpr_low", "fpr_high", "power", "power_low", "power_high",
                        "n_null", "n_power"):
-            tests[column] = [rates.at[part, column] if part in rates.index else np.nan
-                             for part in tests.part]
-        usable = tests.model_min_p < self.alpha
+            tests[column] = [(model if use else nominal).at[part, column]
+                             if part in nominal.index else np.nan
+                             for part, use in zip(tests.part, usable)]
         tests["null_used"] = np.where(usable, "model-based", "nominal")
         tests["holds"] = np.where(usable, tests.p_model < self.alpha, tests.holds_nominal)
         tests["holds"] = tests.holds.astype(bool)
+        tests["can_reach_alpha"] = np.where(usable, True, tests.can_reach_alpha)
         out = copy.copy(self)
         out.tests = tests
         out.predictions = {key: bool(group.holds.all())
@@ -920,8 +924,13 @@ class HierarchyResult:
         out.consistent_with_backprop = (out.predictions["1 spatial"]
                                         and out.predictions["2 temporal"])
         out.paper_finding = out.predictions["3 where"]
-        out.verdict_rates = {name: (rates.loc[name].to_dict() if name in rates.index else {})
-                             for name in (VERDICT_BACKPROP, VERDICT_PAPER)}
+        verdict_tests = {VERDICT_BACKPROP: ("1 spatial", "2 temporal"),
+                         VERDICT_PAPER: ("3 where",)}
+        out.verdict_rates = {}
+        for name, predictions in verdict_tests.items():
+            mine = usable[tests.prediction.isin(predictions).to_numpy()]
+            rates = model if mine.size and mine.all() else nominal
+            out.verdict_rates[name] = rates.loc[name].to_dict() if name in rates.index else {}
         return out
 
     def table(self) -> pd.DataFrame:
@@ -1096,7 +1105,9 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     predicts of them removed (:func:`gradbrain.features.beyond_activations`, fitted on
     each study's training images). Gradients share much of their image information with
     activations, so on the whole gradients a brain signal carried by activations alone
-    can pass tests meant for gradients; the unique part cannot.
+    can pass tests meant for gradients; the unique part much less so (not never: with
+    fewer training images than activation features the read-out is regularised and
+    leaves some activation information in the residuals).
 
     A prediction whose modality is missing (no fMRI, or no MEG) does not hold; the
     summary says it was not tested. Real data come in two studies (NSD fMRI, THINGS-MEG,
@@ -1574,13 +1585,46 @@ def _wilson(k: int, n: int) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def error_rates(simulated: pd.DataFrame) -> pd.DataFrame:
+def _leave_one_out(simulated: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """Each simulated study's tests decided by :func:`model_null_p` against all the
+    *other* simulated studies (and its verdicts recomputed from those decisions)."""
+    tests = simulated[~simulated.part.isin((VERDICT_BACKPROP, VERDICT_PAPER))]
+    rows = []
+    for (truth, seed), study in tests.groupby(["truth", "seed"], sort=False):
+        others = tests[~((tests.truth == truth) & (tests.seed == seed))]
+        holds = {}
+        for row in study.itertuples():
+            p, _ = model_null_p(row.part, row.value, others)
+            holds[row.part] = bool(p < alpha)
+            rows.append({"truth": truth, "seed": seed, "prediction": row.prediction,
+                         "part": row.part, "value": row.value, "p_value": p,
+                         "holds": holds[row.part]})
+        by_prediction = {key: all(holds[p] for p in group.part)
+                         for key, group in study.groupby("prediction")}
+        for part, value in (
+                (VERDICT_BACKPROP, by_prediction.get("1 spatial", False)
+                 and by_prediction.get("2 temporal", False)),
+                (VERDICT_PAPER, by_prediction.get("3 where", False))):
+            rows.append({"truth": truth, "seed": seed, "prediction": "verdict", "part": part,
+                         "value": float(value), "p_value": np.nan, "holds": bool(value)})
+    return pd.DataFrame(rows)
+
+
+def error_rates(simulated: pd.DataFrame, *, null: str = "nominal",
+                alpha: float = 0.05) -> pd.DataFrame:
     """False-positive rate and power of every test, from :func:`simulate_tests`' table.
 
     Parameters
     ----------
     simulated : DataFrame
         The output of :func:`simulate_tests`.
+    null : {"nominal", "model"}
+        Rates of the tests as :func:`run` decided them, or as decided against their
+        model-based nulls (:func:`model_null_p`), each simulated study against all the
+        others (leave one out: its p-value floor is ``1 / n`` with ``n`` studies per
+        truth).
+    alpha : float
+        Level of the model-based decisions.
 
     Returns
     -------
@@ -1595,6 +1639,13 @@ def error_rates(simulated: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"'simulated' must be the table of simulate_tests(); it lacks the "
                          f"columns {sorted(missing)}.")
+    check_in_allowed("null", null, ("nominal", "model"))
+    if null == "model":
+        missing = {"seed", "prediction", "value"} - set(simulated.columns)
+        if missing:
+            raise ValueError(f"Model-based rates need the columns {sorted(missing)} of "
+                             "simulate_tests()' table.")
+        simulated = _leave_one_out(simulated, alpha)
     truths = list(dict.fromkeys(simulated.truth))
     rows = []
     for part, (nulls, power_truth) in TEST_TRUTHS.items():
