@@ -24,7 +24,9 @@ __all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_target
            "summarize_meg", "temporal_table", "layer_permutation_test", "spatial_score",
            "bootstrap_spatial_score", "hierarchy_units", "unit_coordinates", "unit_best_layer",
            "group_test",
-           "HierarchyResult", "run", "GRADIENT_PARTS"]
+           "HierarchyResult", "run", "GRADIENT_PARTS", "simulate_tests", "error_rates",
+           "model_null_p", "write_reference", "TEST_TRUTHS", "VERDICT_BACKPROP",
+           "VERDICT_PAPER"]
 
 #: What :func:`run` tests of the gradients: as extracted, or beyond activations.
 GRADIENT_PARTS = ("whole", "unique")

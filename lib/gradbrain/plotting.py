@@ -483,7 +483,7 @@ def plot_model_comparison(table: pd.DataFrame):
     return fig
 
 
-def plot_error_rates(rates: pd.DataFrame, *, alpha: float | None = None):
+def plot_error_rates(rates: pd.DataFrame, *, alpha: float | None = None, label: str = ""):
     """How often each hierarchy test held under each planted truth (a heat map).
 
     Parameters
@@ -493,6 +493,8 @@ def plot_error_rates(rates: pd.DataFrame, *, alpha: float | None = None):
         test its ``null_truths`` and ``power_truth``).
     alpha : float or None
         The tests' level, quoted in the title.
+    label : str
+        Which decisions these are (e.g. ``"nominal nulls"``), put first in the title.
 
     Returns
     -------
@@ -501,7 +503,7 @@ def plot_error_rates(rates: pd.DataFrame, *, alpha: float | None = None):
     """
     truths = [c.removeprefix("held_") for c in rates.columns if c.startswith("held_")]
     matrix = rates[[f"held_{t}" for t in truths]].to_numpy(float)
-    fig, ax = plt.subplots(figsize=(2.2 + 1.3 * len(truths), 0.55 * len(rates) + 1.6))
+    fig, ax = plt.subplots(figsize=(3.0 + 1.5 * len(truths), 0.55 * len(rates) + 1.6))
     sns.heatmap(matrix, ax=ax, vmin=0, vmax=1, cmap="magma", annot=True, fmt=".2f",
                 xticklabels=truths, yticklabels=list(rates.part),
                 cbar_kws={"label": "fraction of simulated studies in which it held"})
@@ -518,7 +520,7 @@ def plot_error_rates(rates: pd.DataFrame, *, alpha: float | None = None):
     ax.set_xlabel("planted gradient truth of the simulated studies")
     ax.set_ylabel("test")
     level = f" at α = {alpha}" if alpha is not None else ""
-    ax.set_title(f"Tests that held{level} (red: should fail, false positives; black: should "
-                 "hold, power)", fontsize=9)
+    ax.set_title(f"{label + ': ' if label else ''}tests that held{level}\n(red: should fail, "
+                 "false positives; black: should hold, power)", fontsize=9)
     fig.tight_layout()
     return fig
