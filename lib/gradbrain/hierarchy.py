@@ -1523,7 +1523,8 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
     for name, value in (("n_seeds", n_seeds), ("n_jobs", n_jobs), ("first_seed", first_seed)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (
                 0 if name == "first_seed" else 1):
-            raise ValueError(f"'{name}' must be a positive integer; got {value!r}.")
+            kind = "non-negative" if name == "first_seed" else "positive"
+            raise ValueError(f"'{name}' must be a {kind} integer; got {value!r}.")
     if "seed" in run_kwargs or "fmri" in run_kwargs or "meg" in run_kwargs:
         raise ValueError("'seed', 'fmri' and 'meg' are set per simulated study; do not pass "
                          "them to simulate_tests.")
@@ -1541,9 +1542,8 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
         key = _simulation_key(features, n_images, noise, modalities, run_kwargs)
         shipped = _shipped_simulations(key, _fingerprint(features, key["loss"]))
         if shipped is not None:
-            have = set(zip(shipped.truth, shipped.seed))
-            found = [job for job in jobs if job in have]
-            rows += shipped[[job in set(found) for job in zip(shipped.truth, shipped.seed)]] \
+            wanted, have = set(jobs), set(zip(shipped.truth, shipped.seed))
+            rows += shipped[[job in wanted for job in zip(shipped.truth, shipped.seed)]] \
                 .to_dict("records")
             jobs = [job for job in jobs if job not in have]
         settings = np.frombuffer(json.dumps(key, sort_keys=True).encode(), dtype=np.uint8)
@@ -1562,7 +1562,9 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
     elif jobs:
         from joblib import Parallel, delayed
 
-        threads = max(1, (os.cpu_count() or 1) // n_jobs)
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count() or 1)  # the cores this process may use
+        threads = max(1, cores // n_jobs)
         for done in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(  # joblib ≥ 1.4
                 delayed(_simulated_tests)(features, truth, seed, n_images, noise, modalities,
                                           run_kwargs, threads, cache_dir)
