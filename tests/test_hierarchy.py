@@ -427,6 +427,16 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
     pd.testing.assert_frame_equal(again, sims, check_dtype=False)
     home = tmp_path / "data" / "simulated_tests"
     assert sorted(p.name for p in home.rglob("*.csv")) == ["backprop-3.csv", "none-3.csv"]
+    # a cached study cut short is named, deleted and simulated again
+    cut = next(home.rglob("none-3.csv"))
+    cut.write_text("\n".join(cut.read_text().splitlines()[:3]))
+    with pytest.warns(RuntimeWarning, match="Cached simulated study .* is unreadable"):
+        healed = hierarchy.simulate_tests(small_planted, truths=("backprop", "none"),
+                                          n_seeds=1, first_seed=3, noise=0.5, progress=False,
+                                          **kw)
+    pd.testing.assert_frame_equal(healed, sims, check_dtype=False)
+    assert len(made) == 1
+    made.clear()
     # ... another setting is another key: simulated anew
     hierarchy.simulate_tests(small_planted, truths=("none",), n_seeds=1, first_seed=3,
                              noise=0.6, progress=False, **kw)

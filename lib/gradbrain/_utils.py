@@ -111,6 +111,27 @@ def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return cleaned
 
 
+def discard_unreadable(path: str | os.PathLike, err: BaseException, *, what: str, then: str,
+                       stacklevel: int = 2) -> None:
+    """Warn that a cached file is unreadable (naming it and the error), and delete it.
+
+    Parameters
+    ----------
+    path : path-like
+        The cached file.
+    err : BaseException
+        What reading it raised.
+    what, then : str
+        What the file is (``"Feature cache file"``) and what happens instead
+        (``"its features are recomputed"``).
+    stacklevel : int
+        As for :func:`warnings.warn`, counted from the caller.
+    """
+    warnings.warn(f"{what} {str(path)!r} is unreadable ({type(err).__name__}: {err}); it was "
+                  f"deleted and {then}.", RuntimeWarning, stacklevel=stacklevel + 1)
+    Path(path).unlink(missing_ok=True)
+
+
 def hash_update_array(h: "hashlib._Hash", array) -> None:
     """Feed an array's dtype, shape and bytes into a running hash."""
     if isinstance(array, torch.Tensor):

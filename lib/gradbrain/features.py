@@ -68,7 +68,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__
-from ._utils import atomic_path, check_in_allowed, get_data_home, hash_arrays, resolve_device
+from ._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
+                     hash_arrays, resolve_device)
 from .models import LoadedModel, load, wrap
 
 __all__ = [
@@ -845,10 +846,8 @@ _CACHE_ERRORS = (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.Bad
 
 def _discard_corrupt(path: Path, err: BaseException) -> None:
     """Warn (naming the file) and delete an unreadable cache file: it is recomputed."""
-    warnings.warn(f"Feature cache file {str(path)!r} is unreadable ({type(err).__name__}: "
-                  f"{err}); it was deleted and its features are recomputed.", RuntimeWarning,
-                  stacklevel=3)
-    Path(path).unlink(missing_ok=True)
+    discard_unreadable(path, err, what="Feature cache file",
+                       then="its features are recomputed", stacklevel=3)
 
 
 def _load_cached(path: Path, n_images: int, layers, losses) -> "Features | None":

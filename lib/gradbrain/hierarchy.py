@@ -1352,17 +1352,22 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
     """
     import torch
 
-    from ._utils import atomic_path
+    from ._utils import atomic_path, discard_unreadable
     from .data.simulated import make_study
 
     path = cache_dir / f"{truth}-{seed}.csv" if cache_dir is not None else None
     if path is not None and path.exists():
         try:
-            return pd.read_csv(path).to_dict("records")
+            cached = pd.read_csv(path)
+            missing = {"truth", "seed", "prediction", "part", "value", "p_value", "holds"} \
+                - set(cached.columns)
+            if missing or not {VERDICT_BACKPROP, VERDICT_PAPER} <= set(cached.part):
+                raise ValueError("not a whole simulated study (columns or verdict rows "
+                                 "missing: truncated?)")
+            return cached.to_dict("records")
         except (OSError, ValueError, pd.errors.ParserError) as err:
-            warnings.warn(f"Unreadable cached simulated study {path} ({err}); recomputing it.",
-                          RuntimeWarning, stacklevel=2)
-            path.unlink(missing_ok=True)
+            discard_unreadable(path, err, what="Cached simulated study",
+                               then="it is simulated again")
     if n_threads:
         torch.set_num_threads(n_threads)
     with warnings.catch_warnings():

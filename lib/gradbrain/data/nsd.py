@@ -37,7 +37,6 @@ import random
 import re
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .._utils import atomic_path, get_data_home
+from .._utils import atomic_path, discard_unreadable, get_data_home
 from .study import Study, stratified_subset
 
 __all__ = ["BUCKET", "SOURCE", "SUBJECTS", "N_SESSIONS", "TRIALS_PER_SESSION", "ROIS",
@@ -329,9 +328,8 @@ def _read_small(src: Source, cache: Path, key: str, reader):
     except Exception as err:
         if isinstance(src, _LocalSource):
             raise ValueError(f"{str(path)!r} could not be read ({err}).") from None
-        warnings.warn(f"Cached NSD file {str(path)!r} is unreadable ({err}); it is deleted "
-                      "and fetched again.", RuntimeWarning, stacklevel=3)
-        path.unlink(missing_ok=True)
+        discard_unreadable(path, err, what="Cached NSD file", then="fetched again",
+                           stacklevel=3)
         path = _cached_file(src, key, cache)
         try:
             return reader(path)
@@ -563,9 +561,8 @@ def _load_block(path: Path, shape: tuple) -> np.ndarray | None:
             raise ValueError(f"shape {block.shape} {block.dtype}, expected {shape} float32")
         return block
     except Exception as err:  # truncated, garbage, wrong shape: fetch again
-        warnings.warn(f"Cached NSD block {str(path)!r} is unreadable ({err}); it is deleted "
-                      "and fetched again.", RuntimeWarning, stacklevel=3)
-        path.unlink(missing_ok=True)
+        discard_unreadable(path, err, what="Cached NSD block", then="fetched again",
+                           stacklevel=3)
         return None
 
 
@@ -721,9 +718,7 @@ def read_images(nsd_ids, source=None, *, cache_dir=None, max_workers: int = 16,
                     images[i] = im.convert("RGB")
                 continue
             except Exception as err:
-                warnings.warn(f"Cached NSD image {str(path)!r} is unreadable ({err}); it is "
-                              "deleted and fetched again.", RuntimeWarning, stacklevel=2)
-                path.unlink(missing_ok=True)
+                discard_unreadable(path, err, what="Cached NSD image", then="fetched again")
     todo = [i for i in ids if i not in images]
     if todo:
         layout, handle = _brick_layout(src)
