@@ -781,6 +781,22 @@ def group_test(values, *, alternative: str = "greater", alpha: float = 0.05) -> 
 # --------------------------------------------------------------------------- the study's tests
 
 
+def _verdicts(tests: pd.DataFrame) -> tuple[dict, bool, bool]:
+    """From test rows (``prediction``, ``holds``): whether each prediction holds (all its
+    parts), whether the study is consistent with backprop (1 and 2), and whether it shows
+    the paper's finding (3)."""
+    predictions = {key: bool(group.holds.all()) for key, group in tests.groupby("prediction")}
+    return (predictions, predictions.get("1 spatial", False)
+            and predictions.get("2 temporal", False), predictions.get("3 where", False))
+
+
+def _verdict_rows(truth: str, seed: int, consistent: bool, paper: bool) -> list[dict]:
+    """The two verdict rows of a simulated study in :func:`simulate_tests`' table."""
+    return [{"truth": truth, "seed": seed, "prediction": "verdict", "part": part,
+             "value": float(holds), "p_value": np.nan, "holds": bool(holds)}
+            for part, holds in ((VERDICT_BACKPROP, consistent), (VERDICT_PAPER, paper))]
+
+
 def _pct(rate: float, low: float, high: float) -> str:
     """A rate and its interval as percentages: ``"80 % [49–94 %]"``."""
     return f"{100 * rate:.0f} % [{100 * low:.0f}–{100 * high:.0f} %]"
@@ -921,11 +937,7 @@ class HierarchyResult:
         tests["can_reach_alpha"] = np.where(usable, True, tests.can_reach_alpha)
         out = copy.copy(self)
         out.tests = tests
-        out.predictions = {key: bool(group.holds.all())
-                           for key, group in tests.groupby("prediction")}
-        out.consistent_with_backprop = (out.predictions["1 spatial"]
-                                        and out.predictions["2 temporal"])
-        out.paper_finding = out.predictions["3 where"]
+        out.predictions, out.consistent_with_backprop, out.paper_finding = _verdicts(tests)
         verdict_tests = {VERDICT_BACKPROP: ("1 spatial", "2 temporal"),
                          VERDICT_PAPER: ("3 where",)}
         out.verdict_rates = {}
@@ -1309,11 +1321,10 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
             add_test(prediction, part, "available", np.nan, False, "no MEG in this study")
 
     tests = pd.DataFrame(tests)
-    predictions = {key: bool(group.holds.all()) for key, group in tests.groupby("prediction")}
+    predictions, consistent, paper = _verdicts(tests)
     return HierarchyResult(
         scores=pd.DataFrame(scores), tests=tests, predictions=predictions,
-        consistent_with_backprop=predictions["1 spatial"] and predictions["2 temporal"],
-        paper_finding=predictions["3 where"], alpha=alpha, signal=signal, fmri=fmri, meg=meg,
+        consistent_with_backprop=consistent, paper_finding=paper, alpha=alpha, signal=signal, fmri=fmri, meg=meg,
         best=best, reliable=reliable, masks=usable, loss=loss, ci=ci,
         units=units if study.betas is not None else None,
         unit_best=unit_best if study.betas is not None else {},
@@ -1379,10 +1390,7 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
     rows = [{"truth": truth, "seed": seed, "prediction": t.prediction, "part": t.part,
              "value": t.value, "p_value": t.p_value, "holds": bool(t.holds)}
             for t in result.tests.itertuples()]
-    for part, holds in ((VERDICT_BACKPROP, result.consistent_with_backprop),
-                        (VERDICT_PAPER, result.paper_finding)):
-        rows.append({"truth": truth, "seed": seed, "prediction": "verdict", "part": part,
-                     "value": float(holds), "p_value": np.nan, "holds": bool(holds)})
+    rows += _verdict_rows(truth, seed, result.consistent_with_backprop, result.paper_finding)
     if path is not None:
         with atomic_path(path, suffix=".csv") as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)
@@ -1603,21 +1611,12 @@ def _leave_one_out(simulated: pd.DataFrame, alpha: float) -> pd.DataFrame:
     rows = []
     for (truth, seed), study in tests.groupby(["truth", "seed"], sort=False):
         others = tests[~((tests.truth == truth) & (tests.seed == seed))]
-        holds = {}
-        for row in study.itertuples():
-            p, _ = model_null_p(row.part, row.value, others)
-            holds[row.part] = bool(p < alpha)
-            rows.append({"truth": truth, "seed": seed, "prediction": row.prediction,
-                         "part": row.part, "value": row.value, "p_value": p,
-                         "holds": holds[row.part]})
-        by_prediction = {key: all(holds[p] for p in group.part)
-                         for key, group in study.groupby("prediction")}
-        for part, value in (
-                (VERDICT_BACKPROP, by_prediction.get("1 spatial", False)
-                 and by_prediction.get("2 temporal", False)),
-                (VERDICT_PAPER, by_prediction.get("3 where", False))):
-            rows.append({"truth": truth, "seed": seed, "prediction": "verdict", "part": part,
-                         "value": float(value), "p_value": np.nan, "holds": bool(value)})
+        decided = study[["truth", "seed", "prediction", "part", "value"]].copy()
+        decided["p_value"] = [model_null_p(row.part, row.value, others)[0]
+                              for row in study.itertuples()]
+        decided["holds"] = decided.p_value < alpha
+        _, consistent, paper = _verdicts(decided)
+        rows += decided.to_dict("records") + _verdict_rows(truth, seed, consistent, paper)
     return pd.DataFrame(rows)
 
 
