@@ -162,6 +162,68 @@ def test_group_test_is_wilcoxon_with_benjamini_hochberg(rng):
 N_IMAGES = 200
 
 
+def test_above_chance_equals_a_loop_with_benjamini_hochberg(rng):
+    """Per target: the best layer's r and a p-value over the same shuffles as an explicit
+    scipy loop (maximum over layers in the null too); FDR decisions = MNE's BH; units
+    average their targets' r before the maximum."""
+    from mne.stats import fdr_correction
+
+    n, k, n_perm = 15, 9, 40
+    y = rng.normal(size=(n, k))
+    P = np.stack([y + rng.normal(scale=s, size=y.shape) for s in (0.3, 3.0, 30.0)])
+    y[:, 8] = 1.0   # constant: not tested
+    out = hierarchy.above_chance(y, P, n_perm=n_perm, seed=4, device="cpu")
+    order = np.random.default_rng(4)
+    shuffles = [order.permutation(n) for _ in range(n_perm)]
+
+    def best(yy, targets):
+        return max(np.mean([stats.pearsonr(yy[:, t], P[layer][:, t])[0] for t in targets])
+                   for layer in range(3))
+
+    for t in range(8):
+        observed = best(y, [t])
+        null = np.array([best(y[s], [t]) for s in shuffles])
+        assert out["r"][t] == pytest.approx(observed, abs=1e-5)
+        assert out["p_value"][t] == pytest.approx((1 + np.sum(null >= observed - 1e-6))
+                                                  / (1 + n_perm))
+    assert np.isnan(out["p_value"][8]) and not out["significant"][8] and out["n_tested"] == 8
+    reject, _ = fdr_correction(out["p_value"][:8], alpha=0.05)
+    np.testing.assert_array_equal(out["significant"][:8], reject)
+    units = np.array([0, 0, 0, 1, 1, -1, 2, 2, 2])
+    grouped = hierarchy.above_chance(y, P, units=units, n_perm=n_perm, seed=4, device="cpu")
+    for u, targets in enumerate(([0, 1, 2], [3, 4], [6, 7])):   # 8 has no data
+        observed = best(y, targets)
+        null = np.array([best(y[s], targets) for s in shuffles])
+        assert grouped["r"][u] == pytest.approx(observed, abs=1e-5)
+        assert grouped["p_value"][u] == pytest.approx((1 + np.sum(null >= observed - 1e-6))
+                                                      / (1 + n_perm))
+    with pytest.raises(ValueError, match="'units' must give every target"):
+        hierarchy.above_chance(y, P, units=units[:3])
+    with pytest.raises(ValueError, match="'predictions' \\(n_layers"):
+        hierarchy.above_chance(y, P[0])
+
+
+def test_above_chance_controls_false_discoveries_and_finds_a_signal(rng):
+    """No signal in 100 data sets of 50 targets: BH finds anything in about α of them
+    (it controls the family-wise error under the global null), and single p-values are
+    uniform; a signal planted in 10 of 50 targets is found there and (almost) only there."""
+    any_found, p_all = [], []
+    for k in range(100):
+        y = rng.normal(size=(20, 50))
+        out = hierarchy.above_chance(y, rng.normal(size=(3, 20, 50)), n_perm=99, seed=k,
+                                     device="cpu")
+        any_found.append(out["significant"].any())
+        p_all.append(out["p_value"])
+    assert np.mean(any_found) <= 0.12, np.mean(any_found)   # binomial 99 % bound around 0.05
+    assert 0.03 <= np.mean(np.concatenate(p_all) < 0.05) <= 0.07
+    y = rng.normal(size=(40, 50))
+    P = rng.normal(size=(3, 40, 50))
+    P[1, :, :10] = y[:, :10] + rng.normal(scale=0.5, size=(40, 10))
+    out = hierarchy.above_chance(y, P, n_perm=500, seed=0, device="cpu")
+    assert out["significant"][:10].all() and out["significant"][10:].sum() <= 2
+    assert (out["best_layer"][:10] == 1).all()
+
+
 @pytest.fixture(scope="module")
 def planted():
     return _planted_features(N_IMAGES)
@@ -199,6 +261,20 @@ def test_run_recovers_each_planted_truth(planted, seed, tmp_path):
             - 4 * np.sqrt(shuffled.min_p * (1 - shuffled.min_p) / 2000)).all()
     assert (tests.can_reach_alpha == ~(tests.min_p >= 0.05)).all()
     assert "**not consistent**" in verdicts["paper"].summary()
+    # above chance at all: with no gradient planted, gradients predict no vertex, unit or
+    # time point (FDR); the paper's gradients predict the high-level units (top 40 % of
+    # the hierarchy) and only late times (planted at 350-600 ms)
+    chance = {t: v.above_chance.set_index(["signal", "level"]) for t, v in verdicts.items()}
+    grad = "gradient (ce)"
+    assert chance["none"].loc[(grad, "reliable vertices"), "n_significant"] <= 0.01 * \
+        chance["none"].loc[(grad, "reliable vertices"), "n_tested"]
+    assert chance["none"].loc[[(grad, "units"), (grad, "time points")],
+                              "n_significant"].sum() <= 1
+    assert chance["none"].loc[("activation", "units"), "share"] == 1
+    units = verdicts["paper"].chance_maps[grad]["units"]["significant"]
+    assert units[12:].sum() >= 6 and not units[:10].any()
+    assert chance["paper"].loc[(grad, "time points"), "first_ms"] >= 250
+    assert "Above chance at all" in verdicts["paper"].summary()
 
     # the saved table (what a sweep collects) carries the planted orders
     path = verdicts["backprop"].save(tmp_path / "result.csv", model="planted", subject=seed)
@@ -365,6 +441,21 @@ def test_error_rate_figure_shows_every_rate_and_marks_the_expected_cells():
     assert ax.get_xlabel() and ax.get_ylabel() and fig.axes[1].get_ylabel()  # colour bar
     n_boxes = sum(len(n.split(", ")) + 1 for n in rates.null_truths)
     assert len(ax.patches) == n_boxes
+
+
+def test_best_course_figure_marks_exactly_the_significant_times():
+    from gradbrain.plotting import plot_best_courses
+
+    times = np.arange(-100, 500, 10.0)
+    results = {name: {"times": times, "best_curve": np.sin(times / 100 + k),
+                      "significant_time": (times > 100 * k) & (times < 200 + 100 * k)}
+               for k, name in enumerate(("activation", "gradient (ce)"))}
+    fig = plot_best_courses(results)
+    ax = fig.axes[0]
+    bars = ax.lines[1::2][:2]   # each signal: its course, then its bar
+    for bar, res in zip(bars, results.values()):
+        np.testing.assert_array_equal(np.isfinite(bar.get_ydata()), res["significant_time"])
+    assert ax.get_xlabel().endswith("(ms)") and ax.get_ylabel()
 
 
 def test_model_based_rates_leave_each_study_out(rng):

@@ -285,6 +285,15 @@ def test_peak_permutation_test_equals_a_loop_and_is_calibrated(rng):
         assert out["p_value"][layer] == pytest.approx(
             (1 + np.sum(null >= observed - 1e-6)) / (1 + n_perm))
     assert out["p_value"][0] == 1 / (1 + n_perm)   # a real signal: smallest p
+    # per time point: the best layer's sensor-mean r, maximum over layers in the null too
+    for k in range(t):
+        def best(y, k=k):
+            return max(np.mean([stats.pearsonr(y[:, ch, k], P[layer][:, ch, k])[0]
+                                for ch in range(c)]) for layer in range(2))
+        null = np.array([best(Y[s]) for s in shuffles])
+        assert out["best_curve"][k] == pytest.approx(best(Y), abs=1e-5)
+        assert out["p_time"][k] == pytest.approx((1 + np.sum(null >= best(Y) - 1e-6))
+                                                 / (1 + n_perm))
     # calibration: 200 null data sets, 4 layers each
     p_values = np.concatenate([
         meg.peak_permutation_test(rng.normal(size=(20, 4, 6)), rng.normal(size=(4, 20, 4, 6)),
@@ -311,6 +320,11 @@ def test_layers_without_signal_get_no_latency(planted):
     assert grad["significant"].sum() <= 1 and np.isnan(grad["latency"]).sum() >= 5
     assert np.isnan(grad["boot_latency"][:, ~grad["significant"]]).all()
     assert (grad["p_peak"][~grad["significant"]] >= 0.05).all()
+    # above chance per time point (BH over time): the activations' planted peaks are
+    # found, noise gradients (almost) never are; q = scipy's BH of p
+    assert act["significant_time"].sum() >= 5 and grad["significant_time"].sum() <= 2
+    np.testing.assert_allclose(act["q_time"], stats.false_discovery_control(act["p_time"]))
+    assert (act["q_time"] >= act["p_time"] - 1e-12).all()
     ungated = meg.meg_encoding(study, planted, n_boot=5, n_perm=10, latency_alpha=1.0,
                                device="cpu")["gradient (ce)"]
     assert np.isfinite(ungated["latency"]).sum() >= 5   # what the gate removes

@@ -23,7 +23,7 @@ __all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_target
            "recovery", "summarize_fmri", "temporal_score", "backprop_latency_prediction",
            "summarize_meg", "temporal_table", "layer_permutation_test", "spatial_score",
            "bootstrap_spatial_score", "hierarchy_units", "unit_coordinates", "unit_best_layer",
-           "group_test",
+           "group_test", "above_chance",
            "HierarchyResult", "run", "GRADIENT_PARTS", "simulate_tests", "error_rates",
            "model_null_p", "write_reference", "TEST_TRUTHS", "VERDICT_BACKPROP",
            "VERDICT_PAPER"]
@@ -778,6 +778,97 @@ def group_test(values, *, alternative: str = "greater", alpha: float = 0.05) -> 
     return table
 
 
+def above_chance(y_test, predictions, *, units=None, n_perm: int = 1000, seed: int = 0,
+                 alpha: float = 0.05, device=None) -> dict:
+    """Does a signal predict each target (or unit) above chance? Permutation test + FDR.
+
+    The statistic of a target is its best layer's test-set Pearson r (the maximum over
+    layers); its null comes from shuffling the test images against the predictions (the
+    same shuffles for every layer and target), taking the maximum over layers there
+    too, so choosing the best layer on the test set is part of the null. p-values are
+    ``(1 + #{null ≥ observed}) / (1 + n_perm)`` and are corrected across targets with
+    Benjamini–Hochberg (false discovery rate ``alpha``). The tests of :func:`run` ask
+    *where* and *when* a signal is best; this asks first whether it predicts the brain
+    at all.
+
+    Parameters
+    ----------
+    y_test : array of shape (n_test, n_targets)
+        Test responses (e.g. ``fmri_encoding(..., return_prediction=True)["y_test"]``).
+    predictions : array of shape (n_layers, n_test, n_targets)
+        Each layer's predictions of them.
+    units : array of int, shape (n_targets,), or None
+        Test units instead of targets: a unit's score per layer is the mean r of its
+        targets (:func:`hierarchy_units`; -1: left out).
+    n_perm : int
+        Shuffles; the smallest p-value is ``1 / (1 + n_perm)``.
+    seed : int
+        Seed of the shuffles.
+    alpha : float
+        FDR level.
+
+    Returns
+    -------
+    dict with, per target or unit (n,): ``r`` the best layer's r, ``best_layer`` its
+    index, ``p_value``, ``q_value`` (BH-adjusted) and ``significant`` (q < alpha);
+    targets with non-finite or constant responses get NaN and are not counted. Also
+    ``n_tested`` and ``min_p``.
+    """
+    import torch
+
+    from ._utils import resolve_device
+    from .ridge import shuffled_correlations
+
+    if isinstance(n_perm, bool) or not isinstance(n_perm, (int, np.integer)) or n_perm < 1:
+        raise ValueError(f"'n_perm' must be a positive integer; got {n_perm!r}.")
+    y_test = np.asarray(y_test, dtype=np.float64)
+    predictions = np.asarray(predictions)
+    if y_test.ndim != 2 or predictions.ndim != 3 or predictions.shape[1:] != y_test.shape:
+        raise ValueError(f"'y_test' must be (n_test, n_targets) and 'predictions' (n_layers, "
+                         f"n_test, n_targets); got {y_test.shape} and {predictions.shape}.")
+    n, k = y_test.shape
+    tested = (np.isfinite(y_test).all(0) & (y_test.std(0) > 0)
+              & np.isfinite(predictions).all((0, 1)))
+    device = resolve_device(device)
+    if units is not None:
+        units = np.asarray(units)
+        if units.shape != (k,):
+            raise ValueError(f"'units' must give every target a unit (or -1), shape ({k},); "
+                             f"got {units.shape}.")
+        keep = tested & (units >= 0)
+        n_out = int(units.max()) + 1 if keep.any() else 0
+        average = np.zeros((n_out, k))
+        if n_out:
+            average[units[keep], np.flatnonzero(keep)] = 1.0
+            counts = average.sum(1, keepdims=True)
+            average = np.divide(average, counts, out=np.zeros_like(average), where=counts > 0)
+        tested_out = average.sum(1) > 0
+        average = torch.as_tensor(average, device=device, dtype=torch.float32)
+    else:
+        n_out, tested_out = k, tested
+    rng = np.random.default_rng(seed)
+    orders = np.concatenate([np.arange(n)[None],
+                             np.stack([rng.permutation(n) for _ in range(n_perm)])])
+    observed, exceed = None, torch.zeros(n_out, device=device)
+    for r in shuffled_correlations(y_test, predictions, orders, device=device):
+        if units is not None:  # (B, k, L) → (B, units, L)
+            r = torch.einsum("bkl,uk->bul", r, average)
+        if observed is None:
+            observed = r[0]
+            best_r, best_index = observed.max(1)
+            r = r[1:]
+        exceed += (r.amax(2) >= best_r - 1e-6).sum(0)
+    p = ((1 + exceed) / (1 + n_perm)).cpu().numpy()
+    best_r, best_index = best_r.cpu().numpy().astype(float), best_index.cpu().numpy()
+    p[~tested_out], best_r[~tested_out] = np.nan, np.nan
+    q = np.full(n_out, np.nan)
+    if tested_out.any():
+        q[tested_out] = stats.false_discovery_control(p[tested_out], method="bh")
+    return {"r": best_r, "best_layer": best_index, "p_value": p, "q_value": q,
+            "significant": np.nan_to_num(q, nan=1.0) < alpha,
+            "n_tested": int(tested_out.sum()), "min_p": 1 / (1 + n_perm)}
+
+
 # --------------------------------------------------------------------------- the study's tests
 
 
@@ -854,6 +945,17 @@ class HierarchyResult:
         Per signal, :func:`unit_best_layer` on those units.
     gradient_part : {"whole", "unique"}
         Whether the gradients were tested as extracted or beyond activations.
+    above_chance : DataFrame or None
+        Does each signal predict the brain at all? One row per (modality, signal,
+        level): ``level`` ("reliable vertices", "units", "time points"), ``n_tested``,
+        ``n_significant`` (Benjamini–Hochberg q < α; :func:`above_chance` for fMRI, the
+        per-time test of :func:`gradbrain.meg.meg_encoding` for MEG), ``share``,
+        ``best_r`` (the largest best-layer r), ``min_p`` (smallest attainable p) and,
+        for time points, the first and last significant time (``first_ms``,
+        ``last_ms``). None when ``n_perm_chance`` was 0.
+    chance_maps : dict
+        Per signal, :func:`above_chance` on the reliable vertices (``"vertices"``, arrays
+        of length n_vertices, NaN outside them) and on the units (``"units"``).
     verdict_rates : dict
         After :meth:`calibrate`: per verdict (:data:`VERDICT_BACKPROP`,
         :data:`VERDICT_PAPER`) its row of :func:`error_rates`.
@@ -881,6 +983,8 @@ class HierarchyResult:
     unit_best: dict = field(default_factory=dict)
     gradient_part: str = "whole"
     verdict_rates: dict = field(default_factory=dict)
+    above_chance: pd.DataFrame | None = None
+    chance_maps: dict = field(default_factory=dict)
 
     @property
     def signal_name(self) -> str:
@@ -1014,6 +1118,23 @@ class HierarchyResult:
             table.to_csv(tmp, index=False)
         return path
 
+    def _chance_lines(self) -> list[str]:
+        """The above-chance results of both signals, in words."""
+        if self.above_chance is None or self.above_chance.empty:
+            return []
+        parts = []
+        for row in self.above_chance.itertuples():
+            what = f"{row.n_significant} of {row.n_tested} {row.level}"
+            if row.level == "time points" and row.n_significant:
+                what += f" (first at {row.first_ms:.0f} ms, last at {row.last_ms:.0f} ms)"
+            parts.append((row.signal, what))
+        by_signal = {}
+        for signal, what in parts:
+            by_signal.setdefault(signal, []).append(what)
+        said = "; ".join(f"{signal} {', '.join(whats)}" for signal, whats in by_signal.items())
+        return [f"- Above chance at all (best layer vs shuffled test images, "
+                f"Benjamini–Hochberg FDR q < {self.alpha}): {said}."]
+
     def summary(self) -> str:
         """The conclusion, in words, from the computed tests (Markdown)."""
         names = {"1 spatial": "Spatial prediction (gradient of layer l where activation l is, "
@@ -1022,7 +1143,7 @@ class HierarchyResult:
                                "layer first)",
                  "3 where": "The paper's positive finding (gradients predict high-level "
                             "cortex and late latencies)"}
-        lines, untested, failing = [], [], []
+        lines, untested, failing = self._chance_lines(), [], []
         for key, holds in self.predictions.items():
             parts = self.tests[self.tests.prediction == key]
             missing = parts[parts.statistic == "available"]
@@ -1090,7 +1211,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         n_perm: int = 10_000,
         n_boot: int = 1000, ci: float = 0.95, seed: int = 0, cv: int = 5, device=None,
         fmri: dict | None = None, meg: dict | None = None, meg_study=None,
-        meg_features=None, gradient_part: str = "whole",
+        meg_features=None, gradient_part: str = "whole", n_perm_chance: int = 1000,
         progress: bool = False) -> HierarchyResult:
     """Test whether a study's gradient signals follow the brain's hierarchies like backprop.
 
@@ -1153,6 +1274,11 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     gradient_part : {"whole", "unique"}
         Test the gradient features as extracted, or their part beyond activations.
         Precomputed ``fmri``/``meg`` results must have been computed on the same part.
+    n_perm_chance : int
+        Shuffles of the test images for the above-chance tests of each signal (per
+        reliable vertex and unit, :func:`above_chance`; per MEG time point, those of
+        :func:`gradbrain.meg.meg_encoding`); 0 skips them (``above_chance`` is None).
+        They describe; they do not enter the verdicts.
 
     Returns
     -------
@@ -1166,7 +1292,8 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             raise ValueError(f"'{name}' must be a number between 0 and 1 (e.g. {name}="
                              f"{0.05 if name == 'alpha' else 0.95}); got {value!r}.")
-    for name, value, low in (("n_perm", n_perm, 1), ("n_boot", n_boot, 0)):
+    for name, value, low in (("n_perm", n_perm, 1), ("n_boot", n_boot, 0),
+                             ("n_perm_chance", n_perm_chance, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"'{name}' must be an integer >= {low}; got {value!r}.")
     if features is None:
@@ -1208,10 +1335,10 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                       "can_reach_alpha": not (min_p >= alpha), "ci_low": low,
                       "ci_high": high, "null": null, "holds": bool(holds)})
 
-    best, reliable, usable = {}, None, {}
+    best, reliable, usable, chance, chance_maps = {}, None, {}, [], {}
     if study.betas is not None:
         fmri = fmri or fmri_encoding(study, features, cv=cv, device=device, progress=progress,
-                                     return_prediction=n_boot > 0)
+                                     return_prediction=n_boot > 0 or n_perm_chance > 0)
         best = {name: best_layer(out["r_nc"], depth) for name, out in fmri.items()}
         nc = study.noise_ceiling()
         reliable = nc >= min_noise_ceiling
@@ -1221,6 +1348,27 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
             np.zeros(0)
         unit_best = {name: unit_best_layer(fmri[name]["r"], units, depth, mask=usable[name])
                      for name in ("activation", signal)} if len(coordinate) else {}
+        for name in ("activation", signal):
+            if n_perm_chance and "prediction" in fmri[name] and reliable.any():
+                out = fmri[name]
+                vertices = above_chance(out["y_test"][:, reliable],
+                                        out["prediction"][:, :, reliable],
+                                        n_perm=n_perm_chance, seed=seed, alpha=alpha,
+                                        device=device)
+                for key in ("r", "p_value", "q_value", "best_layer", "significant"):
+                    full = np.full(len(reliable), False if key == "significant" else np.nan)
+                    full[reliable] = vertices[key]
+                    vertices[key] = full
+                chance_maps[name] = {"vertices": vertices, "units": above_chance(
+                    out["y_test"], out["prediction"], units=units, n_perm=n_perm_chance,
+                    seed=seed, alpha=alpha, device=device)}
+                for level, res in (("reliable vertices", vertices),
+                                   ("units", chance_maps[name]["units"])):
+                    chance.append({"modality": "fMRI", "signal": name, "level": level,
+                                   "n_tested": res["n_tested"],
+                                   "n_significant": int(res["significant"].sum()),
+                                   "best_r": float(np.nanmax(res["r"], initial=np.nan)),
+                                   "min_p": res["min_p"]})
         for name in ("activation", signal):
             present = unit_best[name]["present"] if unit_best else np.zeros(0, bool)
             if present.sum() >= 3 and len(np.unique(unit_best[name]["index"][present])) >= 2:
@@ -1276,6 +1424,16 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         meg = meg or meg_encoding(meg_study, meg_features, cv=cv, n_boot=n_boot, ci=ci, seed=seed,
                                   device=device, progress=progress)
         act, grad = meg["activation"], meg[signal]
+        for name in ("activation", signal) if n_perm_chance and "p_time" in act else ():
+            res, times = meg[name], meg[name]["times"]
+            found = times[res["significant_time"]]
+            chance.append({"modality": "MEG", "signal": name, "level": "time points",
+                           "n_tested": len(times),
+                           "n_significant": int(res["significant_time"].sum()),
+                           "best_r": float(np.max(res["best_curve"])),
+                           "min_p": 1 / (1 + res["n_perm"]),
+                           "first_ms": found.min() if len(found) else np.nan,
+                           "last_ms": found.max() if len(found) else np.nan})
         layers = np.arange(n_layers)
         for name, res in (("activation", act), (signal, grad)):
             timed = _n_timed(res["latency"]) >= MIN_TIMED_LAYERS
@@ -1322,13 +1480,17 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
 
     tests = pd.DataFrame(tests)
     predictions, consistent, paper = _verdicts(tests)
+    if chance:
+        chance = pd.DataFrame(chance)
+        chance.insert(5, "share", chance.n_significant / chance.n_tested.clip(lower=1))
     return HierarchyResult(
         scores=pd.DataFrame(scores), tests=tests, predictions=predictions,
         consistent_with_backprop=consistent, paper_finding=paper, alpha=alpha, signal=signal, fmri=fmri, meg=meg,
         best=best, reliable=reliable, masks=usable, loss=loss, ci=ci,
         units=units if study.betas is not None else None,
         unit_best=unit_best if study.betas is not None else {},
-        gradient_part=gradient_part,
+        gradient_part=gradient_part, above_chance=chance if len(chance) else None,
+        chance_maps=chance_maps,
     )
 
 
@@ -1386,7 +1548,8 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
         study = make_study(seed, n_images=n_images, features=features, gradient_truth=truth,
                            noise=noise, gradient_loss=run_kwargs.get("loss") or
                            features.losses[0], **modalities)
-        result = run(study, features, seed=seed, **run_kwargs)
+        # the above-chance tests describe a study and do not enter its verdicts: skipped
+        result = run(study, features, seed=seed, **{**run_kwargs, "n_perm_chance": 0})
     rows = [{"truth": truth, "seed": seed, "prediction": t.prediction, "part": t.part,
              "value": t.value, "p_value": t.p_value, "holds": bool(t.holds)}
             for t in result.tests.itertuples()]

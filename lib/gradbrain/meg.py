@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 from sklearn.base import BaseEstimator
 
 from ._utils import check_in_allowed, resolve_device
@@ -599,6 +600,11 @@ def peak_permutation_test(Y_test, predictions, *, n_perm: int = 200, seed: int =
     time controls the family-wise error over time points, so a layer whose course never
     rises above noise has no peak to speak of — and no latency.
 
+    The same shuffles also test each **time point**: there the statistic is the best
+    layer's score (the maximum over layers, so choosing the layer is part of the null),
+    and ``p_time`` is its permutation p-value — correct it over time points (e.g.
+    Benjamini–Hochberg, as :func:`meg_encoding` does).
+
     Parameters
     ----------
     Y_test : array of shape (n_test, n_channels, n_times)
@@ -614,40 +620,32 @@ def peak_permutation_test(Y_test, predictions, *, n_perm: int = 200, seed: int =
     Returns
     -------
     dict with ``p_value`` (n_layers,), ``peak`` (n_layers,) the observed maximum of the
-    course and ``null_max`` (n_perm, n_layers).
+    course, ``null_max`` (n_perm, n_layers), ``p_time`` (n_times,) the per-time p-value
+    of the best layer and ``best_curve`` (n_times,) the best layer's score at each time.
     """
+    from .ridge import shuffled_correlations
+
     Y_test, predictions = _test_arrays(Y_test, predictions)
     if isinstance(n_perm, bool) or not isinstance(n_perm, (int, np.integer)) or n_perm < 1:
         raise ValueError(f"'n_perm' must be a positive integer; got {n_perm!r}.")
-    device = resolve_device(device)
     n, c, t = Y_test.shape
     n_layers = predictions.shape[0]
-
-    def unit(a):  # centred columns of unit norm: their dot product is Pearson's r
-        a = torch.as_tensor(np.asarray(a).reshape(-1, n, c * t), device=device,
-                            dtype=torch.float64)
-        a = a - a.mean(1, keepdim=True)
-        norm = a.norm(dim=1, keepdim=True)
-        return (a / torch.where(norm > 0, norm, torch.ones_like(norm))).float()
-
-    # (k, n) responses and (k, n, n_layers) predictions, k = channel × time: one small
-    # matrix product per (channel, time) scores every layer on a batch of shuffles
-    Y = unit(Y_test)[0].T.contiguous()
-    P = unit(predictions).permute(2, 1, 0).contiguous()
-
-    def peaks(order):  # (B, n) shuffles → (B, n_layers) max over time of the sensor-mean r
-        r = torch.bmm(Y[:, order], P).reshape(c, t, len(order), n_layers)
-        return r.mean(0).amax(0)
-
-    observed = peaks(torch.arange(n, device=device)[None])[0]
     rng = np.random.default_rng(seed)
-    order = torch.as_tensor(np.stack([rng.permutation(n) for _ in range(n_perm)]),
-                            device=device)
-    step = max(1, max_elements // (n * c * t))
-    null = torch.cat([peaks(order[i:i + step]) for i in range(0, n_perm, step)])
-    p = (1 + (null >= observed - 1e-6).sum(0)) / (1 + n_perm)
-    return {"p_value": p.cpu().numpy(), "peak": observed.cpu().numpy(),
-            "null_max": null.cpu().numpy()}
+    orders = np.concatenate([np.arange(n)[None],
+                             np.stack([rng.permutation(n) for _ in range(n_perm)])])
+    # (B, channel × time, n_layers) → (B, n_times, n_layers) sensor-mean courses
+    curves = torch.cat([r.reshape(len(r), c, t, n_layers).mean(1) for r in
+                        shuffled_correlations(Y_test.reshape(n, c * t),
+                                              predictions.reshape(n_layers, n, c * t), orders,
+                                              device=device, max_elements=max_elements)])
+    observed, null = curves[0], curves[1:]
+    peak, null_max = observed.amax(0), null.amax(1)
+    best, null_best = observed.amax(1), null.amax(2)
+    p = (1 + (null_max >= peak - 1e-6).sum(0)) / (1 + n_perm)
+    p_time = (1 + (null_best >= best - 1e-6).sum(0)) / (1 + n_perm)
+    return {"p_value": p.cpu().numpy(), "peak": peak.cpu().numpy(),
+            "null_max": null_max.cpu().numpy(), "p_time": p_time.cpu().numpy(),
+            "best_curve": best.cpu().numpy()}
 
 
 def _latencies(times: np.ndarray, curves: np.ndarray, threshold: float) -> np.ndarray:
@@ -706,7 +704,11 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         maximum, ``latency`` (n_layers,) ms, ``latency_ci`` (n_layers, 2) ms and
         ``boot_latency`` (n_boot, n_layers) ms (NaN where a resampled course never rises
         above 0), ``p_peak`` (n_layers,) the peak test's p-value and ``significant``
-        (n_layers,) bool; latencies of layers that are not significant are NaN.
+        (n_layers,) bool; latencies of layers that are not significant are NaN. Above
+        chance per time point: ``best_curve`` (n_times,) the best layer's score,
+        ``p_time`` its permutation p-value (maximum over layers in the null),
+        ``q_time`` Benjamini–Hochberg-adjusted over time points and
+        ``significant_time`` = ``q_time < latency_alpha``; ``n_perm``.
     """
     from tqdm import tqdm
 
@@ -749,8 +751,10 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         predictions = np.stack(predictions)
         boot = _latencies(times, bootstrap_curves(Y_test, predictions, n_boot=n_boot,
                                                   seed=seed, device=device), threshold)
-        p_peak = peak_permutation_test(Y_test, predictions, n_perm=n_perm, seed=seed,
-                                       device=device)["p_value"]
+        shuffled = peak_permutation_test(Y_test, predictions, n_perm=n_perm, seed=seed,
+                                         device=device)
+        p_peak = shuffled["p_value"]
+        q_time = stats.false_discovery_control(shuffled["p_time"], method="bh")
         significant = p_peak < latency_alpha if latency_alpha < 1 else np.ones(len(layers), bool)
         latency = _latencies(times, curve, threshold)
         latency[~significant] = np.nan
@@ -764,6 +768,9 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
             "layers": layers, "depth": np.asarray(features.depth, dtype=float), "times": times,
             "r": r, "curve": curve, "peak": curve.max(1), "latency": latency,
             "latency_ci": latency_ci, "boot_latency": boot, "p_peak": p_peak,
-            "significant": significant,
+            "significant": significant, "best_curve": shuffled["best_curve"],
+            "p_time": shuffled["p_time"], "q_time": q_time,
+            "significant_time": q_time < latency_alpha,
+            "n_perm": n_perm,
         }
     return results

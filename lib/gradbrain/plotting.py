@@ -298,6 +298,33 @@ def plot_time_courses(results: dict, *, ylabel: str = "encoding r (mean over sen
     return fig
 
 
+def plot_best_courses(results: dict, *, ylabel: str = "best layer's r (mean over sensors)"):
+    """Each signal's best-layer score over time, with the times it is above chance.
+
+    Parameters
+    ----------
+    results : dict
+        Output of :func:`gradbrain.meg.meg_encoding` (``times`` ms, ``best_curve`` and
+        ``significant_time`` (n_times,)).
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    palette = sns.color_palette("colorblind", len(results))
+    low = min(float(np.min(res["best_curve"])) for res in results.values())
+    high = max(float(np.max(res["best_curve"])) for res in results.values())
+    step = 0.04 * (high - low or 1.0)
+    for i, (signal, res) in enumerate(results.items()):
+        ax.plot(res["times"], res["best_curve"], color=palette[i], lw=1.5, label=signal)
+        found = np.where(res["significant_time"], low - (i + 1) * step, np.nan)
+        ax.plot(res["times"], found, color=palette[i], lw=4, solid_capstyle="butt")
+    ax.axvline(0, color="0.6", lw=0.8, ls=":")
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.set_xlabel("time after image onset (ms)")
+    ax.set_ylabel(ylabel)
+    ax.set_title("bars: above chance (max over layers vs shuffled images, FDR over time)")
+    ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
 def plot_latencies(results: dict, *, prediction: np.ndarray | None = None,
                    truth: dict | None = None):
     """Peak latency against layer depth, with bootstrap intervals, for every signal.

@@ -37,7 +37,7 @@ from ._utils import check_in_allowed, resolve_device
 
 __all__ = [
     "RidgeCV", "check_folds", "encoding_scores", "layerwise_scores", "fmri_encoding",
-    "pearson_r", "DEFAULT_ALPHAS", "SCORINGS",
+    "pearson_r", "shuffled_correlations", "DEFAULT_ALPHAS", "SCORINGS",
 ]
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(0, 8, 10))  # 1e0 … 1e8
@@ -720,6 +720,59 @@ def pearson_r(y_true, y_pred) -> np.ndarray:
     r = np.divide((a * b).sum(0), denom, out=np.zeros(a.shape[1]), where=denom > 0)
     r[~finite | (ss_a == 0)] = np.nan
     return r
+
+
+def shuffled_correlations(y_test, predictions, orders, *, device=None,
+                          max_elements: int = 20_000_000):
+    """Pearson r of every layer's predictions with reordered test responses, per target.
+
+    The kernel of the permutation tests over test images (``gradbrain.meg`` and
+    ``gradbrain.hierarchy``): each order reorders the images of ``y_test`` against the
+    predictions (the same order for every layer and target), and one batched matrix
+    product per target scores every layer on a batch of orders. Computed in float32
+    from float64-centred, unit-norm columns.
+
+    Parameters
+    ----------
+    y_test : array of shape (n_test, n_targets)
+        Measured responses (a target: a vertex, or a sensor × time point).
+    predictions : array of shape (n_layers, n_test, n_targets)
+        Each layer's predictions of ``y_test``.
+    orders : array of int, shape (n_orders, n_test)
+        Image orders; the identity gives the observed correlations.
+    max_elements : int
+        Bound on the elements of one batch (orders × targets × images).
+
+    Yields
+    ------
+    Tensor of shape (batch, n_targets, n_layers), float32 on ``device``
+        The correlations of consecutive batches of ``orders``; a target without
+        variance (or with non-finite values) gets 0.
+    """
+    device = resolve_device(device)
+    y_test = np.asarray(y_test, dtype=np.float64)
+    predictions = np.asarray(predictions)
+    if y_test.ndim != 2 or predictions.ndim != 3 or predictions.shape[1:] != y_test.shape:
+        raise ValueError(f"'y_test' must be (n_test, n_targets) and 'predictions' (n_layers, "
+                         f"n_test, n_targets); got {y_test.shape} and {predictions.shape}.")
+    n, k = y_test.shape
+    orders = torch.as_tensor(np.asarray(orders), device=device)
+    if orders.ndim != 2 or orders.shape[1] != n:
+        raise ValueError(f"'orders' must have shape (n_orders, {n}); got {tuple(orders.shape)}.")
+
+    def unit(a):  # centred columns of unit norm: their dot product is Pearson's r
+        a = torch.as_tensor(np.nan_to_num(a.reshape(-1, n, k), nan=0.0, posinf=0.0,
+                                          neginf=0.0), device=device, dtype=torch.float64)
+        a = a - a.mean(1, keepdim=True)
+        norm = a.norm(dim=1, keepdim=True)
+        return (a / torch.where(norm > 0, norm, torch.ones_like(norm))).float()
+
+    # (k, n) responses and (k, n, n_layers) predictions: one small product per target
+    Y = unit(y_test)[0].T.contiguous()
+    P = unit(predictions).permute(2, 1, 0).contiguous()
+    step = max(1, max_elements // (n * k))
+    for start in range(0, len(orders), step):
+        yield torch.bmm(Y[:, orders[start:start + step]], P).transpose(0, 1)
 
 
 def _finite_columns(values) -> np.ndarray:
