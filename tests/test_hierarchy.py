@@ -452,9 +452,10 @@ def test_best_course_figure_marks_exactly_the_significant_times():
                for k, name in enumerate(("activation", "gradient (ce)"))}
     fig = plot_best_courses(results)
     ax = fig.axes[0]
-    bars = ax.lines[1::2][:2]   # each signal: its course, then its bar
-    for bar, res in zip(bars, results.values()):
-        np.testing.assert_array_equal(np.isfinite(bar.get_ydata()), res["significant_time"])
+    assert len(ax.collections) == 2   # each signal's bar: one segment per significant time
+    for bar, res in zip(ax.collections, results.values()):
+        starts = np.array([segment[0, 0] for segment in bar.get_segments()])
+        np.testing.assert_allclose(starts + 5, res["times"][res["significant_time"]])
     assert ax.get_xlabel().endswith("(ms)") and ax.get_ylabel()
 
 

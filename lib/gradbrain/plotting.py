@@ -314,8 +314,11 @@ def plot_best_courses(results: dict, *, ylabel: str = "best layer's r (mean over
     step = 0.04 * (high - low or 1.0)
     for i, (signal, res) in enumerate(results.items()):
         ax.plot(res["times"], res["best_curve"], color=palette[i], lw=1.5, label=signal)
-        found = np.where(res["significant_time"], low - (i + 1) * step, np.nan)
-        ax.plot(res["times"], found, color=palette[i], lw=4, solid_capstyle="butt")
+        times = np.asarray(res["times"], float)
+        half = np.median(np.diff(times)) / 2 if len(times) > 1 else 1.0
+        found = times[np.asarray(res["significant_time"], bool)]
+        ax.hlines(np.full(len(found), low - (i + 1) * step), found - half, found + half,
+                  color=palette[i], lw=4)   # one segment per significant time point
     ax.axvline(0, color="0.6", lw=0.8, ls=":")
     ax.axhline(0, color="0.6", lw=0.8)
     ax.set_xlabel("time after image onset (ms)")
