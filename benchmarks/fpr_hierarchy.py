@@ -20,7 +20,13 @@ should its power (:data:`gradbrain.hierarchy.TEST_TRUTHS`, Wilson 95 % intervals
 machine-readable::
 
     RESULT max_test_fpr=… min_power=… max_model_fpr=… min_model_power=… verdict_fpr=…
-           verdict_power=… model_verdict_fpr=… model_verdict_power=… seeds=… n_images=…
+           verdict_power=… model_verdict_fpr=… model_verdict_power=… equivalence_fpr=…
+           equivalence_power=… seeds=… n_images=…
+
+``max_test_fpr``/``min_power`` cover the tests; ``equivalence_fpr``/``equivalence_power``
+the equivalence decisions of the estimates (:data:`gradbrain.hierarchy.ESTIMATES`: how
+often "equivalent to backprop" is declared where the prediction is false, and where it
+is true).
 
 Usage: ``python benchmarks/fpr_hierarchy.py [--seeds 25] [--n-images 200] [--jobs 8]
 [--gradient-part whole] [--truths none forward backprop paper] [--out sims.csv]
@@ -102,8 +108,12 @@ def main(argv=None):
     report("Nominal tests (as run() decides):", nominal)
     report("Model-based nulls (leave-one-study-out):", model_based)
 
-    def worst(rates, column, fn):
-        tests = rates[~rates.part.str.startswith("verdict")][column]
+    estimates = [name for name, _, _ in hierarchy.ESTIMATES.values()]
+
+    def worst(rates, column, fn, parts="tests"):
+        keep = rates.part.isin(estimates) if parts == "estimates" else ~(
+            rates.part.str.startswith("verdict") | rates.part.isin(estimates))
+        tests = rates[keep][column]
         return fn(tests) if tests.notna().any() else np.nan
 
     def verdict(rates, column):
@@ -118,6 +128,8 @@ def main(argv=None):
           f"verdict_power={verdict(nominal, 'power'):.3f} "
           f"model_verdict_fpr={verdict(model_based, 'fpr'):.3f} "
           f"model_verdict_power={verdict(model_based, 'power'):.3f} "
+          f"equivalence_fpr={worst(nominal, 'fpr', np.nanmax, 'estimates'):.3f} "
+          f"equivalence_power={worst(nominal, 'power', np.nanmin, 'estimates'):.3f} "
           f"seeds={args.seeds} n_images={args.n_images} gradient_part={args.gradient_part}")
 
 

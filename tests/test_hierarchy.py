@@ -224,6 +224,31 @@ def test_above_chance_controls_false_discoveries_and_finds_a_signal(rng):
     assert (out["best_layer"][:10] == 1).all()
 
 
+def test_equivalence_is_two_one_sided_tests_on_the_bootstrap(rng):
+    """TOST on resamples: equivalent iff both one-sided bootstrap p-values are < α (the
+    90 % interval inside ±margin); diverges iff the 95 % interval excludes 0."""
+    inside = rng.normal(0.05, 0.05, 2000)
+    out = hierarchy.equivalence(0.05, inside, margin=0.3)
+    assert out["equivalent"] and not out["diverges"] and out["n_boot"] == 2000
+    low, high = np.quantile(inside, [0.05, 0.95])
+    assert (out["tost_low"], out["tost_high"]) == pytest.approx((low, high))
+    assert out["p_tost"] == pytest.approx(max(1 + np.sum(inside <= -0.3),
+                                              1 + np.sum(inside >= 0.3)) / 2001)
+    wide = rng.normal(0.0, 0.3, 2000)   # holds 0 and reaches beyond the margin
+    out = hierarchy.equivalence(0.0, wide, margin=0.3)
+    assert not out["equivalent"] and not out["diverges"] and out["p_tost"] > 0.05
+    off = np.append(rng.normal(-1.0, 0.1, 2000), np.nan)   # NaN resamples left out
+    out = hierarchy.equivalence(-1.0, off, margin=0.3)
+    assert out["diverges"] and not out["equivalent"] and out["n_boot"] == 2000
+    out = hierarchy.equivalence(-1.0, off, margin=None)
+    assert out["diverges"] and np.isnan(out["p_tost"]) and not out["equivalent"]
+    small = rng.normal(0.1, 0.01, 2000)   # different from 0, yet within the margin
+    out = hierarchy.equivalence(0.1, small, margin=0.3)
+    assert out["diverges"] and out["equivalent"]
+    with pytest.raises(ValueError, match="'margin' must be positive"):
+        hierarchy.equivalence(0.0, inside, margin=0)
+
+
 @pytest.fixture(scope="module")
 def planted():
     return _planted_features(N_IMAGES)
@@ -275,6 +300,27 @@ def test_run_recovers_each_planted_truth(planted, seed, tmp_path):
     assert units[12:].sum() >= 6 and not units[:10].any()
     assert chance["paper"].loc[(grad, "time points"), "first_ms"] >= 250
     assert "Above chance at all" in verdicts["paper"].summary()
+    # estimates against backprop's predictions (0): equivalent under backprop (within
+    # ±0.3), different where the prediction is false; the spatial contrast is the
+    # difference of the two spatial scores
+    est = {t: v.estimates.set_index("estimate") for t, v in verdicts.items()}
+    spatial, temporal, timing = (hierarchy.ESTIMATES[k][0]
+                                 for k in ("spatial", "temporal", "timing"))
+    assert est["backprop"].loc[[spatial, temporal], "equivalent"].all()
+    assert not est["backprop"].loc[[spatial, temporal], "diverges"].any()
+    for truth in ("none", "paper"):
+        assert est[truth].loc[spatial, "diverges"] and not est[truth].loc[spatial, "equivalent"]
+    assert est["forward"].loc[spatial, "equivalent"]   # gradients where activations are
+    assert est["forward"].loc[temporal, "value"] < -1.5 and est["forward"].loc[temporal,
+                                                                              "diverges"]
+    assert np.isnan(est["none"].loc[temporal, "value"])   # no gradient latency at all
+    assert est["forward"].loc[timing, "diverges"] and np.isnan(est["forward"].loc[timing,
+                                                                                  "p_tost"])
+    scores = verdicts["paper"].scores.query("score == 'spatial'").set_index("signal")
+    assert est["paper"].loc[spatial, "value"] == pytest.approx(
+        scores.loc["gradient (ce)", "spearman"] - scores.loc["activation", "spearman"])
+    assert "**equivalent** to backprop's prediction within ±0.3" in \
+        verdicts["backprop"].summary()
 
     # the saved table (what a sweep collects) carries the planted orders
     path = verdicts["backprop"].save(tmp_path / "result.csv", model="planted", subject=seed)

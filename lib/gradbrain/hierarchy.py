@@ -26,7 +26,7 @@ __all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_target
            "group_test", "above_chance",
            "HierarchyResult", "run", "GRADIENT_PARTS", "simulate_tests", "error_rates",
            "model_null_p", "write_reference", "TEST_TRUTHS", "VERDICT_BACKPROP",
-           "VERDICT_PAPER"]
+           "VERDICT_PAPER", "ESTIMATES", "equivalence"]
 
 #: What :func:`run` tests of the gradients: as extracted, or beyond activations.
 GRADIENT_PARTS = ("whole", "unique")
@@ -902,6 +902,75 @@ def _bootstrap_ci(samples, ci: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
+#: The estimates of :func:`run` (key → name, unit, default equivalence margin or None);
+#: a biological backprop predicts 0 for each. The timing gap has no equivalence test:
+#: its prediction (:func:`backprop_latency_prediction`) assumes when the backward pass
+#: starts and how fast it runs, so a gap measures the distance from that model only.
+ESTIMATES = {
+    "spatial": ("spatial: gradient − activation score", "Spearman ρ", 0.3),
+    "temporal": ("temporal: gradient order − activation order", "Spearman ρ", 0.3),
+    "timing": ("timing: gradient − backprop-predicted latency", "ms", None),
+}
+
+
+def _spearman(x, y) -> float:
+    """Spearman ρ over the pairs where both are finite; NaN with < 3 pairs or no spread."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < MIN_TIMED_LAYERS or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return np.nan
+    return float(stats.spearmanr(x[ok], y[ok]).statistic)
+
+
+def _timing_gap(grad_latency, act_latency, backward_rank) -> float:
+    """Median over timed gradient layers of (latency − backprop-predicted latency), ms."""
+    grad_latency = np.asarray(grad_latency, float)
+    if not np.isfinite(act_latency).any() or not np.isfinite(grad_latency).any():
+        return np.nan
+    gap = grad_latency - backprop_latency_prediction(act_latency, backward_rank)
+    return float(np.nanmedian(gap))
+
+
+def equivalence(value: float, samples, *, margin: float | None, alpha: float = 0.05,
+                ci: float = 0.95) -> dict:
+    """An estimate against 0 with bootstrap intervals: different, equivalent or neither.
+
+    ``diverges``: the ``ci`` percentile interval excludes 0. ``equivalent``: two one-sided
+    tests (TOST) at ``alpha`` reject both ``θ ≤ −margin`` and ``θ ≥ margin``, i.e. the
+    ``1 − 2α`` percentile interval lies inside ``(−margin, margin)``; ``p_tost`` is the
+    larger of the two one-sided bootstrap p-values ``(1 + #{samples beyond the bound}) /
+    (1 + n)``. When neither holds the data cannot tell.
+
+    Parameters
+    ----------
+    value : float
+        The estimate on the data.
+    samples : array of shape (n_boot,)
+        Its bootstrap resamples (NaN ones are left out).
+    margin : float or None
+        Equivalence margin, in the estimate's unit; None: no equivalence test
+        (``p_tost`` NaN, ``equivalent`` False).
+
+    Returns
+    -------
+    dict with ``value``, ``ci_low``, ``ci_high``, ``tost_low``, ``tost_high``,
+    ``p_tost``, ``diverges``, ``equivalent`` and ``n_boot`` (usable resamples).
+    """
+    if margin is not None and not margin > 0:
+        raise ValueError(f"'margin' must be positive (in the estimate's unit); got {margin!r}.")
+    samples = np.asarray(samples, float)
+    samples = samples[np.isfinite(samples)]
+    low, high = _bootstrap_ci(samples, ci)
+    tost_low, tost_high = _bootstrap_ci(samples, 1 - 2 * alpha)
+    n = len(samples)
+    p_tost = (max(1 + np.sum(samples <= -margin), 1 + np.sum(samples >= margin)) / (1 + n)
+              if n and np.isfinite(value) and margin is not None else np.nan)
+    return {"value": float(value), "ci_low": low, "ci_high": high, "tost_low": tost_low,
+            "tost_high": tost_high, "p_tost": p_tost,
+            "diverges": bool(np.isfinite(value) and (low > 0 or high < 0)),
+            "equivalent": bool(np.isfinite(p_tost) and p_tost < alpha), "n_boot": n}
+
+
 @dataclass
 class HierarchyResult:
     """What :func:`run` computed.
@@ -953,6 +1022,13 @@ class HierarchyResult:
         ``best_r`` (the largest best-layer r), ``min_p`` (smallest attainable p) and,
         for time points, the first and last significant time (``first_ms``,
         ``last_ms``). None when ``n_perm_chance`` was 0.
+    estimates : DataFrame
+        How far the gradients are from what a biological backprop predicts, as
+        estimates (backprop predicts 0 for each; :data:`ESTIMATES`): ``estimate``,
+        ``unit``, ``value``, its ``ci`` bootstrap interval over test images
+        (``ci_low``/``ci_high``), the ``1 − 2α`` interval (``tost_low``/``tost_high``),
+        ``margin``, ``p_tost``, ``diverges`` (interval excludes 0) and ``equivalent``
+        (TOST within ±margin) — :func:`equivalence`. Empty without bootstrap.
     chance_maps : dict
         Per signal, :func:`above_chance` on the reliable vertices (``"vertices"``, arrays
         of length n_vertices, NaN outside them) and on the units (``"units"``).
@@ -985,6 +1061,7 @@ class HierarchyResult:
     verdict_rates: dict = field(default_factory=dict)
     above_chance: pd.DataFrame | None = None
     chance_maps: dict = field(default_factory=dict)
+    estimates: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def signal_name(self) -> str:
@@ -1135,6 +1212,39 @@ class HierarchyResult:
         return [f"- Above chance at all (best layer vs shuffled test images, "
                 f"Benjamini–Hochberg FDR q < {self.alpha}): {said}."]
 
+    def _estimate_lines(self) -> list[str]:
+        """The estimates against backprop's predictions, in words."""
+        if self.estimates is None or self.estimates.empty:
+            return []
+        lines = [f"- Estimates (a biological backprop predicts 0 for each; "
+                 f"{100 * self.ci:.0f} % bootstrap intervals over test images; equivalence "
+                 f"by two one-sided tests at α = {self.alpha} within ±margin):"]
+        for row in self.estimates.itertuples():
+            if not np.isfinite(row.value):
+                lines.append(f"  - {row.estimate}: not estimable here.")
+                continue
+            number = (f"{row.value:+.0f} {row.unit} [{row.ci_low:+.0f}, {row.ci_high:+.0f}]"
+                      if row.unit == "ms" else
+                      f"{row.value:+.2f} [{row.ci_low:+.2f}, {row.ci_high:+.2f}] {row.unit}")
+            margin = f"±{row.margin:g}{' ms' if row.unit == 'ms' else ''}"
+            if not np.isfinite(row.margin):   # no equivalence test: the interval only
+                word = ("**differs** from that prediction" if row.diverges else
+                        "consistent with that prediction (its interval holds 0)")
+                lines.append(f"  - {row.estimate}: {number}; {word} — which assumes the "
+                             "backward pass starts when the forward sweep ends and runs at "
+                             "its pace.")
+                continue
+            if row.diverges and not row.equivalent:
+                word = f"**differs** from backprop's prediction (and is not within {margin})"
+            elif row.equivalent and not row.diverges:
+                word = f"**equivalent** to backprop's prediction within {margin}"
+            elif row.equivalent:
+                word = f"differs from 0 but lies within {margin} (equivalent at that margin)"
+            else:
+                word = (f"**inconclusive**: the interval holds 0 and reaches beyond {margin}")
+            lines.append(f"  - {row.estimate}: {number}; {word}.")
+        return lines
+
     def summary(self) -> str:
         """The conclusion, in words, from the computed tests (Markdown)."""
         names = {"1 spatial": "Spatial prediction (gradient of layer l where activation l is, "
@@ -1201,6 +1311,7 @@ class HierarchyResult:
                 verdict += (f" (as a test, this verdict found a planted backprop in {power} "
                             f"of {rates['n_power']} simulated studies and claimed one where "
                             f"there was none in {fpr} of {rates['n_null']})")
+        lines += self._estimate_lines()
         lines.append(f"- Conclusion at α = {self.alpha}: the {self.signal_name} {verdict}; "
                      f"the paper's positive finding {finding} reproduced.")
         return "\n".join(lines)
@@ -1212,7 +1323,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         n_boot: int = 1000, ci: float = 0.95, seed: int = 0, cv: int = 5, device=None,
         fmri: dict | None = None, meg: dict | None = None, meg_study=None,
         meg_features=None, gradient_part: str = "whole", n_perm_chance: int = 1000,
-        progress: bool = False) -> HierarchyResult:
+        margins: dict | None = None, progress: bool = False) -> HierarchyResult:
     """Test whether a study's gradient signals follow the brain's hierarchies like backprop.
 
     Predictions (each with its null; all one-sided at ``alpha``):
@@ -1279,6 +1390,10 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         reliable vertex and unit, :func:`above_chance`; per MEG time point, those of
         :func:`gradbrain.meg.meg_encoding`); 0 skips them (``above_chance`` is None).
         They describe; they do not enter the verdicts.
+    margins : dict or None
+        Equivalence margins of the estimates (:data:`ESTIMATES`: ``"spatial"`` and
+        ``"temporal"``, in Spearman ρ, default 0.3; ``"timing"``, in ms, default None:
+        no equivalence test); keys left out keep their default.
 
     Returns
     -------
@@ -1311,6 +1426,12 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         raise ValueError(f"'loss' must be one of the features' losses {features.losses}; "
                          f"got {loss!r}.")
     check_in_allowed("gradient_part", gradient_part, GRADIENT_PARTS)
+    margins = dict(margins or {})
+    unknown = set(margins) - set(ESTIMATES)
+    if unknown:
+        raise ValueError(f"'margins' keys must be among {sorted(ESTIMATES)}; got "
+                         f"{sorted(unknown)}.")
+    margins = {key: margins.get(key, default) for key, (_, _, default) in ESTIMATES.items()}
     if meg_study is not None and (meg_features is None or list(meg_features.layers) != list(
             features.layers) or loss not in meg_features.losses):
         raise ValueError("'meg_features' must be the same model's features (same layers, "
@@ -1336,6 +1457,14 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                       "ci_high": high, "null": null, "holds": bool(holds)})
 
     best, reliable, usable, chance, chance_maps = {}, None, {}, [], {}
+    spatial_boot, estimates = {}, []
+
+    def add_estimate(key, value, samples):
+        name, unit, _ = ESTIMATES[key]
+        estimates.append({"estimate": name, "unit": unit, "backprop_predicts": 0.0,
+                          "margin": np.nan if margins[key] is None else float(margins[key]),
+                          **equivalence(value, samples, margin=margins[key], alpha=alpha,
+                                        ci=ci)})
     if study.betas is not None:
         fmri = fmri or fmri_encoding(study, features, cv=cv, device=device, progress=progress,
                                      return_prediction=n_boot > 0 or n_perm_chance > 0)
@@ -1378,10 +1507,12 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                 s = _no_correlation(present.sum())
             low = high = np.nan
             if n_boot > 0 and "prediction" in fmri[name] and present.sum() >= 3:
-                low, high = bootstrap_spatial_score(
+                boot = bootstrap_spatial_score(
                     fmri[name]["prediction"], fmri[name]["y_test"], study.hierarchy, depth,
                     mask=usable[name], units=units, n_boot=n_boot, ci=ci, seed=seed,
-                    device=device)["spearman_ci"]
+                    device=device)
+                low, high = boot["spearman_ci"]
+                spatial_boot[name] = boot["samples"]
             scores.append({"modality": "fMRI", "signal": name, "score": "spatial", **s,
                            "spearman_ci_low": low, "spearman_ci_high": high})
         both = (unit_best[signal]["present"] & unit_best["activation"]["present"]
@@ -1398,6 +1529,10 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
             add_test("1 spatial", "gradient and activation layer maps agree", "Spearman ρ",
                      np.nan, False, f"fewer than 3 units, or one layer in all ({both.sum()})")
         grad_spatial = scores[-1]
+        if len(spatial_boot) == 2:   # paired: the same image resamples for both signals
+            with np.errstate(invalid="ignore"):
+                add_estimate("spatial", grad_spatial["spearman"] - scores[-2]["spearman"],
+                             spatial_boot[signal] - spatial_boot["activation"])
         add_test("1 spatial", "gradient spatial score > 0", "Spearman ρ",
                  grad_spatial["spearman"], grad_spatial["p_spearman"] < alpha,
                  "shuffled layer depths (units)", p=grad_spatial["p_spearman"],
@@ -1474,6 +1609,17 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                      f"({_n_timed(grad['latency'])})")
         latency_gap("3 where", "gradients peak later than activations",
                     "median latency difference (ms)", np.nanmedian)
+        rank = features.backward_rank(loss).astype(float)
+        if "boot_latency" in grad and len(grad["boot_latency"]):
+            # paired: both signals' courses were resampled on the same test images
+            pairs = list(zip(grad["boot_latency"], act["boot_latency"]))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                add_estimate("temporal", _spearman(rank, grad["latency"])
+                             - _spearman(depth, act["latency"]),
+                             [_spearman(rank, g) - _spearman(depth, a) for g, a in pairs])
+                add_estimate("timing", _timing_gap(grad["latency"], act["latency"], rank),
+                             [_timing_gap(g, a, rank) for g, a in pairs])
     else:
         for prediction, part in (("2 temporal", "MEG data"), ("3 where", "MEG data")):
             add_test(prediction, part, "available", np.nan, False, "no MEG in this study")
@@ -1490,7 +1636,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         units=units if study.betas is not None else None,
         unit_best=unit_best if study.betas is not None else {},
         gradient_part=gradient_part, above_chance=chance if len(chance) else None,
-        chance_maps=chance_maps,
+        chance_maps=chance_maps, estimates=pd.DataFrame(estimates),
     )
 
 
@@ -1513,6 +1659,12 @@ VERDICT_BACKPROP = "verdict: consistent with backprop"
 VERDICT_PAPER = "verdict: the paper's finding"
 TEST_TRUTHS[VERDICT_BACKPROP] = (("none", "forward", "paper"), "backprop")
 TEST_TRUTHS[VERDICT_PAPER] = (("none", "forward", "backprop"), "paper")
+#: The estimates' equivalence decisions (rows ``prediction == "estimate"`` of
+#: :func:`simulate_tests`; not decided against model-based nulls): equivalent to
+#: backprop only under ``backprop`` (and, in space, under ``forward``, whose gradients
+#: sit where activations do).
+TEST_TRUTHS[ESTIMATES["spatial"][0]] = (("none", "paper"), "backprop")
+TEST_TRUTHS[ESTIMATES["temporal"][0]] = (("none", "forward", "paper"), "backprop")
 
 
 def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: float,
@@ -1554,6 +1706,9 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
              "value": t.value, "p_value": t.p_value, "holds": bool(t.holds)}
             for t in result.tests.itertuples()]
     rows += _verdict_rows(truth, seed, result.consistent_with_backprop, result.paper_finding)
+    rows += [{"truth": truth, "seed": seed, "prediction": "estimate", "part": e.estimate,
+              "value": e.value, "p_value": e.p_tost, "holds": bool(e.equivalent)}
+             for e in result.estimates.itertuples() if e.estimate in TEST_TRUTHS]
     if path is not None:
         with atomic_path(path, suffix=".csv") as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)
@@ -1562,7 +1717,7 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
 
 #: Bump when a change to the simulation or the tests changes simulated statistics: cached
 #: and shipped tables of :func:`simulate_tests` carry it in their key.
-SIMULATION_VERSION = 1
+SIMULATION_VERSION = 2   # 2: rows of the estimates' equivalence decisions added
 _REFERENCE = Path(__file__).parent / "reference"
 
 
@@ -1770,7 +1925,8 @@ def _wilson(k: int, n: int) -> tuple[float, float]:
 def _leave_one_out(simulated: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """Each simulated study's tests decided by :func:`model_null_p` against all the
     *other* simulated studies (and its verdicts recomputed from those decisions)."""
-    tests = simulated[~simulated.part.isin((VERDICT_BACKPROP, VERDICT_PAPER))]
+    estimates = [name for name, _, _ in ESTIMATES.values()]
+    tests = simulated[~simulated.part.isin((VERDICT_BACKPROP, VERDICT_PAPER, *estimates))]
     rows = []
     for (truth, seed), study in tests.groupby(["truth", "seed"], sort=False):
         others = tests[~((tests.truth == truth) & (tests.seed == seed))]
