@@ -157,6 +157,52 @@ def test_group_test_is_wilcoxon_with_benjamini_hochberg(rng):
         hierarchy.group_test(values.iloc[:1])
 
 
+def test_group_estimate_is_inverse_variance_and_hksj_random_effects(rng):
+    """Fixed effect = precision-weighted mean (z-test); random effects = Paule–Mandel τ²
+    (generalised Q = n − 1, or τ² = 0) with the Hartung–Knapp–Sidik–Jonkman t interval —
+    written out here from the formulas; with 4 consistent subjects it reaches α where
+    Wilcoxon cannot."""
+    n = 4
+    values = pd.DataFrame({"strong": [0.50, 0.62, 0.41, 0.70],
+                           "none": [0.05, -0.03, 0.02, -0.06]})
+    half = pd.DataFrame({"strong": [0.10, 0.20, 0.15, 0.10], "none": [0.2, 0.3, 0.25, 0.2]})
+    table = hierarchy.group_estimate(values, values - half, values + half)
+    z = stats.norm.ppf(0.975)
+    for column in values:
+        x, var = values[column].to_numpy(), (half[column].to_numpy() / z) ** 2
+        w = 1 / var
+        fixed = np.sum(w * x) / np.sum(w)
+        tau2 = row_tau2 = table.loc[column, "tau2"]
+        w_re = 1 / (var + tau2)
+        random = np.sum(w_re * x) / np.sum(w_re)
+        q_generalised = np.sum(w_re * (x - random) ** 2)
+        if row_tau2 > 0:
+            assert q_generalised == pytest.approx(n - 1, rel=1e-4)
+        else:
+            assert tau2 == 0 and q_generalised <= n - 1
+        sd_hksj = np.sqrt(np.sum(w_re * (x - random) ** 2) / ((n - 1) * w_re.sum()))
+        row = table.loc[column]
+        assert row.fixed == pytest.approx(fixed)
+        assert row.p_fixed == pytest.approx(2 * stats.norm.sf(abs(fixed) * np.sqrt(w.sum())))
+        assert row.random == pytest.approx(random)
+        t = stats.t.ppf(0.975, n - 1)
+        assert (row.random_low, row.random_high) == pytest.approx(
+            (random - t * sd_hksj, random + t * sd_hksj))
+        assert row.p_random == pytest.approx(2 * stats.t.sf(abs(random) / sd_hksj, n - 1))
+    assert table.loc["strong", "significant"] and table.loc["strong", "p_random"] < 0.01
+    assert table.loc["strong", "tau2"] > 0 and table.loc["none", "tau2"] == 0  # both cases
+    wilcoxon = hierarchy.group_test(values, alternative="two-sided")
+    assert wilcoxon.loc["strong", "min_p"] == 0.125 and not wilcoxon.loc["strong",
+                                                                          "can_reach_alpha"]
+    # subjects without an interval are left out; one subject: a fixed effect only
+    one = hierarchy.group_estimate(values.iloc[:1], (values - half).iloc[:1],
+                                   (values + half).iloc[:1])
+    assert one.loc["strong", "n_subjects"] == 1 and np.isfinite(one.loc["strong", "fixed"])
+    assert np.isnan(one.loc["strong", "p_random"]) and not one.loc["strong", "significant"]
+    with pytest.raises(ValueError, match="same subjects and statistics"):
+        hierarchy.group_estimate(values, values.iloc[:2], values)
+
+
 # --------------------------------------------------------------------------- run()
 
 N_IMAGES = 200

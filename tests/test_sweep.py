@@ -29,7 +29,9 @@ offset = {"efficientnet_lite0.imagenet": 0.5, "dinov3_vits16": -0.5}[model]
 pathlib.Path(results_path).parent.mkdir(parents=True, exist_ok=True)
 pd.DataFrame([
     {"model": model, "weights": weights or "random init", "feature": "activation", "loss": "",
-     "spatial": offset + 0.01 * seed, "temporal": 0.1 * seed},
+     "spatial": offset + 0.01 * seed, "temporal": 0.1 * seed,
+     "spatial_ci_low": offset + 0.01 * seed - 0.05 * seed,
+     "spatial_ci_high": offset + 0.01 * seed + 0.05 * seed, "ci": 0.9},
     {"model": model, "weights": weights or "random init", "feature": "gradient", "loss": "ce",
      "spatial": -offset + 0.02 * seed, "temporal": -0.1 * seed},
 ]).to_csv(results_path, index=False)
@@ -86,6 +88,16 @@ def test_jobs_run_resume_and_collect_one_table(sweep_book, tmp_path):
     assert group.loc[key, "median"] == pytest.approx(np.median(values))
     assert group.loc[key, "p"] == pytest.approx(stats.wilcoxon(values).pvalue)
     assert len(group) == 8  # 2 models x 2 signals x (spatial, temporal)
+    assert group.loc[key, "min_p"] == 0.25 and not group.loc[key, "can_reach_alpha"]
+    # group estimates from the subjects' intervals (their level read from the tables),
+    # against the precision-weighted mean written out here; no intervals: none
+    key = f"{MODELS[0]} | activation | spatial"
+    rows = table[(table.model == MODELS[0]) & (table.feature == "activation")]
+    weights = 1 / ((rows.spatial_ci_high - rows.spatial_ci_low) / (2 * stats.norm.ppf(0.95)))**2
+    assert group.loc[key, "fixed"] == pytest.approx(np.sum(weights * rows.spatial)
+                                                    / weights.sum())
+    assert np.isfinite(group.loc[key, "p_random"])
+    assert np.isnan(group.loc[f"{MODELS[0]} | gradient (ce) | spatial", "fixed"])
 
     # rerunning submits nothing: every chapter is up to date
     data_jobs, chain_jobs = sweep.plan(sweep.load_spec(sweep_book, "demo"), MODELS, [1, 2, 3],

@@ -23,7 +23,7 @@ __all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_target
            "recovery", "summarize_fmri", "temporal_score", "backprop_latency_prediction",
            "summarize_meg", "temporal_table", "layer_permutation_test", "spatial_score",
            "bootstrap_spatial_score", "hierarchy_units", "unit_coordinates", "unit_best_layer",
-           "group_test", "above_chance",
+           "group_test", "group_estimate", "above_chance",
            "HierarchyResult", "run", "GRADIENT_PARTS", "simulate_tests", "error_rates",
            "model_null_p", "write_reference", "TEST_TRUTHS", "VERDICT_BACKPROP",
            "VERDICT_PAPER", "ESTIMATES", "equivalence"]
@@ -758,7 +758,10 @@ def group_test(values, *, alternative: str = "greater", alpha: float = 0.05) -> 
     Returns
     -------
     DataFrame indexed by statistic with ``median``, ``n_subjects``, ``W``, ``p``,
-    ``p_fdr`` and ``significant``.
+    ``min_p`` (the smallest p the exact test can give: 1/2^n one-sided, 2/2^n
+    two-sided), ``can_reach_alpha`` (False: with so few subjects the test cannot be
+    significant, whatever the data — e.g. 4 subjects, two-sided: 0.125; see
+    :func:`group_estimate`), ``p_fdr`` and ``significant``.
     """
     from mne.stats import fdr_correction
 
@@ -770,9 +773,11 @@ def group_test(values, *, alternative: str = "greater", alpha: float = 0.05) -> 
     for column in values:
         x = values[column].dropna().to_numpy(float)
         test = stats.wilcoxon(x, alternative=alternative)
+        floor = min(1.0, (2.0 if alternative == "two-sided" else 1.0) / 2 ** len(x))
         rows[column] = {"median": float(np.median(x)), "n_subjects": len(x),
-                        "W": float(test.statistic), "p": float(test.pvalue)}
-    table = pd.DataFrame(rows).T
+                        "W": float(test.statistic), "p": float(test.pvalue), "min_p": floor,
+                        "can_reach_alpha": floor < alpha}
+    table = pd.DataFrame(rows).T.infer_objects()
     significant, p_fdr = fdr_correction(table["p"].to_numpy(float), alpha=alpha)
     table["p_fdr"], table["significant"] = p_fdr, significant
     return table
@@ -867,6 +872,92 @@ def above_chance(y_test, predictions, *, units=None, n_perm: int = 1000, seed: i
     return {"r": best_r, "best_layer": best_index, "p_value": p, "q_value": q,
             "significant": np.nan_to_num(q, nan=1.0) < alpha,
             "n_tested": int(tested_out.sum()), "min_p": 1 / (1 + n_perm)}
+
+
+def group_estimate(values, ci_low, ci_high, *, ci: float = 0.95,
+                   alpha: float = 0.05) -> pd.DataFrame:
+    """Combine per-subject estimates and their intervals into group estimates.
+
+    Each subject's statistic comes with a bootstrap interval over test images; its
+    standard error is taken as the interval's width over ``2 z`` (a normal
+    approximation). Two inverse-variance combinations (statsmodels'
+    ``combine_effects``):
+
+    * **fixed effect** — about *these* subjects, generalising over images: the
+      precision-weighted mean, a z-test. It can reach α with a single subject.
+    * **random effects** — about *people*: Paule–Mandel between-subject variance τ²
+      (≥ 0; the generalised Q statistic equals n − 1) and the Hartung–Knapp–Sidik–
+      Jonkman interval, a t-test with n − 1 degrees of freedom. It can reach α with 2 or more subjects, unlike an exact Wilcoxon test
+      over 4 subjects (:func:`group_test`, smallest two-sided p 0.125), at the price of
+      assuming normal subject effects.
+
+    Parameters
+    ----------
+    values, ci_low, ci_high : DataFrame
+        One row per subject, one column per statistic (same shape): the estimates and
+        their ``ci`` bootstrap bounds. Subjects with a missing value or bound, or a
+        zero-width interval, are left out of that statistic.
+    ci : float
+        Level of the given intervals (and of the intervals returned).
+    alpha : float
+        FDR level (Benjamini–Hochberg across statistics) of ``significant``.
+
+    Returns
+    -------
+    DataFrame indexed by statistic with ``n_subjects``, ``fixed``, ``fixed_low``,
+    ``fixed_high``, ``p_fixed``, ``random``, ``random_low``, ``random_high``,
+    ``p_random``, ``tau2``, ``i2`` (share of variance between subjects),
+    ``p_random_fdr`` and ``significant`` (random effects, FDR). NaN where a statistic
+    has too few subjects (random effects need 2).
+    """
+    from mne.stats import fdr_correction
+    from statsmodels.stats.meta_analysis import combine_effects
+
+    values, ci_low, ci_high = (pd.DataFrame(x) for x in (values, ci_low, ci_high))
+    if not (values.shape == ci_low.shape == ci_high.shape) or not (
+            list(values.columns) == list(ci_low.columns) == list(ci_high.columns)):
+        raise ValueError(f"'values', 'ci_low' and 'ci_high' must have the same subjects and "
+                         f"statistics; got shapes {values.shape}, {ci_low.shape}, "
+                         f"{ci_high.shape}.")
+    if not 0 < ci < 1:
+        raise ValueError(f"'ci' must be the intervals' level in (0, 1), e.g. 0.95; got {ci!r}.")
+    z = stats.norm.ppf((1 + ci) / 2)
+    rows = {}
+    for column in values:
+        x = values[column].to_numpy(float)
+        se = (ci_high[column].to_numpy(float) - ci_low[column].to_numpy(float)) / (2 * z)
+        keep = np.isfinite(x) & np.isfinite(se) & (se > 0)
+        x, var = x[keep], se[keep] ** 2
+        row = {"n_subjects": int(keep.sum())}
+        if len(x) >= 1:
+            fixed = float(np.sum(x / var) / np.sum(1 / var))
+            sd = float(np.sqrt(1 / np.sum(1 / var)))
+            row.update(fixed=fixed, fixed_low=fixed - z * sd, fixed_high=fixed + z * sd,
+                       p_fixed=float(2 * stats.norm.sf(abs(fixed) / sd)))
+        if len(x) >= 2:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # per-subject t intervals need n: unused
+                res = combine_effects(x, var, method_re="iterated", alpha=1 - ci)
+            sd = float(res.sd_eff_w_re_hksj)
+            t = stats.t.ppf((1 + ci) / 2, len(x) - 1)
+            random = float(res.mean_effect_re)
+            row.update(random=random, random_low=random - t * sd, random_high=random + t * sd,
+                       p_random=float(2 * stats.t.sf(abs(random) / sd, len(x) - 1))
+                       if sd > 0 else np.nan,
+                       tau2=float(res.tau2), i2=float(res.i2))
+        rows[column] = row
+    columns = ["n_subjects", "fixed", "fixed_low", "fixed_high", "p_fixed", "random",
+               "random_low", "random_high", "p_random", "tau2", "i2"]
+    table = pd.DataFrame(rows).T.reindex(columns=columns).astype(float)
+    table["n_subjects"] = table["n_subjects"].astype(int)
+    table["p_random_fdr"], table["significant"] = np.nan, False
+    tested = table["p_random"].notna()
+    if tested.any():
+        significant, p_fdr = fdr_correction(table.loc[tested, "p_random"].to_numpy(),
+                                            alpha=alpha)
+        table.loc[tested, "p_random_fdr"] = p_fdr
+        table.loc[tested, "significant"] = significant
+    return table
 
 
 # --------------------------------------------------------------------------- the study's tests
@@ -1139,7 +1230,8 @@ class HierarchyResult:
         layers), ``spatial_ci_low`` and ``spatial_ci_high`` (bootstrap over test images);
         where MEG was tested ``meg_score`` (best r(t) over layers),
         ``temporal``, ``temporal_p``, ``temporal_ci_low`` and ``temporal_ci_high``
-        (Spearman; bootstrap over test images); and ``consistent_with_backprop`` and
+        (Spearman; bootstrap over test images); ``ci`` the intervals' level; and
+        ``consistent_with_backprop`` and
         ``paper_finding`` (gradient row only; missing for the activation row).
         """
         by = self.scores.set_index(["score", "signal"]) if len(self.scores) else None
@@ -1162,6 +1254,7 @@ class HierarchyResult:
             if self.meg is not None and signal in self.meg:
                 row["meg_score"] = float(np.max(self.meg[signal]["peak"]))
                 row.update(score_columns("temporal", signal))
+            row["ci"] = self.ci
             if feature == "gradient":
                 row["consistent_with_backprop"] = self.consistent_with_backprop
                 row["paper_finding"] = self.paper_finding

@@ -21,7 +21,8 @@ this process and drops into pdb on a failure. Everything a job writes lands unde
     <out>/executed/<model>/sub-<s>/*.ipynb the executed chapters, one book per job
     <out>/results/<model>/sub-<s>.csv      the results chapter's table
     <out>/results.csv                      all of them, one row per (model, subject, signal)
-    <out>/group.csv                        across subjects: median and Wilcoxon + FDR
+    <out>/group.csv                        across subjects: Wilcoxon + FDR (with its
+                                           floor), fixed- and random-effects estimates
     <out>/logs/                            submitit's logs and pickles
 
 The results chapter runs without simulated studies (``n_sim_seeds=0``: nominal tests;
@@ -57,6 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import book
@@ -584,7 +586,9 @@ def collect(out: str | os.PathLike, *, models: Sequence[str] | None = None,
         atomically to ``<out>/results.csv``. With at least two subjects per model,
         ``<out>/group.csv`` gets, per (model, feature, loss) and score (``spatial``,
         ``temporal``), the median over subjects and a two-sided Wilcoxon test against 0,
-        FDR-corrected across all of them (:func:`gradbrain.hierarchy.group_test`).
+        FDR-corrected across all of them, with the smallest p it can reach
+        (:func:`gradbrain.hierarchy.group_test`), and the fixed- and random-effects
+        estimates from the subjects' bootstrap intervals (:func:`group_summary`).
     """
     from ._utils import atomic_path
 
@@ -613,23 +617,40 @@ def collect(out: str | os.PathLike, *, models: Sequence[str] | None = None,
 
 
 def group_summary(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame | None:
-    """Across-subject Wilcoxon tests of each model's spatial and temporal scores.
+    """Across subjects, each model's spatial and temporal scores: tests and estimates.
+
+    Per (model, signal, score): the median and an exact two-sided Wilcoxon test against 0
+    with its floor (:func:`gradbrain.hierarchy.group_test`; with 4 subjects it cannot
+    reach 0.05, and says so), and — where the per-subject tables carry bootstrap
+    intervals — the fixed-effect (these subjects) and random-effects (people) estimates
+    with their intervals and p-values (:func:`gradbrain.hierarchy.group_estimate`).
 
     Returns None when no model has at least two subjects with scores.
     """
-    from .hierarchy import group_test
+    from .hierarchy import group_estimate, group_test
 
     if table.empty or "model" not in table:
         return None
-    columns = {}
+    columns, lows, highs = {}, {}, {}
     for (model, feature, loss), rows in table.groupby(["model", "feature", "loss"], sort=False):
+        rows = rows.set_index("subject")
         for score in ("spatial", "temporal"):
             if score in rows and rows[score].notna().sum() >= 2:
                 name = f"{model} | {feature}{f' ({loss})' if loss else ''} | {score}"
-                columns[name] = rows.set_index("subject")[score]
+                columns[name] = rows[score]
+                missing = pd.Series(np.nan, index=rows.index)
+                lows[name] = rows.get(f"{score}_ci_low", missing)
+                highs[name] = rows.get(f"{score}_ci_high", missing)
     if not columns:
         return None
-    return group_test(pd.DataFrame(columns), alternative="two-sided", alpha=alpha)
+    values = pd.DataFrame(columns)
+    ci = float(table["ci"].dropna().iloc[0]) if "ci" in table and table["ci"].notna().any() \
+        else 0.95
+    estimates = group_estimate(values, pd.DataFrame(lows)[values.columns],
+                               pd.DataFrame(highs)[values.columns], ci=ci, alpha=alpha)
+    tests = group_test(values, alternative="two-sided", alpha=alpha)
+    return tests.join(estimates.drop(columns="n_subjects").rename(
+        columns={"significant": "significant_random"}))
 
 
 def main(argv: list[str] | None = None) -> int:
