@@ -593,9 +593,16 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
     study = make_study(3, n_images=60, features=small_planted, gradient_truth="none",
                        noise=0.5)
     direct = hierarchy.run(study, small_planted, seed=3, **kw)
-    mine = sims[(sims.truth == "none") & ~sims.part.str.startswith("verdict")]
+    mine = sims[(sims.truth == "none") & ~sims.part.str.startswith("verdict")
+                & (sims.prediction != "estimate")]
     np.testing.assert_array_equal(mine.holds.to_numpy(), direct.tests.holds.to_numpy())
     np.testing.assert_allclose(mine.value.to_numpy(float), direct.tests.value.to_numpy(float))
+    # the estimates' equivalence decisions (not the timing gap's: it has none)
+    mine = sims[(sims.truth == "none") & (sims.prediction == "estimate")]
+    decided = direct.estimates[direct.estimates.estimate.isin(hierarchy.TEST_TRUTHS)]
+    assert list(mine.part) == list(decided.estimate) and len(mine) == 2
+    np.testing.assert_array_equal(mine.holds.to_numpy(), decided.equivalent.to_numpy())
+    np.testing.assert_allclose(mine.value.to_numpy(float), decided.value.to_numpy(float))
     verdict = sims.set_index(["truth", "part"]).holds
     assert verdict[("backprop", hierarchy.VERDICT_BACKPROP)]  # planted, layer-specific
     assert not verdict[("none", hierarchy.VERDICT_BACKPROP)]
@@ -638,7 +645,7 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
     other = hierarchy.simulate_tests(small_planted, truths=("none",), n_seeds=1, first_seed=3,
                                      noise=0.5, cache=tmp_path / "other", progress=False,
                                      **{**kw, "n_perm": 201})
-    assert len(made) == 2 and len(other) == 8
+    assert len(made) == 2 and len(other) == 10   # 6 tests, 2 estimates, 2 verdicts
     changed = copy.copy(small_planted)
     changed.activations = {k: v * 1.01 for k, v in small_planted.activations.items()}
     hierarchy.simulate_tests(changed, truths=("none",), n_seeds=1, first_seed=3, noise=0.5,
@@ -682,6 +689,12 @@ def test_calibrate_uses_the_model_based_null_where_it_can_reach_alpha(small_plan
     summary = calibrated.summary()
     assert "power 100 % [" in summary and "model-based null (p = 0.0476)" in summary
     assert "found a planted backprop in 100 %" in summary
+    # the estimates gain the error rates of their equivalence decisions (timing: none)
+    rates = calibrated.estimates.set_index("estimate")
+    decided = [hierarchy.ESTIMATES[k][0] for k in ("spatial", "temporal")]
+    assert (rates.loc[decided, "power"] == 1).all() and (rates.loc[decided, "fpr"] == 0).all()
+    assert np.isnan(rates.loc[hierarchy.ESTIMATES["timing"][0], "power"])
+    assert '"equivalent" was declared in 100 %' in summary
     # every null study above the observed value: nothing holds
     assert not result.calibrate(table(20, below=False)).tests.holds.any()
     # too few null studies (floor 1/11 > α): the nominal decisions stand, rates quoted
