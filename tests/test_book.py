@@ -232,8 +232,11 @@ def test_chapters_run_on_tiny_profile_and_book_builds(tiny_build):
     assert "the recovered layer map matches the planted one" in text("02_fmri_encoding")
     assert n_images("03_meg_decoding") >= 5  # time courses, latencies, 2 topomaps, decoding
     assert "Simulated study, activation: recovered vs planted latencies" in text("03_meg_decoding")
-    # scores, best depth by hierarchy, latencies, whole vs unique by hierarchy, error rates
-    assert n_images("04_hierarchy_tests") >= 5
+    # above chance (surface, courses), scores, best depth by hierarchy, latencies, whole vs
+    # unique by hierarchy, error rates
+    assert n_images("04_hierarchy_tests") >= 7
+    assert "Above chance at all" in text("04_hierarchy_tests")
+    assert "Estimates (a biological backprop predicts 0 for each" in text("04_hierarchy_tests")
     assert "with a biological backpropagation (predictions 1 and 2)" in text("04_hierarchy_tests")
     assert "Simulated studies per truth: 1 (40 images" in text("04_hierarchy_tests")
     assert "Error rates measured on studies simulated from these features" in text(

@@ -68,3 +68,25 @@ def test_summary_reports_recovery(encoded):
                                     hierarchy.hierarchy_regions(study.hierarchy))
     assert "Simulated study: the recovered layer map matches the planted one" in text
     assert "gradient (ce): median peak score" in text
+
+
+def test_partition_credits_a_no_gradient_brain_to_activations(encoded):
+    """Planted truth 'none': the brain follows activations only, so what a layer's
+    gradients add to its activations is (close to) nothing at every vertex, while the
+    activations keep a unique part; shapes, order and bad layers as documented."""
+    from gradbrain.ridge import fmri_partition
+
+    study, feats, _ = encoded
+    layers = feats.layers[4::6]
+    part = fmri_partition(study, feats, layers=layers[::-1], device="cpu")
+    assert part["layers"] == layers and part["unique_gradient"].shape == (
+        len(layers), study.betas.shape[2])
+    reliable = study.noise_ceiling() > 10
+    unique = part["unique_gradient"][:, reliable]
+    assert np.abs(np.median(unique, 1)).max() < 0.01
+    assert np.mean(unique > 0.05) < 0.05            # a few vertices by chance at most
+    assert (np.median(part["unique_activation"][:, reliable], 1) > 0.1).all()
+    np.testing.assert_allclose(part["shared"], part["r2_activation"] + part["r2_gradient"]
+                               - part["r2_joint"], atol=1e-12)
+    with pytest.raises(ValueError, match="'layers' must be some of the features' layers"):
+        fmri_partition(study, feats, layers=["nope"])

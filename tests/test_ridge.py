@@ -476,3 +476,101 @@ def test_targets_without_data_score_nan_not_zero(rng):
     with pytest.raises(ValueError, match="Every target holds NaN"):
         encoding_scores(feats["layer0"][train], np.full((80, 2), np.nan),
                         feats["layer0"][test], np.zeros((20, 2)), device="cpu")
+
+
+# --------------------------------------------------------------------------- variance partition
+
+
+def _partition_data(rng, n_train=80, n_test=40, p_a=6, p_b=5, n_targets=4, mix=0.0):
+    a = rng.normal(size=(n_train + n_test, p_a))
+    b = rng.normal(size=(n_train + n_test, p_b)) + mix * a[:, :p_b]
+    return a, b
+
+
+def test_variance_partition_equals_scikit_learn_ridge_per_target(rng):
+    """R² of A, B and the joint model = scikit-learn Ridge with the alpha GridSearchCV
+    picks on the same folds (per target, negative MSE), features scaled as documented;
+    the joint model is, per target, the best cross-validated of A, B and A + √r B."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    from gradbrain.ridge import DEFAULT_ALPHAS, variance_partition
+
+    a, b = _partition_data(rng, mix=0.5)
+    y = a @ rng.normal(size=(6, 4)) + b @ rng.normal(size=(5, 4)) \
+        + rng.normal(scale=3.0, size=(120, 4))
+    y[:, 3] = b @ rng.normal(size=5) + rng.normal(scale=1.0, size=120)   # B's alone
+    tr, te = slice(0, 80), slice(80, 120)
+    out = variance_partition(a[tr], b[tr], y[tr], a[te], b[te], y[te], device="cpu")
+
+    def scaled(x):
+        mean, sd = x[tr].mean(0), x[tr].std(0)
+        return (x - mean) / sd / np.sqrt(x.shape[1])
+
+    def fitted(x, t):
+        search = GridSearchCV(Ridge(), {"alpha": list(DEFAULT_ALPHAS)}, cv=KFold(5),
+                              scoring="neg_mean_squared_error").fit(x[tr], y[tr, t])
+        return search.best_score_, r2_score(y[te, t], search.predict(x[te]))
+
+    models = {"r2_a": scaled(a), "r2_b": scaled(b),
+              **{r: np.hstack([scaled(a), np.sqrt(r) * scaled(b)]) for r in (0.1, 1.0, 10.0)}}
+    reference = {name: np.array([fitted(x, t) for t in range(4)]) for name, x in models.items()}
+    for name in ("r2_a", "r2_b"):
+        np.testing.assert_allclose(out[name], reference[name][:, 1], atol=1e-4)
+    stacked = np.stack(list(reference.values()))            # (models, targets, [cv, r2])
+    kept = stacked[:, :, 0].argmax(0)
+    joint = stacked[kept, np.arange(4), 1]
+    np.testing.assert_allclose(out["r2_joint"], joint, atol=1e-4)
+    np.testing.assert_allclose(out["unique_b"], joint - reference["r2_a"][:, 1], atol=1e-4)
+    np.testing.assert_allclose(out["shared"], reference["r2_a"][:, 1]
+                               + reference["r2_b"][:, 1] - joint, atol=1e-4)
+    np.testing.assert_array_equal(out["ratio"], np.array([0, np.inf, 0.1, 1, 10])[kept])
+    with pytest.raises(ValueError, match="'band_ratios' must be positive"):
+        variance_partition(a[tr], b[tr], y[tr], a[te], b[te], y[te], band_ratios=())
+
+
+def test_variance_partition_finds_planted_unique_and_shared_parts(rng):
+    """A signal carried by B alone is unique to B; a B that copies A shares it; the
+    joint-minus-single partition agrees with himalaya's banded ridge (one penalty per
+    band) to within a few hundredths where the bands need similar penalties."""
+    from himalaya.backend import set_backend
+    from himalaya.ridge import BandedRidgeCV
+
+    from gradbrain.ridge import variance_partition
+
+    n = 400
+
+    def weights(scale=2.0):   # every target gets signal variance scale²
+        w = rng.normal(size=(8, 6))
+        return scale * w / np.linalg.norm(w, axis=0)
+
+    a, b = rng.normal(size=(n, 8)), rng.normal(size=(n, 8))
+    y = b @ weights() + rng.normal(scale=2.0, size=(n, 6))
+    tr, te = slice(0, 300), slice(300, n)
+    out = variance_partition(a[tr], b[tr], y[tr], a[te], b[te], y[te], device="cpu")
+    # 100 test images: R² differences scatter by a few hundredths
+    assert (out["unique_b"] > 0.3).all() and (np.abs(out["unique_a"]) < 0.05).all()
+    assert (np.abs(out["shared"]) < 0.05).all()
+    echo = a + rng.normal(scale=0.05, size=a.shape)    # B copies A; the signal is A's
+    y = a @ weights() + rng.normal(scale=2.0, size=(n, 6))
+    out = variance_partition(a[tr], echo[tr], y[tr], a[te], echo[te], y[te], device="cpu")
+    assert (out["shared"] > 0.8 * out["r2_a"]).all() and (out["unique_b"] < 0.05).all()
+    # against banded ridge on the first data set
+    set_backend("numpy", on_error="raise")
+    y = b @ weights() + a @ weights(1.0) + rng.normal(scale=2.0, size=(n, 6))
+    ours = variance_partition(a[tr], b[tr], y[tr], a[te], b[te], y[te], device="cpu")
+
+    def scaled(x):
+        return (x - x[tr].mean(0)) / x[tr].std(0) / np.sqrt(x.shape[1])
+
+    joint = np.hstack([scaled(a), scaled(b)])
+    banded = BandedRidgeCV(groups=[0] * 8 + [1] * 8, solver_params=dict(
+        n_iter=30, alphas=np.logspace(0, 8, 10), progress_bar=False), random_state=0)
+    banded.fit(joint[tr], y[tr] - y[tr].mean(0))
+    prediction = banded.predict(joint[te]) + y[tr].mean(0)
+    residual = ((y[te] - prediction) ** 2).sum(0)
+    r2_banded = 1 - residual / ((y[te] - y[te].mean(0)) ** 2).sum(0)
+    np.testing.assert_allclose(ours["r2_joint"], r2_banded, atol=0.05)
+    with pytest.raises(ValueError, match="'b_train' and 'b_test' must be"):
+        variance_partition(a[tr], b[te], y[tr], a[te], b[te], y[te])

@@ -37,7 +37,8 @@ from ._utils import check_in_allowed, resolve_device
 
 __all__ = [
     "RidgeCV", "check_folds", "encoding_scores", "layerwise_scores", "fmri_encoding",
-    "pearson_r", "shuffled_correlations", "DEFAULT_ALPHAS", "SCORINGS",
+    "pearson_r", "shuffled_correlations", "variance_partition", "fmri_partition",
+    "PARTITION", "DEFAULT_ALPHAS", "SCORINGS",
 ]
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(0, 8, 10))  # 1e0 … 1e8
@@ -932,6 +933,182 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
         if key in results:
             results[key] = _scatter_targets(np.stack(results[key]), finite)
     return results
+
+
+def _scaled_band(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A feature band z-scored on its training rows (constant columns → 0) and weighted
+    1/√p, so that every band has the same total variance in a joint model."""
+    train, test = np.asarray(train, np.float64), np.asarray(test, np.float64)
+    mean, sd = train.mean(0), train.std(0)
+    sd = np.where(sd > 0, sd, np.inf)
+    weight = 1 / np.sqrt(train.shape[1])
+    return (train - mean) / sd * weight, (test - mean) / sd * weight
+
+
+def _test_r2(y_test: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """Per target, 1 − SS_res / SS_tot on the test set (scikit-learn's ``r2_score``)."""
+    residual = ((y_test - prediction) ** 2).sum(0)
+    total = ((y_test - y_test.mean(0)) ** 2).sum(0)
+    return np.divide(total - residual, total, out=np.full(len(total), np.nan),
+                     where=total > 0)
+
+
+#: The components :func:`variance_partition` returns, per target.
+PARTITION = ("r2_a", "r2_b", "r2_joint", "unique_a", "unique_b", "shared")
+
+
+def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
+                       alphas=DEFAULT_ALPHAS, cv=5, band_ratios=(0.1, 1.0, 10.0),
+                       device=None, dtype=None) -> dict:
+    """Unique and shared test-set variance of two feature bands (joint minus single).
+
+    Ridge models (:class:`RidgeCV`, one alpha per target) are fitted on the training
+    images and scored on the test images by R²: band A alone, band B alone, and the
+    joint model. Each band is z-scored on the training images and weighted 1/√p. The
+    joint model is a **banded ridge by grid search**: band B is weighted √r relative to
+    A for each ``r`` in ``band_ratios`` (a penalty ratio), and each target keeps, among
+    those and the two single bands (r = 0 and ∞), the model with the best cross-validated
+    score — so adding a band that carries nothing does not lower the joint score, the
+    bias of a joint model with one shared penalty. Then ``unique_b = R²(joint) − R²(A)``
+    (what B adds to A), ``unique_a = R²(joint) − R²(B)`` and ``shared = R²(A) + R²(B) −
+    R²(joint)``.
+
+    Known bias (stated, not corrected): all three R² are test-set estimates of models
+    chosen on training folds, so a unique part can come out slightly negative (or
+    positive) by chance; the grid of ratios is coarser than a continuous banded ridge
+    (himalaya's ``BandedRidgeCV``, which the tests compare with).
+
+    Parameters
+    ----------
+    a_train, b_train : arrays of shape (n_train, p_a), (n_train, p_b)
+        The two bands on the training images (e.g. a layer's activations and its
+        gradients).
+    Y_train : array of shape (n_train, n_targets)
+    a_test, b_test : arrays of shape (n_test, p_a), (n_test, p_b)
+    Y_test : array of shape (n_test, n_targets)
+    alphas, cv, device, dtype
+        As in :class:`RidgeCV`.
+    band_ratios : sequence of float
+        Penalty ratios of the joint model's grid (at least one; positive).
+
+    Returns
+    -------
+    dict of str to ndarray of shape (n_targets,): the :data:`PARTITION` components, as
+    fractions of the test variance, and ``ratio`` the joint model each target kept (0:
+    A alone, inf: B alone); NaN for targets with non-finite or constant responses.
+    """
+    Y_train, Y_test = np.asarray(Y_train, np.float64), np.asarray(Y_test, np.float64)
+    if Y_train.ndim != 2 or Y_test.ndim != 2 or Y_train.shape[1] != Y_test.shape[1]:
+        raise ValueError(f"'Y_train' and 'Y_test' must have shape (n_samples, n_targets) with "
+                         f"the same targets; got {Y_train.shape} and {Y_test.shape}.")
+    for name, train, test in (("a", a_train, a_test), ("b", b_train, b_test)):
+        if np.ndim(train) != 2 or np.ndim(test) != 2 or np.shape(train)[1] != \
+                np.shape(test)[1] or len(train) != len(Y_train) or len(test) != len(Y_test):
+            raise ValueError(f"'{name}_train' and '{name}_test' must be (n_samples, n_features) "
+                             f"with the rows of Y_train and Y_test; got {np.shape(train)} and "
+                             f"{np.shape(test)}.")
+    band_ratios = tuple(float(r) for r in band_ratios)
+    if not band_ratios or not all(np.isfinite(r) and r > 0 for r in band_ratios):
+        raise ValueError(f"'band_ratios' must be positive finite penalty ratios, e.g. "
+                         f"(0.1, 1.0, 10.0); got {band_ratios!r}.")
+    finite = _finite_columns(Y_train) & _finite_columns(Y_test) & (Y_test.std(0) > 0)
+    out = {name: np.full(Y_test.shape[1], np.nan) for name in (*PARTITION, "ratio")}
+    if not finite.any():
+        return out
+    a = _scaled_band(a_train, a_test)
+    b = _scaled_band(b_train, b_test)
+    Y_fit, Y_score = Y_train[:, finite], Y_test[:, finite]
+
+    def fit(train, test):
+        model = RidgeCV(alphas=alphas, cv=cv, device=device, dtype=dtype or torch.float32)
+        model.fit(train, Y_fit)
+        prediction = model.predict(test).reshape(len(test), -1)
+        return np.asarray(model.best_score_, float), _test_r2(Y_score, prediction)
+
+    (cv_a, r2_a), (cv_b, r2_b) = fit(*a), fit(*b)
+    cv_scores, r2_joint, ratios = [cv_a, cv_b], [r2_a, r2_b], [0.0, np.inf]
+    for ratio in band_ratios:
+        weight = np.sqrt(ratio)
+        score, r2 = fit(np.hstack([a[0], weight * b[0]]), np.hstack([a[1], weight * b[1]]))
+        cv_scores.append(score)
+        r2_joint.append(r2)
+        ratios.append(ratio)
+    kept = np.argmax(np.stack(cv_scores), axis=0)
+    r2 = {"r2_a": r2_a, "r2_b": r2_b,
+          "r2_joint": np.take_along_axis(np.stack(r2_joint), kept[None], 0)[0]}
+    r2["unique_a"] = r2["r2_joint"] - r2["r2_b"]
+    r2["unique_b"] = r2["r2_joint"] - r2["r2_a"]
+    r2["shared"] = r2["r2_a"] + r2["r2_b"] - r2["r2_joint"]
+    r2["ratio"] = np.asarray(ratios)[kept]
+    for name, values in r2.items():
+        out[name][finite] = values
+    return out
+
+
+def fmri_partition(study, features, *, loss: str | None = None, layers=None,
+                   alphas=DEFAULT_ALPHAS, cv=5, band_ratios=(0.1, 1.0, 10.0), device=None,
+                   progress: bool = False) -> dict:
+    """Per layer and vertex: what a layer's gradients add to its activations, and back.
+
+    :func:`variance_partition` of every layer's activations (band A) and gradients
+    (band B, of ``loss``) on the study's training/test split, mean betas over repeats.
+
+    Parameters
+    ----------
+    study : Study
+        With ``betas`` and ``split``.
+    features : Features
+        Extracted on ``study.images``.
+    loss : str or None
+        Gradient signal; default the features' first loss.
+    layers : sequence of str or None
+        Layers to partition (default all), in the features' order.
+    band_ratios
+        As in :func:`variance_partition`.
+
+    Returns
+    -------
+    dict with ``layers``, ``depth`` (n_layers,), ``loss``, ``ratio`` (n_layers,
+    n_vertices) the joint model each vertex kept, and, per :data:`PARTITION` component
+    renamed ``r2_activation``, ``r2_gradient``, ``r2_joint``, ``unique_activation``,
+    ``unique_gradient`` and ``shared``, an array (n_layers, n_vertices) of test R².
+    """
+    from tqdm import tqdm
+
+    if study.betas is None:
+        raise ValueError(f"Study {study.name!r} has no fMRI data (betas is None).")
+    if list(features.image_ids) != list(study.image_ids):
+        raise ValueError("'features' were not extracted on the study's images (image ids "
+                         "differ); extract them with gradbrain.features.extract(model, "
+                         "study.images).")
+    loss = loss or features.losses[0]
+    if loss not in features.losses:
+        raise ValueError(f"'loss' must be one of the features' losses {features.losses}; "
+                         f"got {loss!r}.")
+    layers = list(features.layers) if layers is None else list(layers)
+    unknown = [layer for layer in layers if layer not in features.layers]
+    if unknown or not layers:
+        raise ValueError(f"'layers' must be some of the features' layers {features.layers}; "
+                         f"got {layers!r}.")
+    layers = [layer for layer in features.layers if layer in layers]
+    depth = np.asarray(features.depth, float)[[features.layers.index(x) for x in layers]]
+    train = np.flatnonzero(study.split == "train")
+    test = np.flatnonzero(study.split == "test")
+    Y = study.mean_betas()
+    names = dict(zip((*PARTITION, "ratio"), ("r2_activation", "r2_gradient", "r2_joint",
+                                             "unique_activation", "unique_gradient",
+                                             "shared", "ratio")))
+    out = {name: [] for name in names.values()}
+    for layer in tqdm(layers, desc="variance partition", disable=not progress):
+        act = np.asarray(features.activations[layer])
+        grad = np.asarray(features.gradients[loss][layer])
+        parts = variance_partition(act[train], grad[train], Y[train], act[test], grad[test],
+                                   Y[test], alphas=alphas, cv=cv, band_ratios=band_ratios,
+                                   device=device)
+        for name, renamed in names.items():
+            out[renamed].append(parts[name])
+    return {"layers": layers, "depth": depth, "loss": loss,
+            **{name: np.stack(values) for name, values in out.items()}}
 
 
 def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, device=None,
