@@ -822,15 +822,11 @@ def above_chance(y_test, predictions, *, units=None, n_perm: int = 1000, seed: i
     import torch
 
     from ._utils import resolve_device
-    from .ridge import shuffled_correlations
+    from .ridge import check_test_predictions, shuffled_correlations
 
     if isinstance(n_perm, bool) or not isinstance(n_perm, (int, np.integer)) or n_perm < 1:
         raise ValueError(f"'n_perm' must be a positive integer; got {n_perm!r}.")
-    y_test = np.asarray(y_test, dtype=np.float64)
-    predictions = np.asarray(predictions)
-    if y_test.ndim != 2 or predictions.ndim != 3 or predictions.shape[1:] != y_test.shape:
-        raise ValueError(f"'y_test' must be (n_test, n_targets) and 'predictions' (n_layers, "
-                         f"n_test, n_targets); got {y_test.shape} and {predictions.shape}.")
+    y_test, predictions = check_test_predictions(y_test, predictions)
     n, k = y_test.shape
     tested = (np.isfinite(y_test).all(0) & (y_test.std(0) > 0)
               & np.isfinite(predictions).all((0, 1)))

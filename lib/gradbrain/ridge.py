@@ -723,6 +723,17 @@ def pearson_r(y_true, y_pred) -> np.ndarray:
     return r
 
 
+def check_test_predictions(y_test, predictions) -> tuple[np.ndarray, np.ndarray]:
+    """Test responses (float64, (n_test, n_targets)) and per-layer predictions of them
+    ((n_layers, n_test, n_targets)), shapes checked."""
+    y_test = np.asarray(y_test, dtype=np.float64)
+    predictions = np.asarray(predictions)
+    if y_test.ndim != 2 or predictions.ndim != 3 or predictions.shape[1:] != y_test.shape:
+        raise ValueError(f"'y_test' must be (n_test, n_targets) and 'predictions' (n_layers, "
+                         f"n_test, n_targets); got {y_test.shape} and {predictions.shape}.")
+    return y_test, predictions
+
+
 def shuffled_correlations(y_test, predictions, orders, *, device=None,
                           max_elements: int = 20_000_000):
     """Pearson r of every layer's predictions with reordered test responses, per target.
@@ -751,11 +762,7 @@ def shuffled_correlations(y_test, predictions, orders, *, device=None,
         variance (or with non-finite values) gets 0.
     """
     device = resolve_device(device)
-    y_test = np.asarray(y_test, dtype=np.float64)
-    predictions = np.asarray(predictions)
-    if y_test.ndim != 2 or predictions.ndim != 3 or predictions.shape[1:] != y_test.shape:
-        raise ValueError(f"'y_test' must be (n_test, n_targets) and 'predictions' (n_layers, "
-                         f"n_test, n_targets); got {y_test.shape} and {predictions.shape}.")
+    y_test, predictions = check_test_predictions(y_test, predictions)
     n, k = y_test.shape
     orders = torch.as_tensor(np.asarray(orders), device=device)
     if orders.ndim != 2 or orders.shape[1] != n:
