@@ -30,7 +30,7 @@ from .ridge import (DEFAULT_ALPHAS, SCORINGS, RidgeCV, _check_alphas, _is_comple
 
 __all__ = ["average_by_image", "encode_time_resolved", "decode_time_resolved",
            "decode_category", "SlidingRidgeCV", "peak_latency", "bootstrap_curves",
-           "peak_permutation_test", "meg_encoding"]
+           "peak_permutation_test", "meg_encoding", "meg_partition"]
 
 
 def average_by_image(epochs, image_ids: Sequence[str]) -> np.ndarray:
@@ -774,3 +774,78 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
             "n_perm": n_perm,
         }
     return results
+
+
+def meg_partition(study, features, *, loss: str | None = None, layers=None,
+                  alphas=DEFAULT_ALPHAS, cv=5, band_ratios=(0.1, 1.0, 10.0), device=None,
+                  progress: bool = False) -> dict:
+    """Over time: what a layer's gradients add to its activations, and back.
+
+    :func:`gradbrain.ridge.variance_partition` of every layer's activations and
+    gradients (of ``loss``) on every sensor × time point — training images fit and
+    choose, test images (averaged over repeats) score by R² — averaged over sensors.
+
+    Parameters
+    ----------
+    study : Study
+        With ``epochs`` (metadata ``image_id``) and ``split``.
+    features : Features
+        Extracted on ``study.images``.
+    loss : str or None
+        Gradient signal; default the features' first loss.
+    layers : sequence of str or None
+        Layers to partition (default all), kept in the features' order.
+    alphas, cv, band_ratios, device
+        As in :func:`gradbrain.ridge.variance_partition`.
+
+    Returns
+    -------
+    dict with ``layers``, ``depth`` (n_layers,), ``times`` (n_times,) ms, ``loss`` and,
+    as (n_layers, n_times) test R² averaged over sensors, ``r2_activation``,
+    ``r2_gradient``, ``r2_joint``, ``unique_activation``, ``unique_gradient`` and
+    ``shared``.
+    """
+    from tqdm import tqdm
+
+    from .ridge import PARTITION, variance_partition
+
+    if study.epochs is None:
+        raise ValueError(f"Study {study.name!r} has no MEG data (epochs is None).")
+    if list(features.image_ids) != list(study.image_ids):
+        raise ValueError(
+            "'features' were not extracted on the study's images (image ids differ); extract "
+            "them with gradbrain.features.extract(model, study.images)."
+        )
+    loss = loss or features.losses[0]
+    if loss not in features.losses:
+        raise ValueError(f"'loss' must be one of the features' losses {features.losses}; "
+                         f"got {loss!r}.")
+    layers = list(features.layers) if layers is None else list(layers)
+    if not layers or any(layer not in features.layers for layer in layers):
+        raise ValueError(f"'layers' must be some of the features' layers {features.layers}; "
+                         f"got {layers!r}.")
+    layers = [layer for layer in features.layers if layer in layers]
+    ids = np.asarray(study.image_ids)
+    shown = set(study.epochs.metadata["image_id"])
+    train = np.flatnonzero((study.split == "train") & np.isin(ids, list(shown)))
+    test = np.flatnonzero((study.split == "test") & np.isin(ids, list(shown)))
+    Y_train = average_by_image(study.epochs, ids[train])
+    Y_test = average_by_image(study.epochs, ids[test])
+    n_channels, n_times = Y_test.shape[1:]
+    Y_train = Y_train.reshape(len(train), -1)
+    Y_test = Y_test.reshape(len(test), -1)
+    names = dict(zip(PARTITION, ("r2_activation", "r2_gradient", "r2_joint",
+                                 "unique_activation", "unique_gradient", "shared")))
+    out = {name: [] for name in names.values()}
+    for layer in tqdm(layers, desc="variance partition (MEG)", disable=not progress):
+        act = np.asarray(features.activations[layer])
+        grad = np.asarray(features.gradients[loss][layer])
+        parts = variance_partition(act[train], grad[train], Y_train, act[test], grad[test],
+                                   Y_test, alphas=alphas, cv=cv, band_ratios=band_ratios,
+                                   device=device)
+        for name, renamed in names.items():
+            out[renamed].append(np.nanmean(parts[name].reshape(n_channels, n_times), 0))
+    depth = np.asarray(features.depth, float)[[features.layers.index(x) for x in layers]]
+    return {"layers": layers, "depth": depth, "times": 1000 * study.epochs.times,
+            "loss": loss, **{name: np.stack(values) for name, values in out.items()}}
+
