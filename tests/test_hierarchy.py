@@ -518,6 +518,29 @@ def test_model_null_p_counts_exceedances_per_null_truth():
     assert np.isnan(hierarchy.model_null_p(part, np.nan, sims)[0])
 
 
+def test_divergence_is_judged_against_simulated_backprop_by_hand_counts():
+    """p = (1 + #{backprop sims ≤ value}) / (1 + n); false divergence leaves each backprop
+    study out; power counts the studies of truths where backprop's prediction is false
+    (NaN contrasts: detected)."""
+    name = hierarchy.ESTIMATES["spatial"][0]
+    rows = [{"truth": "backprop", "seed": s, "prediction": "estimate", "part": name,
+             "value": float(s), "holds": False} for s in range(21)]
+    rows += [{"truth": "backprop", "seed": 99, "prediction": "estimate", "part": name,
+              "value": np.nan, "holds": False}]                    # left out
+    rows += [{"truth": t, "seed": s, "prediction": "estimate", "part": name,
+              "value": v, "holds": False}
+             for t, s, v in (("none", 0, -5.0), ("none", 1, np.nan), ("paper", 0, 3.0),
+                             ("forward", 0, -9.0))]               # forward: not a null
+    sims = pd.DataFrame(rows)
+    assert hierarchy.divergence_p(name, -1.0, sims) == (1 / 22, 21)
+    assert hierarchy.divergence_p(name, 2.0, sims) == (4 / 22, 21)
+    assert np.isnan(hierarchy.divergence_p(name, np.nan, sims)[0])
+    assert np.isnan(hierarchy.divergence_p(hierarchy.ESTIMATES["temporal"][0], 0.0, sims)[0])
+    rates = hierarchy.divergence_rates(sims).set_index("estimate").loc[name]
+    assert rates.n_div_null == 21 and rates.div_fpr == pytest.approx(1 / 21)  # value 0 alone
+    assert rates.n_div_power == 3 and rates.div_power == pytest.approx(2 / 3)  # -5 and NaN
+
+
 def test_error_rate_figure_shows_every_rate_and_marks_the_expected_cells():
     from gradbrain.plotting import plot_error_rates
 

@@ -26,7 +26,8 @@ __all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_target
            "group_test", "group_estimate", "above_chance",
            "HierarchyResult", "run", "GRADIENT_PARTS", "simulate_tests", "error_rates",
            "model_null_p", "write_reference", "TEST_TRUTHS", "VERDICT_BACKPROP",
-           "VERDICT_PAPER", "ESTIMATES", "equivalence"]
+           "VERDICT_PAPER", "ESTIMATES", "equivalence", "divergence_p",
+           "divergence_rates"]
 
 #: What :func:`run` tests of the gradients: as extracted, or beyond activations.
 GRADIENT_PARTS = ("whole", "unique")
@@ -1178,7 +1179,11 @@ class HierarchyResult:
             ``holds``; the summary quotes every test's rates. The ``estimates`` gain the
             error rates of their equivalence decisions (``fpr``: "equivalent" declared
             where backprop's prediction is false; ``power``: declared under
-            ``backprop``), where the simulated table has them.
+            ``backprop``), where the simulated table has them, and a model-based test
+            of divergence: ``p_backprop`` (:func:`divergence_p`), its floor
+            ``backprop_min_p``, ``diverges_model`` and that decision's error rates
+            (``div_fpr`` under ``backprop``, ``div_power`` under the other truths;
+            :func:`divergence_rates`).
         """
         import copy
 
@@ -1221,6 +1226,18 @@ class HierarchyResult:
             for column in ("fpr", "fpr_low", "fpr_high", "power", "power_low", "power_high",
                            "n_null", "n_power"):
                 estimates[column] = [nominal.at[name, column] if name in nominal.index
+                                     else np.nan for name in estimates.estimate]
+            # divergence against simulated backprop studies (and its own error rates)
+            rows = [divergence_p(e.estimate, e.value, simulated)
+                    for e in estimates.itertuples()]
+            estimates["p_backprop"] = [p for p, _ in rows]
+            estimates["backprop_min_p"] = [1 / (1 + n) if n else np.nan for _, n in rows]
+            estimates["diverges_model"] = (estimates.p_backprop < self.alpha) & (
+                estimates.backprop_min_p < self.alpha)
+            rates = divergence_rates(simulated, alpha=self.alpha).set_index("estimate")
+            for column in ("div_fpr", "div_fpr_low", "div_fpr_high", "n_div_null",
+                           "div_power", "div_power_low", "div_power_high", "n_div_power"):
+                estimates[column] = [rates.at[name, column] if name in rates.index
                                      else np.nan for name in estimates.estimate]
             out.estimates = estimates
         return out
@@ -1344,11 +1361,23 @@ class HierarchyResult:
             rates = ""
             if np.isfinite(getattr(row, "power", np.nan)):
                 rates = (f" (\"equivalent\" was declared in "
-                         f"{_pct(row.power, row.power_low, row.power_high)} of {row.n_power} "
+                         f"{_pct(row.power, row.power_low, row.power_high)} of {int(row.n_power)} "
                          f"simulated backprop studies and, wrongly, in "
-                         f"{_pct(row.fpr, row.fpr_low, row.fpr_high)} of {row.n_null} "
+                         f"{_pct(row.fpr, row.fpr_low, row.fpr_high)} of {int(row.n_null)} "
                          "others)")
-            lines.append(f"  - {row.estimate}: {number}; {word}{rates}.")
+            model = ""
+            if np.isfinite(getattr(row, "p_backprop", np.nan)):
+                verdict = ("**diverges from backprop**" if row.diverges_model else
+                           "not shown to diverge from backprop")
+                if row.backprop_min_p >= self.alpha:
+                    verdict = "cannot be judged against simulated backprop (too few studies)"
+                model = (f" Against {int(row.n_div_null)} studies simulated with a planted backprop "
+                         f"(whose contrasts are not centred on 0 on real features): "
+                         f"{verdict}, p = {row.p_backprop:.3g} (this decision: false "
+                         f"divergence {_pct(row.div_fpr, row.div_fpr_low, row.div_fpr_high)}, "
+                         f"power {_pct(row.div_power, row.div_power_low, row.div_power_high)}"
+                         f" of {int(row.n_div_power)}).")
+            lines.append(f"  - {row.estimate}: {number}; {word}{rates}.{model}")
         return lines
 
     def summary(self) -> str:
@@ -2134,3 +2163,69 @@ def model_null_p(part: str, value: float, simulated: pd.DataFrame) -> tuple[floa
         p = max(p, (1 + exceed) / (1 + len(sims)))
         n_min = len(sims) if n_min is None else min(n_min, len(sims))
     return p, n_min
+
+
+def divergence_p(estimate: str, value: float, simulated: pd.DataFrame) -> tuple[float, int]:
+    """p-value of "the gradients diverge from backprop", against simulated backprop.
+
+    The null is the estimate (:data:`ESTIMATES`, spatial or temporal contrast) in studies
+    simulated from the same features, sizes and noise under the ``backprop`` truth: a
+    contrast is only evidence of divergence if real backprop rarely gives one as low —
+    the contrasts are biased on real features (e.g. gradient maps noisier than
+    activation maps), which an interval around 0 ignores. One-sided (lower: less
+    aligned or less ordered than backprop), ``p = (1 + #{sim ≤ value}) / (1 + n)``;
+    simulated studies whose contrast is NaN are left out.
+
+    Returns
+    -------
+    (p, n): NaN and 0 where the value is NaN or no simulated backprop study has the
+    estimate (e.g. the timing gap, which simulated tables do not keep).
+    """
+    if "prediction" not in simulated:
+        return np.nan, 0
+    sims = simulated[(simulated.prediction == "estimate") & (simulated.part == estimate)
+                     & (simulated.truth == "backprop")].value.to_numpy(float)
+    sims = sims[np.isfinite(sims)]
+    if not np.isfinite(value) or not len(sims):
+        return np.nan, len(sims)
+    return (1 + int(np.sum(sims <= value))) / (1 + len(sims)), len(sims)
+
+
+def divergence_rates(simulated: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
+    """Error rates of the model-based divergence decision (:func:`divergence_p` < α).
+
+    False divergence: each simulated ``backprop`` study judged against the *other*
+    backprop studies (leave one out). Power: each study of a truth under which backprop's
+    prediction is false (:data:`TEST_TRUTHS`) judged against all backprop studies; a
+    study whose contrast is NaN counts as a detection (it has no gradient order or map
+    to speak of — the chapter's study would be "not estimable", not "equivalent").
+
+    Returns
+    -------
+    DataFrame, one row per estimate with simulated rows: ``div_fpr``, ``div_fpr_low``,
+    ``div_fpr_high``, ``n_div_null``, ``div_power``, ``div_power_low``,
+    ``div_power_high``, ``n_div_power`` (Wilson 95 %).
+    """
+    rows = []
+    if "prediction" not in simulated:
+        return pd.DataFrame(rows, columns=["estimate"])
+    estimates = simulated[simulated.prediction == "estimate"]
+    for name, group in estimates.groupby("part", sort=False):
+        backprop = group[group.truth == "backprop"].value.to_numpy(float)
+        if not len(backprop):
+            continue
+        finite = backprop[np.isfinite(backprop)]
+        false = [(1 + int(np.sum(np.delete(finite, i) <= v))) / len(finite) < alpha
+                 for i, v in enumerate(finite)]
+        nulls = TEST_TRUTHS.get(name, ((), ""))[0]
+        others = group[group.truth.isin(nulls)].value.to_numpy(float)
+        found = [True if not np.isfinite(v) else
+                 (1 + int(np.sum(finite <= v))) / (1 + len(finite)) < alpha for v in others]
+        k, n, kp, npow = sum(false), len(false), sum(found), len(found)
+        rows.append({"estimate": name, "div_fpr": k / n if n else np.nan,
+                     **dict(zip(("div_fpr_low", "div_fpr_high"), _wilson(k, n))),
+                     "n_div_null": n, "div_power": kp / npow if npow else np.nan,
+                     **dict(zip(("div_power_low", "div_power_high"), _wilson(kp, npow))),
+                     "n_div_power": npow})
+    return pd.DataFrame(rows)
+
