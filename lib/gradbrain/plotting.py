@@ -531,11 +531,16 @@ def plot_error_rates(rates: pd.DataFrame, *, alpha: float | None = None, label: 
     Figure. Cells where the test should fail (its null truths) are outlined in red, the
     cell where it should hold (its power truth) in black.
     """
+    from .hierarchy import ESTIMATES
+
+    estimates = {name for name, _, _ in ESTIMATES.values()}
     truths = [c.removeprefix("held_") for c in rates.columns if c.startswith("held_")]
     matrix = rates[[f"held_{t}" for t in truths]].to_numpy(float)
+    # an estimate's row is its equivalence decision ("equivalent to backprop")
+    names = [f"equivalent — {part}" if part in estimates else part for part in rates.part]
     fig, ax = plt.subplots(figsize=(3.0 + 1.5 * len(truths), 0.55 * len(rates) + 1.6))
     sns.heatmap(matrix, ax=ax, vmin=0, vmax=1, cmap="magma", annot=True, fmt=".2f",
-                xticklabels=truths, yticklabels=list(rates.part),
+                xticklabels=truths, yticklabels=names,
                 cbar_kws={"label": "fraction of simulated studies in which it held"})
     for i, row in enumerate(rates.itertuples()):
         for j, truth in enumerate(truths):
