@@ -303,7 +303,8 @@ def planted():
 def _judge(planted, truth, seed):
     study = make_study(seed, n_images=N_IMAGES, features=planted, gradient_truth=truth,
                        noise=0.5)
-    return hierarchy.run(study, planted, n_perm=2000, n_boot=100, seed=seed, device="cpu")
+    return hierarchy.run(study, planted, n_perm=2000, n_boot=100, seed=seed, device="cpu",
+                         n_perm_chance=200)
 
 
 # seed 0 runs in `make test`; the other two simulated participants in `make test-slow`

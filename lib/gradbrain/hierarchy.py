@@ -2206,9 +2206,11 @@ def divergence_rates(simulated: pd.DataFrame, *, alpha: float = 0.05) -> pd.Data
     ``div_fpr_high``, ``n_div_null``, ``div_power``, ``div_power_low``,
     ``div_power_high``, ``n_div_power`` (Wilson 95 %).
     """
+    columns = ["estimate", "div_fpr", "div_fpr_low", "div_fpr_high", "n_div_null",
+               "div_power", "div_power_low", "div_power_high", "n_div_power"]
     rows = []
     if "prediction" not in simulated:
-        return pd.DataFrame(rows, columns=["estimate"])
+        return pd.DataFrame(rows, columns=columns)
     estimates = simulated[simulated.prediction == "estimate"]
     for name, group in estimates.groupby("part", sort=False):
         backprop = group[group.truth == "backprop"].value.to_numpy(float)
@@ -2227,5 +2229,5 @@ def divergence_rates(simulated: pd.DataFrame, *, alpha: float = 0.05) -> pd.Data
                      "n_div_null": n, "div_power": kp / npow if npow else np.nan,
                      **dict(zip(("div_power_low", "div_power_high"), _wilson(kp, npow))),
                      "n_div_power": npow})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
 
