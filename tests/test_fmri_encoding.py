@@ -77,7 +77,7 @@ def test_partition_credits_a_no_gradient_brain_to_activations(encoded):
     from gradbrain.ridge import fmri_partition
 
     study, feats, _ = encoded
-    layers = feats.layers[4::6]
+    layers = feats.layers[4::8]
     part = fmri_partition(study, feats, layers=layers[::-1], device="cpu")
     assert part["layers"] == layers and part["unique_gradient"].shape == (
         len(layers), study.betas.shape[2])

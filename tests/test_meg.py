@@ -381,7 +381,7 @@ def test_meg_partition_finds_late_gradients_only_where_planted(planted):
     from gradbrain.data.simulated import make_study
 
     study = make_study(0, n_images=252, features=planted, fmri=False, gradient_truth="paper",
-                       noise=0.5)
+                       noise=0.5, sfreq=50.0)   # 20 ms steps: half the targets
     part = meg.meg_partition(study, planted, layers=planted.layers[::3], device="cpu")
     times = part["times"]
     assert part["unique_gradient"].shape == (2, len(times)) and part["layers"] == \
