@@ -461,10 +461,13 @@ def test_run_with_a_separate_meg_study_equals_one_study_with_both(planted, gradi
                        noise=0.5)
     fmri_only = dataclasses.replace(study, epochs=None)
     meg_only = dataclasses.replace(study, betas=None, ncsnr=None)
-    kw = dict(n_perm=200, n_boot=20, device="cpu", gradient_part=gradient_part)
+    kw = dict(n_perm=200, n_boot=20, device="cpu", gradient_part=gradient_part,
+              n_perm_chance=100)
     both = hierarchy.run(study, planted, **kw)
     split = hierarchy.run(fmri_only, planted, meg_study=meg_only, meg_features=planted, **kw)
     pd.testing.assert_frame_equal(split.tests, both.tests)
+    pd.testing.assert_frame_equal(split.estimates, both.estimates)
+    pd.testing.assert_frame_equal(split.above_chance, both.above_chance)
     assert split.consistent_with_backprop and "cannot be judged" not in split.summary()
     with pytest.raises(ValueError, match="'meg_features' must be the same model's"):
         hierarchy.run(fmri_only, planted, meg_study=meg_only, **kw)
