@@ -877,16 +877,19 @@ def group_estimate(values, ci_low, ci_high, *, ci: float = 0.95,
 
     Each subject's statistic comes with a bootstrap interval over test images; its
     standard error is taken as the interval's width over ``2 z`` (a normal
-    approximation). Two inverse-variance combinations (statsmodels'
-    ``combine_effects``):
+    approximation). Two inverse-variance combinations:
 
     * **fixed effect** — about *these* subjects, generalising over images: the
       precision-weighted mean, a z-test. It can reach α with a single subject.
-    * **random effects** — about *people*: Paule–Mandel between-subject variance τ²
+      Computed directly (statsmodels needs two subjects; its ``mean_effect_fe`` is the
+      same number).
+    * **random effects** — about *people* (statsmodels' ``combine_effects``):
+      Paule–Mandel between-subject variance τ²
       (≥ 0; the generalised Q statistic equals n − 1) and the Hartung–Knapp–Sidik–
-      Jonkman interval, a t-test with n − 1 degrees of freedom. It can reach α with 2 or more subjects, unlike an exact Wilcoxon test
-      over 4 subjects (:func:`group_test`, smallest two-sided p 0.125), at the price of
-      assuming normal subject effects.
+      Jonkman interval, a t-test with n − 1 degrees of freedom. It can reach α with 2
+      or more subjects, unlike an exact Wilcoxon test over 4 subjects
+      (:func:`group_test`, smallest two-sided p 0.125), at the price of assuming
+      normal subject effects.
 
     Parameters
     ----------
@@ -1360,8 +1363,8 @@ class HierarchyResult:
                 word = (f"**inconclusive**: the interval holds 0 and reaches beyond {margin}")
             rates = ""
             if np.isfinite(getattr(row, "power", np.nan)):
-                rates = (f" (\"equivalent\" was declared in "
-                         f"{_pct(row.power, row.power_low, row.power_high)} of {int(row.n_power)} "
+                power = _pct(row.power, row.power_low, row.power_high)
+                rates = (f" (\"equivalent\" was declared in {power} of {int(row.n_power)} "
                          f"simulated backprop studies and, wrongly, in "
                          f"{_pct(row.fpr, row.fpr_low, row.fpr_high)} of {int(row.n_null)} "
                          "others)")
@@ -1371,8 +1374,8 @@ class HierarchyResult:
                            "not shown to diverge from backprop")
                 if row.backprop_min_p >= self.alpha:
                     verdict = "cannot be judged against simulated backprop (too few studies)"
-                model = (f" Against {int(row.n_div_null)} studies simulated with a planted backprop "
-                         f"(whose contrasts are not centred on 0 on real features): "
+                model = (f" Against {int(row.n_div_null)} studies simulated with a planted "
+                         f"backprop (whose contrasts are not centred on 0 on real features): "
                          f"{verdict}, p = {row.p_backprop:.3g} (this decision: false "
                          f"divergence {_pct(row.div_fpr, row.div_fpr_low, row.div_fpr_high)}, "
                          f"power {_pct(row.div_power, row.div_power_low, row.div_power_high)}"
