@@ -662,6 +662,20 @@ def _latencies(times: np.ndarray, curves: np.ndarray, threshold: float) -> np.nd
 # --------------------------------------------------------------------------- a study
 
 
+def _meg_split(study, cv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training and test images that have trials, and their MEG averaged over repeats:
+    ``(train, test, Y_train, Y_test)``, Y of shape (n, n_channels, n_times)."""
+    ids = np.asarray(study.image_ids)
+    shown = set(study.epochs.metadata["image_id"])
+    train = np.flatnonzero((study.split == "train") & np.isin(ids, list(shown)))
+    test = np.flatnonzero((study.split == "test") & np.isin(ids, list(shown)))
+    if len(test) < 3 or len(train) < 2 * (cv if isinstance(cv, int) else 2):
+        raise ValueError(f"The MEG study needs test images and enough training images; got "
+                         f"{len(train)} train and {len(test)} test images with trials.")
+    return (train, test, average_by_image(study.epochs, ids[train]),
+            average_by_image(study.epochs, ids[test]))
+
+
 def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: float = 0.95,
                  n_boot: int = 1000, ci: float = 0.95, seed: int = 0, n_perm: int = 200,
                  latency_alpha: float = 0.05, device=None, dtype=None,
@@ -726,15 +740,7 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
     if isinstance(latency_alpha, bool) or not isinstance(latency_alpha, (int, float)) \
             or not 0 < latency_alpha <= 1:
         raise ValueError(f"'latency_alpha' must be in (0, 1], e.g. 0.05; got {latency_alpha!r}.")
-    ids = np.asarray(study.image_ids)
-    shown = set(study.epochs.metadata["image_id"])
-    train = np.flatnonzero((study.split == "train") & np.isin(ids, list(shown)))
-    test = np.flatnonzero((study.split == "test") & np.isin(ids, list(shown)))
-    if len(test) < 3 or len(train) < 2 * (cv if isinstance(cv, int) else 2):
-        raise ValueError(f"The MEG study needs test images and enough training images; got "
-                         f"{len(train)} train and {len(test)} test images with trials.")
-    Y_train = average_by_image(study.epochs, ids[train])
-    Y_test = average_by_image(study.epochs, ids[test])
+    train, test, Y_train, Y_test = _meg_split(study, cv)
     times = 1000 * study.epochs.times
     results = {}
     for name, per_layer in signals(features).items():
@@ -812,47 +818,19 @@ def meg_partition(study, features, *, loss: str | None = None, layers=None,
     ``r2_gradient``, ``r2_joint``, ``unique_activation``, ``unique_gradient`` and
     ``shared``.
     """
-    from tqdm import tqdm
-
-    from .ridge import PARTITION, variance_partition
+    from .ridge import _partition_inputs, _partition_layers
 
     if study.epochs is None:
         raise ValueError(f"Study {study.name!r} has no MEG data (epochs is None).")
-    if list(features.image_ids) != list(study.image_ids):
-        raise ValueError(
-            "'features' were not extracted on the study's images (image ids differ); extract "
-            "them with gradbrain.features.extract(model, study.images)."
-        )
-    loss = loss or features.losses[0]
-    if loss not in features.losses:
-        raise ValueError(f"'loss' must be one of the features' losses {features.losses}; "
-                         f"got {loss!r}.")
-    layers = list(features.layers) if layers is None else list(layers)
-    if not layers or any(layer not in features.layers for layer in layers):
-        raise ValueError(f"'layers' must be some of the features' layers {features.layers}; "
-                         f"got {layers!r}.")
-    layers = [layer for layer in features.layers if layer in layers]
-    ids = np.asarray(study.image_ids)
-    shown = set(study.epochs.metadata["image_id"])
-    train = np.flatnonzero((study.split == "train") & np.isin(ids, list(shown)))
-    test = np.flatnonzero((study.split == "test") & np.isin(ids, list(shown)))
-    Y_train = average_by_image(study.epochs, ids[train])
-    Y_test = average_by_image(study.epochs, ids[test])
+    loss, layers, depth = _partition_inputs(study, features, loss, layers)
+    train, test, Y_train, Y_test = _meg_split(study, cv)
     n_channels, n_times = Y_test.shape[1:]
-    Y_train = Y_train.reshape(len(train), -1)
-    Y_test = Y_test.reshape(len(test), -1)
-    names = dict(zip(PARTITION, ("r2_activation", "r2_gradient", "r2_joint",
-                                 "unique_activation", "unique_gradient", "shared")))
-    out = {name: [] for name in names.values()}
-    for layer in tqdm(layers, desc="variance partition (MEG)", disable=not progress):
-        act = np.asarray(features.activations[layer])
-        grad = np.asarray(features.gradients[loss][layer])
-        parts = variance_partition(act[train], grad[train], Y_train, act[test], grad[test],
-                                   Y_test, alphas=alphas, cv=cv, band_ratios=band_ratios,
-                                   device=device)
-        for name, renamed in names.items():
-            out[renamed].append(np.nanmean(parts[name].reshape(n_channels, n_times), 0))
-    depth = np.asarray(features.depth, float)[[features.layers.index(x) for x in layers]]
+    parts = _partition_layers(
+        features, loss, layers, train, test, Y_train.reshape(len(train), -1),
+        Y_test.reshape(len(test), -1),
+        reduce=lambda values: np.nanmean(values.reshape(n_channels, n_times), 0),
+        desc="variance partition (MEG)", progress=progress, alphas=alphas, cv=cv,
+        band_ratios=band_ratios, device=device)
+    parts.pop("ratio")
     return {"layers": layers, "depth": depth, "times": 1000 * study.epochs.times,
-            "loss": loss, **{name: np.stack(values) for name, values in out.items()}}
-
+            "loss": loss, **parts}

@@ -1052,6 +1052,48 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
     return out
 
 
+def _partition_inputs(study, features, loss, layers) -> tuple[str, list, np.ndarray]:
+    """The gradient loss, the layers (in forward order) and their depth, checked."""
+    if list(features.image_ids) != list(study.image_ids):
+        raise ValueError("'features' were not extracted on the study's images (image ids "
+                         "differ); extract them with gradbrain.features.extract(model, "
+                         "study.images).")
+    loss = loss or features.losses[0]
+    if loss not in features.losses:
+        raise ValueError(f"'loss' must be one of the features' losses {features.losses}; "
+                         f"got {loss!r}.")
+    layers = list(features.layers) if layers is None else list(layers)
+    if not layers or any(layer not in features.layers for layer in layers):
+        raise ValueError(f"'layers' must be some of the features' layers {features.layers}; "
+                         f"got {layers!r}.")
+    layers = [layer for layer in features.layers if layer in layers]
+    depth = np.asarray(features.depth, float)[[list(features.layers).index(x) for x in layers]]
+    return loss, layers, depth
+
+
+def _partition_layers(features, loss, layers, train, test, Y_train, Y_test, *, reduce=None,
+                      desc: str = "variance partition", progress: bool = False,
+                      **kwargs) -> dict:
+    """:func:`variance_partition` of each layer's activations and ``loss`` gradients;
+    per component (renamed for activations and gradients) the stacked values, each
+    passed through ``reduce`` (e.g. a mean over sensors) first."""
+    from tqdm import tqdm
+
+    names = dict(zip((*PARTITION, "ratio"), ("r2_activation", "r2_gradient", "r2_joint",
+                                             "unique_activation", "unique_gradient",
+                                             "shared", "ratio")))
+    out = {name: [] for name in names.values()}
+    for layer in tqdm(layers, desc=desc, disable=not progress):
+        act = np.asarray(features.activations[layer])
+        grad = np.asarray(features.gradients[loss][layer])
+        parts = variance_partition(act[train], grad[train], Y_train, act[test], grad[test],
+                                   Y_test, **kwargs)
+        for name, renamed in names.items():
+            keep = reduce is None or name == "ratio"   # the kept model is per target
+            out[renamed].append(parts[name] if keep else reduce(parts[name]))
+    return {name: np.stack(values) for name, values in out.items()}
+
+
 def fmri_partition(study, features, *, loss: str | None = None, layers=None,
                    alphas=DEFAULT_ALPHAS, cv=5, band_ratios=(0.1, 1.0, 10.0), device=None,
                    progress: bool = False) -> dict:
@@ -1080,42 +1122,16 @@ def fmri_partition(study, features, *, loss: str | None = None, layers=None,
     renamed ``r2_activation``, ``r2_gradient``, ``r2_joint``, ``unique_activation``,
     ``unique_gradient`` and ``shared``, an array (n_layers, n_vertices) of test R².
     """
-    from tqdm import tqdm
-
     if study.betas is None:
         raise ValueError(f"Study {study.name!r} has no fMRI data (betas is None).")
-    if list(features.image_ids) != list(study.image_ids):
-        raise ValueError("'features' were not extracted on the study's images (image ids "
-                         "differ); extract them with gradbrain.features.extract(model, "
-                         "study.images).")
-    loss = loss or features.losses[0]
-    if loss not in features.losses:
-        raise ValueError(f"'loss' must be one of the features' losses {features.losses}; "
-                         f"got {loss!r}.")
-    layers = list(features.layers) if layers is None else list(layers)
-    unknown = [layer for layer in layers if layer not in features.layers]
-    if unknown or not layers:
-        raise ValueError(f"'layers' must be some of the features' layers {features.layers}; "
-                         f"got {layers!r}.")
-    layers = [layer for layer in features.layers if layer in layers]
-    depth = np.asarray(features.depth, float)[[features.layers.index(x) for x in layers]]
+    loss, layers, depth = _partition_inputs(study, features, loss, layers)
     train = np.flatnonzero(study.split == "train")
     test = np.flatnonzero(study.split == "test")
     Y = study.mean_betas()
-    names = dict(zip((*PARTITION, "ratio"), ("r2_activation", "r2_gradient", "r2_joint",
-                                             "unique_activation", "unique_gradient",
-                                             "shared", "ratio")))
-    out = {name: [] for name in names.values()}
-    for layer in tqdm(layers, desc="variance partition", disable=not progress):
-        act = np.asarray(features.activations[layer])
-        grad = np.asarray(features.gradients[loss][layer])
-        parts = variance_partition(act[train], grad[train], Y[train], act[test], grad[test],
-                                   Y[test], alphas=alphas, cv=cv, band_ratios=band_ratios,
-                                   device=device)
-        for name, renamed in names.items():
-            out[renamed].append(parts[name])
-    return {"layers": layers, "depth": depth, "loss": loss,
-            **{name: np.stack(values) for name, values in out.items()}}
+    parts = _partition_layers(features, loss, layers, train, test, Y[train], Y[test],
+                              alphas=alphas, cv=cv, band_ratios=band_ratios, device=device,
+                              progress=progress)
+    return {"layers": layers, "depth": depth, "loss": loss, **parts}
 
 
 def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, device=None,
