@@ -454,7 +454,9 @@ def test_run_without_meg_cannot_confirm_the_temporal_prediction(planted):
         hierarchy.run(study, planted, loss="dino")
 
 
-@pytest.mark.parametrize("gradient_part", ["whole", "unique"])
+# the unique part in `make test-slow` (make test stays under 5 min on 2 cores)
+@pytest.mark.parametrize("gradient_part", ["whole", pytest.param("unique",
+                                                                 marks=pytest.mark.slow)])
 def test_run_with_a_separate_meg_study_equals_one_study_with_both(planted, gradient_part):
     """NSD-like fMRI study + THINGS-like MEG study == the same data in one study (the
     unique part is fitted on each study's own training images: here the same ones)."""
