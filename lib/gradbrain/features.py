@@ -1099,6 +1099,15 @@ def category_decoding(
     }
 
 
+def resolve_loss(features: Features, loss: str | None) -> str:
+    """The gradient loss to use: ``loss``, or the features' first; checked."""
+    loss = loss or features.losses[0]
+    if loss not in features.losses:
+        raise ValueError(f"'loss' must be one of the features' losses {features.losses}; "
+                         f"got {loss!r}.")
+    return loss
+
+
 def signals(features: Features) -> dict[str, dict[str, np.ndarray]]:
     """``{"activation": acts, "gradient (ce)": grads_ce, ...}``."""
     out = {"activation": features.activations}

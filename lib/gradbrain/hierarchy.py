@@ -1537,7 +1537,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     -------
     HierarchyResult
     """
-    from .features import beyond_activations, extract
+    from .features import beyond_activations, extract, resolve_loss
     from .meg import meg_encoding
     from .ridge import fmri_encoding
 
@@ -1559,10 +1559,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         loaded = models.load(study.truth["model"], weights=None if untrained else "pretrained")
         features = extract(loaded, study.images, losses=(study.truth["gradient_loss"],),
                            pool="mean", device=device, progress=progress)
-    loss = loss or features.losses[0]
-    if loss not in features.losses:
-        raise ValueError(f"'loss' must be one of the features' losses {features.losses}; "
-                         f"got {loss!r}.")
+    loss = resolve_loss(features, loss)
     check_in_allowed("gradient_part", gradient_part, GRADIENT_PARTS)
     margins = dict(margins or {})
     unknown = set(margins) - set(ESTIMATES)
@@ -1733,9 +1730,9 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
 
         latency_gap("2 temporal", "gradients after the forward sweep",
                     "median gradient − latest activation latency (ms)", np.nanmax)
+        rank = features.backward_rank(loss).astype(float)
         if _n_timed(grad["latency"]) >= MIN_TIMED_LAYERS:
-            order = layer_permutation_test(layers, grad["latency"],
-                                           features.backward_rank(loss).astype(float), **kw)
+            order = layer_permutation_test(layers, grad["latency"], rank, **kw)
             add_test("2 temporal", "gradient latency follows the autograd order",
                      "Spearman ρ (latency, backward rank)", order["statistic"],
                      order["p_value"] < alpha, "shuffled layers", p=order["p_value"],
@@ -1747,7 +1744,6 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                      f"({_n_timed(grad['latency'])})")
         latency_gap("3 where", "gradients peak later than activations",
                     "median latency difference (ms)", np.nanmedian)
-        rank = features.backward_rank(loss).astype(float)
         if "boot_latency" in grad and len(grad["boot_latency"]):
             # paired: both signals' courses were resampled on the same test images
             pairs = list(zip(grad["boot_latency"], act["boot_latency"]))

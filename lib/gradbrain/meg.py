@@ -26,7 +26,7 @@ from sklearn.base import BaseEstimator
 
 from ._utils import check_in_allowed, resolve_device
 from .ridge import (DEFAULT_ALPHAS, SCORINGS, RidgeCV, _check_alphas, _is_complement,
-                    check_folds, pearson_r)
+                    check_folds, check_same_images, pearson_r)
 
 __all__ = ["average_by_image", "encode_time_resolved", "decode_time_resolved",
            "decode_category", "SlidingRidgeCV", "peak_latency", "bootstrap_curves",
@@ -730,11 +730,7 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
 
     if study.epochs is None:
         raise ValueError(f"Study {study.name!r} has no MEG data (epochs is None).")
-    if list(features.image_ids) != list(study.image_ids):
-        raise ValueError(
-            "'features' were not extracted on the study's images (image ids differ); extract "
-            "them with gradbrain.features.extract(model, study.images)."
-        )
+    check_same_images(study, features)
     if not 0 < ci < 1:
         raise ValueError(f"'ci' must be in (0, 1), e.g. 0.95; got {ci!r}.")
     if isinstance(latency_alpha, bool) or not isinstance(latency_alpha, (int, float)) \

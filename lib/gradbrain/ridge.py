@@ -1052,16 +1052,21 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
     return out
 
 
+def check_same_images(study, features) -> None:
+    """Raise unless ``features`` were extracted on ``study``'s images, in its order."""
+    if list(features.image_ids) != list(study.image_ids):
+        raise ValueError(
+            "'features' were not extracted on the study's images (image ids differ); extract "
+            "them with gradbrain.features.extract(model, study.images)."
+        )
+
+
 def _partition_inputs(study, features, loss, layers) -> tuple[str, list, np.ndarray]:
     """The gradient loss, the layers (in forward order) and their depth, checked."""
-    if list(features.image_ids) != list(study.image_ids):
-        raise ValueError("'features' were not extracted on the study's images (image ids "
-                         "differ); extract them with gradbrain.features.extract(model, "
-                         "study.images).")
-    loss = loss or features.losses[0]
-    if loss not in features.losses:
-        raise ValueError(f"'loss' must be one of the features' losses {features.losses}; "
-                         f"got {loss!r}.")
+    from .features import resolve_loss
+
+    check_same_images(study, features)
+    loss = resolve_loss(features, loss)
     layers = list(features.layers) if layers is None else list(layers)
     if not layers or any(layer not in features.layers for layer in layers):
         raise ValueError(f"'layers' must be some of the features' layers {features.layers}; "
@@ -1166,11 +1171,7 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, 
     """
     from .features import signals
 
-    if list(features.image_ids) != list(study.image_ids):
-        raise ValueError(
-            "'features' were not extracted on the study's images (image ids differ); extract "
-            "them with gradbrain.features.extract(model, study.images)."
-        )
+    check_same_images(study, features)
     if study.betas is None:
         raise ValueError(f"Study {study.name!r} has no fMRI data (betas is None).")
     train = np.flatnonzero(study.split == "train")
