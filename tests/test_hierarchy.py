@@ -454,6 +454,61 @@ def test_run_without_meg_cannot_confirm_the_temporal_prediction(planted):
         hierarchy.run(study, planted, loss="dino")
 
 
+def test_layers_chosen_on_training_cv_score_the_test_set_without_winners_curse(rng):
+    """Features unrelated to the targets: a peak over layers chosen on the test set is
+    biased up (the maximum of noise); chosen on training CV, its test score is centred on
+    0 (within 3 standard errors)."""
+    from gradbrain.ridge import layerwise_scores
+
+    n_layers, n_targets = 10, 300
+    feats = {f"layer{i}": rng.normal(size=(120, 6)) for i in range(n_layers)}
+    Y = rng.normal(size=(120, n_targets))
+    train, test = np.arange(90), np.arange(90, 120)
+    nc = np.full(n_targets, 100.0)
+    out = layerwise_scores(feats, Y[train], Y[test], train, test, noise_ceiling=nc,
+                           device="cpu")
+    depth = np.linspace(0, 1, n_layers)
+    on_test = hierarchy.chosen_layers(out, depth, nc, select_on="test")
+    on_train = hierarchy.chosen_layers(out, depth, nc, select_on="train")
+    se = out["r"].std() / np.sqrt(n_targets)
+    assert on_test["peak"].mean() > 10 * se
+    assert abs(on_train["peak"].mean()) < 3 * se
+    columns = np.arange(n_targets)
+    np.testing.assert_array_equal(on_train["peak"], out["r_nc"][on_train["index"], columns])
+    np.testing.assert_array_equal(on_train["index"], np.argmax(out["cv_r2"], 0))
+    with pytest.raises(ValueError, match="no training-CV scores"):
+        hierarchy.chosen_layers({"r_nc": out["r_nc"]}, depth, nc)
+
+
+def test_run_chooses_vertices_and_layers_without_the_test_responses(planted):
+    """With select_on="train" the masks and best layers stay the same when every test-set
+    score is replaced by noise; with "test" they follow the noise."""
+    from gradbrain.ridge import fmri_encoding
+
+    study = make_study(0, n_images=N_IMAGES, features=planted, gradient_truth="paper",
+                       noise=0.5, meg=False)
+    fmri = fmri_encoding(study, planted, device="cpu")
+    scrambled = {name: {**out, "r": np.random.default_rng(1).normal(0, .3, out["r"].shape)}
+                 for name, out in fmri.items()}
+    for out in scrambled.values():
+        out["r_nc"] = out["r"] / np.sqrt(study.noise_ceiling() / 100)
+    kw = dict(n_perm=50, n_boot=0, n_perm_chance=0, device="cpu", min_score=0.3)
+    results = {(select_on, name): hierarchy.run(study, planted, fmri=f, select_on=select_on,
+                                                 **kw)
+               for select_on in ("train", "test") for name, f in (("fit", fmri),
+                                                                   ("noise", scrambled))}
+    signal = results["train", "fit"].signal
+    for name in ("activation", signal):
+        np.testing.assert_array_equal(results["train", "fit"].masks[name],
+                                      results["train", "noise"].masks[name])
+        np.testing.assert_array_equal(results["train", "fit"].best[name]["index"],
+                                      results["train", "noise"].best[name]["index"])
+        assert (results["test", "fit"].masks[name] != results["test", "noise"].masks[name]
+                ).any()
+    with pytest.raises(ValueError, match="'select_on' must be one of"):
+        hierarchy.run(study, planted, fmri=fmri, select_on="cv", **kw)
+
+
 # the unique part in `make test-slow` (make test stays under 5 min on 2 cores)
 @pytest.mark.parametrize("gradient_part", ["whole", pytest.param("unique",
                                                                  marks=pytest.mark.slow)])

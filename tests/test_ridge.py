@@ -5,8 +5,11 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-from gradbrain.ridge import RidgeCV, encoding_scores, layerwise_scores, pearson_r
+from gradbrain.ridge import (DEFAULT_ALPHAS, RidgeCV, encoding_scores, layerwise_scores,
+                             pearson_r, standardize)
 
 
 def _problem(rng, n, p, v, constant_column=False):
@@ -444,12 +447,79 @@ def test_layerwise_predictions_equal_scikit_learn(rng):
     for k, layer in enumerate(feats):
         X = feats[layer]
         for j in range(3):  # one alpha per target: one scikit-learn model per target
-            sk = SkRidgeCV(alphas=alphas, cv=KFold(5), scoring="neg_mean_squared_error")
+            sk = make_pipeline(StandardScaler(), SkRidgeCV(
+                alphas=alphas, cv=KFold(5), scoring="neg_mean_squared_error"))
             sk.fit(X[train], Y[train, j])
             np.testing.assert_allclose(out["prediction"][k, :, j], sk.predict(X[test]),
                                        rtol=1e-4, atol=1e-4)
     assert "prediction" not in layerwise_scores(feats, Y[train], Y[test], train, test,
                                                 device="cpu")
+    raw = layerwise_scores(feats, Y[train], Y[test], train, test, alphas=alphas, cv=5,
+                           device="cpu", dtype=torch.float64, return_prediction=True,
+                           standardize_features=False)
+    sk = SkRidgeCV(alphas=alphas, cv=KFold(5)).fit(feats["layer0"][train], Y[train, 0])
+    np.testing.assert_allclose(raw["prediction"][0, :, 0], sk.predict(feats["layer0"][test]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_layer_scores_do_not_depend_on_the_features_units(rng):
+    """Gradients are ~1e-4 the size of activations: with every layer standardised on the
+    training images, scaling a layer's features changes neither alphas nor scores (without
+    it, the smallest alpha of the grid shrank small features to a constant)."""
+    feats = {"layer": rng.normal(size=(100, 8))}
+    Y = feats["layer"] @ rng.normal(size=(8, 4)) + rng.normal(size=(100, 4))
+    train, test = np.arange(80), np.arange(80, 100)
+    out = layerwise_scores(feats, Y[train], Y[test], train, test, device="cpu",
+                           dtype=torch.float64)
+    small = layerwise_scores({"layer": 1e-5 * feats["layer"]}, Y[train], Y[test], train, test,
+                             device="cpu", dtype=torch.float64)
+    np.testing.assert_allclose(small["r"], out["r"], rtol=1e-6)
+    np.testing.assert_array_equal(small["alpha"], out["alpha"])
+    raw = layerwise_scores({"layer": 1e-5 * feats["layer"]}, Y[train], Y[test], train, test,
+                           device="cpu", dtype=torch.float64, standardize_features=False)
+    assert (raw["alpha"] == DEFAULT_ALPHAS[0]).all() and (raw["cv_r2"] < 0.01).all()
+
+
+def test_standardize_is_scikit_learns_standard_scaler_fitted_on_training_rows(rng):
+    train, test = rng.normal(3, 2, size=(30, 4)), rng.normal(size=(5, 4))
+    train[:, 2] = 7.0                                       # a constant column → 0
+    scaler = StandardScaler().fit(train)
+    got_train, got_test = standardize(train, test)
+    np.testing.assert_allclose(got_train, scaler.transform(train), atol=1e-12)
+    np.testing.assert_allclose(got_test[:, [0, 1, 3]], scaler.transform(test)[:, [0, 1, 3]])
+    assert (got_test[:, 2] == 0).all() and (got_train[:, 2] == 0).all()
+    assert standardize(train.astype(np.float32), test)[0].dtype == np.float32
+    with pytest.raises(ValueError, match="same columns"):
+        standardize(train, test[:, :3])
+
+
+def test_cv_r2_is_scikit_learns_out_of_fold_score_and_ignores_the_test_set(rng):
+    """``cv_r2``: the held-out MSE of scikit-learn's Ridge on the same folds at the chosen
+    alpha, over the training variance; replacing the test responses leaves it unchanged."""
+    from sklearn.metrics import mean_squared_error
+
+    feats = {f"layer{i}": rng.normal(size=(100, 8)) for i in range(2)}
+    Y = feats["layer1"] @ rng.normal(size=(8, 3)) + rng.normal(size=(100, 3))
+    train, test = np.arange(80), np.arange(80, 100)
+    alphas = np.logspace(-2, 4, 7)
+    out = layerwise_scores(feats, Y[train], Y[test], train, test, alphas=alphas, cv=KFold(5),
+                           device="cpu", dtype=torch.float64)
+    assert out["cv_r2"].shape == (2, 3)
+    for k, layer in enumerate(feats):
+        X = StandardScaler().fit_transform(feats[layer][train])   # on all training rows
+        for j in range(3):
+            mse = np.mean([mean_squared_error(
+                Y[train][te, j], Ridge(alpha=out["alpha"][k, j]).fit(X[tr], Y[train][tr, j])
+                .predict(X[te])) for tr, te in KFold(5).split(X)])
+            np.testing.assert_allclose(out["cv_r2"][k, j], 1 - mse / Y[train, j].var(),
+                                       rtol=1e-6)
+    assert (out["cv_r2"][1] > out["cv_r2"][0]).all()   # the generating layer wins
+    noise = Y.copy()
+    noise[test] = rng.normal(size=(20, 3))
+    other = layerwise_scores(feats, noise[train], noise[test], train, test, alphas=alphas,
+                             cv=KFold(5), device="cpu", dtype=torch.float64)
+    np.testing.assert_array_equal(other["cv_r2"], out["cv_r2"])
+    assert not np.allclose(other["r"], out["r"])
 
 
 def test_targets_without_data_score_nan_not_zero(rng):
@@ -465,7 +535,7 @@ def test_targets_without_data_score_nan_not_zero(rng):
     with pytest.warns(RuntimeWarning, match="2 of 5 targets hold NaN or inf"):
         out = layerwise_scores(feats, Y_bad[train], Y_bad[test], train, test, device="cpu",
                                noise_ceiling=np.full(5, 50.0), return_prediction=True)
-    for key in ("r", "r_nc", "alpha"):
+    for key in ("r", "r_nc", "alpha", "cv_r2"):
         assert np.isnan(out[key][:, [1, 3]]).all()
         np.testing.assert_allclose(out[key][:, [0, 2, 4]], clean[key][:, [0, 2, 4]], rtol=1e-5)
     assert np.isnan(out["prediction"][:, :, 1]).all()

@@ -19,7 +19,7 @@ from scipy import stats
 
 from ._utils import check_in_allowed
 
-__all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_targets",
+__all__ = ["best_layer", "chosen_layers", "cv_correlation", "SELECTIONS", "hierarchy_regions", "layer_profiles", "reliable_targets",
            "recovery", "summarize_fmri", "temporal_score", "backprop_latency_prediction",
            "summarize_meg", "temporal_table", "layer_permutation_test", "spatial_score",
            "bootstrap_spatial_score", "hierarchy_units", "unit_coordinates", "unit_best_layer",
@@ -31,6 +31,8 @@ __all__ = ["best_layer", "hierarchy_regions", "layer_profiles", "reliable_target
 
 #: What :func:`run` tests of the gradients: as extracted, or beyond activations.
 GRADIENT_PARTS = ("whole", "unique")
+#: Where :func:`run` chooses which vertices enter and each vertex's best layer.
+SELECTIONS = ("train", "test")
 
 
 def best_layer(scores: np.ndarray, depth: np.ndarray) -> dict:
@@ -115,6 +117,67 @@ def unit_coordinates(coordinate: np.ndarray, units: np.ndarray) -> np.ndarray:
     """Median coordinate of each unit's targets, shape (n_units,)."""
     coordinate, units = np.asarray(coordinate, float), np.asarray(units)
     return np.array([np.median(coordinate[units == u]) for u in range(units.max() + 1)])
+
+
+def cv_correlation(cv_r2) -> np.ndarray:
+    """Out-of-fold R² as a correlation: sign(R²)·√|R²|.
+
+    A prediction's R² is at most its squared correlation with the data (the R² of its
+    best linear rescaling), so √R² is a lower bound of the out-of-fold r where R² > 0;
+    below 0 the sign keeps "worse than the mean" below 0.
+
+    Parameters
+    ----------
+    cv_r2 : array-like
+        Out-of-fold R² (e.g. ``cv_r2`` of :func:`gradbrain.ridge.layerwise_scores`).
+
+    Returns
+    -------
+    ndarray of the same shape
+    """
+    cv_r2 = np.asarray(cv_r2, dtype=float)
+    return np.sign(cv_r2) * np.sqrt(np.abs(cv_r2))
+
+
+def chosen_layers(encoding: dict, depth: np.ndarray, noise_ceiling, *,
+                  select_on: str = "train") -> dict:
+    """Each target's best layer, chosen on training CV (or the test set) and scored on test.
+
+    Parameters
+    ----------
+    encoding : dict
+        One signal of :func:`gradbrain.ridge.fmri_encoding`: ``r_nc`` and ``cv_r2``, each
+        of shape (n_layers, n_targets).
+    depth : ndarray of shape (n_layers,)
+    noise_ceiling : ndarray of shape (n_targets,)
+        NC in percent; the training scores are normalised by it as the test ones are.
+    select_on : {"train", "test"}
+        Choose on the training images' out-of-fold score (:func:`cv_correlation` of
+        ``cv_r2`` over √NC) or on the test score ``r_nc``.
+
+    Returns
+    -------
+    dict with ``index`` (n_targets,) int, ``depth`` (n_targets,), ``chosen_score``
+    (n_targets,) the score the choice was made on, at the chosen layer (r / √NC), and
+    ``peak`` (n_targets,) the test ``r_nc`` at the chosen layer — not biased by the
+    choice when it was made on training CV.
+    """
+    check_in_allowed("select_on", select_on, SELECTIONS)
+    r_nc = np.asarray(encoding["r_nc"], dtype=float)
+    if select_on == "train":
+        if "cv_r2" not in encoding:
+            raise ValueError("These encoding results have no training-CV scores ('cv_r2'; "
+                             "results from an older gradbrain): recompute them with "
+                             "gradbrain.ridge.fmri_encoding, or pass select_on='test'.")
+        nc = np.asarray(noise_ceiling, dtype=float) / 100
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(nc > 0, cv_correlation(encoding["cv_r2"]) / np.sqrt(nc), np.nan)
+    else:
+        score = r_nc
+    chosen = best_layer(score, depth)
+    columns = np.arange(r_nc.shape[1])
+    return {"index": chosen["index"], "depth": chosen["depth"],
+            "chosen_score": chosen["peak"], "peak": r_nc[chosen["index"], columns]}
 
 
 def unit_best_layer(scores: np.ndarray, units: np.ndarray, depth: np.ndarray, *,
@@ -1094,11 +1157,13 @@ class HierarchyResult:
         The encoding results (:func:`gradbrain.ridge.fmri_encoding`,
         :func:`gradbrain.meg.meg_encoding`).
     best : dict
-        Best-layer maps per signal (:func:`best_layer`).
+        Best-layer maps per signal (:func:`chosen_layers`: chosen as ``select_on`` says,
+        ``peak`` the test score there).
     reliable : ndarray of bool or None
         Vertices with NC ≥ ``min_noise_ceiling``.
     masks : dict of str to ndarray of bool
-        Per signal, the vertices its spatial tests used (reliable and predicted).
+        Per signal, the vertices its spatial tests used (reliable and predicted, on the
+        scores ``select_on`` names).
     units : ndarray of int, shape (n_vertices,), or None
         Unit of every vertex in the spatial tests (-1: not reliable).
     unit_best : dict of str to dict
@@ -1461,7 +1526,8 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         n_boot: int = 1000, ci: float = 0.95, seed: int = 0, cv: int = 5, device=None,
         fmri: dict | None = None, meg: dict | None = None, meg_study=None,
         meg_features=None, gradient_part: str = "whole", n_perm_chance: int = 1000,
-        margins: dict | None = None, progress: bool = False) -> HierarchyResult:
+        margins: dict | None = None, select_on: str = "train",
+        progress: bool = False) -> HierarchyResult:
     """Test whether a study's gradient signals follow the brain's hierarchies like backprop.
 
     Predictions (each with its null; all one-sided at ``alpha``):
@@ -1510,7 +1576,20 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         Gradient signal to test; default the first loss of ``features``.
     min_noise_ceiling, min_score : float
         Vertices enter the spatial tests if NC ≥ ``min_noise_ceiling`` (%) and the
-        signal's peak score (r / √NC) > ``min_score``.
+        signal's peak score (r / √NC, at the layer chosen as ``select_on`` says) >
+        ``min_score``.
+    select_on : {"train", "test"}
+        Where the choices made before testing are made: which vertices a signal
+        predicts (the ``min_score`` mask) and each vertex's best layer, at which its
+        score (``best[signal]["peak"]``, the gains of prediction 3a) is read on the test
+        images. ``"train"`` (default) chooses on the training images' out-of-fold scores
+        (``cv_r2`` of :func:`gradbrain.ridge.fmri_encoding`, as a correlation √R² over
+        √NC, a lower bound of the out-of-fold r), so the test set is not used both to
+        choose and to measure: a peak over layers chosen on the test set is biased up by
+        the noise of the layers' scores. ``"test"`` chooses on the test scores (before
+        version 3 of the simulated tables). Either way the units' best layers of the
+        spatial scores are a test-set measurement, resampled by their bootstrap and
+        permuted by their null.
     n_units : int
         Bins of the hierarchy coordinate the spatial tests count as observations.
     n_perm, n_boot, ci, seed : int, int, float, int
@@ -1561,6 +1640,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                            pool="mean", device=device, progress=progress)
     loss = resolve_loss(features, loss)
     check_in_allowed("gradient_part", gradient_part, GRADIENT_PARTS)
+    check_in_allowed("select_on", select_on, SELECTIONS)
     margins = dict(margins or {})
     unknown = set(margins) - set(ESTIMATES)
     if unknown:
@@ -1603,10 +1683,11 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     if study.betas is not None:
         fmri = fmri or fmri_encoding(study, features, cv=cv, device=device, progress=progress,
                                      return_prediction=n_boot > 0 or n_perm_chance > 0)
-        best = {name: best_layer(out["r_nc"], depth) for name, out in fmri.items()}
         nc = study.noise_ceiling()
+        best = {name: chosen_layers(out, depth, nc, select_on=select_on)
+                for name, out in fmri.items()}
         reliable = nc >= min_noise_ceiling
-        usable = {name: reliable & (b["peak"] > min_score) for name, b in best.items()}
+        usable = {name: reliable & (b["chosen_score"] > min_score) for name, b in best.items()}
         units = hierarchy_units(study.hierarchy, reliable, n_units)
         coordinate = unit_coordinates(study.hierarchy, units) if units.max() >= 0 else \
             np.zeros(0)
@@ -1852,7 +1933,7 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
 
 #: Bump when a change to the simulation or the tests changes simulated statistics: cached
 #: and shipped tables of :func:`simulate_tests` carry it in their key.
-SIMULATION_VERSION = 2   # 2: rows of the estimates' equivalence decisions added
+SIMULATION_VERSION = 3   # 2: the estimates' equivalence rows; 3: selection on training CV
 _REFERENCE = Path(__file__).parent / "reference"
 
 
@@ -1866,7 +1947,7 @@ def _simulation_key(features, n_images: int, noise: float, modalities: dict,
                 if p.default is not inspect.Parameter.empty}
     settings = {name: run_kwargs.get(name, defaults[name]) for name in (
         "alpha", "min_noise_ceiling", "min_score", "n_units", "n_perm", "n_boot", "ci", "cv",
-        "gradient_part")}
+        "gradient_part", "select_on")}
     loss = run_kwargs.get("loss") or features.losses[0]
     return {"version": SIMULATION_VERSION, "model": features.model,
             "weights": features.weights, "pool": features.pool, "loss": loss,

@@ -26,7 +26,7 @@ from sklearn.base import BaseEstimator
 
 from ._utils import check_in_allowed, resolve_device
 from .ridge import (DEFAULT_ALPHAS, SCORINGS, RidgeCV, _check_alphas, _is_complement,
-                    check_folds, check_same_images, pearson_r)
+                    check_folds, check_same_images, pearson_r, standardize)
 
 __all__ = ["average_by_image", "encode_time_resolved", "decode_time_resolved",
            "decode_category", "SlidingRidgeCV", "peak_latency", "bootstrap_curves",
@@ -679,7 +679,7 @@ def _meg_split(study, cv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: float = 0.95,
                  n_boot: int = 1000, ci: float = 0.95, seed: int = 0, n_perm: int = 200,
                  latency_alpha: float = 0.05, device=None, dtype=None,
-                 progress: bool = False) -> dict:
+                 standardize_features: bool = True, progress: bool = False) -> dict:
     """Time-resolved encoding of a study's MEG from every layer's activations and gradients.
 
     Training images (``study.split == "train"``) fit the models and choose the alphas;
@@ -708,6 +708,10 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
     n_perm, latency_alpha : int, float
         Shuffles of the peak test and its level (``latency_alpha=1`` keeps every layer's
         latency, as before the gate).
+    standardize_features : bool
+        Z-score each layer's feature columns on the training images before the ridge
+        (:func:`gradbrain.ridge.standardize`), so that one grid of ``alphas`` suits
+        activations and gradients alike.
 
     Returns
     -------
@@ -744,7 +748,10 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         r, predictions = [], []
         for layer in tqdm(layers, desc=f"MEG encoding, {name}", disable=not progress):
             X = np.asarray(per_layer[layer])
-            out = encode_time_resolved(X[train], Y_train, X[test], Y_test, alphas=alphas, cv=cv,
+            X_train, X_test = X[train], X[test]
+            if standardize_features:
+                X_train, X_test = standardize(X_train, X_test)
+            out = encode_time_resolved(X_train, Y_train, X_test, Y_test, alphas=alphas, cv=cv,
                                        device=device, dtype=dtype, return_prediction=True)
             r.append(out["r"])
             predictions.append(out["prediction"].astype(np.float32))

@@ -38,7 +38,7 @@ from ._utils import check_in_allowed, resolve_device
 __all__ = [
     "RidgeCV", "check_folds", "encoding_scores", "layerwise_scores", "fmri_encoding",
     "pearson_r", "shuffled_correlations", "variance_partition", "fmri_partition",
-    "PARTITION", "DEFAULT_ALPHAS", "SCORINGS",
+    "PARTITION", "DEFAULT_ALPHAS", "SCORINGS", "standardize",
 ]
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(0, 8, 10))  # 1e0 … 1e8
@@ -837,9 +837,14 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
     dict with ``r`` (n_targets,) Pearson correlation on the test set, ``r_nc``
     (n_targets,) = r / sqrt(NC / 100), the fraction of the largest correlation the
     noise allows (NaN where NC = 0; only with ``noise_ceiling``), ``alpha``
-    (n_targets,) the selected alphas and, if asked, ``prediction`` (n_test, n_targets).
-    Targets holding NaN or inf (in training or test responses) are left out of the fit
-    with a warning; their ``r``, ``r_nc``, ``alpha`` and predictions are NaN.
+    (n_targets,) the selected alphas, ``cv_r2`` (n_targets,) the out-of-fold R² of the
+    training images at the selected alpha — ``1 − MSE / var(Y_train)``, the held-out MSE
+    averaged over the folds that chose the alpha and the variance taken over all
+    training images (ddof 0); a score that never looks at the test set, for choosing
+    targets and layers before testing — and, if asked, ``prediction`` (n_test,
+    n_targets). Targets holding NaN or inf (in training or test responses) are left out
+    of the fit with a warning; their ``r``, ``r_nc``, ``alpha``, ``cv_r2`` and
+    predictions are NaN.
     """
     Y_train = Y_train if isinstance(Y_train, torch.Tensor) else np.asarray(Y_train)
     Y_test = np.asarray(Y_test)
@@ -867,7 +872,15 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
                     targets_batch=targets_batch).fit(X_train, Y_train, groups=groups)
     prediction = model.predict(X_test).reshape(len(X_test), -1)           # (n_test, n_targets)
     r = _scatter_targets(pearson_r(Y_test, prediction), finite)
-    out = {"r": r, "alpha": _scatter_targets(np.asarray(model.alpha_, dtype=float), finite)}
+    if isinstance(Y_train, torch.Tensor):
+        variance = Y_train.double().var(0, unbiased=False).cpu().numpy()
+    else:
+        variance = np.asarray(Y_train, dtype=float).var(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cv_r2 = np.where(variance > 0, 1 + np.asarray(model.best_score_, float).reshape(-1)
+                         / np.where(variance > 0, variance, 1), np.nan)
+    out = {"r": r, "alpha": _scatter_targets(np.asarray(model.alpha_, dtype=float), finite),
+           "cv_r2": _scatter_targets(cv_r2, finite)}
     if return_prediction:
         out["prediction"] = _scatter_targets(np.asarray(prediction, dtype=np.float32), finite)
     if noise_ceiling is not None:
@@ -878,7 +891,8 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
 
 def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *,
                      noise_ceiling=None, alphas=DEFAULT_ALPHAS, cv=5, groups=None, device=None,
-                     dtype=None, progress: bool = False, return_prediction: bool = False) -> dict:
+                     dtype=None, standardize_features: bool = True, progress: bool = False,
+                     return_prediction: bool = False) -> dict:
     """Encoding scores of every layer's features in one call.
 
     Parameters
@@ -891,13 +905,18 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
         Rows of the feature matrices for the training and test images.
     cv, groups
         Folds that choose the alphas, and the training images' group labels.
+    standardize_features : bool
+        Z-score each layer's feature columns on the training images first
+        (:func:`standardize`), so that ``alphas`` mean the same for every layer and
+        signal. Without it, the alphas apply to the features' own units.
     return_prediction : bool
         Also return every layer's test-set prediction.
 
     Returns
     -------
     dict with ``r`` and (with ``noise_ceiling``) ``r_nc``, each ndarray of shape
-    (n_layers, n_targets), ``alpha`` (n_layers, n_targets), ``layers`` and, if asked,
+    (n_layers, n_targets), ``alpha`` and ``cv_r2`` (n_layers, n_targets; the training
+    images' out-of-fold R², see :func:`encoding_scores`), ``layers`` and, if asked,
     ``prediction`` (n_layers, n_test, n_targets), float32. Targets with NaN or inf
     responses get NaN (one warning).
     """
@@ -924,32 +943,64 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
     # target-side work done once for all layers: the targets on the device
     Y_train_t = _to_tensor(Y_train[:, finite], device, dtype)
     Y_test = Y_test[:, finite]
-    results = {"layers": list(features), "r": [], "alpha": []}
+    results = {"layers": list(features), "r": [], "alpha": [], "cv_r2": []}
     if noise_ceiling is not None:
         results["r_nc"] = []
     if return_prediction:
         results["prediction"] = []
     for layer in tqdm(list(features), desc="layers", disable=not progress):
         X = np.asarray(features[layer])
-        out = encoding_scores(X[train_index], Y_train_t, X[test_index], Y_test,
+        X_train, X_test = X[train_index], X[test_index]
+        if standardize_features:
+            X_train, X_test = standardize(X_train, X_test)
+        out = encoding_scores(X_train, Y_train_t, X_test, Y_test,
                               noise_ceiling=nc, alphas=alphas, cv=cv, groups=groups,
                               device=device, dtype=dtype, return_prediction=return_prediction)
         for key in out:
             results[key].append(out[key])
-    for key in ("r", "alpha", "r_nc", "prediction"):
+    for key in ("r", "alpha", "cv_r2", "r_nc", "prediction"):
         if key in results:
             results[key] = _scatter_targets(np.stack(results[key]), finite)
     return results
 
 
+def standardize(train, test, *, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """Z-score feature columns with the training rows' mean and sd (constant columns → 0).
+
+    What scikit-learn's ``StandardScaler`` fitted on the training rows does, so that one
+    grid of alphas fits every layer and signal: gradient features are orders of magnitude
+    smaller than activations, and unscaled they met every alpha as an infinite penalty.
+
+    Parameters
+    ----------
+    train : array of shape (n_train, n_features)
+    test : array of shape (n_test, n_features)
+    dtype : numpy dtype or None
+        Of the results; default that of ``train`` for floats (float64 otherwise).
+
+    Returns
+    -------
+    (train, test) standardised, of shapes (n_train, n_features) and (n_test, n_features)
+    """
+    train, test = np.asarray(train), np.asarray(test)
+    if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
+        raise ValueError(f"'train' and 'test' must be 2-D with the same columns; got "
+                         f"{train.shape} and {test.shape}.")
+    if dtype is None:
+        dtype = train.dtype if np.issubdtype(train.dtype, np.floating) else np.float64
+    mean = train.mean(0, dtype=np.float64)
+    sd = train.std(0, dtype=np.float64)
+    sd = np.where(sd > 0, sd, np.inf)
+    return (((train - mean) / sd).astype(dtype, copy=False),
+            ((test - mean) / sd).astype(dtype, copy=False))
+
+
 def _scaled_band(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A feature band z-scored on its training rows (constant columns → 0) and weighted
     1/√p, so that every band has the same total variance in a joint model."""
-    train, test = np.asarray(train, np.float64), np.asarray(test, np.float64)
-    mean, sd = train.mean(0), train.std(0)
-    sd = np.where(sd > 0, sd, np.inf)
+    train, test = standardize(train, test, dtype=np.float64)
     weight = 1 / np.sqrt(train.shape[1])
-    return (train - mean) / sd * weight, (test - mean) / sd * weight
+    return train * weight, test * weight
 
 
 def _test_r2(y_test: np.ndarray, prediction: np.ndarray) -> np.ndarray:
@@ -1140,12 +1191,15 @@ def fmri_partition(study, features, *, loss: str | None = None, layers=None,
 
 
 def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, device=None,
-                  dtype=None, progress: bool = False, return_prediction: bool = False) -> dict:
+                  dtype=None, standardize_features: bool = True, progress: bool = False,
+                  return_prediction: bool = False) -> dict:
     """Encode a study's fMRI from every layer's activations and gradients.
 
     The test set is held out as NSD does: images with ``study.split == "test"`` (NSD's
-    shared images) are never used for fitting or choosing alphas. Responses are the
-    mean over repeats; scores are NC-normalised with ``study.noise_ceiling()``.
+    shared images) are never used for fitting, choosing alphas or standardising the
+    features (each layer's columns are z-scored on the training images, see
+    ``standardize_features`` of :func:`layerwise_scores`). Responses are the mean over
+    repeats; scores are NC-normalised with ``study.noise_ceiling()``.
 
     Parameters
     ----------
@@ -1192,7 +1246,8 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, 
     out = {
         name: layerwise_scores(per_layer, Y[train], Y[test], train, test, noise_ceiling=nc,
                                alphas=alphas, cv=cv, groups=groups, device=device, dtype=dtype,
-                               progress=progress, return_prediction=return_prediction)
+                               standardize_features=standardize_features, progress=progress,
+                               return_prediction=return_prediction)
         for name, per_layer in signals(features).items()
     }
     if return_prediction:
