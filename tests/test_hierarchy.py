@@ -622,6 +622,57 @@ def test_error_rate_figure_shows_every_rate_and_marks_the_expected_cells():
     assert len(ax.patches) == n_boxes
 
 
+def _verdict_table(held_backprop, held_none):
+    part = hierarchy.VERDICT_BACKPROP
+    return pd.DataFrame([{"truth": t, "seed": s, "part": part, "value": np.nan,
+                          "holds": bool(h)}
+                         for t, hs in (("backprop", held_backprop), ("none", held_none))
+                         for s, h in enumerate(hs)])
+
+
+def test_power_curve_counts_each_grid_point_and_says_what_size_is_needed(tmp_path):
+    """Rates per point are hand counts; the sentence names the first size whose Wilson
+    lower bound reaches the target, or says that none does."""
+    part = hierarchy.VERDICT_BACKPROP
+    sims = {("ImageNet", 100, 20, 1.0): _verdict_table([1, 0, 0, 1, 0, 0, 0, 0], [0] * 8),
+            ("ImageNet", 200, 40, 1.0): _verdict_table([1] * 20, [1] + [0] * 19),
+            ("random-init", 100, 20, 1.0): _verdict_table([0] * 8, [0] * 8),
+            ("random-init", 200, 40, 1.0): _verdict_table([1, 1, 0, 0] * 2, [0] * 8)}
+    curve = hierarchy.power_curve(sims)
+    assert list(curve.columns[:4]) == ["weights", "n_images", "n_test", "noise"]
+    rows = curve[curve.part == part].set_index(["weights", "n_images"])
+    assert rows.loc[("ImageNet", 100), "power"] == 2 / 8
+    assert rows.loc[("ImageNet", 200), "fpr"] == 1 / 20
+    assert rows.loc[("random-init", 200), "power"] == 0.5
+    assert rows.loc[("ImageNet", 200), "n_seeds"] == 20
+    ci = stats.binomtest(20, 20).proportion_ci(method="wilson")
+    assert rows.loc[("ImageNet", 200), "power_low"] == pytest.approx(ci.low)
+    text = hierarchy.power_curve_summary(curve)
+    imagenet, control = text.split("\n")
+    assert "**200 images** are enough for a power of 80 %" in imagenet   # 20/20: ≥ 0.84
+    assert "**no size tried is enough**" in control and "50 % at 200 images" in control
+    assert "100 images (20 test): power 25 % [" in imagenet
+    path = tmp_path / "curve.csv.gz"
+    curve.to_csv(path, index=False)
+    pd.testing.assert_frame_equal(hierarchy.read_power_curve(path), curve)
+    with pytest.raises(FileNotFoundError, match="power_curve.py --ship"):
+        hierarchy.read_power_curve(tmp_path / "missing.csv.gz")
+    with pytest.raises(ValueError, match="no rows for .* at noise 2"):
+        hierarchy.power_curve_summary(curve, noise=2.0)
+    with pytest.raises(ValueError, match="must be tuples"):
+        hierarchy.power_curve({("ImageNet", 100): sims["ImageNet", 100, 20, 1.0]})
+
+    from gradbrain.plotting import plot_power_curve
+
+    fig = plot_power_curve(curve, alpha=0.05)
+    assert fig.axes[0].get_title() == "ImageNet weights" and len(fig.axes) == 4
+    power_line = fig.axes[0].lines[0]       # ImageNet, power, noise 1
+    np.testing.assert_allclose(np.asarray(power_line.get_ydata(), float), [2 / 8, 1.0])
+    for ax in fig.axes:
+        assert ax.get_ylim() == pytest.approx((-0.03, 1.03))
+    assert fig.axes[0].get_ylabel() and fig.axes[2].get_xlabel()
+
+
 def test_best_course_figure_marks_exactly_the_significant_times():
     from gradbrain.plotting import plot_best_courses
 

@@ -19,7 +19,8 @@ from scipy import stats
 
 from ._utils import check_in_allowed
 
-__all__ = ["best_layer", "chosen_layers", "cv_correlation", "SELECTIONS", "hierarchy_regions", "layer_profiles", "reliable_targets",
+__all__ = ["best_layer", "chosen_layers", "cv_correlation", "SELECTIONS", "hierarchy_regions",
+           "layer_profiles", "reliable_targets",
            "recovery", "summarize_fmri", "temporal_score", "backprop_latency_prediction",
            "summarize_meg", "temporal_table", "layer_permutation_test", "spatial_score",
            "bootstrap_spatial_score", "hierarchy_units", "unit_coordinates", "unit_best_layer",
@@ -27,7 +28,8 @@ __all__ = ["best_layer", "chosen_layers", "cv_correlation", "SELECTIONS", "hiera
            "HierarchyResult", "run", "GRADIENT_PARTS", "simulate_tests", "error_rates",
            "model_null_p", "write_reference", "TEST_TRUTHS", "VERDICT_BACKPROP",
            "VERDICT_PAPER", "ESTIMATES", "equivalence", "divergence_p",
-           "divergence_rates"]
+           "divergence_rates", "power_curve", "read_power_curve", "power_curve_summary",
+           "POWER_CURVE"]
 
 #: What :func:`run` tests of the gradients: as extracted, or beyond activations.
 GRADIENT_PARTS = ("whole", "unique")
@@ -1316,8 +1318,9 @@ class HierarchyResult:
         Returns
         -------
         DataFrame with columns ``feature`` (``"activation"`` or ``"gradient"``), ``loss``
-        (empty for activations), and where fMRI was tested ``fmri_score`` (median peak
-        r/√NC over reliable vertices), ``spatial``, ``spatial_p`` (Spearman; shuffled
+        (empty for activations), and where fMRI was tested ``fmri_score`` (median over
+        reliable vertices of the test r/√NC at each vertex's best layer, chosen as
+        ``select_on`` said), ``spatial``, ``spatial_p`` (Spearman; shuffled
         layers), ``spatial_ci_low`` and ``spatial_ci_high`` (bootstrap over test images);
         where MEG was tested ``meg_score`` (best r(t) over layers),
         ``temporal``, ``temporal_p``, ``temporal_ci_low`` and ``temporal_ci_high``
@@ -2215,6 +2218,113 @@ def error_rates(simulated: pd.DataFrame, *, null: str = "nominal",
                                     if truth in held.index else np.nan)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+#: Where :func:`read_power_curve` finds the shipped grid (``benchmarks/power_curve.py``).
+POWER_CURVE = _REFERENCE / "power_curve.csv.gz"
+_POWER_LABELS = ("weights", "n_images", "n_test", "noise")
+
+
+def power_curve(simulations: dict, *, alpha: float = 0.05) -> pd.DataFrame:
+    """Error rates of every test along a grid of models, sizes and noise levels.
+
+    Parameters
+    ----------
+    simulations : dict
+        ``(weights, n_images, n_test, noise)`` → the table :func:`simulate_tests` made
+        at that grid point (``weights`` a label such as ``"ImageNet"``; ``n_test`` the
+        study's test images).
+    alpha : float
+        Level of the decisions (nominal: as :func:`run` decided them).
+
+    Returns
+    -------
+    DataFrame: :func:`error_rates` of each point, with ``weights``, ``n_images``,
+    ``n_test`` and ``noise`` first and ``n_seeds`` (studies per truth) last.
+    """
+    if not simulations:
+        raise ValueError("'simulations' is empty: give at least one grid point.")
+    frames = []
+    for point, simulated in simulations.items():
+        if not isinstance(point, tuple) or len(point) != len(_POWER_LABELS):
+            raise ValueError(f"Keys of 'simulations' must be tuples {_POWER_LABELS}; got "
+                             f"{point!r}.")
+        rates = error_rates(simulated, alpha=alpha)
+        for name, value in reversed(list(zip(_POWER_LABELS, point))):
+            rates.insert(0, name, value)
+        rates["n_seeds"] = int(simulated.groupby("truth").seed.nunique().min())
+        frames.append(rates)
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_power_curve(path=None) -> pd.DataFrame:
+    """The shipped power curve (:func:`power_curve` of ``benchmarks/power_curve.py``).
+
+    Parameters
+    ----------
+    path : path-like or None
+        Another table written the same way; default :data:`POWER_CURVE`.
+
+    Returns
+    -------
+    DataFrame
+    """
+    path = Path(POWER_CURVE if path is None else path)
+    if not path.exists():
+        raise FileNotFoundError(f"No power curve at {path}: make one with "
+                                "'python benchmarks/power_curve.py --ship'.")
+    table = pd.read_csv(path)
+    missing = {*_POWER_LABELS, "part", "power", "fpr"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{path} is not a power curve: it lacks the columns "
+                         f"{sorted(missing)}.")
+    return table
+
+
+def power_curve_summary(table: pd.DataFrame, *, part: str = VERDICT_BACKPROP,
+                        target: float = 0.8, noise: float = 1.0) -> str:
+    """What sample size the ``part`` needs, in words, per set of weights (Markdown).
+
+    Parameters
+    ----------
+    table : DataFrame
+        :func:`power_curve` or :func:`read_power_curve`.
+    part : str
+        The test or verdict (default: "consistent with backprop").
+    target : float
+        Power a size must reach — its Wilson lower bound, so that a lucky few seeds do
+        not count.
+    noise : float
+        The noise level the sentence is about.
+
+    Returns
+    -------
+    str, one paragraph per ``weights``.
+    """
+    rows = table[(table.part == part) & np.isclose(table.noise, noise)]
+    if rows.empty:
+        raise ValueError(f"The table has no rows for {part!r} at noise {noise}; it has "
+                         f"noise levels {sorted(set(table.noise))}.")
+    lines = []
+    for weights, mine in rows.groupby("weights", sort=False):
+        mine = mine.sort_values("n_images")
+        sizes = "; ".join(
+            f"{r.n_images} images ({r.n_test} test): power "
+            f"{_pct(r.power, r.power_low, r.power_high)}, false positives "
+            f"{_pct(r.fpr, r.fpr_low, r.fpr_high)}" for r in mine.itertuples())
+        enough = mine[mine.power_low >= target]
+        if len(enough):
+            need = (f"**{enough.n_images.iloc[0]} images** are enough for a power of "
+                    f"{100 * target:.0f} % (lower bound of its interval)")
+        else:
+            best = mine.loc[mine.power.idxmax()]
+            need = (f"**no size tried is enough** for a power of {100 * target:.0f} % (lower "
+                    f"bound of its interval; best: {100 * best.power:.0f} % at "
+                    f"{best.n_images} images) — "
+                    "more images, or more seeds to narrow the intervals, are needed")
+        lines.append(f"- {weights} weights, noise {noise:g} ({int(mine.n_seeds.min())} "
+                     f"studies per truth and size): {sizes}. {need}.")
+    return "\n".join(lines)
 
 
 def model_null_p(part: str, value: float, simulated: pd.DataFrame) -> tuple[float, int]:

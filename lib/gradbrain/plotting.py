@@ -559,3 +559,60 @@ def plot_error_rates(rates: pd.DataFrame, *, alpha: float | None = None, label: 
                  "false positives; black: should hold, power)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_power_curve(table: pd.DataFrame, *, part: str | None = None,
+                     alpha: float | None = None):
+    """Power and false-positive rate of a test against the number of images, per noise level.
+
+    Parameters
+    ----------
+    table : DataFrame
+        :func:`gradbrain.hierarchy.power_curve` (or its shipped copy,
+        :func:`gradbrain.hierarchy.read_power_curve`).
+    part : str or None
+        The test or verdict drawn; default the verdict "consistent with backprop".
+    alpha : float or None
+        The tests' level: drawn as a dashed line on the false-positive panels.
+
+    Returns
+    -------
+    Figure: columns = the models' weights; top row power (under a planted backprop),
+    bottom row false-positive rate (under the truths where the prediction is false);
+    one line per noise level, Wilson 95 % intervals as error bars.
+    """
+    from .hierarchy import VERDICT_BACKPROP
+
+    part = VERDICT_BACKPROP if part is None else part
+    rows = table[table.part == part]
+    if rows.empty:
+        raise ValueError(f"The table has no rows for {part!r}; it has {sorted(set(table.part))}.")
+    weights = list(dict.fromkeys(rows.weights))
+    noises = sorted(set(rows.noise))
+    palette = sns.color_palette("viridis", len(noises))
+    fig, axes = plt.subplots(2, len(weights), figsize=(3.6 * len(weights) + 0.8, 5.6),
+                             sharex=True, sharey=True, squeeze=False)
+    for j, name in enumerate(weights):
+        for i, (rate, label) in enumerate((("power", "power (planted backprop found)"),
+                                           ("fpr", "false-positive rate"))):
+            ax = axes[i, j]
+            for colour, noise in zip(palette, noises):
+                line = rows[(rows.weights == name) & (rows.noise == noise)].sort_values(
+                    "n_images")
+                err = np.vstack([line[rate] - line[f"{rate}_low"],
+                                 line[f"{rate}_high"] - line[rate]])
+                ax.errorbar(line.n_images, line[rate], yerr=err, marker="o", capsize=3,
+                            color=colour, label=f"{noise:g}")
+            if rate == "fpr" and alpha is not None:
+                ax.axhline(alpha, color="grey", ls="--", lw=1)
+            ax.set_ylim(-0.03, 1.03)
+            if j == 0:
+                ax.set_ylabel(label)
+            if i == 1:
+                ax.set_xlabel("images in the simulated study")
+            if i == 0:
+                ax.set_title(f"{name} weights", fontsize=10)
+    axes[0, -1].legend(title="noise (sd)", fontsize=8, title_fontsize=8, loc="best")
+    fig.suptitle(f"{part}: power and false positives against sample size", fontsize=10)
+    fig.tight_layout()
+    return fig
