@@ -307,22 +307,29 @@ def _judge(planted, truth, seed):
                          n_perm_chance=200)
 
 
-# seed 0 runs in `make test`; the other two simulated participants in `make test-slow`
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow),
-                                  pytest.param(2, marks=pytest.mark.slow)])
-def test_run_recovers_each_planted_truth(planted, seed, tmp_path):
+# `make test` judges seed 0's backprop and paper studies; `make test-slow` all four truths
+# of three simulated participants (make test stays under 5 min on 2 cores)
+ALL_TRUTHS = ("backprop", "none", "forward", "paper")
+
+
+@pytest.mark.parametrize("seed, truths", [
+    (0, ("backprop", "paper")),
+    pytest.param(0, ALL_TRUTHS, marks=pytest.mark.slow),
+    pytest.param(1, ALL_TRUTHS, marks=pytest.mark.slow),
+    pytest.param(2, ALL_TRUTHS, marks=pytest.mark.slow)])
+def test_run_recovers_each_planted_truth(planted, seed, truths, tmp_path):
     """backprop: consistent with backprop; none, forward, paper: not; paper: paper's finding."""
-    verdicts = {truth: _judge(planted, truth, seed)
-                for truth in ("backprop", "none", "forward", "paper")}
+    verdicts = {truth: _judge(planted, truth, seed) for truth in truths}
     assert verdicts["backprop"].consistent_with_backprop
-    for truth in ("none", "forward", "paper"):
+    for truth in set(truths) - {"backprop"}:
         assert not verdicts[truth].consistent_with_backprop, truth
     assert verdicts["paper"].paper_finding
-    assert not verdicts["none"].paper_finding
-    # forward fails on time, not on space; paper fails on space
-    assert verdicts["forward"].predictions["1 spatial"]
-    assert not verdicts["forward"].predictions["2 temporal"]
+    # paper fails on space; forward fails on time, not on space
     assert not verdicts["paper"].predictions["1 spatial"]
+    if "forward" in verdicts:
+        assert not verdicts["none"].paper_finding
+        assert verdicts["forward"].predictions["1 spatial"]
+        assert not verdicts["forward"].predictions["2 temporal"]
     summary = verdicts["backprop"].summary()
     assert "is consistent with a biological backpropagation" in summary
     tests = verdicts["backprop"].tests
@@ -338,11 +345,12 @@ def test_run_recovers_each_planted_truth(planted, seed, tmp_path):
     # the hierarchy) and only late times (planted at 350-600 ms)
     chance = {t: v.above_chance.set_index(["signal", "level"]) for t, v in verdicts.items()}
     grad = "gradient (ce)"
-    assert chance["none"].loc[(grad, "reliable vertices"), "n_significant"] <= 0.01 * \
-        chance["none"].loc[(grad, "reliable vertices"), "n_tested"]
-    assert chance["none"].loc[[(grad, "units"), (grad, "time points")],
-                              "n_significant"].sum() <= 1
-    assert chance["none"].loc[("activation", "units"), "share"] == 1
+    if "none" in verdicts:
+        assert chance["none"].loc[(grad, "reliable vertices"), "n_significant"] <= 0.01 * \
+            chance["none"].loc[(grad, "reliable vertices"), "n_tested"]
+        assert chance["none"].loc[[(grad, "units"), (grad, "time points")],
+                                  "n_significant"].sum() <= 1
+        assert chance["none"].loc[("activation", "units"), "share"] == 1
     units = verdicts["paper"].chance_maps[grad]["units"]["significant"]
     # BH keeps the expected share of false discoveries at α, not every study's: the
     # units' p-values are positively dependent (neighbours share noise), so a seed can
@@ -358,14 +366,15 @@ def test_run_recovers_each_planted_truth(planted, seed, tmp_path):
                                  for k in ("spatial", "temporal", "timing"))
     assert est["backprop"].loc[[spatial, temporal], "equivalent"].all()
     assert not est["backprop"].loc[[spatial, temporal], "diverges"].any()
-    for truth in ("none", "paper"):
+    for truth in set(truths) & {"none", "paper"}:
         assert est[truth].loc[spatial, "diverges"] and not est[truth].loc[spatial, "equivalent"]
-    assert est["forward"].loc[spatial, "equivalent"]   # gradients where activations are
-    assert est["forward"].loc[temporal, "value"] < -1.5 and est["forward"].loc[temporal,
-                                                                              "diverges"]
-    assert np.isnan(est["none"].loc[temporal, "value"])   # no gradient latency at all
-    assert est["forward"].loc[timing, "diverges"] and np.isnan(est["forward"].loc[timing,
-                                                                                  "p_tost"])
+    if "forward" in verdicts:
+        assert est["forward"].loc[spatial, "equivalent"]   # gradients where activations are
+        assert est["forward"].loc[temporal, "value"] < -1.5 and est["forward"].loc[
+            temporal, "diverges"]
+        assert np.isnan(est["none"].loc[temporal, "value"])   # no gradient latency at all
+        assert est["forward"].loc[timing, "diverges"] and np.isnan(
+            est["forward"].loc[timing, "p_tost"])
     scores = verdicts["paper"].scores.query("score == 'spatial'").set_index("signal")
     assert est["paper"].loc[spatial, "value"] == pytest.approx(
         scores.loc["gradient (ce)", "spearman"] - scores.loc["activation", "spearman"])
