@@ -659,11 +659,15 @@ def test_power_curve_counts_each_grid_point_and_says_what_size_is_needed(tmp_pat
     text = hierarchy.power_curve_summary(curve)
     imagenet, control = text.split("\n")
     assert "**200 images** are enough for a power of 80 %" in imagenet   # 20/20: ≥ 0.84
-    assert "**no size tried is enough**" in control and "50 % at 200 images" in control
+    assert "**No size tried is enough**" in control and "50 % at 200 images" in control
     assert "100 images (20 test): power 25 % [" in imagenet
     path = tmp_path / "curve.csv.gz"
     curve.to_csv(path, index=False)
     pd.testing.assert_frame_equal(hierarchy.read_power_curve(path), curve)
+    assert (curve.version == hierarchy.SIMULATION_VERSION).all()
+    curve.assign(version=1).to_csv(path, index=False)
+    with pytest.warns(UserWarning, match="made by simulation version 1, not"):
+        hierarchy.read_power_curve(path)
     with pytest.raises(FileNotFoundError, match="power_curve.py --ship"):
         hierarchy.read_power_curve(tmp_path / "missing.csv.gz")
     with pytest.raises(ValueError, match="no rows for .* at noise 2"):
@@ -680,6 +684,23 @@ def test_power_curve_counts_each_grid_point_and_says_what_size_is_needed(tmp_pat
     for ax in fig.axes:
         assert ax.get_ylim() == pytest.approx((-0.03, 1.03))
     assert fig.axes[0].get_ylabel() and fig.axes[2].get_xlabel()
+
+
+def test_shipped_power_curve_covers_both_weights_and_matches_this_version():
+    """Chapter 04 reads it: ImageNet and random-init rows for the backprop verdict at every
+    size and noise level, made by this simulation version (no warning)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        curve = hierarchy.read_power_curve()
+    verdict = curve[curve.part == hierarchy.VERDICT_BACKPROP]
+    assert set(verdict.weights) == {"ImageNet", "random-init"}
+    grid = verdict.groupby("weights")[["n_images", "noise"]].apply(
+        lambda g: set(map(tuple, g.to_numpy())))
+    assert grid["ImageNet"] == grid["random-init"] and len(grid["ImageNet"]) >= 4
+    assert verdict[["power", "fpr"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert (verdict.power_low <= verdict.power).all() and (verdict.n_power > 0).all()
 
 
 def test_best_course_figure_marks_exactly_the_significant_times():

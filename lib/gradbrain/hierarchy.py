@@ -2225,7 +2225,7 @@ POWER_CURVE = _REFERENCE / "power_curve.csv.gz"
 _POWER_LABELS = ("weights", "n_images", "n_test", "noise")
 
 
-def power_curve(simulations: dict, *, alpha: float = 0.05) -> pd.DataFrame:
+def power_curve(simulations: dict) -> pd.DataFrame:
     """Error rates of every test along a grid of models, sizes and noise levels.
 
     Parameters
@@ -2234,13 +2234,12 @@ def power_curve(simulations: dict, *, alpha: float = 0.05) -> pd.DataFrame:
         ``(weights, n_images, n_test, noise)`` → the table :func:`simulate_tests` made
         at that grid point (``weights`` a label such as ``"ImageNet"``; ``n_test`` the
         study's test images).
-    alpha : float
-        Level of the decisions (nominal: as :func:`run` decided them).
 
     Returns
     -------
-    DataFrame: :func:`error_rates` of each point, with ``weights``, ``n_images``,
-    ``n_test`` and ``noise`` first and ``n_seeds`` (studies per truth) last.
+    DataFrame: :func:`error_rates` of each point (nominal decisions, as :func:`run`
+    made them), with ``weights``, ``n_images``, ``n_test`` and ``noise`` first, then
+    ``n_seeds`` (studies per truth) and ``version`` (:data:`SIMULATION_VERSION`) last.
     """
     if not simulations:
         raise ValueError("'simulations' is empty: give at least one grid point.")
@@ -2249,10 +2248,11 @@ def power_curve(simulations: dict, *, alpha: float = 0.05) -> pd.DataFrame:
         if not isinstance(point, tuple) or len(point) != len(_POWER_LABELS):
             raise ValueError(f"Keys of 'simulations' must be tuples {_POWER_LABELS}; got "
                              f"{point!r}.")
-        rates = error_rates(simulated, alpha=alpha)
+        rates = error_rates(simulated)
         for name, value in reversed(list(zip(_POWER_LABELS, point))):
             rates.insert(0, name, value)
         rates["n_seeds"] = int(simulated.groupby("truth").seed.nunique().min())
+        rates["version"] = SIMULATION_VERSION
         frames.append(rates)
     return pd.concat(frames, ignore_index=True)
 
@@ -2267,8 +2267,11 @@ def read_power_curve(path=None) -> pd.DataFrame:
 
     Returns
     -------
-    DataFrame
+    DataFrame. A table made by another :data:`SIMULATION_VERSION` (its tests have
+    changed since) is returned with a warning.
     """
+    import warnings
+
     path = Path(POWER_CURVE if path is None else path)
     if not path.exists():
         raise FileNotFoundError(f"No power curve at {path}: make one with "
@@ -2278,6 +2281,12 @@ def read_power_curve(path=None) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path} is not a power curve: it lacks the columns "
                          f"{sorted(missing)}.")
+    made = set(table["version"]) if "version" in table else {"unknown"}
+    if made != {SIMULATION_VERSION}:
+        warnings.warn(f"The power curve {path.name} was made by simulation version "
+                      f"{', '.join(map(str, sorted(made, key=str)))}, not "
+                      f"{SIMULATION_VERSION}: the tests changed since. Rerun "
+                      "'python benchmarks/power_curve.py --ship'.", UserWarning, stacklevel=2)
     return table
 
 
@@ -2318,7 +2327,7 @@ def power_curve_summary(table: pd.DataFrame, *, part: str = VERDICT_BACKPROP,
                     f"{100 * target:.0f} % (lower bound of its interval)")
         else:
             best = mine.loc[mine.power.idxmax()]
-            need = (f"**no size tried is enough** for a power of {100 * target:.0f} % (lower "
+            need = (f"**No size tried is enough** for a power of {100 * target:.0f} % (lower "
                     f"bound of its interval; best: {100 * best.power:.0f} % at "
                     f"{best.n_images} images) — "
                     "more images, or more seeds to narrow the intervals, are needed")
