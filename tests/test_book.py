@@ -239,6 +239,8 @@ def test_chapters_run_on_tiny_profile_and_book_builds(tiny_build):
     assert "Estimates (a biological backprop predicts 0 for each" in text("04_hierarchy_tests")
     assert "with a biological backpropagation (predictions 1 and 2)" in text("04_hierarchy_tests")
     assert "Simulated studies per truth: 1 (40 images" in text("04_hierarchy_tests")
+    assert "Measured on EfficientNet-Lite0 features" in text("04_hierarchy_tests")
+    assert "random-init weights, noise 1" in text("04_hierarchy_tests")   # power section
     assert "Error rates measured on studies simulated from these features" in text(
         "04_hierarchy_tests")
     assert any("value (unique)" in str(o.get("data", {}).get("text/plain", ""))

@@ -589,6 +589,8 @@ def test_model_null_p_counts_exceedances_per_null_truth():
     assert p == pytest.approx(3 / 5) and n == 4
     assert hierarchy.model_null_p(part, 1.0, sims)[0] == pytest.approx(1 / 5)
     assert np.isnan(hierarchy.model_null_p(part, np.nan, sims)[0])
+    # a null truth never simulated: the composite null does not cover it (n = 0)
+    assert hierarchy.model_null_p(part, 0.3, sims[sims.truth != "forward"])[1] == 0
 
 
 def test_divergence_is_judged_against_simulated_backprop_by_hand_counts():

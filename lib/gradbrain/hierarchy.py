@@ -2349,18 +2349,21 @@ def model_null_p(part: str, value: float, simulated: pd.DataFrame) -> tuple[floa
     Returns
     -------
     (p, n) : the p-value (NaN if ``value`` is NaN or no null studies exist) and the
-    smallest number of null studies per truth (its floor is ``1 / (1 + n)``).
+    smallest number of null studies per truth (its floor is ``1 / (1 + n)``); ``n`` is 0
+    when a null truth was not simulated at all, since the composite null then does not
+    cover it (and :meth:`HierarchyResult.calibrate` keeps the nominal decision).
     """
     nulls = TEST_TRUTHS[part][0]
     mine = simulated[(simulated.part == part) & simulated.truth.isin(nulls)]
+    counts = mine.groupby("truth").size()
+    n_min = 0 if set(nulls) - set(counts.index) else int(counts.min())
     if not np.isfinite(value) or mine.empty:
-        return np.nan, int(mine.groupby("truth").size().min()) if len(mine) else 0
-    p, n_min = 0.0, None
+        return np.nan, n_min
+    p = 0.0
     for _, group in mine.groupby("truth"):
         sims = group.value.to_numpy(float)
         exceed = int(np.sum(np.nan_to_num(sims, nan=-np.inf) >= value))
         p = max(p, (1 + exceed) / (1 + len(sims)))
-        n_min = len(sims) if n_min is None else min(n_min, len(sims))
     return p, n_min
 
 
