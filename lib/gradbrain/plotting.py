@@ -586,14 +586,15 @@ def plot_power_curve(table: pd.DataFrame, *, part: str | None = None,
     part = VERDICT_BACKPROP if part is None else part
     rows = table[table.part == part]
     if rows.empty:
-        raise ValueError(f"The table has no rows for {part!r}; it has {sorted(set(table.part))}.")
+        raise ValueError(f"The table has no rows for {part!r}; it has "
+                         f"{sorted(set(table.part))}.")
     weights = list(dict.fromkeys(rows.weights))
     noises = sorted(set(rows.noise))
     palette = sns.color_palette("viridis", len(noises))
     fig, axes = plt.subplots(2, len(weights), figsize=(3.6 * len(weights) + 0.8, 5.6),
                              sharex=True, sharey=True, squeeze=False)
     for j, name in enumerate(weights):
-        for i, (rate, label) in enumerate((("power", "power (planted backprop found)"),
+        for i, (rate, label) in enumerate((("power", "power (held where it should)"),
                                            ("fpr", "false-positive rate"))):
             ax = axes[i, j]
             for colour, noise in zip(palette, noises):
