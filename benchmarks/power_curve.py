@@ -56,6 +56,7 @@ def main(argv=None):
     from gradbrain import hierarchy, models
     from gradbrain._utils import atomic_path
     from gradbrain.data import load_embedded
+    from gradbrain.data.simulated import default_n_test
 
     labels = {"pretrained": "ImageNet", "random": "random-init"}
     results, simulations = [], {}
@@ -71,7 +72,7 @@ def main(argv=None):
                     feats, noise=noise, truths=args.truths, n_seeds=args.seeds,
                     first_seed=args.first_seed, n_jobs=args.jobs, n_perm=args.n_perm,
                     n_boot=args.n_boot, device=args.device, progress=False)
-                simulations[labels[weights], n_images, max(2, n_images // 5), noise] = sims
+                simulations[labels[weights], n_images, default_n_test(n_images), noise] = sims
                 rates = hierarchy.error_rates(sims).set_index("part")
                 verdict = rates.loc[hierarchy.VERDICT_BACKPROP]
                 results.append({"weights": labels[weights], "n_images": n_images,

@@ -2270,8 +2270,6 @@ def read_power_curve(path=None) -> pd.DataFrame:
     DataFrame. A table made by another :data:`SIMULATION_VERSION` (its tests have
     changed since) is returned with a warning.
     """
-    import warnings
-
     path = Path(POWER_CURVE if path is None else path)
     if not path.exists():
         raise FileNotFoundError(f"No power curve at {path}: make one with "

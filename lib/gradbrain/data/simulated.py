@@ -41,7 +41,7 @@ from .geometry import HEMIS, ctf_info, distance_from, posterior_vertices, v1_see
 from .images import N_EMBEDDED, load_embedded
 from .study import Study
 
-__all__ = ["GRADIENT_TRUTHS", "make_study", "describe_truth"]
+__all__ = ["GRADIENT_TRUTHS", "make_study", "describe_truth", "default_n_test"]
 
 GRADIENT_TRUTHS = ("none", "forward", "backprop", "paper")
 
@@ -53,6 +53,11 @@ _MEG_WIDTH = 0.030                  # s, sd of each Gaussian time course
 _MEG_SIGNAL_T = 100e-15             # T per unit of planted signal at a pattern's peak sensor
 _MEG_NOISE_T = 200e-15              # T, single-trial noise sd at noise=1
 _HIGH_LEVEL_QUANTILE = 0.6          # "paper": gradients only above this hierarchy quantile
+
+
+def default_n_test(n_images: int) -> int:
+    """Test images of a simulated study of ``n_images`` unless told: a fifth, at least 2."""
+    return max(2, n_images // 5)
 
 
 def _zscore(x: np.ndarray) -> np.ndarray:
@@ -140,7 +145,8 @@ def make_study(
     gradient_weight : float
         Share of the planted variance carried by gradients where they are expressed.
     n_test : int or None
-        Number of test images (shown with repeats in MEG); default ``n_images // 5``.
+        Number of test images (shown with repeats in MEG); default
+        :func:`default_n_test` (``n_images // 5``, at least 2).
     fmri, meg : bool
         Which modalities to simulate.
     sfreq : float
@@ -182,7 +188,7 @@ def make_study(
     grad = [_zscore(features.gradients[gradient_loss][l]) for l in layers]
 
     rng = np.random.default_rng(seed)
-    n_test = n_test if n_test is not None else max(2, n_images // 5)
+    n_test = n_test if n_test is not None else default_n_test(n_images)
     split = np.full(n_images, "train", dtype="<U5")
     split[rng.permutation(n_images)[:n_test]] = "test"
     truth = {
