@@ -325,11 +325,15 @@ def test_layers_without_signal_get_no_latency(planted):
     assert act["significant_time"].sum() >= 5 and grad["significant_time"].sum() <= 2
     np.testing.assert_allclose(act["q_time"], stats.false_discovery_control(act["p_time"]))
     assert (act["q_time"] >= act["p_time"] - 1e-12).all()
-    ungated = meg.meg_encoding(study, planted, n_boot=5, n_perm=10, latency_alpha=1.0,
+    ungated = meg.meg_encoding(study, planted, n_boot=0, n_perm=10, latency_alpha=1.0,
                                device="cpu")["gradient (ce)"]
     assert np.isfinite(ungated["latency"]).sum() >= 5   # what the gate removes
+    # n_boot=0 (hierarchy.run allows it): latencies without intervals
+    assert ungated["boot_latency"].shape == (0, 6) and np.isnan(ungated["latency_ci"]).all()
     with pytest.raises(ValueError, match="'latency_alpha' must be in"):
         meg.meg_encoding(study, planted, latency_alpha=0)
+    with pytest.raises(ValueError, match="'n_boot' must be an integer >= 0"):
+        meg.meg_encoding(study, planted, n_boot=-1)
     # what the chapters print and draw copes with a signal left without latencies
     from gradbrain import hierarchy, plotting
 

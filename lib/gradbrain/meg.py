@@ -704,7 +704,8 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
     threshold : float
         Peak-window threshold (fraction of the maximum).
     n_boot, ci, seed : int, float, int
-        Bootstrap resamples of the test images, interval coverage, and seed.
+        Bootstrap resamples of the test images (0: none; the intervals are then NaN),
+        interval coverage, and seed.
     n_perm, latency_alpha : int, float
         Shuffles of the peak test and its level (``latency_alpha=1`` keeps every layer's
         latency, as before the gate).
@@ -737,6 +738,8 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
     check_same_images(study, features)
     if not 0 < ci < 1:
         raise ValueError(f"'ci' must be in (0, 1), e.g. 0.95; got {ci!r}.")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"'n_boot' must be an integer >= 0 (0: no bootstrap); got {n_boot!r}.")
     if isinstance(latency_alpha, bool) or not isinstance(latency_alpha, (int, float)) \
             or not 0 < latency_alpha <= 1:
         raise ValueError(f"'latency_alpha' must be in (0, 1], e.g. 0.05; got {latency_alpha!r}.")
@@ -758,8 +761,9 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         r = np.stack(r)
         curve = r.mean(1)
         predictions = np.stack(predictions)
-        boot = _latencies(times, bootstrap_curves(Y_test, predictions, n_boot=n_boot,
-                                                  seed=seed, device=device), threshold)
+        boot = (_latencies(times, bootstrap_curves(Y_test, predictions, n_boot=n_boot,
+                                                   seed=seed, device=device), threshold)
+                if n_boot else np.empty((0, len(layers))))
         shuffled = peak_permutation_test(Y_test, predictions, n_perm=n_perm, seed=seed,
                                          device=device)
         p_peak = shuffled["p_value"]
