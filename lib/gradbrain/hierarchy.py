@@ -24,6 +24,7 @@ __all__ = ["best_layer", "chosen_layers", "cv_correlation", "SELECTIONS", "hiera
            "recovery", "summarize_fmri", "temporal_score", "backprop_latency_prediction",
            "summarize_meg", "temporal_table", "layer_permutation_test", "spatial_score",
            "bootstrap_spatial_score", "hierarchy_units", "unit_coordinates", "unit_best_layer",
+           "profile_centre", "profile_permutation_test", "SPATIAL_STATISTICS",
            "group_test", "group_estimate", "above_chance",
            "HierarchyResult", "run", "GRADIENT_PARTS", "simulate_tests", "error_rates",
            "model_null_p", "write_reference", "TEST_TRUTHS", "VERDICT_BACKPROP",
@@ -35,6 +36,9 @@ __all__ = ["best_layer", "chosen_layers", "cv_correlation", "SELECTIONS", "hiera
 GRADIENT_PARTS = ("whole", "unique")
 #: Where :func:`run` chooses which vertices enter and each vertex's best layer.
 SELECTIONS = ("train", "test")
+#: What a unit's layer is in :func:`run`'s spatial tests: the centre of mass of its
+#: whole layer profile (:func:`profile_centre`), or its best layer (argmax).
+SPATIAL_STATISTICS = ("centre", "best")
 
 
 def best_layer(scores: np.ndarray, depth: np.ndarray) -> dict:
@@ -213,7 +217,48 @@ def unit_best_layer(scores: np.ndarray, units: np.ndarray, depth: np.ndarray, *,
         profile = total / count
     present = count > 0
     index = np.where(present, np.nan_to_num(profile, nan=-np.inf).argmax(0), 0)
-    return {"index": index, "depth": depth[index], "profile": profile, "present": present}
+    centre = np.where(present, profile_centre(np.where(present, profile, 0.0), depth), np.nan)
+    return {"index": index, "depth": depth[index], "centre": centre, "profile": profile,
+            "present": present}
+
+
+def profile_centre(profile, values) -> np.ndarray:
+    """Centre of mass of a per-layer value, weighted by each target's whole layer profile.
+
+    The weight of layer ``l`` for a target is its score above the target's lowest layer,
+    ``profile[l] − min(profile)``; the centre is the weighted mean of ``values`` (e.g.
+    depth). Unlike the argmax of :func:`unit_best_layer`, it moves smoothly with the
+    whole profile, so two neighbouring layers that predict almost equally well do not
+    flip it from one to the other.
+
+    Parameters
+    ----------
+    profile : ndarray of shape (n_layers, n_targets)
+        Score of every layer for every target (e.g. mean test r of a unit's vertices).
+        NaN scores get weight 0.
+    values : ndarray of shape (n_layers,)
+        Value of each layer (relative depth in [0, 1], backward rank, …).
+
+    Returns
+    -------
+    ndarray of shape (n_targets,)
+        In the unit of ``values``; NaN for a target whose profile is flat or all NaN.
+    """
+    profile = np.asarray(profile, dtype=float)
+    values = np.asarray(values, dtype=float)
+    if profile.ndim != 2 or values.shape != profile.shape[:1]:
+        raise ValueError(f"'profile' must be (n_layers, n_targets) and 'values' (n_layers,); "
+                         f"got {profile.shape} and {values.shape}.")
+    weights = _profile_weights(profile)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (values @ weights) / weights.sum(0)
+
+
+def _profile_weights(profile: np.ndarray) -> np.ndarray:
+    """Each column's scores above its lowest finite score (NaN → 0), shape kept."""
+    finite = np.isfinite(profile)
+    low = np.min(np.where(finite, profile, np.inf), axis=0)
+    return np.where(finite, profile - low, 0.0)
 
 
 def layer_profiles(scores: dict, depth: np.ndarray, regions: np.ndarray,
@@ -638,6 +683,114 @@ def min_p_value(n_used: int, n_layers: int, *, method: str = "spearman",
     return float(min(1.0, floor))
 
 
+def profile_permutation_test(profile, target, values, *, mask=None, method: str = "spearman",
+                             alternative: str = "greater", n_perm: int = 10_000, seed: int = 0,
+                             chunk: int = 2000) -> dict:
+    """Correlation between targets' profile centres and a per-target quantity, against
+    shuffled layers.
+
+    The whole-profile counterpart of :func:`layer_permutation_test`: each target's
+    value is the centre of mass of the layers' ``values`` weighted by its profile
+    (:func:`profile_centre`) instead of its best layer's value. The null shuffles which
+    value belongs to which layer, keeping every target's profile, so targets with
+    similar profiles stay alike in every shuffle.
+
+    Parameters
+    ----------
+    profile : ndarray of shape (n_layers, n_targets)
+        Score of every layer for every target (e.g. :func:`unit_best_layer`'s
+        ``profile``).
+    target : ndarray of shape (n_targets,)
+        E.g. the units' distance from V1, or another signal's centres.
+    values : ndarray of shape (n_layers,)
+        Value of each layer (depth in [0, 1], …); finite.
+    mask : ndarray of bool, shape (n_targets,), optional
+        Targets to use (NaN targets and flat profiles are always left out).
+    method : {"spearman", "pearson"}
+    alternative : {"greater", "less", "two-sided"}
+    n_perm, seed : int
+        Random permutations of the layers and their seed.
+    chunk : int
+        Permutations evaluated at once (memory: chunk × n_targets floats).
+
+    Returns
+    -------
+    dict with ``statistic``, ``p_value`` ((1 + #null as extreme) / (1 + n_perm)),
+    ``min_p`` (the floor: 1 / (1 + n_perm), or 1 / n_layers! when smaller), ``null``
+    (n_perm,), ``centres`` (n_targets,) the observed centres (NaN where left out) and
+    ``n_targets``.
+    """
+    from scipy.stats import rankdata
+
+    check_in_allowed("method", method, ("spearman", "pearson"))
+    check_in_allowed("alternative", alternative, ALTERNATIVES)
+    profile = np.asarray(profile, dtype=float)
+    target = np.asarray(target, dtype=float)
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or not np.isfinite(values).all():
+        raise ValueError(f"'values' (one per layer, e.g. the layers' depth) must be a 1-D array "
+                         f"of finite numbers; got {values!r}.")
+    if profile.ndim != 2 or profile.shape != (len(values), len(target)) or target.ndim != 1:
+        raise ValueError(f"'profile' must be (n_layers, n_targets) = ({len(values)}, "
+                         f"{len(target)}) for these 'values' and 'target'; got {profile.shape}.")
+    if isinstance(n_perm, bool) or not isinstance(n_perm, (int, np.integer)) or n_perm < 1:
+        raise ValueError(f"'n_perm' must be a positive integer; got {n_perm!r}.")
+    weights = _profile_weights(profile)
+    total = weights.sum(0)
+    keep = np.isfinite(target) & (total > 0)
+    if mask is not None:
+        keep &= np.asarray(mask, bool)
+    centres = np.full(len(target), np.nan)
+    weights = weights[:, keep] / total[keep]
+    target = target[keep]
+    centres[keep] = values @ weights
+    if len(target) < 3:
+        raise ValueError("A profile permutation test needs at least 3 targets with a "
+                         f"profile that is not flat; got {len(target)}.")
+    out = {"centres": centres, "n_targets": int(len(target))}
+    if np.ptp(target) == 0 or np.ptp(centres[keep]) == 0:  # undefined, not 0
+        return {**out, "statistic": np.nan, "p_value": np.nan, "min_p": np.nan,
+                "null": np.full(n_perm, np.nan)}
+    rng = np.random.default_rng(seed)
+    t = rankdata(target) if method == "spearman" else target
+    t = (t - t.mean()) / np.linalg.norm(t - t.mean())
+    n_layers = len(values)
+    perms = np.argsort(rng.random((n_perm, n_layers)), axis=1)
+    perms = np.concatenate([np.arange(n_layers)[None], perms])        # row 0: observed
+    r = np.empty(len(perms))
+    for start in range(0, len(perms), chunk):
+        x = values[perms[start:start + chunk]] @ weights                   # (chunk, n)
+        if method == "spearman":
+            x = rankdata(x, axis=1)
+        x = x - x.mean(1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r[start:start + chunk] = (x @ t) / np.linalg.norm(x, axis=1)
+    statistic, null = float(r[0]), r[1:]
+    if alternative == "greater":
+        extreme = null >= statistic - 1e-12
+    elif alternative == "less":
+        extreme = null <= statistic + 1e-12
+    else:
+        extreme = np.abs(null) >= abs(statistic) - 1e-12
+    return {**out, "statistic": statistic,
+            "p_value": float((1 + np.sum(extreme)) / (1 + n_perm)),
+            "min_p": min_p_value(n_layers, n_layers, method="pearson",
+                                 alternative=alternative, n_perm=n_perm),
+            "null": null}
+
+
+def _both_profile_correlations(profile, target, values, **kwargs) -> dict:
+    """Spearman and Pearson :func:`profile_permutation_test`, keyed as
+    :func:`_both_correlations`."""
+    out = {}
+    for method in ("spearman", "pearson"):
+        test = profile_permutation_test(profile, target, values, method=method, **kwargs)
+        out[method], out[f"p_{method}"] = test["statistic"], test["p_value"]
+        out[f"min_p_{method}"] = test["min_p"]
+        out["n_targets"] = test["n_targets"]
+    return out
+
+
 def spatial_score(best_layer_index, hierarchy_coordinate, depth, *, mask=None,
                   n_perm: int = 10_000, seed: int = 0, device=None) -> dict:
     """Spatial score: correlation of each target's best-layer depth with its hierarchy position.
@@ -683,7 +836,8 @@ def _both_correlations(layer_index, target, values, **kwargs) -> dict:
 
 def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, mask=None,
                             units=None, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-                            boot_indices=None, device=None, batch: int = 64) -> dict:
+                            boot_indices=None, statistic: str = "best", device=None,
+                            batch: int = 64) -> dict:
     """Bootstrap over test images of the spatial score (Spearman).
 
     Each resample draws test images with replacement, recomputes every layer's test
@@ -713,6 +867,10 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
         Resamples, interval coverage and seed.
     boot_indices : ndarray of int, shape (n_boot, n_test), optional
         The resamples to use (rows of test images) instead of drawing them.
+    statistic : {"best", "centre"}
+        A target's (or unit's) layer depth: its best layer's (argmax of r), or the
+        centre of mass of the depths weighted by its whole profile of r
+        (:func:`profile_centre`; ties between centres get consecutive ranks).
 
     Returns
     -------
@@ -759,6 +917,7 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
     if boot_indices.ndim != 2 or boot_indices.min() < 0 or boot_indices.max() >= n_test:
         raise ValueError(f"'boot_indices' must be (n_boot, n) rows of test images 0 … "
                          f"{n_test - 1}.")
+    check_in_allowed("statistic", statistic, SPATIAL_STATISTICS[::-1])
     device = resolve_device(device)
     f64 = dict(device=device, dtype=torch.float64)
     P = torch.as_tensor(prediction[:, :, keep], **f64)
@@ -787,16 +946,32 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
         vy = W @ (Y * Y) - my * my
         best_r = torch.full((len(rows), n_targets), -torch.inf, **f64)
         best = torch.zeros(len(rows), n_targets, dtype=torch.long, device=device)
+        profile = []
         for layer in range(n_layers):
             X = P[layer]
             mx = W @ X
             r = (W @ (X * Y) - mx * my) / torch.sqrt((W @ (X * X) - mx * mx) * vy)
             if average is not None:
                 r = torch.nan_to_num(r, nan=0.0) @ average
+            if statistic == "centre":
+                profile.append(r)
+                continue
             r = torch.nan_to_num(r, nan=-torch.inf)
             better = r > best_r
             best_r = torch.where(better, r, best_r)
             best = torch.where(better, torch.full_like(best, layer), best)
+        if statistic == "centre":   # Spearman of the profile centres with the coordinate
+            profile = torch.stack(profile, 1)                             # (b, L, n)
+            finite = torch.isfinite(profile)
+            low = torch.where(finite, profile, torch.inf).amin(1, keepdim=True)
+            weight = torch.where(finite, profile - low, torch.zeros_like(profile))
+            centre = (depth_t[None, :, None] * weight).sum(1) / weight.sum(1)
+            ranks = torch.argsort(torch.argsort(centre, 1), 1).to(torch.float64)
+            ranks = ranks - ranks.mean(1, keepdim=True)
+            rho = (ranks @ t) / (torch.linalg.norm(ranks, dim=1) * torch.linalg.norm(t))
+            rho[~torch.isfinite(centre).all(1)] = torch.nan
+            samples.append(rho.cpu().numpy())
+            continue
         # Spearman of best-layer depth with the coordinate, from per-layer counts and sums
         counts = torch.zeros(len(rows), n_layers, **f64).scatter_add_(
             1, best, torch.ones(best.shape, **f64))
@@ -1172,6 +1347,8 @@ class HierarchyResult:
         Per signal, :func:`unit_best_layer` on those units.
     gradient_part : {"whole", "unique"}
         Whether the gradients were tested as extracted or beyond activations.
+    spatial_statistic : {"centre", "best"}
+        A unit's layer in the spatial tests: its profile centre or its best layer.
     above_chance : DataFrame or None
         Does each signal predict the brain at all? One row per (modality, signal,
         level): ``level`` ("reliable vertices", "units", "time points"), ``n_tested``,
@@ -1216,6 +1393,7 @@ class HierarchyResult:
     units: np.ndarray | None = None
     unit_best: dict = field(default_factory=dict)
     gradient_part: str = "whole"
+    spatial_statistic: str = "centre"
     verdict_rates: dict = field(default_factory=dict)
     above_chance: pd.DataFrame | None = None
     chance_maps: dict = field(default_factory=dict)
@@ -1530,19 +1708,21 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         fmri: dict | None = None, meg: dict | None = None, meg_study=None,
         meg_features=None, gradient_part: str = "whole", n_perm_chance: int = 1000,
         margins: dict | None = None, select_on: str = "train",
-        progress: bool = False) -> HierarchyResult:
+        spatial_statistic: str = "centre", progress: bool = False) -> HierarchyResult:
     """Test whether a study's gradient signals follow the brain's hierarchies like backprop.
 
     Predictions (each with its null; all one-sided at ``alpha``):
 
-    1. **spatial** — (a) the gradient best-layer map agrees with the activation one
+    1. **spatial** — (a) the gradient layer map agrees with the activation one
        (Spearman across units, vs shuffled gradient layer depths) and (b) the gradient
        spatial score is positive (vs shuffled depths). Units are ``n_units`` equal-count
        bins of the hierarchy coordinate over reliable vertices
-       (:func:`hierarchy_units`); a unit's best layer is the argmax of its usable
-       vertices' mean test r (:func:`unit_best_layer`), so neighbouring vertices are not
-       counted as independent and the bootstrap interval is not biased by per-vertex
-       argmax noise;
+       (:func:`hierarchy_units`), so neighbouring vertices are not counted as
+       independent and the bootstrap interval is not biased by per-vertex argmax noise.
+       A unit's layer is read from its usable vertices' mean test r per layer
+       (:func:`unit_best_layer`): by default the centre of mass of the depths over that
+       whole profile (``spatial_statistic="centre"``, :func:`profile_centre`), or its
+       argmax (``"best"``, Raugel et al.'s best layer);
     2. **temporal** — (a) gradients arrive after the forward sweep: median gradient
        latency minus the latest activation latency, bootstrap CI above 0; (b) in the
        measured autograd order: gradient latency rises with backward rank (Spearman,
@@ -1610,6 +1790,11 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         reliable vertex and unit, :func:`above_chance`; per MEG time point, those of
         :func:`gradbrain.meg.meg_encoding`); 0 skips them (``above_chance`` is None).
         They describe; they do not enter the verdicts.
+    spatial_statistic : {"centre", "best"}
+        A unit's layer in the spatial tests, their bootstrap and the spatial estimate:
+        the centre of mass of its whole layer profile (default) or its best layer. On
+        EfficientNet-Lite0's features the centre separates a planted backprop from the
+        null truths better (book, Methods: "Which spatial statistic").
     margins : dict or None
         Equivalence margins of the estimates (:data:`ESTIMATES`: ``"spatial"`` and
         ``"temporal"``, in Spearman ρ, default 0.3; ``"timing"``, in ms, default None:
@@ -1644,6 +1829,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     loss = resolve_loss(features, loss)
     check_in_allowed("gradient_part", gradient_part, GRADIENT_PARTS)
     check_in_allowed("select_on", select_on, SELECTIONS)
+    check_in_allowed("spatial_statistic", spatial_statistic, SPATIAL_STATISTICS)
     margins = dict(margins or {})
     unknown = set(margins) - set(ESTIMATES)
     if unknown:
@@ -1717,32 +1903,50 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                                    "n_significant": int(res["significant"].sum()),
                                    "best_r": float(np.nanmax(res["r"], initial=np.nan)),
                                    "min_p": res["min_p"]})
+        centres = spatial_statistic == "centre"
+
+        def varied(name, where):
+            """At least 3 units in ``where``, not all at one layer (or one centre)."""
+            value = unit_best[name]["centre" if centres else "index"]
+            where = where & np.isfinite(value)
+            return where.sum() >= 3 and np.ptp(value[where]) > 0
+
         for name in ("activation", signal):
             present = unit_best[name]["present"] if unit_best else np.zeros(0, bool)
-            if present.sum() >= 3 and len(np.unique(unit_best[name]["index"][present])) >= 2:
+            if not unit_best or not varied(name, present):
+                s = _no_correlation(present.sum())  # too few units, or one layer everywhere
+            elif centres:
+                s = _both_profile_correlations(unit_best[name]["profile"], coordinate, depth,
+                                               mask=present, n_perm=n_perm, seed=seed)
+            else:
                 s = spatial_score(unit_best[name]["index"], coordinate, depth, mask=present,
                                   **kw)
-            else:  # too few units (or one layer everywhere): no spatial score
-                s = _no_correlation(present.sum())
             low = high = np.nan
             if n_boot > 0 and "prediction" in fmri[name] and present.sum() >= 3:
                 boot = bootstrap_spatial_score(
                     fmri[name]["prediction"], fmri[name]["y_test"], study.hierarchy, depth,
                     mask=usable[name], units=units, n_boot=n_boot, ci=ci, seed=seed,
-                    device=device)
+                    statistic=spatial_statistic, device=device)
                 low, high = boot["spearman_ci"]
                 spatial_boot[name] = boot["samples"]
             scores.append({"modality": "fMRI", "signal": name, "score": "spatial", **s,
                            "spearman_ci_low": low, "spearman_ci_high": high})
         both = (unit_best[signal]["present"] & unit_best["activation"]["present"]
                 if unit_best else np.zeros(0, bool))
-        if both.sum() >= 3 and len(np.unique(unit_best[signal]["index"][both])) >= 2:
-            agree = layer_permutation_test(unit_best[signal]["index"],
-                                           unit_best["activation"]["depth"], depth, mask=both,
-                                           **kw)
-            add_test("1 spatial", "gradient and activation layer maps agree", "Spearman ρ",
+        if both.sum() >= 3 and varied(signal, both) and varied("activation", both):
+            if centres:
+                agree = profile_permutation_test(unit_best[signal]["profile"],
+                                                 unit_best["activation"]["centre"], depth,
+                                                 mask=both, n_perm=n_perm, seed=seed)
+            else:
+                agree = layer_permutation_test(unit_best[signal]["index"],
+                                               unit_best["activation"]["depth"], depth,
+                                               mask=both, **kw)
+            add_test("1 spatial", "gradient and activation layer maps agree",
+                     f"Spearman ρ ({'profile centres' if centres else 'best layers'})",
                      agree["statistic"], agree["p_value"] < alpha,
-                     "shuffled gradient layers (units)", p=agree["p_value"],
+                     "shuffled gradient layers (units"
+                     + (", whole profiles)" if centres else ")"), p=agree["p_value"],
                      min_p=agree["min_p"])
         else:
             add_test("1 spatial", "gradient and activation layer maps agree", "Spearman ρ",
@@ -1752,9 +1956,11 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
             with np.errstate(invalid="ignore"):
                 add_estimate("spatial", grad_spatial["spearman"] - scores[-2]["spearman"],
                              spatial_boot[signal] - spatial_boot["activation"])
-        add_test("1 spatial", "gradient spatial score > 0", "Spearman ρ",
+        add_test("1 spatial", "gradient spatial score > 0",
+                 f"Spearman ρ ({'profile centres' if centres else 'best layers'})",
                  grad_spatial["spearman"], grad_spatial["p_spearman"] < alpha,
-                 "shuffled layer depths (units)", p=grad_spatial["p_spearman"],
+                 "shuffled layer depths (units" + (", whole profiles)" if centres else ")"),
+                 p=grad_spatial["p_spearman"],
                  min_p=grad_spatial["min_p_spearman"])
         # gain of gradients over activations per unit; top vs bottom quarter of the units
         gain = best[signal]["peak"] - best["activation"]["peak"]
@@ -1853,7 +2059,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         best=best, reliable=reliable, masks=usable, loss=loss, ci=ci,
         units=units if study.betas is not None else None,
         unit_best=unit_best if study.betas is not None else {},
-        gradient_part=gradient_part, above_chance=chance if len(chance) else None,
+        gradient_part=gradient_part, spatial_statistic=spatial_statistic, above_chance=chance if len(chance) else None,
         chance_maps=chance_maps, estimates=pd.DataFrame(estimates),
     )
 
@@ -1936,7 +2142,8 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
 
 #: Bump when a change to the simulation or the tests changes simulated statistics: cached
 #: and shipped tables of :func:`simulate_tests` carry it in their key.
-SIMULATION_VERSION = 3   # 2: the estimates' equivalence rows; 3: selection on training CV
+SIMULATION_VERSION = 4   # 2: the estimates' equivalence rows; 3: selection on training CV;
+#                          4: spatial tests on profile centres (run's spatial_statistic)
 _REFERENCE = Path(__file__).parent / "reference"
 
 
@@ -1950,7 +2157,7 @@ def _simulation_key(features, n_images: int, noise: float, modalities: dict,
                 if p.default is not inspect.Parameter.empty}
     settings = {name: run_kwargs.get(name, defaults[name]) for name in (
         "alpha", "min_noise_ceiling", "min_score", "n_units", "n_perm", "n_boot", "ci", "cv",
-        "gradient_part", "select_on")}
+        "gradient_part", "select_on", "spatial_statistic")}
     loss = run_kwargs.get("loss") or features.losses[0]
     return {"version": SIMULATION_VERSION, "model": features.model,
             "weights": features.weights, "pool": features.pool, "loss": loss,
