@@ -717,8 +717,9 @@ def profile_permutation_test(profile, target, values, *, mask=None, method: str 
     -------
     dict with ``statistic``, ``p_value`` ((1 + #null as extreme) / (1 + n_perm)),
     ``min_p`` (the floor: 1 / (1 + n_perm), or 1 / n_layers! when smaller), ``null``
-    (n_perm,), ``centres`` (n_targets,) the observed centres (NaN where left out) and
-    ``n_targets``.
+    (n_perm,), ``permutations`` (n_perm, n_layers) (row ``k``: the layer whose value
+    layer ``l`` takes), ``centres`` (n_targets,) the observed centres (NaN where left
+    out) and ``n_targets``.
     """
     from scipy.stats import rankdata
 
@@ -750,7 +751,8 @@ def profile_permutation_test(profile, target, values, *, mask=None, method: str 
     out = {"centres": centres, "n_targets": int(len(target))}
     if np.ptp(target) == 0 or np.ptp(centres[keep]) == 0:  # undefined, not 0
         return {**out, "statistic": np.nan, "p_value": np.nan, "min_p": np.nan,
-                "null": np.full(n_perm, np.nan)}
+                "null": np.full(n_perm, np.nan),
+                "permutations": np.empty((0, len(values)), int)}
     rng = np.random.default_rng(seed)
     t = rankdata(target) if method == "spearman" else target
     t = (t - t.mean()) / np.linalg.norm(t - t.mean())
@@ -776,7 +778,7 @@ def profile_permutation_test(profile, target, values, *, mask=None, method: str 
             "p_value": float((1 + np.sum(extreme)) / (1 + n_perm)),
             "min_p": min_p_value(n_layers, n_layers, method="pearson",
                                  alternative=alternative, n_perm=n_perm),
-            "null": null}
+            "null": null, "permutations": perms[1:]}
 
 
 def _both_profile_correlations(profile, target, values, **kwargs) -> dict:
