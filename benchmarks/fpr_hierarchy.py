@@ -16,12 +16,14 @@ should its power (:data:`gradbrain.hierarchy.TEST_TRUTHS`, Wilson 95 % intervals
   at least 21 seeds per truth for a p-value below 0.05.
 
 ``--gradient-part unique`` tests the gradients beyond activations
-(:func:`gradbrain.features.beyond_activations`) instead of as extracted. The last line is
+(:func:`gradbrain.features.beyond_activations`) instead of as extracted; ``--model`` and
+``--weights random`` simulate from another architecture's features (offline, a ViT such
+as ``dinov3_vits16`` has random-init weights only). The last line is
 machine-readable::
 
     RESULT max_test_fpr=… min_power=… max_model_fpr=… min_model_power=… verdict_fpr=…
            verdict_power=… model_verdict_fpr=… model_verdict_power=… equivalence_fpr=…
-           equivalence_power=… seeds=… n_images=…
+           equivalence_power=… seeds=… n_images=… gradient_part=… model=…
 
 ``max_test_fpr``/``min_power`` cover the tests; ``equivalence_fpr``/``equivalence_power``
 the equivalence decisions of the estimates (:data:`gradbrain.hierarchy.ESTIMATES`: how
@@ -30,7 +32,7 @@ is true).
 
 Usage: ``python benchmarks/fpr_hierarchy.py [--seeds 25] [--n-images 200] [--jobs 8]
 [--gradient-part whole] [--truths none forward backprop paper] [--out sims.csv]
-[--ship NAME]``. The table chapter 04 reads for the demo's settings was made with
+[--model efficientnet_lite0.imagenet] [--weights pretrained] [--ship NAME]``. The table chapter 04 reads for the demo's settings was made with
 ``--seeds 22 --first-seed 1000 --n-perm 10000 --n-boot 200 --ship efficientnet_lite0-demo``.
 """
 
@@ -73,6 +75,11 @@ def main(argv=None):
     parser.add_argument("--truths", nargs="+", default=list(TRUTHS), choices=TRUTHS,
                         help="truths to simulate (rates needing the others print as NaN)")
     parser.add_argument("--out", default=None, help="also write the per-study table (CSV)")
+    parser.add_argument("--model", default="efficientnet_lite0.imagenet",
+                        help="registry name of the model whose features the studies use")
+    parser.add_argument("--weights", default="pretrained", choices=("pretrained", "random"),
+                        help="its shipped weights, or a random init (seed 0): the only "
+                             "choice offline for models whose weights are downloaded")
     parser.add_argument("--ship", default=None, metavar="NAME",
                         help="also write the table into gradbrain/reference for chapter 04 "
                              "(hierarchy.write_reference), e.g. efficientnet_lite0-demo")
@@ -84,7 +91,8 @@ def main(argv=None):
     from gradbrain.data import load_embedded
 
     start = time.perf_counter()
-    model = models.load("efficientnet_lite0.imagenet", weights="pretrained")
+    model = models.load(args.model, weights="pretrained" if args.weights == "pretrained"
+                        else None)
     feats = gf.extract(model, load_embedded(args.n_images), losses=("ce",),
                        device=args.device, cache=False)
     sims = hierarchy.simulate_tests(
@@ -130,7 +138,8 @@ def main(argv=None):
           f"model_verdict_power={verdict(model_based, 'power'):.3f} "
           f"equivalence_fpr={worst(nominal, 'fpr', np.nanmax, 'estimates'):.3f} "
           f"equivalence_power={worst(nominal, 'power', np.nanmin, 'estimates'):.3f} "
-          f"seeds={args.seeds} n_images={args.n_images} gradient_part={args.gradient_part}")
+          f"seeds={args.seeds} n_images={args.n_images} gradient_part={args.gradient_part} "
+          f"model={args.model}.{args.weights}")
 
 
 if __name__ == "__main__":
