@@ -716,7 +716,8 @@ def profile_permutation_test(profile, target, values, *, mask=None, method: str 
     Returns
     -------
     dict with ``statistic``, ``p_value`` ((1 + #null as extreme) / (1 + n_perm)),
-    ``min_p`` (the floor: 1 / (1 + n_perm), or 1 / n_layers! when smaller), ``null``
+    ``min_p`` (the floor: the larger of 1 / (1 + n_perm) and 1 / n_layers!, twice that
+    two-sided), ``null``
     (n_perm,), ``permutations`` (n_perm, n_layers) (row ``k``: the layer whose value
     layer ``l`` takes), ``centres`` (n_targets,) the observed centres (NaN where left
     out) and ``n_targets``.
