@@ -1773,9 +1773,9 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         √NC, a lower bound of the out-of-fold r), so the test set is not used both to
         choose and to measure: a peak over layers chosen on the test set is biased up by
         the noise of the layers' scores. ``"test"`` chooses on the test scores (before
-        version 3 of the simulated tables). Either way the units' best layers of the
-        spatial scores are a test-set measurement, resampled by their bootstrap and
-        permuted by their null.
+        version 3 of the simulated tables). Either way the units' layer profiles (and
+        their centres or best layers) of the spatial scores are a test-set measurement,
+        resampled by their bootstrap and permuted by their null.
     n_units : int
         Bins of the hierarchy coordinate the spatial tests count as observations.
     n_perm, n_boot, ci, seed : int, int, float, int
