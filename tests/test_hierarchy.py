@@ -834,6 +834,8 @@ def test_calibrate_uses_the_model_based_null_where_it_can_reach_alpha(small_plan
     observed = result.tests.set_index("part").value
     prediction = result.tests.set_index("part").prediction
 
+    estimates = [name for name, _, _ in hierarchy.ESTIMATES.values()]
+
     def table(n_seeds, below):
         """Null studies all below (or above) the observed value; power studies above all."""
         rows = []
@@ -845,7 +847,8 @@ def test_calibrate_uses_the_model_based_null_where_it_can_reach_alpha(small_plan
                              value - 1 - 0.01 * s if below else value + 1 + 0.01 * s)
                     rows.append({"truth": truth, "seed": s, "part": part, "value": value,
                                  "holds": truth == power_truth,
-                                 "prediction": prediction.get(part, "verdict")})
+                                 "prediction": prediction.get(part, "estimate" if part in
+                                                              estimates else "verdict")})
         return pd.DataFrame(rows)
 
     calibrated = result.calibrate(table(20, below=True))  # every null study below: p = 1/21
@@ -865,6 +868,9 @@ def test_calibrate_uses_the_model_based_null_where_it_can_reach_alpha(small_plan
     assert (rates.loc[decided, "power"] == 1).all() and (rates.loc[decided, "fpr"] == 0).all()
     assert np.isnan(rates.loc[hierarchy.ESTIMATES["timing"][0], "power"])
     assert '"equivalent" was declared in 100 %' in summary
+    # what a planted backprop gives (here 1 + 5 in every simulated backprop study)
+    assert (rates.loc[decided, "backprop_mean"] == 6).all()
+    assert "whose contrast averages +6.00 on these features" in summary
     # every null study above the observed value: nothing holds
     assert not result.calibrate(table(20, below=False)).tests.holds.any()
     # too few null studies (floor 1/11 > α): the nominal decisions stand, rates quoted

@@ -1434,7 +1434,9 @@ class HierarchyResult:
             of divergence: ``p_backprop`` (:func:`divergence_p`), its floor
             ``backprop_min_p``, ``diverges_model`` and that decision's error rates
             (``div_fpr`` under ``backprop``, ``div_power`` under the other truths;
-            :func:`divergence_rates`).
+            :func:`divergence_rates`), and ``backprop_mean``, the contrast's mean over
+            the simulated backprop studies (what a planted backprop gives on these
+            features, against the 0 of an ideal one).
         """
         import copy
 
@@ -1485,6 +1487,10 @@ class HierarchyResult:
             estimates["backprop_min_p"] = [1 / (1 + n) if n else np.nan for _, n in rows]
             estimates["diverges_model"] = (estimates.p_backprop < self.alpha) & (
                 estimates.backprop_min_p < self.alpha)
+            planted = simulated[simulated.truth == "backprop"]
+            estimates["backprop_mean"] = [
+                float(planted.value[planted.part == name].mean())
+                if (planted.part == name).any() else np.nan for name in estimates.estimate]
             rates = divergence_rates(simulated, alpha=self.alpha).set_index("estimate")
             for column in ("div_fpr", "div_fpr_low", "div_fpr_high", "n_div_null",
                            "div_power", "div_power_low", "div_power_high", "n_div_power"):
@@ -1623,8 +1629,12 @@ class HierarchyResult:
                            "not shown to diverge from backprop")
                 if row.backprop_min_p >= self.alpha:
                     verdict = "cannot be judged against simulated backprop (too few studies)"
+                centred = (f"whose contrast averages {row.backprop_mean:+.2f} on these "
+                           "features, where an ideal backprop gives 0"
+                           if np.isfinite(getattr(row, "backprop_mean", np.nan)) else
+                           "whose contrasts need not be centred on 0 on real features")
                 model = (f" Against {int(row.n_div_null)} studies simulated with a planted "
-                         f"backprop (whose contrasts are not centred on 0 on real features): "
+                         f"backprop ({centred}): "
                          f"{verdict}, p = {row.p_backprop:.3g} (this decision: false "
                          f"divergence {_pct(row.div_fpr, row.div_fpr_low, row.div_fpr_high)}, "
                          f"power {_pct(row.div_power, row.div_power_low, row.div_power_high)}"
