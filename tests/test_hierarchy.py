@@ -98,9 +98,9 @@ def test_spatial_and_temporal_scores(rng):
         hierarchy.temporal_score([np.nan, np.nan, 1.0], depth[:3])
 
 
-def test_bootstrap_spatial_score_equals_a_resampling_loop(rng):
-    """Each resample: correlations on resampled test rows, best layer, Spearman (scipy)."""
-    n_layers, n_test, n_targets = 5, 30, 60
+def _bootstrap_problem(rng, n_layers=5, n_test=30, n_targets=60):
+    """Test predictions of 5 layers; each target best predicted by the layer its
+    coordinate prefers (noise 0.8 against 2.0 elsewhere)."""
     depth = np.linspace(0, 1, n_layers)
     coordinate = rng.uniform(0, 80, n_targets)
     preferred = np.clip((coordinate / 80 * n_layers).astype(int), 0, n_layers - 1)
@@ -108,6 +108,13 @@ def test_bootstrap_spatial_score_equals_a_resampling_loop(rng):
     noise = np.where(np.arange(n_layers)[:, None] == preferred[None], 0.8, 2.0)
     prediction = y[None] + noise[:, None, :] * rng.standard_normal((n_layers, n_test, n_targets))
     mask = rng.random(n_targets) > 0.2
+    return depth, coordinate, y, prediction, mask
+
+
+def test_bootstrap_spatial_score_equals_a_resampling_loop(rng):
+    """Each resample: correlations on resampled test rows, best layer, Spearman (scipy)."""
+    depth, coordinate, y, prediction, mask = _bootstrap_problem(rng)
+    n_layers, n_test, n_targets = prediction.shape
     indices = rng.integers(0, n_test, (40, n_test))
     indices[0] = np.arange(n_test)  # the identity resample is the point estimate
     out = hierarchy.bootstrap_spatial_score(prediction, y, coordinate, depth, mask=mask,
@@ -999,14 +1006,8 @@ def test_profile_permutation_test_bad_inputs(rng):
 def test_bootstrap_of_profile_centres_equals_a_resampling_loop(rng):
     """statistic="centre": each resample's unit profiles (mean r per unit and layer), their
     centres, and Spearman with the units' median coordinate (scipy)."""
-    n_layers, n_test, n_targets = 5, 30, 60
-    depth = np.linspace(0, 1, n_layers)
-    coordinate = rng.uniform(0, 80, n_targets)
-    preferred = np.clip((coordinate / 80 * n_layers).astype(int), 0, n_layers - 1)
-    y = rng.standard_normal((n_test, n_targets))
-    noise = np.where(np.arange(n_layers)[:, None] == preferred[None], 0.8, 2.0)
-    prediction = y[None] + noise[:, None, :] * rng.standard_normal((n_layers, n_test, n_targets))
-    mask = rng.random(n_targets) > 0.2
+    depth, coordinate, y, prediction, mask = _bootstrap_problem(rng)
+    n_layers, n_test, n_targets = prediction.shape
     units = hierarchy.hierarchy_units(coordinate, mask, 8)
     indices = rng.integers(0, n_test, (30, n_test))
     indices[0] = np.arange(n_test)

@@ -551,6 +551,18 @@ def _layer_sum_correlation(values, counts, sums, target_norm: float, rank: bool)
     return (values * sums).sum(1) / spread
 
 
+def _permutation_p(statistic: float, null: np.ndarray, alternative: str) -> float:
+    """``(1 + #{null as extreme as statistic}) / (1 + n_perm)``, ties within 1e-12
+    counting as extreme."""
+    if alternative == "greater":
+        extreme = null >= statistic - 1e-12
+    elif alternative == "less":
+        extreme = null <= statistic + 1e-12
+    else:
+        extreme = np.abs(null) >= abs(statistic) - 1e-12
+    return float((1 + np.sum(extreme)) / (1 + len(null)))
+
+
 def layer_permutation_test(layer_index, target, values, *, mask=None, method: str = "spearman",
                            alternative: str = "greater", n_perm: int = 10_000, seed: int = 0,
                            device=None) -> dict:
@@ -642,14 +654,8 @@ def layer_permutation_test(layer_index, target, values, *, mask=None, method: st
     r = _layer_sum_correlation(x, counts, sums, float(np.sqrt(np.sum(t * t))),
                                rank=method == "spearman").cpu().numpy()
     statistic, null = float(r[0]), r[1:]
-    if alternative == "greater":
-        extreme = null >= statistic - 1e-12
-    elif alternative == "less":
-        extreme = null <= statistic + 1e-12
-    else:
-        extreme = np.abs(null) >= abs(statistic) - 1e-12
     used = len(np.unique(index))
-    return {"statistic": statistic, "p_value": float((1 + extreme.sum()) / (1 + n_perm)),
+    return {"statistic": statistic, "p_value": _permutation_p(statistic, null, alternative),
             "min_p": min_p_value(used, n_layers, method=method, alternative=alternative,
                                  n_perm=n_perm),
             "null": null, "permutations": perms[1:].cpu().numpy(), "n_targets": int(n),
@@ -769,14 +775,8 @@ def profile_permutation_test(profile, target, values, *, mask=None, method: str 
         with np.errstate(invalid="ignore", divide="ignore"):
             r[start:start + chunk] = (x @ t) / np.linalg.norm(x, axis=1)
     statistic, null = float(r[0]), r[1:]
-    if alternative == "greater":
-        extreme = null >= statistic - 1e-12
-    elif alternative == "less":
-        extreme = null <= statistic + 1e-12
-    else:
-        extreme = np.abs(null) >= abs(statistic) - 1e-12
     return {**out, "statistic": statistic,
-            "p_value": float((1 + np.sum(extreme)) / (1 + n_perm)),
+            "p_value": _permutation_p(statistic, null, alternative),
             "min_p": min_p_value(n_layers, n_layers, method="pearson",
                                  alternative=alternative, n_perm=n_perm),
             "null": null, "permutations": perms[1:]}
