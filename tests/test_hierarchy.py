@@ -1058,3 +1058,25 @@ def test_tests_on_real_architectures_features(model, request):
         if truth == "none":
             assert not result.consistent_with_backprop
             assert not result.predictions["1 spatial"]
+
+
+def test_run_spatial_statistic_is_the_profile_centre_or_the_best_layer(small_planted):
+    """Test 1b's value is scipy's Spearman of the units' centres (default) or argmax
+    depths (``"best"``) with the units' median distance from V1."""
+    study = make_study(3, n_images=60, features=small_planted, gradient_truth="backprop",
+                       noise=0.5, meg=False)
+    depth = np.asarray(small_planted.depth, float)
+    for statistic, label in (("centre", "profile centres"), ("best", "best layers")):
+        result = hierarchy.run(study, small_planted, n_perm=200, n_boot=0, n_perm_chance=0,
+                               seed=3, device="cpu", spatial_statistic=statistic)
+        assert result.spatial_statistic == statistic
+        unit = result.unit_best[result.signal]
+        coordinate = hierarchy.unit_coordinates(study.hierarchy, result.units)
+        layer = (hierarchy.profile_centre(unit["profile"], depth) if statistic == "centre"
+                 else depth[np.nan_to_num(unit["profile"], nan=-np.inf).argmax(0)])
+        expected = stats.spearmanr(layer[unit["present"]],
+                                   coordinate[unit["present"]]).statistic
+        row = result.tests.set_index("part").loc["gradient spatial score > 0"]
+        assert row.value == pytest.approx(expected) and label in row.statistic
+    with pytest.raises(ValueError, match="spatial_statistic"):
+        hierarchy.run(study, small_planted, spatial_statistic="mean")
