@@ -1034,9 +1034,12 @@ def test_bootstrap_of_profile_centres_equals_a_resampling_loop(rng):
 def test_tests_on_real_architectures_features(model, request):
     """Studies simulated from a real network's features (ImageNet EfficientNet-Lite0; a
     random-init DINOv3 ViT-S/16, the only ViT weights offline), not from independent
-    planted ones: the planted activation hierarchy is recovered in space and time, and a
-    study whose gradients carry no signal is not judged consistent with backprop. The
-    rates over many seeds are benchmarks/fpr_hierarchy.py's (book, Methods)."""
+    planted ones. On both, a study whose gradients carry no signal is not judged
+    consistent with backprop. On EfficientNet-Lite0 the planted activation map is
+    recovered and a planted backprop is found (seed 7). On the random-init ViT even the
+    activation map is not recovered (spatial score about 0, fewer than 3 layers with a
+    latency), which is why its benchmark finds no power (book, Methods: "On a ViT's
+    features"); rates over many seeds are benchmarks/fpr_hierarchy.py's."""
     import warnings
 
     from gradbrain.data import load_embedded
@@ -1051,13 +1054,13 @@ def test_tests_on_real_architectures_features(model, request):
                            gradient_loss="ce")
         result = hierarchy.run(study, feats, n_perm=1000, n_boot=50, n_perm_chance=0,
                                seed=7, device="cpu")
-        scores = result.scores.set_index(["signal", "score"])
-        assert scores.at[("activation", "spatial"), "spearman"] > 0.5, truth
-        assert scores.at[("activation", "spatial"), "p_spearman"] < 0.05, truth
-        assert scores.at[("activation", "temporal"), "spearman"] > 0.5, truth
         if truth == "none":
             assert not result.consistent_with_backprop
             assert not result.predictions["1 spatial"]
+        if model == "cnn":
+            scores = result.scores.set_index(["signal", "score"])
+            assert scores.at[("activation", "spatial"), "spearman"] > 0.9, truth
+            assert result.consistent_with_backprop == (truth == "backprop")
 
 
 def test_run_spatial_statistic_is_the_profile_centre_or_the_best_layer(small_planted):
