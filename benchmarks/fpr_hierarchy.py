@@ -33,7 +33,8 @@ is true).
 Usage: ``python benchmarks/fpr_hierarchy.py [--seeds 25] [--n-images 200] [--jobs 8]
 [--gradient-part whole] [--truths none forward backprop paper] [--out sims.csv]
 [--model efficientnet_lite0.imagenet] [--weights pretrained] [--ship NAME]``. The
-table chapter 04 reads for the demo's settings was made with ``--seeds 22 --first-seed 1000 --n-perm 10000 --n-boot 200 --ship efficientnet_lite0-demo``.
+table chapter 04 reads for the demo's settings was made with ``--seeds 22 --first-seed
+1000 --n-perm 10000 --n-boot 200 --ship efficientnet_lite0-demo``.
 """
 
 from __future__ import annotations
