@@ -45,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+
+from gradbrain.hierarchy import _spearman, profile_centre  # _spearman: ρ over finite pairs
 
 TRUTHS = ("backprop", "none", "forward", "paper")
 NULLS = {"1a": ("none", "paper"), "1b": ("none", "paper"), "2b": ("none", "forward", "paper")}
@@ -93,18 +94,8 @@ def simulate(job) -> Path:
     return path
 
 
-def _spearman(a, b) -> float:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
-        return np.nan
-    return float(stats.spearmanr(a[ok], b[ok]).statistic)
-
-
 def unit_depth(profile: np.ndarray, depth: np.ndarray, how: str) -> np.ndarray:
     """Each unit's layer depth from its profile (n_layers, n_units)."""
-    from gradbrain.hierarchy import profile_centre
-
     filled = np.nan_to_num(profile, nan=-np.inf)
     if how == "best":
         return depth[filled.argmax(0)]

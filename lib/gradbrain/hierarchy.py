@@ -217,7 +217,7 @@ def unit_best_layer(scores: np.ndarray, units: np.ndarray, depth: np.ndarray, *,
         profile = total / count
     present = count > 0
     index = np.where(present, np.nan_to_num(profile, nan=-np.inf).argmax(0), 0)
-    centre = np.where(present, profile_centre(np.where(present, profile, 0.0), depth), np.nan)
+    centre = profile_centre(profile, depth)   # units without targets: NaN (0/0 profile)
     return {"index": index, "depth": depth[index], "centre": centre, "profile": profile,
             "present": present}
 
@@ -1917,6 +1917,8 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                                    "best_r": float(np.nanmax(res["r"], initial=np.nan)),
                                    "min_p": res["min_p"]})
         centres = spatial_statistic == "centre"
+        label = f"Spearman ρ ({'profile centres' if centres else 'best layers'})"
+        of_units = "units, whole profiles" if centres else "units"
 
         def varied(name, where):
             """At least 3 units in ``where``, not all at one layer (or one centre)."""
@@ -1955,11 +1957,9 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                 agree = layer_permutation_test(unit_best[signal]["index"],
                                                unit_best["activation"]["depth"], depth,
                                                mask=both, **kw)
-            add_test("1 spatial", "gradient and activation layer maps agree",
-                     f"Spearman ρ ({'profile centres' if centres else 'best layers'})",
+            add_test("1 spatial", "gradient and activation layer maps agree", label,
                      agree["statistic"], agree["p_value"] < alpha,
-                     "shuffled gradient layers (units"
-                     + (", whole profiles)" if centres else ")"), p=agree["p_value"],
+                     f"shuffled gradient layers ({of_units})", p=agree["p_value"],
                      min_p=agree["min_p"])
         else:
             add_test("1 spatial", "gradient and activation layer maps agree", "Spearman ρ",
@@ -1969,11 +1969,9 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
             with np.errstate(invalid="ignore"):
                 add_estimate("spatial", grad_spatial["spearman"] - scores[-2]["spearman"],
                              spatial_boot[signal] - spatial_boot["activation"])
-        add_test("1 spatial", "gradient spatial score > 0",
-                 f"Spearman ρ ({'profile centres' if centres else 'best layers'})",
+        add_test("1 spatial", "gradient spatial score > 0", label,
                  grad_spatial["spearman"], grad_spatial["p_spearman"] < alpha,
-                 "shuffled layer depths (units" + (", whole profiles)" if centres else ")"),
-                 p=grad_spatial["p_spearman"],
+                 f"shuffled layer depths ({of_units})", p=grad_spatial["p_spearman"],
                  min_p=grad_spatial["min_p_spearman"])
         # gain of gradients over activations per unit; top vs bottom quarter of the units
         gain = best[signal]["peak"] - best["activation"]["peak"]
@@ -2072,7 +2070,8 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         best=best, reliable=reliable, masks=usable, loss=loss, ci=ci,
         units=units if study.betas is not None else None,
         unit_best=unit_best if study.betas is not None else {},
-        gradient_part=gradient_part, spatial_statistic=spatial_statistic, above_chance=chance if len(chance) else None,
+        gradient_part=gradient_part, spatial_statistic=spatial_statistic,
+        above_chance=chance if len(chance) else None,
         chance_maps=chance_maps, estimates=pd.DataFrame(estimates),
     )
 
