@@ -381,25 +381,68 @@ def test_one_alpha_per_time_point_equals_scikit_learn_ridgecv_per_time(rng):
 
 def test_meg_partition_finds_late_gradients_only_where_planted(planted):
     """Truth 'paper': each layer's gradients carry a late (350-600 ms) signal of their own,
-    so what they add to their activations rises only late; activations add early."""
+    so what they add to their activations peaks at the planted gradient latency and what
+    activations add at the planted activation latency; before onset both sit at 0. The
+    courses are variance_partition's per-target parts averaged over the sensors some
+    layer's joint model predicts on training folds."""
     from gradbrain.data.simulated import make_study
+    from gradbrain.ridge import variance_partition
 
     study = make_study(0, n_images=252, features=planted, fmri=False, gradient_truth="paper",
                        noise=0.5, sfreq=50.0)   # 20 ms steps: half the targets
-    part = meg.meg_partition(study, planted, layers=planted.layers[::3], device="cpu")
+    layers = planted.layers[::3]
+    part = meg.meg_partition(study, planted, layers=layers, device="cpu")
     times = part["times"]
-    assert part["unique_gradient"].shape == (2, len(times)) and part["layers"] == \
-        planted.layers[::3]
-    early, late = (times > 50) & (times < 280), (times > 330) & (times < 650)
-    gradient_adds = part["unique_gradient"].max(0)
-    # on sensors and times without a gradient signal the partition sits a few hundredths
-    # below 0 (the joint model is chosen among five on training folds: on noise the
-    # chosen one loses a little on test images); the planted late signal rises far above
-    baseline = np.median(gradient_adds[early])
-    assert -0.06 < baseline < 0.01 and np.abs(gradient_adds[early] - baseline).max() < 0.03
-    assert gradient_adds[late].max() > baseline + 0.1
-    assert part["unique_activation"].max(0)[early].max() > 0.1
+    assert part["unique_gradient"].shape == (2, len(times)) and part["layers"] == layers
+    # the same numbers from variance_partition on each layer, selected and averaged here
+    ids = np.asarray(study.image_ids)
+    train, test = np.flatnonzero(study.split == "train"), np.flatnonzero(study.split == "test")
+    Y_train = meg.average_by_image(study.epochs, ids[train])
+    Y_test = meg.average_by_image(study.epochs, ids[test])
+    n_channels, n_times = Y_test.shape[1:]
+    direct = [variance_partition(
+        planted.activations[layer][train], planted.gradients["ce"][layer][train],
+        Y_train.reshape(len(train), -1), planted.activations[layer][test],
+        planted.gradients["ce"][layer][test], Y_test.reshape(len(test), -1),
+        score="signed_r2", device="cpu") for layer in layers]
+    selected = np.max([d["cv_r2_joint"].reshape(n_channels, n_times) for d in direct], 0) > 0
+    np.testing.assert_array_equal(part["selected"], selected)
+    assert 0 < selected.sum() < selected.size
+    for name, key in (("unique_gradient", "unique_b"), ("unique_activation", "unique_a")):
+        expected = [np.nanmean(np.where(selected, d[key].reshape(n_channels, n_times),
+                                        np.nan), 0) for d in direct]
+        np.testing.assert_allclose(part[name], expected, atol=1e-9)
+    # planted truths: each part peaks where its signal was planted, not before onset
+    step = 1000 / study.epochs.info["sfreq"]
+    index = [planted.layers.index(layer) for layer in layers]
+    np.testing.assert_allclose(times[part["unique_gradient"].argmax(1)],
+                               study.truth["gradient_latency"][index], atol=2 * step)
+    np.testing.assert_allclose(times[part["unique_activation"].argmax(1)],
+                               study.truth["activation_latency"][index], atol=2 * step)
+    before = times < 0
+    assert part["prestimulus"]["unique_gradient"] == np.abs(
+        part["unique_gradient"][:, before]).max() < 0.02
+    assert part["unique_gradient"].max() > 10 * part["prestimulus"]["unique_gradient"]
     np.testing.assert_allclose(part["shared"], part["r2_activation"] + part["r2_gradient"]
                                - part["r2_joint"], atol=1e-9)
     with pytest.raises(ValueError, match="'layers' must be some"):
         meg.meg_partition(study, planted, layers=[])
+    with pytest.raises(ValueError, match="'min_cv_r2' must be a number below 1"):
+        meg.meg_partition(study, planted, min_cv_r2="0")
+    with pytest.raises(ValueError, match="'score' must be one of"):
+        meg.meg_partition(study, planted, layers=layers[:1], score="r")
+
+
+def test_meg_partition_without_gradient_signal_credits_activations(planted):
+    """Truth 'none': gradients carry nothing of their own, so what they add stays near 0
+    at every time point while what activations add rises; with every sensor kept
+    (``min_cv_r2=None``) the mean runs over all 272."""
+    from gradbrain.data.simulated import make_study
+
+    study = make_study(1, n_images=252, features=planted, fmri=False, gradient_truth="none",
+                       noise=0.5, sfreq=50.0)
+    part = meg.meg_partition(study, planted, layers=planted.layers[1::3], min_cv_r2=None,
+                             device="cpu")
+    assert (part["n_selected"] == 272).all() and part["selected"].all()
+    assert np.abs(part["unique_gradient"]).max() < 0.02
+    assert part["unique_activation"].max() > 0.1

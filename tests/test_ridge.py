@@ -1,6 +1,7 @@
 """Ridge kernel against independent references: scikit-learn brute force and himalaya."""
 
 import numpy as np
+from scipy import stats
 import pytest
 import torch
 from sklearn.linear_model import Ridge
@@ -560,7 +561,9 @@ def _partition_data(rng, n_train=80, n_test=40, p_a=6, p_b=5, n_targets=4, mix=0
 def test_variance_partition_equals_scikit_learn_ridge_per_target(rng):
     """R² of A, B and the joint model = scikit-learn Ridge with the alpha GridSearchCV
     picks on the same folds (per target, negative MSE), features scaled as documented;
-    the joint model is, per target, the best cross-validated of A, B and A + √r B."""
+    the joint model is, per target, the best cross-validated of A, B and A + √r B, and
+    its cross-validated R² is 1 − GridSearchCV's best MSE / the training variance. With
+    ``score="signed_r2"`` the same models are scored by scipy's sign(r)·r²."""
     from sklearn.linear_model import Ridge
     from sklearn.metrics import r2_score
     from sklearn.model_selection import GridSearchCV, KFold
@@ -573,6 +576,8 @@ def test_variance_partition_equals_scikit_learn_ridge_per_target(rng):
     y[:, 3] = b @ rng.normal(size=5) + rng.normal(scale=1.0, size=120)   # B's alone
     tr, te = slice(0, 80), slice(80, 120)
     out = variance_partition(a[tr], b[tr], y[tr], a[te], b[te], y[te], device="cpu")
+    signed = variance_partition(a[tr], b[tr], y[tr], a[te], b[te], y[te], score="signed_r2",
+                                device="cpu")
 
     def scaled(x):
         mean, sd = x[tr].mean(0), x[tr].std(0)
@@ -581,23 +586,31 @@ def test_variance_partition_equals_scikit_learn_ridge_per_target(rng):
     def fitted(x, t):
         search = GridSearchCV(Ridge(), {"alpha": list(DEFAULT_ALPHAS)}, cv=KFold(5),
                               scoring="neg_mean_squared_error").fit(x[tr], y[tr, t])
-        return search.best_score_, r2_score(y[te, t], search.predict(x[te]))
+        prediction = search.predict(x[te])
+        r = stats.pearsonr(y[te, t], prediction).statistic
+        return search.best_score_, r2_score(y[te, t], prediction), np.sign(r) * r ** 2
 
     models = {"r2_a": scaled(a), "r2_b": scaled(b),
               **{r: np.hstack([scaled(a), np.sqrt(r) * scaled(b)]) for r in (0.1, 1.0, 10.0)}}
     reference = {name: np.array([fitted(x, t) for t in range(4)]) for name, x in models.items()}
-    for name in ("r2_a", "r2_b"):
-        np.testing.assert_allclose(out[name], reference[name][:, 1], atol=1e-4)
-    stacked = np.stack(list(reference.values()))            # (models, targets, [cv, r2])
+    stacked = np.stack(list(reference.values()))     # (models, targets, [cv, r2, signed r2])
     kept = stacked[:, :, 0].argmax(0)
-    joint = stacked[kept, np.arange(4), 1]
-    np.testing.assert_allclose(out["r2_joint"], joint, atol=1e-4)
-    np.testing.assert_allclose(out["unique_b"], joint - reference["r2_a"][:, 1], atol=1e-4)
-    np.testing.assert_allclose(out["shared"], reference["r2_a"][:, 1]
-                               + reference["r2_b"][:, 1] - joint, atol=1e-4)
-    np.testing.assert_array_equal(out["ratio"], np.array([0, np.inf, 0.1, 1, 10])[kept])
+    for result, column in ((out, 1), (signed, 2)):
+        for name in ("r2_a", "r2_b"):
+            np.testing.assert_allclose(result[name], reference[name][:, column], atol=1e-4)
+        joint = stacked[kept, np.arange(4), column]
+        np.testing.assert_allclose(result["r2_joint"], joint, atol=1e-4)
+        np.testing.assert_allclose(result["unique_b"], joint - reference["r2_a"][:, column],
+                                   atol=1e-4)
+        np.testing.assert_allclose(result["shared"], reference["r2_a"][:, column]
+                                   + reference["r2_b"][:, column] - joint, atol=1e-4)
+        np.testing.assert_array_equal(result["ratio"], np.array([0, np.inf, 0.1, 1, 10])[kept])
+        np.testing.assert_allclose(result["cv_r2_joint"],
+                                   1 + stacked[kept, np.arange(4), 0] / y[tr].var(0), atol=1e-4)
     with pytest.raises(ValueError, match="'band_ratios' must be positive"):
         variance_partition(a[tr], b[tr], y[tr], a[te], b[te], y[te], band_ratios=())
+    with pytest.raises(ValueError, match="'score' must be one of"):
+        variance_partition(a[tr], b[tr], y[tr], a[te], b[te], y[te], score="r")
 
 
 def test_variance_partition_finds_planted_unique_and_shared_parts(rng):

@@ -790,20 +790,33 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
 
 
 def meg_partition(study, features, *, loss: str | None = None, layers=None,
-                  alphas=DEFAULT_ALPHAS, cv=5, band_ratios=(0.1, 1.0, 10.0), device=None,
+                  alphas=DEFAULT_ALPHAS, cv=5, band_ratios=(0.1, 1.0, 10.0),
+                  score: str = "signed_r2", min_cv_r2: float | None = 0.0, device=None,
                   progress: bool = False) -> dict:
     """Over time: what a layer's gradients add to its activations, and back.
 
     :func:`gradbrain.ridge.variance_partition` of every layer's activations and
-    gradients (of ``loss``) on every sensor × time point — training images fit and
-    choose, test images (averaged over repeats) score by R² — averaged over sensors.
+    gradients (of ``loss``) on every sensor × time point: training images fit the three
+    models and choose their penalties, test images (averaged over repeats) score them.
+    Each part is then averaged, per time point, over the sensors that some layer's joint
+    model predicts on the training images (cross-validated R² above ``min_cv_r2``): a
+    choice made without the test images, so it does not bias the test parts, and it
+    keeps sensors without any signal from diluting the mean.
 
-    Read with care: on sensors and times without signal the parts sit below 0 (the
-    joint model is chosen among five on training folds, and test-set R² of noise is
-    negative), and an average over all sensors is dominated by them — about −0.03 on a
-    planted study with 50 test images at noise 0.5, about −0.1 on the book's embedded
-    default (40 test images, noise 1), where the curves are too noisy to read and the
-    MEG chapter does not show them. Only rises well above that baseline mean something.
+    The default score is sign(r)·r² (``score="signed_r2"``), not R²: THINGS-MEG shows
+    training images once and test images 12 times, so test responses are far less noisy
+    than training ones and R² charges every model for the single-trial noise its weights
+    learnt, against the small variance of averaged responses. On the book's embedded
+    default this pushed all-sensor R² parts to about −0.1 at every time point, before
+    and after image onset; sign(r)·r² parts sit at 0 before onset.
+
+    The parts are descriptions: no latency is read from them. A course of noise over
+    many time points still has a maximum, and shuffling test images is no null for
+    "gradients add nothing" when gradients share information with activations (the
+    shuffle breaks what they share, too). Compare a rise with the ``prestimulus`` range
+    — the largest absolute value any layer's course takes before image onset, where no
+    stimulus information can be — and test the unique part with chapter 04's
+    model-based nulls (``hierarchy.run(gradient_part="unique")``).
 
     Parameters
     ----------
@@ -815,29 +828,52 @@ def meg_partition(study, features, *, loss: str | None = None, layers=None,
         Gradient signal; default the features' first loss.
     layers : sequence of str or None
         Layers to partition (default all), kept in the features' order.
-    alphas, cv, band_ratios, device
+    alphas, cv, band_ratios, score, device
         As in :func:`gradbrain.ridge.variance_partition`.
+    min_cv_r2 : float or None
+        Keep, per time point, the sensors where the best layer's joint model has a
+        training cross-validated R² above this; None keeps every sensor.
 
     Returns
     -------
-    dict with ``layers``, ``depth`` (n_layers,), ``times`` (n_times,) ms, ``loss`` and,
-    as (n_layers, n_times) test R² averaged over sensors, ``r2_activation``,
-    ``r2_gradient``, ``r2_joint``, ``unique_activation``, ``unique_gradient`` and
-    ``shared``.
+    dict with ``layers``, ``depth`` (n_layers,), ``times`` (n_times,) ms, ``loss``,
+    ``score``, ``min_cv_r2``, ``selected`` (n_channels, n_times) bool the sensors kept,
+    ``n_selected`` (n_times,); as (n_layers, n_times) test scores averaged over the kept
+    sensors (NaN at times without any), ``r2_activation``, ``r2_gradient``,
+    ``r2_joint``, ``unique_activation``, ``unique_gradient`` and ``shared``; and
+    ``prestimulus``, a dict of float per part: the largest absolute value its courses
+    take before onset (NaN when the epochs start at onset).
     """
     from .ridge import _partition_inputs, _partition_layers
 
     if study.epochs is None:
         raise ValueError(f"Study {study.name!r} has no MEG data (epochs is None).")
+    if min_cv_r2 is not None and not (isinstance(min_cv_r2, (int, float))
+                                      and not isinstance(min_cv_r2, bool)
+                                      and np.isfinite(min_cv_r2) and min_cv_r2 < 1):
+        raise ValueError(f"'min_cv_r2' must be a number below 1 (e.g. 0.0) or None (every "
+                         f"sensor); got {min_cv_r2!r}.")
     loss, layers, depth = _partition_inputs(study, features, loss, layers)
     train, test, Y_train, Y_test = _meg_split(study, cv)
     n_channels, n_times = Y_test.shape[1:]
     parts = _partition_layers(
         features, loss, layers, train, test, Y_train.reshape(len(train), -1),
-        Y_test.reshape(len(test), -1),
-        reduce=lambda values: np.nanmean(values.reshape(n_channels, n_times), 0),
-        desc="variance partition (MEG)", progress=progress, alphas=alphas, cv=cv,
-        band_ratios=band_ratios, device=device)
+        Y_test.reshape(len(test), -1), desc="variance partition (MEG)", progress=progress,
+        alphas=alphas, cv=cv, band_ratios=band_ratios, score=score, device=device)
     parts.pop("ratio")
-    return {"layers": layers, "depth": depth, "times": 1000 * study.epochs.times,
-            "loss": loss, **parts}
+    shape = (len(layers), n_channels, n_times)
+    cv_r2 = parts.pop("cv_r2_joint").reshape(shape)
+    finite = np.isfinite(cv_r2).any(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN sensors: not selected
+        selected = finite if min_cv_r2 is None else finite & (np.nanmax(cv_r2, 0) > min_cv_r2)
+        courses = {name: np.nanmean(np.where(selected, values.reshape(shape), np.nan), 1)
+                   for name, values in parts.items()}
+    times = 1000 * study.epochs.times
+    before = times < 0
+    prestimulus = {name: float(np.nanmax(np.abs(course[:, before])))
+                   if np.isfinite(course[:, before]).any() else np.nan
+                   for name, course in courses.items()}
+    return {"layers": layers, "depth": depth, "times": times, "loss": loss, "score": score,
+            "min_cv_r2": min_cv_r2, "selected": selected, "n_selected": selected.sum(0),
+            **courses, "prestimulus": prestimulus}

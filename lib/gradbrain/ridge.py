@@ -38,7 +38,7 @@ from ._utils import check_in_allowed, resolve_device
 __all__ = [
     "RidgeCV", "check_folds", "encoding_scores", "layerwise_scores", "fmri_encoding",
     "pearson_r", "shuffled_correlations", "variance_partition", "fmri_partition",
-    "PARTITION", "DEFAULT_ALPHAS", "SCORINGS", "standardize",
+    "PARTITION", "PARTITION_SCORES", "DEFAULT_ALPHAS", "SCORINGS", "standardize",
 ]
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(0, 8, 10))  # 1e0 … 1e8
@@ -1015,9 +1015,19 @@ def _test_r2(y_test: np.ndarray, prediction: np.ndarray) -> np.ndarray:
 PARTITION = ("r2_a", "r2_b", "r2_joint", "unique_a", "unique_b", "shared")
 
 
+#: Test-set scores :func:`variance_partition` can partition.
+PARTITION_SCORES = ("r2", "signed_r2")
+
+
+def _signed_squared_r(y_test: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """Per target, sign(r)·r² of the test prediction (r: Pearson correlation)."""
+    r = pearson_r(y_test, prediction)
+    return np.sign(r) * r ** 2
+
+
 def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
                        alphas=DEFAULT_ALPHAS, cv=5, band_ratios=(0.1, 1.0, 10.0),
-                       device=None, dtype=None) -> dict:
+                       score: str = "r2", device=None, dtype=None) -> dict:
     """Unique and shared test-set variance of two feature bands (joint minus single).
 
     Ridge models (:class:`RidgeCV`, one alpha per target) are fitted on the training
@@ -1048,12 +1058,22 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
         As in :class:`RidgeCV`.
     band_ratios : sequence of float
         Penalty ratios of the joint model's grid (at least one; positive).
+    score : {"r2", "signed_r2"}
+        The test score that is partitioned: the coefficient of determination (default),
+        or the squared Pearson correlation with its sign, sign(r)·r², which ignores the
+        scale and offset of the predictions. Use the latter where test responses are
+        less noisy than training ones (MEG test images averaged over repeats, training
+        images seen once): there R² charges every model for the noise its weights
+        learnt from single trials, against the small variance of averaged responses.
 
     Returns
     -------
     dict of str to ndarray of shape (n_targets,): the :data:`PARTITION` components, as
-    fractions of the test variance, and ``ratio`` the joint model each target kept (0:
-    A alone, inf: B alone); NaN for targets with non-finite or constant responses.
+    fractions of the test variance, ``ratio`` the joint model each target kept (0:
+    A alone, inf: B alone) and ``cv_r2_joint`` that model's cross-validated R² on the
+    training images (1 − its held-out mean squared error over the training variance;
+    it never sees the test images, so it can select targets for the test parts without
+    biasing them); NaN for targets with non-finite or constant responses.
     """
     Y_train, Y_test = np.asarray(Y_train, np.float64), np.asarray(Y_test, np.float64)
     if Y_train.ndim != 2 or Y_test.ndim != 2 or Y_train.shape[1] != Y_test.shape[1]:
@@ -1065,12 +1085,15 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
             raise ValueError(f"'{name}_train' and '{name}_test' must be (n_samples, n_features) "
                              f"with the rows of Y_train and Y_test; got {np.shape(train)} and "
                              f"{np.shape(test)}.")
+    check_in_allowed("score", score, PARTITION_SCORES)
+    test_score = _test_r2 if score == "r2" else _signed_squared_r
     band_ratios = tuple(float(r) for r in band_ratios)
     if not band_ratios or not all(np.isfinite(r) and r > 0 for r in band_ratios):
         raise ValueError(f"'band_ratios' must be positive finite penalty ratios, e.g. "
                          f"(0.1, 1.0, 10.0); got {band_ratios!r}.")
     finite = _finite_columns(Y_train) & _finite_columns(Y_test) & (Y_test.std(0) > 0)
-    out = {name: np.full(Y_test.shape[1], np.nan) for name in (*PARTITION, "ratio")}
+    out = {name: np.full(Y_test.shape[1], np.nan)
+           for name in (*PARTITION, "ratio", "cv_r2_joint")}
     if not finite.any():
         return out
     a = _scaled_band(a_train, a_test)
@@ -1081,7 +1104,7 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
         model = RidgeCV(alphas=alphas, cv=cv, device=device, dtype=dtype or torch.float32)
         model.fit(train, Y_fit)
         prediction = model.predict(test).reshape(len(test), -1)
-        return np.asarray(model.best_score_, float), _test_r2(Y_score, prediction)
+        return np.asarray(model.best_score_, float), test_score(Y_score, prediction)
 
     (cv_a, r2_a), (cv_b, r2_b) = fit(*a), fit(*b)
     cv_scores, r2_joint, ratios = [cv_a, cv_b], [r2_a, r2_b], [0.0, np.inf]
@@ -1092,6 +1115,11 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
         r2_joint.append(r2)
         ratios.append(ratio)
     kept = np.argmax(np.stack(cv_scores), axis=0)
+    best_mse = -np.take_along_axis(np.stack(cv_scores), kept[None], 0)[0]
+    variance = Y_fit.var(0)
+    out["cv_r2_joint"][finite] = np.divide(variance - best_mse, variance,
+                                           out=np.full(len(variance), np.nan),
+                                           where=variance > 0)
     r2 = {"r2_a": r2_a, "r2_b": r2_b,
           "r2_joint": np.take_along_axis(np.stack(r2_joint), kept[None], 0)[0]}
     r2["unique_a"] = r2["r2_joint"] - r2["r2_b"]
@@ -1135,9 +1163,9 @@ def _partition_layers(features, loss, layers, train, test, Y_train, Y_test, *, r
     passed through ``reduce`` (e.g. a mean over sensors) first."""
     from tqdm import tqdm
 
-    names = dict(zip((*PARTITION, "ratio"), ("r2_activation", "r2_gradient", "r2_joint",
-                                             "unique_activation", "unique_gradient",
-                                             "shared", "ratio")))
+    names = dict(zip((*PARTITION, "ratio", "cv_r2_joint"),
+                     ("r2_activation", "r2_gradient", "r2_joint", "unique_activation",
+                      "unique_gradient", "shared", "ratio", "cv_r2_joint")))
     out = {name: [] for name in names.values()}
     for layer in tqdm(layers, desc=desc, disable=not progress):
         act = np.asarray(features.activations[layer])
@@ -1145,7 +1173,8 @@ def _partition_layers(features, loss, layers, train, test, Y_train, Y_test, *, r
         parts = variance_partition(act[train], grad[train], Y_train, act[test], grad[test],
                                    Y_test, **kwargs)
         for name, renamed in names.items():
-            keep = reduce is None or name == "ratio"   # the kept model is per target
+            # the kept model and its training-CV score are per target
+            keep = reduce is None or name in ("ratio", "cv_r2_joint")
             out[renamed].append(parts[name] if keep else reduce(parts[name]))
     return {name: np.stack(values) for name, values in out.items()}
 
