@@ -423,6 +423,21 @@ def test_meg_partition_finds_late_gradients_only_where_planted(planted):
     assert part["prestimulus"]["unique_gradient"] == np.abs(
         part["unique_gradient"][:, before]).max() < 0.02
     assert part["unique_gradient"].max() > 10 * part["prestimulus"]["unique_gradient"]
+    # what the chapter prints and draws
+    after = part["unique_gradient"][:, ~before]
+    layer, time = np.unravel_index(after.argmax(), after.shape)
+    text = meg.summarize_partition(part)
+    assert (f"gradients add to their activations: at most {after.max():.3f} "
+            f"({layers[layer]}, {times[~before][time]:.0f} ms)") in text
+    assert f"a median of {np.median(selected[:, ~before].sum(0)):.0f} of 272" in text
+    from gradbrain import plotting
+
+    fig = plotting.plot_time_courses({"gradients add": {
+        "times": times, "depth": part["depth"], "curve": part["unique_gradient"],
+        "prestimulus": part["prestimulus"]["unique_gradient"]}})
+    band = fig.axes[0].patches[0].get_y(), fig.axes[0].patches[0].get_height()
+    bound = part["prestimulus"]["unique_gradient"]
+    np.testing.assert_allclose(band, (-bound, 2 * bound))
     np.testing.assert_allclose(part["shared"], part["r2_activation"] + part["r2_gradient"]
                                - part["r2_joint"], atol=1e-9)
     with pytest.raises(ValueError, match="'layers' must be some"):

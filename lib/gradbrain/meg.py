@@ -30,7 +30,7 @@ from .ridge import (DEFAULT_ALPHAS, SCORINGS, RidgeCV, _check_alphas, _is_comple
 
 __all__ = ["average_by_image", "encode_time_resolved", "decode_time_resolved",
            "decode_category", "SlidingRidgeCV", "peak_latency", "bootstrap_curves",
-           "peak_permutation_test", "meg_encoding", "meg_partition"]
+           "peak_permutation_test", "meg_encoding", "meg_partition", "summarize_partition"]
 
 
 def average_by_image(epochs, image_ids: Sequence[str]) -> np.ndarray:
@@ -877,3 +877,39 @@ def meg_partition(study, features, *, loss: str | None = None, layers=None,
     return {"layers": layers, "depth": depth, "times": times, "loss": loss, "score": score,
             "min_cv_r2": min_cv_r2, "selected": selected, "n_selected": selected.sum(0),
             **courses, "prestimulus": prestimulus}
+
+
+def summarize_partition(part: dict) -> str:
+    """What :func:`meg_partition` found, in words (Markdown bullets).
+
+    For each unique part: its largest value after image onset, when and in which layer,
+    against the pre-stimulus range; and how many sensors were kept per time point.
+
+    Parameters
+    ----------
+    part : dict
+        Output of :func:`meg_partition`.
+    """
+    times, layers = np.asarray(part["times"], float), part["layers"]
+    after = times >= 0
+    kept = np.asarray(part["n_selected"])[after]
+    n_channels = len(part["selected"])
+    rule = ("every sensor" if part["min_cv_r2"] is None else
+            f"sensors whose best joint model has a training cross-validated R² above "
+            f"{part['min_cv_r2']:g}")
+    score = "sign(r)·r²" if part["score"] == "signed_r2" else "R²"
+    lines = [f"- Averaged over {rule}: a median of {np.median(kept):.0f} of {n_channels} "
+             f"per time point after onset (test {score})."]
+    for name, key in (("gradients add to their activations", "unique_gradient"),
+                      ("activations add to their gradients", "unique_activation")):
+        course = np.asarray(part[key], float)[:, after]
+        if not np.isfinite(course).any():
+            lines.append(f"- What {name}: no sensor kept after onset.")
+            continue
+        layer, time = np.unravel_index(np.nanargmax(course), course.shape)
+        bound = part["prestimulus"][key]
+        against = (f", {course[layer, time] / bound:.1f} × the pre-stimulus range "
+                   f"(±{bound:.3f})" if np.isfinite(bound) and bound > 0 else "")
+        lines.append(f"- What {name}: at most {course[layer, time]:.3f} ({layers[layer]}, "
+                     f"{times[after][time]:.0f} ms){against}.")
+    return "\n".join(lines)

@@ -278,7 +278,8 @@ def plot_time_courses(results: dict, *, ylabel: str = "encoding r (mean over sen
     ----------
     results : dict
         Output of :func:`gradbrain.meg.meg_encoding` (``times`` in ms, ``curve``
-        (n_layers, n_times), ``depth``).
+        (n_layers, n_times), ``depth``); a signal with a ``prestimulus`` bound (float)
+        gets that range, ± the bound, shaded grey.
     """
     signals = list(results)
     fig, axes = plt.subplots(1, len(signals), figsize=(4.6 * len(signals), 3.6), sharey=True,
@@ -288,6 +289,10 @@ def plot_time_courses(results: dict, *, ylabel: str = "encoding r (mean over sen
         cmap, colours = _depth_colours(res["depth"])
         for curve, colour in zip(res["curve"], colours):
             ax.plot(res["times"], curve, color=colour, lw=1.2)
+        bound = res.get("prestimulus", np.nan)
+        if np.isfinite(bound):
+            ax.axhspan(-bound, bound, color="0.85", zorder=0, label="pre-stimulus range")
+            ax.legend(frameon=False, fontsize=8, loc="upper right")
         ax.axvline(0, color="0.6", lw=0.8, ls=":")
         ax.axhline(0, color="0.6", lw=0.8)
         ax.set_xlabel("time after image onset (ms)")

@@ -1031,8 +1031,8 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
     """Unique and shared test-set variance of two feature bands (joint minus single).
 
     Ridge models (:class:`RidgeCV`, one alpha per target) are fitted on the training
-    images and scored on the test images by R²: band A alone, band B alone, and the
-    joint model. Each band is z-scored on the training images and weighted 1/√p. The
+    images and scored on the test images by R² (or sign(r)·r², see ``score``): band A
+    alone, band B alone, and the joint model. Each band is z-scored on the training images and weighted 1/√p. The
     joint model is a **banded ridge by grid search**: band B is weighted √r relative to
     A for each ``r`` in ``band_ratios`` (a penalty ratio), and each target keeps, among
     those and the two single bands (r = 0 and ∞), the model with the best cross-validated
@@ -1203,7 +1203,8 @@ def fmri_partition(study, features, *, loss: str | None = None, layers=None,
     Returns
     -------
     dict with ``layers``, ``depth`` (n_layers,), ``loss``, ``ratio`` (n_layers,
-    n_vertices) the joint model each vertex kept, and, per :data:`PARTITION` component
+    n_vertices) the joint model each vertex kept, ``cv_r2_joint`` (n_layers, n_vertices)
+    its cross-validated R² on the training images, and, per :data:`PARTITION` component
     renamed ``r2_activation``, ``r2_gradient``, ``r2_joint``, ``unique_activation``,
     ``unique_gradient`` and ``shared``, an array (n_layers, n_vertices) of test R².
     """
