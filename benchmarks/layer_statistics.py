@@ -18,7 +18,11 @@ candidate statistics on them:
   above-chance times of the course above the mean over layers), ``centre_pos`` (of the
   positive course there), ``centre_half`` (of the course above half its maximum) and
   ``trend`` (Spearman over above-chance times of the time and of ρ(t), the correlation
-  across layers between score and autograd rank at time t).
+  across layers between score and autograd rank at time t), and ``neighbours``: the
+  peak latency of each layer's **own** contribution — its gradient features with what a
+  ridge read-out of the adjacent layers' gradient features predicts of them removed
+  (cross-fitted on the training images, as ``features.beyond_activations`` does with
+  all activations), encoded again, gated by the same peak permutation test.
 
 For each, under ``backprop`` (where the test should hold) against its null truths
 (space: ``none``, ``paper``; time: ``none``, ``forward``, ``paper``): the area under
@@ -29,7 +33,8 @@ with this many studies rejects at its floor). Each study is cached in
 
     RESULT spatial_best_auc=… spatial_centre_auc=… spatial_best_power=…
     spatial_centre_power=… temporal_peak_auc=… temporal_best_alternative_auc=…
-    temporal_peak_power=… temporal_best_alternative_power=… seeds=…
+    temporal_peak_power=… temporal_best_alternative_power=… temporal_neighbours_auc=…
+    temporal_neighbours_power=… seeds=…
 
 Usage: ``python benchmarks/layer_statistics.py [--seeds 12] [--first-seed 1000]
 [--jobs 2] [--cache-dir DIR]``. 12 seeds per truth (48 studies): 13 min on 2 CPU cores.
@@ -51,7 +56,8 @@ from gradbrain.hierarchy import _spearman, profile_centre  # _spearman: ρ over 
 TRUTHS = ("backprop", "none", "forward", "paper")
 NULLS = {"1a": ("none", "paper"), "1b": ("none", "paper"), "2b": ("none", "forward", "paper")}
 SPATIAL = ("best", "centre", "centre_mean", "top3")
-TEMPORAL = ("peak", "peak0.8", "peak0.5", "centre_mean", "centre_pos", "centre_half", "trend")
+TEMPORAL = ("peak", "peak0.8", "peak0.5", "centre_mean", "centre_pos", "centre_half", "trend",
+            "neighbours")
 
 
 def _features(n_images: int):
@@ -89,6 +95,48 @@ def simulate(job) -> Path:
         record[f"{key}_present"] = result.unit_best[name]["present"]
         for item in ("curve", "p_peak", "significant_time", "times"):
             record[f"{key}_{item}"] = result.meg[name][item]
+    with atomic_path(path, suffix=".pkl") as tmp:
+        tmp.write_bytes(pickle.dumps(record))
+    return path
+
+
+def neighbour_courses(job) -> Path:
+    """Encode the MEG of one study from each layer's gradients beyond its neighbours'."""
+    truth, seed, n_images, cache_dir = job
+    path = cache_dir / f"{truth}-{seed}-neighbours.pkl"
+    if path.exists():
+        return path
+    import torch
+
+    from gradbrain import meg
+    from gradbrain._utils import atomic_path
+    from gradbrain.data.simulated import make_study
+    from gradbrain.features import _block_scaled, _cross_fitted_residual
+    from gradbrain.ridge import standardize
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    feats = _features(n_images)
+    study = make_study(seed, n_images=n_images, features=feats, gradient_truth=truth,
+                       noise=1.0, gradient_loss="ce")
+    train, test, Y_train, Y_test = meg._meg_split(study, 5)
+    alphas = np.concatenate([np.logspace(-3, -1, 3), np.logspace(0, 8, 10)])
+    folds = np.array_split(np.arange(len(train)), 5)
+    grads = [feats.gradients["ce"][layer] for layer in feats.layers]
+    is_train = np.zeros(len(grads[0]), bool)
+    is_train[train] = True
+    curves, predictions = [], []
+    for i, own in enumerate(grads):
+        around = [grads[j] for j in (i - 1, i + 1) if 0 <= j < len(grads)]
+        X = torch.as_tensor(_block_scaled(around, is_train), dtype=torch.float64)
+        residual, _ = _cross_fitted_residual(own, X, train, test, folds, alphas)
+        X_train, X_test = standardize(residual[train], residual[test])
+        out = meg.encode_time_resolved(X_train, Y_train, X_test, Y_test, cv=5,
+                                       return_prediction=True)
+        curves.append(out["r"].mean(0))
+        predictions.append(out["prediction"].astype(np.float32))
+    shuffled = meg.peak_permutation_test(Y_test, np.stack(predictions), n_perm=200, seed=seed)
+    record = {"curve": np.stack(curves), "p_peak": shuffled["p_value"]}
     with atomic_path(path, suffix=".pkl") as tmp:
         tmp.write_bytes(pickle.dumps(record))
     return path
@@ -144,13 +192,18 @@ def statistics(record: dict) -> dict:
     curve, times = record["grad_curve"], record["grad_times"]
     window = record["grad_significant_time"]
     timed = record["grad_p_peak"] < 0.05
-    for how in TEMPORAL[:-1]:
+    for how in TEMPORAL[:-2]:
         latency = layer_latency(curve, times, how, window)
         latency[~timed] = np.nan
         out[f"2b {how}"] = _spearman(latency, rank) if np.isfinite(latency).sum() >= 3 \
             else np.nan
     rho = np.array([_spearman(curve[:, k], rank) for k in range(curve.shape[1])])
     out["2b trend"] = _spearman(times[window], rho[window]) if window.sum() >= 3 else np.nan
+    own = record["neighbours"]
+    latency = layer_latency(own["curve"], times, "peak", window)
+    latency[own["p_peak"] >= 0.05] = np.nan
+    out["2b neighbours"] = _spearman(latency, rank) if np.isfinite(latency).sum() >= 3 \
+        else np.nan
     return out
 
 
@@ -197,9 +250,14 @@ def main(argv=None):
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
             paths = list(tqdm(pool.map(simulate, jobs), total=len(jobs), desc="studies"))
+            extra = list(tqdm(pool.map(neighbour_courses, jobs), total=len(jobs),
+                              desc="beyond neighbours"))
     else:
         paths = [simulate(job) for job in tqdm(jobs, desc="studies")]
-    table = pd.DataFrame([statistics(pickle.loads(p.read_bytes())) for p in paths])
+        extra = [neighbour_courses(job) for job in tqdm(jobs, desc="beyond neighbours")]
+    records = [{**pickle.loads(p.read_bytes()), "neighbours": pickle.loads(e.read_bytes())}
+               for p, e in zip(paths, extra)]
+    table = pd.DataFrame([statistics(record) for record in records])
     result = separation(table)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(result.round(3).to_string(index=False))
@@ -215,7 +273,10 @@ def main(argv=None):
           f"temporal_peak_power={pick.at[('2b', 'peak'), 'power_over_all_nulls']:.3f} "
           f"temporal_best_alternative_power="
           f"{alternatives.at[best_alt, 'power_over_all_nulls']:.3f} "
-          f"temporal_best_alternative={best_alt} seeds={args.seeds}")
+          f"temporal_best_alternative={best_alt} "
+          f"temporal_neighbours_auc={pick.at[('2b', 'neighbours'), 'worst_auc']:.3f} "
+          f"temporal_neighbours_power="
+          f"{pick.at[('2b', 'neighbours'), 'power_over_all_nulls']:.3f} seeds={args.seeds}")
 
 
 if __name__ == "__main__":

@@ -945,6 +945,31 @@ def _ridge_predictions(X: torch.Tensor, Y: torch.Tensor, fit: np.ndarray, apply:
     return torch.einsum("pf,af,ft->apt", cross, inverse, projected) + y_mean
 
 
+def _cross_fitted_residual(G, X: torch.Tensor, train_rows: np.ndarray, test_rows: np.ndarray,
+                           folds: list, alphas: np.ndarray) -> tuple[np.ndarray, float]:
+    """``G`` (n_images, dim) minus its ridge prediction from ``X``, in ``G``'s units:
+    cross-fitted on the training rows (``folds`` index into them), fitted on all of them
+    for the test rows; the alpha minimises the held-out MSE of the z-scored ``G``."""
+    G = np.asarray(G, dtype=np.float64)
+    n_train = len(train_rows)
+    mean, std = G[train_rows].mean(axis=0), G[train_rows].std(axis=0)
+    scale = np.where(std > 0, std, 1.0)
+    Y = torch.as_tensor((G - mean) / scale * (std > 0), dtype=torch.float64, device=X.device)
+    held_out = torch.empty((len(alphas), n_train, Y.shape[1]), dtype=torch.float64,
+                           device=X.device)
+    for fold in folds:
+        rest = np.setdiff1d(np.arange(n_train), fold)
+        held_out[:, fold] = _ridge_predictions(X, Y, train_rows[rest], train_rows[fold], alphas)
+    mse = ((held_out - Y[train_rows][None]) ** 2).mean(dim=(1, 2))
+    best = int(torch.argmin(mse))
+    predicted = torch.empty_like(Y)
+    predicted[train_rows] = held_out[best]
+    if len(test_rows):
+        predicted[test_rows] = _ridge_predictions(X, Y, train_rows, test_rows,
+                                                  alphas[best:best + 1])[0]
+    return G - (mean + scale * (std > 0) * predicted.cpu().numpy()), float(alphas[best])
+
+
 def beyond_activations(features: Features, train, *, loss: str | None = None,
                        alphas=None, cv: int = 5, device=None) -> Features:
     """Gradients with what the activations predict of them removed (their unique part).
@@ -1023,27 +1048,9 @@ def beyond_activations(features: Features, train, *, loss: str | None = None,
     for name in losses:
         per_layer, chosen[name] = {}, {}
         for layer in features.layers:
-            G = np.asarray(features.gradients[name][layer], dtype=np.float64)
-            mean, std = G[train].mean(axis=0), G[train].std(axis=0)
-            scale = np.where(std > 0, std, 1.0)
-            Y = torch.as_tensor((G - mean) / scale * (std > 0), dtype=torch.float64,
-                                device=device)
-            held_out = torch.empty((len(alphas), n_train, Y.shape[1]), dtype=torch.float64,
-                                   device=device)
-            for fold in folds:
-                rest = np.setdiff1d(np.arange(n_train), fold)
-                held_out[:, fold] = _ridge_predictions(X, Y, train_rows[rest], train_rows[fold],
-                                                       alphas)
-            mse = ((held_out - Y[train_rows][None]) ** 2).mean(dim=(1, 2))
-            best = int(torch.argmin(mse))
-            predicted = torch.empty_like(Y)
-            predicted[train_rows] = held_out[best]
-            if len(test_rows):
-                predicted[test_rows] = _ridge_predictions(X, Y, train_rows, test_rows,
-                                                          alphas[best:best + 1])[0]
-            residual = G - (mean + scale * (std > 0) * predicted.cpu().numpy())
+            residual, chosen[name][layer] = _cross_fitted_residual(
+                features.gradients[name][layer], X, train_rows, test_rows, folds, alphas)
             per_layer[layer] = residual.astype(np.float32)
-            chosen[name][layer] = float(alphas[best])
         gradients[name] = per_layer
     meta = {**features.meta, "gradients": "beyond activations",
             "residual_alpha": {**features.meta.get("residual_alpha", {}), **chosen}}
