@@ -37,7 +37,8 @@ with this many studies rejects at its floor). Each study is cached in
     temporal_neighbours_power=… seeds=…
 
 Usage: ``python benchmarks/layer_statistics.py [--seeds 12] [--first-seed 1000]
-[--jobs 2] [--cache-dir DIR]``. 12 seeds per truth (48 studies): 13 min on 2 CPU cores.
+[--jobs 2] [--cache-dir DIR]``. 12 seeds per truth (48 studies): 19 min on 2 CPU cores
+(13 for the fits, 6 for the neighbour-residualised encodings).
 """
 
 from __future__ import annotations
