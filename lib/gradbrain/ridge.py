@@ -1038,8 +1038,8 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
 
     Ridge models (:class:`RidgeCV`, one alpha per target) are fitted on the training
     images and scored on the test images by R² (or sign(r)·r², see ``score``): band A
-    alone, band B alone, and the joint model. Each band is z-scored on the training images and weighted 1/√p. The
-    joint model is a **banded ridge by grid search**: band B is weighted √r relative to
+    alone, band B alone, and the joint model. Each band is z-scored on the training
+    images and weighted 1/√p. The joint model is a **banded ridge by grid search**: band B is weighted √r relative to
     A for each ``r`` in ``band_ratios`` (a penalty ratio), and each target keeps, among
     those and the two single bands (r = 0 and ∞), the model with the best cross-validated
     score — so adding a band that carries nothing does not lower the joint score, the
@@ -1075,7 +1075,7 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
     Returns
     -------
     dict of str to ndarray of shape (n_targets,): the :data:`PARTITION` components, as
-    fractions of the test variance, ``ratio`` the joint model each target kept (0:
+    fractions of the test variance (or signed squared correlations), ``ratio`` the joint model each target kept (0:
     A alone, inf: B alone) and ``cv_r2_joint`` that model's cross-validated R² on the
     training images (1 − its held-out mean squared error over the training variance;
     it never sees the test images, so it can select targets for the test parts without
@@ -1161,12 +1161,12 @@ def _partition_inputs(study, features, loss, layers) -> tuple[str, list, np.ndar
     return loss, layers, depth
 
 
-def _partition_layers(features, loss, layers, train, test, Y_train, Y_test, *, reduce=None,
+def _partition_layers(features, loss, layers, train, test, Y_train, Y_test, *,
                       desc: str = "variance partition", progress: bool = False,
                       **kwargs) -> dict:
     """:func:`variance_partition` of each layer's activations and ``loss`` gradients;
-    per component (renamed for activations and gradients) the stacked values, each
-    passed through ``reduce`` (e.g. a mean over sensors) first."""
+    per component (renamed for activations and gradients) the values stacked over
+    layers, (n_layers, n_targets)."""
     from tqdm import tqdm
 
     names = dict(zip((*PARTITION, "ratio", "cv_r2_joint"),
@@ -1179,9 +1179,7 @@ def _partition_layers(features, loss, layers, train, test, Y_train, Y_test, *, r
         parts = variance_partition(act[train], grad[train], Y_train, act[test], grad[test],
                                    Y_test, **kwargs)
         for name, renamed in names.items():
-            # the kept model and its training-CV score are per target
-            keep = reduce is None or name in ("ratio", "cv_r2_joint")
-            out[renamed].append(parts[name] if keep else reduce(parts[name]))
+            out[renamed].append(parts[name])
     return {name: np.stack(values) for name, values in out.items()}
 
 
