@@ -70,23 +70,29 @@ def _features(n_images: int):
     return gf.extract(model, load_embedded(n_images), losses=("ce",), cache=True)
 
 
+def _study(truth: str, seed: int, n_images: int):
+    """The features and one simulated study, in a quiet single-threaded worker."""
+    import torch
+
+    from gradbrain.data.simulated import make_study
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    feats = _features(n_images)
+    return feats, make_study(seed, n_images=n_images, features=feats, gradient_truth=truth,
+                             noise=1.0, gradient_loss="ce")
+
+
 def simulate(job) -> Path:
     """Simulate and fit one study; cache its profiles and score courses."""
     truth, seed, n_images, cache_dir = job
     path = cache_dir / f"{truth}-{seed}.pkl"
     if path.exists():
         return path
-    import torch
-
     from gradbrain import hierarchy
     from gradbrain._utils import atomic_path
-    from gradbrain.data.simulated import make_study
 
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    feats = _features(n_images)
-    study = make_study(seed, n_images=n_images, features=feats, gradient_truth=truth,
-                       noise=1.0, gradient_loss="ce")
+    feats, study = _study(truth, seed, n_images)
     result = hierarchy.run(study, feats, seed=seed, n_perm=2000, n_boot=20, n_perm_chance=0)
     record = {"truth": truth, "seed": seed,
               "coord": hierarchy.unit_coordinates(study.hierarchy, result.units),
@@ -111,15 +117,10 @@ def neighbour_courses(job) -> Path:
 
     from gradbrain import meg
     from gradbrain._utils import atomic_path
-    from gradbrain.data.simulated import make_study
     from gradbrain.features import _block_scaled, _cross_fitted_residual
     from gradbrain.ridge import standardize
 
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    feats = _features(n_images)
-    study = make_study(seed, n_images=n_images, features=feats, gradient_truth=truth,
-                       noise=1.0, gradient_loss="ce")
+    feats, study = _study(truth, seed, n_images)
     train, test, Y_train, Y_test = meg._meg_split(study, 5)
     alphas = np.concatenate([np.logspace(-3, -1, 3), np.logspace(0, 8, 10)])
     folds = np.array_split(np.arange(len(train)), 5)

@@ -293,6 +293,7 @@ def test_the_things_profile_runs_its_chapters_through_the_runner_and_papermill(t
     for texts in (runs["runner"], runs["cli"]):
         assert "THINGS-MEG P1 (all)" in texts["03_meg_decoding"]
         assert "271 sensors" in texts["03_meg_decoding"]
+        assert "What gradients add to their activations" in texts["03_meg_decoding"]
         for name in ("00_data", "03_meg_decoding"):
             assert "Loading data" not in texts[name]
             assert "Replacing existing metadata" not in texts[name]
