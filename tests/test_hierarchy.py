@@ -834,6 +834,37 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
         hierarchy.simulate_tests(small_planted, seed=3, progress=False)
 
 
+def test_simulate_tests_at_another_studys_images_and_sizes(small_planted, tmp_path,
+                                                           monkeypatch):
+    """With a study's own images (not the embedded ones) and its sizes, the rows are
+    run() on make_study of those images and sizes; the sizes enter the cache key only
+    when given, so default-sized keys (and the shipped tables they find) are unchanged."""
+    import dataclasses
+
+    from gradbrain.data import load_embedded
+
+    monkeypatch.setenv("GRADBRAIN_DATA", str(tmp_path))
+    ids = [f"things-{i:03d}" for i in range(60)]
+    images = dataclasses.replace(load_embedded(60), ids=ids)
+    feats = dataclasses.replace(small_planted, image_ids=ids)
+    kw = dict(n_perm=100, n_boot=10, device="cpu")
+    sizes = dict(n_test=15, n_meg_test_repeats=4)
+    sims = hierarchy.simulate_tests(feats, images=images, truths=("backprop",), n_seeds=1,
+                                    first_seed=5, noise=0.5, simulate_fmri=False,
+                                    progress=False, **sizes, **kw)
+    study = make_study(5, features=feats, images=images, gradient_truth="backprop",
+                       noise=0.5, fmri=False, **sizes)
+    direct = hierarchy.run(study, feats, seed=5, n_perm_chance=0, **kw)
+    assert hierarchy.study_sizes(study) == {"images": images, **sizes}
+    mine = sims[~sims.part.str.startswith("verdict") & (sims.prediction != "estimate")]
+    np.testing.assert_array_equal(mine.holds.to_numpy(), direct.tests.holds.to_numpy())
+    np.testing.assert_allclose(mine.value.to_numpy(float), direct.tests.value.to_numpy(float))
+    modalities = {"fmri": False, "meg": True}
+    plain = hierarchy._simulation_key(feats, 60, 0.5, modalities, kw)
+    sized = hierarchy._simulation_key(feats, 60, 0.5, modalities, kw, sizes)
+    assert "n_test" not in plain and sized == {**plain, **sizes}
+
+
 def test_calibrate_uses_the_model_based_null_where_it_can_reach_alpha(small_planted):
     study = make_study(3, n_images=60, features=small_planted, gradient_truth="backprop",
                        noise=0.5)

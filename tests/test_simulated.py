@@ -180,6 +180,46 @@ def test_features_must_match_the_images(feats):
         make_study(0, n_images=20, features=feats)
 
 
+def test_a_study_of_other_images_takes_their_ids_and_the_sizes_asked_for(feats):
+    """Given images that are not the embedded ones (here: the embedded pixels under other
+    ids, as a real study's would be), with features extracted on them, make_study
+    simulates the same study as from the embedded images, at the sizes asked for."""
+    import dataclasses
+
+    from gradbrain.data import load_embedded
+
+    embedded = load_embedded(N_IMAGES)
+    ids = [f"shared{i:04d}" for i in range(N_IMAGES)]
+    images = dataclasses.replace(embedded, ids=ids)
+    other = dataclasses.replace(feats, image_ids=ids)
+    sizes = dict(n_test=6, n_fmri_repeats=2, n_meg_test_repeats=5)
+    study = make_study(0, features=other, images=images, gradient_truth="backprop", **sizes)
+    reference = make_study(0, n_images=N_IMAGES, features=feats, gradient_truth="backprop",
+                           **sizes)
+    assert study.image_ids == ids and study.images.ids == ids
+    np.testing.assert_array_equal(study.betas, reference.betas)
+    np.testing.assert_array_equal(study.split, reference.split)
+    np.testing.assert_array_equal(study.epochs.get_data(), reference.epochs.get_data())
+    assert (study.split == "test").sum() == 6 and study.betas.shape[1] == 2
+    meta = study.epochs.metadata
+    assert meta[meta.split == "test"].repeat.max() + 1 == 5
+    assert set(meta.image_id) <= set(ids)
+    from gradbrain.hierarchy import study_sizes
+
+    assert study_sizes(study) == {"images": images, **sizes}   # what simulate_tests takes
+    # the first n of them, and clear errors
+    assert make_study(0, n_images=20, features=dataclasses.replace(
+        other, image_ids=ids[:20], activations={k: v[:20] for k, v in other.activations.items()},
+        gradients={"ce": {k: v[:20] for k, v in other.gradients["ce"].items()}},
+        labels=other.labels[:20]), images=images, meg=False).image_ids == ids[:20]
+    with pytest.raises(ValueError, match=f"between 10 and {N_IMAGES} \\(the images given"):
+        make_study(0, n_images=N_IMAGES + 1, features=other, images=images)
+    with pytest.raises(ValueError, match="extracted on the first 40 images given"):
+        make_study(0, features=feats, images=images)
+    with pytest.raises(TypeError, match="'images' must be an ImageSet"):
+        make_study(0, features=other, images=ids)
+
+
 def test_load_study_dispatches_to_the_real_loaders(tmp_path):
     with pytest.raises(FileNotFoundError, match="NSD folder"):
         load_study("nsd", subject=1, source=tmp_path / "no-nsd-here")

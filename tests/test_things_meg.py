@@ -277,7 +277,8 @@ def test_the_things_profile_runs_its_chapters_through_the_runner_and_papermill(t
     """params/things.yaml on a fake participant in the real layout (split epochs, test
     images without concept folders, 271 sensors), with the packaged EfficientNet-Lite0
     instead of the hub's DINOv3: chapters 00, 01, 03, 04 through the runner, then each
-    through papermill's CLI with the flat file `gradbrain.book params` writes."""
+    through papermill's CLI with the flat file `gradbrain.book params` writes; chapter 04
+    measures its error rates at the participant's own size (``sim_images="study"``)."""
     from _books import run_profile_both_ways
 
     data_root, images_dir = tmp_path / "ds004212", tmp_path / "THINGS"
@@ -286,7 +287,7 @@ def test_the_things_profile_runs_its_chapters_through_the_runner_and_papermill(t
                             "split": "all", "decim": 2, "tmin": -0.1, "tmax": 0.8},
                  "model": "efficientnet_lite0.imagenet", "losses": ["ce"], "n_boot": 5,
                  "control_model": "dinov3_vits16", "n_images": 40, "n_perm": 200,
-                 "n_sim_seeds": 1, "sim_n_images": 40}
+                 "n_sim_seeds": 1, "sim_images": "study"}   # at the participant's size
     runs = run_profile_both_ways("things", overrides, tmp_path)
     assert runs["status"] == dict.fromkeys(
         ["00_data", "01_gradients", "03_meg_decoding", "04_hierarchy_tests"], "executed")
@@ -294,6 +295,7 @@ def test_the_things_profile_runs_its_chapters_through_the_runner_and_papermill(t
         assert "THINGS-MEG P1 (all)" in texts["03_meg_decoding"]
         assert "271 sensors" in texts["03_meg_decoding"]
         assert "What gradients add to their activations" in texts["03_meg_decoding"]
+        assert "images of this study" in texts["04_hierarchy_tests"]
         for name in ("00_data", "03_meg_decoding"):
             assert "Loading data" not in texts[name]
             assert "Replacing existing metadata" not in texts[name]

@@ -26,7 +26,8 @@ __all__ = ["best_layer", "chosen_layers", "cv_correlation", "SELECTIONS", "hiera
            "bootstrap_spatial_score", "hierarchy_units", "unit_coordinates", "unit_best_layer",
            "profile_centre", "profile_permutation_test", "SPATIAL_STATISTICS",
            "group_test", "group_estimate", "above_chance",
-           "HierarchyResult", "run", "GRADIENT_PARTS", "simulate_tests", "error_rates",
+           "HierarchyResult", "run", "GRADIENT_PARTS", "simulate_tests", "study_sizes",
+           "error_rates",
            "model_null_p", "write_reference", "TEST_TRUTHS", "VERDICT_BACKPROP",
            "VERDICT_PAPER", "ESTIMATES", "equivalence", "divergence_p",
            "divergence_rates", "power_curve", "read_power_curve", "power_curve_summary",
@@ -2105,7 +2106,8 @@ TEST_TRUTHS[ESTIMATES["temporal"][0]] = (("none", "forward", "paper"), "backprop
 
 def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: float,
                      modalities: dict, run_kwargs: dict, n_threads: int | None,
-                     cache_dir: Path | None = None) -> list[dict]:
+                     cache_dir: Path | None = None, study_kwargs: dict | None = None
+                     ) -> list[dict]:
     """Simulate one study from ``features`` and judge it as :func:`run` does.
 
     With ``cache_dir``, the study's rows are read from / written to
@@ -2135,7 +2137,7 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
         warnings.simplefilter("ignore")
         study = make_study(seed, n_images=n_images, features=features, gradient_truth=truth,
                            noise=noise, gradient_loss=run_kwargs.get("loss") or
-                           features.losses[0], **modalities)
+                           features.losses[0], **modalities, **(study_kwargs or {}))
         # the above-chance tests describe a study and do not enter its verdicts: skipped
         result = run(study, features, seed=seed, **{**run_kwargs, "n_perm_chance": 0})
     rows = [{"truth": truth, "seed": seed, "prediction": t.prediction, "part": t.part,
@@ -2160,9 +2162,11 @@ _REFERENCE = Path(__file__).parent / "reference"
 
 
 def _simulation_key(features, n_images: int, noise: float, modalities: dict,
-                    run_kwargs: dict) -> dict:
+                    run_kwargs: dict, sizes: dict | None = None) -> dict:
     """Every setting that changes :func:`simulate_tests`' rows (not the seeds, not the
-    device), with :func:`run`'s defaults filled in."""
+    device), with :func:`run`'s defaults filled in; ``sizes`` (the study sizes that are
+    not make_study's defaults) only where given, so that keys of default-sized studies,
+    and the shipped tables they find, stay as they were."""
     import inspect
 
     defaults = {name: p.default for name, p in inspect.signature(run).parameters.items()
@@ -2174,7 +2178,8 @@ def _simulation_key(features, n_images: int, noise: float, modalities: dict,
     return {"version": SIMULATION_VERSION, "model": features.model,
             "weights": features.weights, "pool": features.pool, "loss": loss,
             "n_images": int(n_images), "noise": float(noise), **modalities,
-            **{k: (float(v) if isinstance(v, float) else v) for k, v in settings.items()}}
+            **{k: (float(v) if isinstance(v, float) else v) for k, v in settings.items()},
+            **{k: int(v) for k, v in (sizes or {}).items()}}
 
 
 def _fingerprint(features, loss: str) -> np.ndarray:
@@ -2218,6 +2223,10 @@ def write_reference(simulated: pd.DataFrame, features, *, n_images: int | None =
 
     modalities = {"fmri": bool(simulate_fmri), "meg": bool(simulate_meg)}
     n_images = features.n_images if n_images is None else n_images
+    sizes = {name: value for name, value in (
+        ("n_test", n_test), ("n_fmri_repeats", n_fmri_repeats),
+        ("n_meg_test_repeats", n_meg_test_repeats)) if value is not None}
+    study_kwargs = {**sizes, **({"images": images} if images is not None else {})}
     key = _simulation_key(features, n_images, noise, modalities, run_kwargs)
     base = _REFERENCE / f"simulated_tests-{name}"
     with atomic_path(base.with_suffix(".csv.gz"), suffix=".csv.gz") as tmp:
@@ -2233,8 +2242,9 @@ def write_reference(simulated: pd.DataFrame, features, *, n_images: int | None =
 def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
                    truths=("none", "forward", "backprop", "paper"), n_seeds: int = 20,
                    first_seed: int = 1000, n_jobs: int = 1, simulate_fmri: bool = True,
-                   simulate_meg: bool = True, cache=True, progress: bool = True,
-                   **run_kwargs) -> pd.DataFrame:
+                   simulate_meg: bool = True, images=None, n_test: int | None = None,
+                   n_fmri_repeats: int | None = None, n_meg_test_repeats: int | None = None,
+                   cache=True, progress: bool = True, **run_kwargs) -> pd.DataFrame:
     """Run every test of :func:`run` on studies simulated from the chapter's own features.
 
     For each planted truth and seed, :func:`gradbrain.data.simulated.make_study` builds
@@ -2249,7 +2259,7 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
     ----------
     features : Features
         Extracted on the first ``n_images`` embedded images
-        (:func:`gradbrain.data.load_embedded`), with the tested loss.
+        (:func:`gradbrain.data.load_embedded`), or on ``images``, with the tested loss.
     n_images : int or None
         Images per simulated study; default ``features.n_images``.
     noise : float
@@ -2264,6 +2274,14 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
     simulate_fmri, simulate_meg : bool
         Modalities of the simulated studies (as in the study under test: an fMRI-only
         study needs no simulated MEG).
+    images : ImageSet or None
+        The stimuli ``features`` were extracted on, when they are not the embedded ones
+        (e.g. a real study's ``images``): the studies are then simulated at that study's
+        size from its own features.
+    n_test, n_fmri_repeats, n_meg_test_repeats : int or None
+        Test images, fMRI repeats per image and MEG repeats per test image of the
+        simulated studies (e.g. a real study's); None: ``make_study``'s defaults (a
+        fifth of the images, 3, 12).
     cache : bool or path-like
         Keep every simulated study's rows under ``<cache>/simulated_tests/<key>/``
         (True: ``$GRADBRAIN_DATA``), keyed on every setting that changes them and on the
@@ -2303,6 +2321,10 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
         raise ValueError("At least one of 'simulate_fmri' and 'simulate_meg' must be True.")
     modalities = {"fmri": bool(simulate_fmri), "meg": bool(simulate_meg)}
     n_images = features.n_images if n_images is None else n_images
+    sizes = {name: value for name, value in (
+        ("n_test", n_test), ("n_fmri_repeats", n_fmri_repeats),
+        ("n_meg_test_repeats", n_meg_test_repeats)) if value is not None}
+    study_kwargs = {**sizes, **({"images": images} if images is not None else {})}
     jobs = [(truth, first_seed + s) for truth in truths for s in range(n_seeds)]
     rows, cache_dir = [], None
     if cache is not False:
@@ -2310,7 +2332,7 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
 
         from ._utils import get_data_home, hash_arrays
 
-        key = _simulation_key(features, n_images, noise, modalities, run_kwargs)
+        key = _simulation_key(features, n_images, noise, modalities, run_kwargs, sizes)
         shipped = _shipped_simulations(key, _fingerprint(features, key["loss"]))
         if shipped is not None:
             wanted, have = set(jobs), set(zip(shipped.truth, shipped.seed))
@@ -2328,7 +2350,7 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
     if n_jobs == 1:
         for truth, seed in jobs:
             rows += _simulated_tests(features, truth, seed, n_images, noise, modalities,
-                                     run_kwargs, None, cache_dir)
+                                     run_kwargs, None, cache_dir, study_kwargs)
             bar.update()
     elif jobs:
         from joblib import Parallel, delayed
@@ -2338,7 +2360,7 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
         threads = max(1, cores // n_jobs)
         for done in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(  # joblib ≥ 1.4
                 delayed(_simulated_tests)(features, truth, seed, n_images, noise, modalities,
-                                          run_kwargs, threads, cache_dir)
+                                          run_kwargs, threads, cache_dir, study_kwargs)
                 for truth, seed in jobs):
             rows += done
             bar.update()
@@ -2347,6 +2369,42 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
     order = {truth: i for i, truth in enumerate(truths)}
     return table.sort_values(["truth", "seed"], key=lambda c: c.map(order) if c.name == "truth"
                              else c, kind="stable").reset_index(drop=True)
+
+
+def study_sizes(study, meg_study=None) -> dict:
+    """A study's images and sizes, as :func:`simulate_tests` takes them, to measure error
+    rates at that study's own size (e.g. NSD's or THINGS-MEG's) from its own features.
+
+    The simulated studies carry every modality on ``study``'s images; a separate MEG
+    study (other images) lends only its number of repeats per test image.
+
+    Parameters
+    ----------
+    study : Study
+        With ``images`` and ``split``; ``betas`` (n_images, n_repeats, n_vertices) and/or
+        ``epochs`` (metadata ``image_id``, ``split``).
+    meg_study : Study or None
+        A separate MEG study.
+
+    Returns
+    -------
+    dict with ``images`` (``study.images``), ``n_test`` (its test images) and, per
+    modality present, ``n_fmri_repeats`` (``betas.shape[1]``) and ``n_meg_test_repeats``
+    (the median number of trials of a test image).
+    """
+    if study.images is None:
+        raise ValueError(f"Study {study.name!r} has no images: simulating at its size needs "
+                         "them (for THINGS-MEG give things['images_dir']).")
+    sizes = {"images": study.images, "n_test": int((np.asarray(study.split) == "test").sum())}
+    if study.betas is not None:
+        sizes["n_fmri_repeats"] = int(study.betas.shape[1])
+    epochs = (meg_study if meg_study is not None else study).epochs
+    if epochs is not None:
+        meta = epochs.metadata
+        trials = meta[meta["split"] == "test"].groupby("image_id").size()
+        if len(trials):
+            sizes["n_meg_test_repeats"] = int(np.median(trials))
+    return sizes
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:

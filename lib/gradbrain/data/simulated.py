@@ -73,7 +73,8 @@ def _readout(z: np.ndarray, n_out: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri, meg,
-           n_fmri_repeats=3, n_meg_test_repeats=12):
+           n_fmri_repeats=3, n_meg_test_repeats=12, n_available=N_EMBEDDED,
+           source="the embedded stimulus set"):
     check_in_allowed("gradient_truth", gradient_truth, GRADIENT_TRUTHS)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"'seed' must be an integer; got {type(seed).__name__}. e.g. seed=0")
@@ -84,11 +85,11 @@ def _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"'{name}' must be a positive integer (repeats per image); got "
                              f"{value!r}. e.g. {name}=3")
-    if not isinstance(n_images, (int, np.integer)) or not 10 <= n_images <= N_EMBEDDED:
+    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) \
+            or not 10 <= n_images <= n_available:
         raise ValueError(
-            f"'n_images' must be an integer between 10 and {N_EMBEDDED} (the embedded "
-            "stimulus set); "
-            f"got {n_images!r}. e.g. n_images=200"
+            f"'n_images' must be an integer between 10 and {n_available} ({source}); "
+            f"got {n_images!r}. e.g. n_images={min(200, n_available)}"
         )
     if not np.isfinite(noise) or noise < 0:
         raise ValueError(f"'noise' must be a finite number ≥ 0 (noise sd scale); got {noise!r}.")
@@ -110,7 +111,7 @@ def make_study(
     *,
     model: str = "efficientnet_lite0.imagenet",
     weights: str | None = "pretrained",
-    n_images: int = 200,
+    n_images: int | None = None,
     gradient_truth: str = "paper",
     noise: float = 1.0,
     gradient_loss: str = "ce",
@@ -122,10 +123,12 @@ def make_study(
     n_fmri_repeats: int = 3,
     n_meg_test_repeats: int = 12,
     features=None,
+    images=None,
     cache=True,
     progress: bool = False,
 ) -> Study:
-    """Simulate fMRI and MEG responses to the embedded images with a planted truth.
+    """Simulate fMRI and MEG responses to images (the embedded ones by default) with a
+    planted truth.
 
     Parameters
     ----------
@@ -133,8 +136,9 @@ def make_study(
         Seed of every random choice (read-outs, scatter, noise, split). Same seed, same study.
     model, weights : str
         Registry model and weights whose features generate the responses.
-    n_images : int
-        Number of embedded stimuli (10 … 252).
+    n_images : int or None
+        Number of stimuli: the first ``n_images`` of ``images`` (10 … their number);
+        default 200 embedded images, or all of ``images``.
     gradient_truth : {"none", "forward", "backprop", "paper"}
         What gradients do in the simulated brain (see the module docstring).
     noise : float
@@ -154,8 +158,13 @@ def make_study(
     n_fmri_repeats, n_meg_test_repeats : int
         Repeats per image in fMRI, and per test image in MEG.
     features : Features or None
-        Precomputed features of ``model`` on the embedded images (must hold
-        ``gradient_loss``); extracted (and cached) when None.
+        Precomputed features of ``model`` on the stimuli (must hold ``gradient_loss``);
+        extracted (and cached) when None.
+    images : ImageSet or None
+        The stimuli; default the embedded set (:func:`gradbrain.data.load_embedded`).
+        Give a real study's images, with ``features`` extracted on them, to simulate a
+        study of its size (e.g. NSD's or THINGS-MEG's number of images, test images and
+        repeats) from the very features its chapter encodes.
     cache : bool or path-like
         Feature cache (see :func:`gradbrain.features.extract`).
 
@@ -168,19 +177,32 @@ def make_study(
         ``activation_latency`` / ``gradient_latency`` (ms; NaN = none); and the
         settings.
     """
-    _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri, meg,
-           n_fmri_repeats, n_meg_test_repeats)
+    if images is None:
+        n_images = 200 if n_images is None else n_images
+        _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri,
+               meg, n_fmri_repeats, n_meg_test_repeats)
+        images = load_embedded(n_images)
+        source = "embedded images"
+    else:
+        if not hasattr(images, "ids") or not hasattr(images, "images"):
+            raise TypeError(f"'images' must be an ImageSet (e.g. a study's .images); got "
+                            f"{type(images).__name__}.")
+        n_images = len(images.ids) if n_images is None else n_images
+        _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri,
+               meg, n_fmri_repeats, n_meg_test_repeats, n_available=len(images.ids),
+               source="the images given")
+        images = images[:n_images] if n_images < len(images.ids) else images
+        source = "images given"
     from .. import features as gf
     from .. import models
 
-    images = load_embedded(n_images)
     if features is None:
         loaded = models.load(model, weights=weights)
         features = gf.extract(loaded, images, losses=(gradient_loss,), pool="mean", cache=cache,
                               progress=progress)
     elif features.image_ids != images.ids or gradient_loss not in features.gradients:
         raise ValueError(
-            f"'features' must be extracted on the first {n_images} embedded images with loss "
+            f"'features' must be extracted on the first {n_images} {source} with loss "
             f"{gradient_loss!r}; got {features.n_images} images and losses {features.losses}."
         )
     layers, depth = list(features.layers), np.asarray(features.depth, dtype=float)
