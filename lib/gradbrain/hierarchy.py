@@ -2223,10 +2223,6 @@ def write_reference(simulated: pd.DataFrame, features, *, n_images: int | None =
 
     modalities = {"fmri": bool(simulate_fmri), "meg": bool(simulate_meg)}
     n_images = features.n_images if n_images is None else n_images
-    sizes = {name: value for name, value in (
-        ("n_test", n_test), ("n_fmri_repeats", n_fmri_repeats),
-        ("n_meg_test_repeats", n_meg_test_repeats)) if value is not None}
-    study_kwargs = {**sizes, **({"images": images} if images is not None else {})}
     key = _simulation_key(features, n_images, noise, modalities, run_kwargs)
     base = _REFERENCE / f"simulated_tests-{name}"
     with atomic_path(base.with_suffix(".csv.gz"), suffix=".csv.gz") as tmp:
