@@ -70,31 +70,36 @@ def _features(n_images: int):
     return gf.extract(model, load_embedded(n_images), losses=("ce",), cache=True)
 
 
-def _study(truth: str, seed: int, n_images: int):
-    """The features and one simulated study, in a quiet single-threaded worker."""
+def _cached_study_record(job, suffix: str, compute) -> Path:
+    """``compute(feats, study)``'s record for the job's simulated study, cached (atomically)
+    as ``<truth>-<seed><suffix>.pkl``; a quiet single-threaded worker computes it."""
+    truth, seed, n_images, cache_dir = job
+    path = cache_dir / f"{truth}-{seed}{suffix}.pkl"
+    if path.exists():
+        return path
     import torch
 
+    from gradbrain._utils import atomic_path
     from gradbrain.data.simulated import make_study
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     feats = _features(n_images)
-    return feats, make_study(seed, n_images=n_images, features=feats, gradient_truth=truth,
-                             noise=1.0, gradient_loss="ce")
+    study = make_study(seed, n_images=n_images, features=feats, gradient_truth=truth,
+                       noise=1.0, gradient_loss="ce")
+    record = compute(feats, study)
+    with atomic_path(path, suffix=".pkl") as tmp:
+        tmp.write_bytes(pickle.dumps(record))
+    return path
 
 
-def simulate(job) -> Path:
-    """Simulate and fit one study; cache its profiles and score courses."""
-    truth, seed, n_images, cache_dir = job
-    path = cache_dir / f"{truth}-{seed}.pkl"
-    if path.exists():
-        return path
+def _profiles_and_courses(feats, study) -> dict:
+    """Fit the study as the chapter does; keep profiles and score courses."""
     from gradbrain import hierarchy
-    from gradbrain._utils import atomic_path
 
-    feats, study = _study(truth, seed, n_images)
+    seed = study.truth["seed"]
     result = hierarchy.run(study, feats, seed=seed, n_perm=2000, n_boot=20, n_perm_chance=0)
-    record = {"truth": truth, "seed": seed,
+    record = {"truth": study.truth["gradient_truth"], "seed": seed,
               "coord": hierarchy.unit_coordinates(study.hierarchy, result.units),
               "rank": feats.backward_rank("ce"), "depth": np.asarray(feats.depth)}
     for name, key in (("activation", "act"), (result.signal, "grad")):
@@ -102,46 +107,43 @@ def simulate(job) -> Path:
         record[f"{key}_present"] = result.unit_best[name]["present"]
         for item in ("curve", "p_peak", "significant_time", "times"):
             record[f"{key}_{item}"] = result.meg[name][item]
-    with atomic_path(path, suffix=".pkl") as tmp:
-        tmp.write_bytes(pickle.dumps(record))
-    return path
+    return record
 
 
-def neighbour_courses(job) -> Path:
-    """Encode the MEG of one study from each layer's gradients beyond its neighbours'."""
-    truth, seed, n_images, cache_dir = job
-    path = cache_dir / f"{truth}-{seed}-neighbours.pkl"
-    if path.exists():
-        return path
+def _beyond_neighbours(feats, study) -> dict:
+    """Encode the MEG from each layer's gradients beyond its neighbours' gradients."""
     import torch
 
     from gradbrain import meg
-    from gradbrain._utils import atomic_path
-    from gradbrain.features import _block_scaled, _cross_fitted_residual
+    from gradbrain.features import RESIDUAL_ALPHAS, _block_scaled, _cross_fitted_residual
     from gradbrain.ridge import standardize
 
-    feats, study = _study(truth, seed, n_images)
     train, test, Y_train, Y_test = meg._meg_split(study, 5)
-    alphas = np.concatenate([np.logspace(-3, -1, 3), np.logspace(0, 8, 10)])
     folds = np.array_split(np.arange(len(train)), 5)
     grads = [feats.gradients["ce"][layer] for layer in feats.layers]
-    is_train = np.zeros(len(grads[0]), bool)
-    is_train[train] = True
     curves, predictions = [], []
     for i, own in enumerate(grads):
         around = [grads[j] for j in (i - 1, i + 1) if 0 <= j < len(grads)]
-        X = torch.as_tensor(_block_scaled(around, is_train), dtype=torch.float64)
-        residual, _ = _cross_fitted_residual(own, X, train, test, folds, alphas)
+        X = torch.as_tensor(_block_scaled(around, train), dtype=torch.float64)
+        residual, _ = _cross_fitted_residual(own, X, train, test, folds, RESIDUAL_ALPHAS)
         X_train, X_test = standardize(residual[train], residual[test])
         out = meg.encode_time_resolved(X_train, Y_train, X_test, Y_test, cv=5,
                                        return_prediction=True)
         curves.append(out["r"].mean(0))
         predictions.append(out["prediction"].astype(np.float32))
-    shuffled = meg.peak_permutation_test(Y_test, np.stack(predictions), n_perm=200, seed=seed)
-    record = {"curve": np.stack(curves), "p_peak": shuffled["p_value"]}
-    with atomic_path(path, suffix=".pkl") as tmp:
-        tmp.write_bytes(pickle.dumps(record))
-    return path
+    shuffled = meg.peak_permutation_test(Y_test, np.stack(predictions), n_perm=200,
+                                         seed=study.truth["seed"])
+    return {"curve": np.stack(curves), "p_peak": shuffled["p_value"]}
+
+
+def simulate(job) -> Path:
+    """Simulate and fit one study; cache its profiles and score courses."""
+    return _cached_study_record(job, "", _profiles_and_courses)
+
+
+def neighbour_courses(job) -> Path:
+    """Encode the MEG of one study from each layer's gradients beyond its neighbours'."""
+    return _cached_study_record(job, "-neighbours", _beyond_neighbours)
 
 
 def unit_depth(profile: np.ndarray, depth: np.ndarray, how: str) -> np.ndarray:

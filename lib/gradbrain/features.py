@@ -71,6 +71,7 @@ from . import __version__
 from ._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
                      hash_arrays, resolve_device)
 from .models import LoadedModel, load, wrap
+from .ridge import DEFAULT_ALPHAS
 
 __all__ = [
     "LOSSES", "POOLS", "Features", "extract", "linear_cka", "cka_matrix", "category_decoding",
@@ -945,6 +946,11 @@ def _ridge_predictions(X: torch.Tensor, Y: torch.Tensor, fit: np.ndarray, apply:
     return torch.einsum("pf,af,ft->apt", cross, inverse, projected) + y_mean
 
 
+#: Penalties of the residualising read-outs (:func:`beyond_activations`): the ridge
+#: grid extended down to 1e-3, as the feature blocks are standardised.
+RESIDUAL_ALPHAS = np.concatenate([np.logspace(-3, -1, 3), DEFAULT_ALPHAS])
+
+
 def _cross_fitted_residual(G, X: torch.Tensor, train_rows: np.ndarray, test_rows: np.ndarray,
                            folds: list, alphas: np.ndarray) -> tuple[np.ndarray, float]:
     """``G`` (n_images, dim) minus its ridge prediction from ``X``, in ``G``'s units:
@@ -1001,8 +1007,9 @@ def beyond_activations(features: Features, train, *, loss: str | None = None,
     loss : str or None
         Gradient loss to residualise; default all of ``features.losses``.
     alphas : array-like or None
-        Ridge penalties to choose from (default :data:`gradbrain.ridge.DEFAULT_ALPHAS`
-        extended down to 1e-3, as the blocks are standardised).
+        Ridge penalties to choose from (default :data:`RESIDUAL_ALPHAS`:
+        :data:`gradbrain.ridge.DEFAULT_ALPHAS` extended down to 1e-3, as the blocks are
+        standardised).
     cv : int
         Contiguous folds of the training images (alpha choice and cross-fitting).
     device : str, torch.device or None
@@ -1030,11 +1037,7 @@ def beyond_activations(features: Features, train, *, loss: str | None = None,
     losses = features.losses if loss is None else [loss]
     for name in losses:
         check_in_allowed("loss", name, features.losses)
-    if alphas is None:
-        from .ridge import DEFAULT_ALPHAS
-
-        alphas = np.concatenate([np.logspace(-3, -1, 3), DEFAULT_ALPHAS])
-    alphas = np.asarray(alphas, dtype=np.float64)
+    alphas = np.asarray(RESIDUAL_ALPHAS if alphas is None else alphas, dtype=np.float64)
     if alphas.ndim != 1 or not len(alphas) or not np.all(np.isfinite(alphas)) \
             or np.any(alphas <= 0):
         raise ValueError(f"'alphas' must be a 1-D array of positive numbers; got {alphas!r}.")

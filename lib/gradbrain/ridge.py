@@ -817,6 +817,16 @@ def _warn_non_finite(n_bad: int, n_targets: int) -> None:
     )
 
 
+def _cv_r2(neg_mse, variance) -> np.ndarray:
+    """Cross-validated R² per target from :class:`RidgeCV`'s ``best_score_`` (negative
+    mean squared error) and the training variance: 1 − MSE / variance; NaN where the
+    variance is 0."""
+    variance = np.asarray(variance, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(variance > 0, 1 + np.asarray(neg_mse, float).reshape(-1)
+                        / np.where(variance > 0, variance, 1), np.nan)
+
+
 def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
                     alphas=DEFAULT_ALPHAS, cv=5, groups=None, device=None, dtype=None,
                     targets_batch=None, return_prediction: bool = False) -> dict:
@@ -882,9 +892,7 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
         variance = Y_train.double().var(0, unbiased=False).cpu().numpy()
     else:
         variance = np.asarray(Y_train, dtype=float).var(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cv_r2 = np.where(variance > 0, 1 + np.asarray(model.best_score_, float).reshape(-1)
-                         / np.where(variance > 0, variance, 1), np.nan)
+    cv_r2 = _cv_r2(model.best_score_, variance)
     out = {"r": r, "alpha": _scatter_targets(np.asarray(model.alpha_, dtype=float), finite),
            "cv_r2": _scatter_targets(cv_r2, finite)}
     if return_prediction:
@@ -1121,11 +1129,8 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
         r2_joint.append(r2)
         ratios.append(ratio)
     kept = np.argmax(np.stack(cv_scores), axis=0)
-    best_mse = -np.take_along_axis(np.stack(cv_scores), kept[None], 0)[0]
-    variance = Y_fit.var(0)
-    out["cv_r2_joint"][finite] = np.divide(variance - best_mse, variance,
-                                           out=np.full(len(variance), np.nan),
-                                           where=variance > 0)
+    out["cv_r2_joint"][finite] = _cv_r2(
+        np.take_along_axis(np.stack(cv_scores), kept[None], 0)[0], Y_fit.var(0))
     r2 = {"r2_a": r2_a, "r2_b": r2_b,
           "r2_joint": np.take_along_axis(np.stack(r2_joint), kept[None], 0)[0]}
     r2["unique_a"] = r2["r2_joint"] - r2["r2_b"]
