@@ -29,6 +29,21 @@ Gradient truths
     ``"paper"``: what the paper reports — gradients (of layers drawn at random) are
     expressed only in high-level vertices (top 40 % of the hierarchy) and at late,
     unordered latencies (350–600 ms, random across layers), in temporal sensors.
+
+Divergent truths (what a *wrong* backprop order looks like; the alternatives against
+which the divergence test's power is measured)
+    ``"reversed"``: gradients are expressed at backprop's places and times, but in the
+    reverse order — the gradient of layer l where activation L−1−l is, and after the
+    forward sweep bottom layer first.
+    ``"shuffled"``: the same, in a random order — the gradient of layer l where and when
+    backprop would put the gradient of layer π(l), for a permutation π drawn from the
+    seed.
+
+Nuisances (what a real backprop could differ in without ceasing to be one)
+    ``gradient_weight`` (the share of the planted variance gradients carry) and
+    ``latency_jitter`` (ms, sd of a Gaussian offset added to every gradient layer's
+    latency). At their defaults (0.5, 0) the simulator draws nothing for them, so
+    studies made before they existed are unchanged.
 """
 
 from __future__ import annotations
@@ -41,9 +56,13 @@ from .geometry import HEMIS, ctf_info, distance_from, posterior_vertices, v1_see
 from .images import N_EMBEDDED, load_embedded
 from .study import Study
 
-__all__ = ["GRADIENT_TRUTHS", "make_study", "describe_truth", "default_n_test"]
+__all__ = ["GRADIENT_TRUTHS", "DIVERGENT_TRUTHS", "ALL_TRUTHS", "make_study",
+           "describe_truth", "default_n_test", "estimate_noise"]
 
 GRADIENT_TRUTHS = ("none", "forward", "backprop", "paper")
+#: Backprop's places and times in a wrong order (see the module docstring).
+DIVERGENT_TRUTHS = ("reversed", "shuffled")
+ALL_TRUTHS = GRADIENT_TRUTHS + DIVERGENT_TRUTHS
 
 #: Latencies (s) of the planted MEG signals.
 _ACT_LATENCY = (0.070, 0.250)       # first → last layer
@@ -72,10 +91,56 @@ def _readout(z: np.ndarray, n_out: int, rng: np.random.Generator) -> np.ndarray:
     return _zscore(z @ rng.standard_normal((z.shape[1], n_out)))
 
 
+#: Median of the per-vertex noise factor U (log-uniform in [0.5, 2.5]) of _simulate_fmri.
+_MEDIAN_NOISE_FACTOR = float(np.sqrt(0.5 * 2.5))
+
+
+def estimate_noise(study) -> float:
+    """The ``noise`` of :func:`make_study` that matches a study's fMRI noise ceilings.
+
+    The simulator gives vertex v a noise sd ``noise × U_v`` against a signal sd of 1, so
+    its ``ncsnr = 1 / (noise × U_v)`` with ``U`` log-uniform in [0.5, 2.5] (median
+    √1.25). This inverts the median: ``noise = median(1 / ncsnr) / √1.25`` over the
+    vertices with a finite, positive ncsnr. On a simulated study it recovers the noise
+    it was made with (within the sampling error of a median over thousands of
+    vertices); on real data it is the simulator's noise whose median noise ceiling is
+    the study's, an assumption that the shape of the ncsnr distribution does not matter.
+
+    Parameters
+    ----------
+    study : Study
+        With ``ncsnr`` (n_vertices,), dimensionless.
+
+    Returns
+    -------
+    float
+        The noise scale (dimensionless, ≥ 0).
+    """
+    ncsnr = getattr(study, "ncsnr", None)
+    if ncsnr is None:
+        raise ValueError(f"Study {getattr(study, 'name', '?')!r} has no fMRI noise ceilings "
+                         "(ncsnr): the noise cannot be estimated from it; give the noise "
+                         "explicitly (e.g. noise=1.0) and say it is assumed.")
+    ncsnr = np.asarray(ncsnr, dtype=float)
+    ok = np.isfinite(ncsnr) & (ncsnr > 0)
+    if not ok.any():
+        if np.any(np.isposinf(ncsnr)):
+            return 0.0
+        raise ValueError("No vertex has a finite, positive ncsnr: the noise cannot be "
+                         "estimated; give it explicitly.")
+    return float(np.median(1.0 / ncsnr[ok]) / _MEDIAN_NOISE_FACTOR)
+
+
 def _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri, meg,
            n_fmri_repeats=3, n_meg_test_repeats=12, n_available=N_EMBEDDED,
-           source="the embedded stimulus set"):
-    check_in_allowed("gradient_truth", gradient_truth, GRADIENT_TRUTHS)
+           source="the embedded stimulus set", latency_jitter=0.0):
+    check_in_allowed("gradient_truth", gradient_truth, ALL_TRUTHS)
+    if isinstance(latency_jitter, bool) or not isinstance(latency_jitter, (int, float,
+                                                                           np.floating)) \
+            or not np.isfinite(latency_jitter) or latency_jitter < 0:
+        raise ValueError(f"'latency_jitter' must be a finite number of ms >= 0 (sd of each "
+                         f"gradient layer's latency offset); got {latency_jitter!r}. "
+                         "e.g. latency_jitter=30")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"'seed' must be an integer; got {type(seed).__name__}. e.g. seed=0")
     if seed < 0:
@@ -116,6 +181,7 @@ def make_study(
     noise: float = 1.0,
     gradient_loss: str = "ce",
     gradient_weight: float = 0.5,
+    latency_jitter: float = 0.0,
     n_test: int | None = None,
     fmri: bool = True,
     meg: bool = True,
@@ -139,7 +205,7 @@ def make_study(
     n_images : int or None
         Number of stimuli: the first ``n_images`` of ``images`` (10 … their number);
         default 200 embedded images, or all of ``images``.
-    gradient_truth : {"none", "forward", "backprop", "paper"}
+    gradient_truth : {"none", "forward", "backprop", "paper", "reversed", "shuffled"}
         What gradients do in the simulated brain (see the module docstring).
     noise : float
         Scale of the noise (0 = noiseless). fMRI noise sd per vertex is
@@ -148,6 +214,9 @@ def make_study(
         Loss whose gradients are planted (see :mod:`gradbrain.features`).
     gradient_weight : float
         Share of the planted variance carried by gradients where they are expressed.
+    latency_jitter : float
+        Sd (ms) of a Gaussian offset drawn for every gradient layer's MEG latency (0:
+        none, nothing drawn).
     n_test : int or None
         Number of test images (shown with repeats in MEG); default
         :func:`default_n_test` (``n_images // 5``, at least 2).
@@ -180,7 +249,7 @@ def make_study(
     if images is None:
         n_images = 200 if n_images is None else n_images
         _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri,
-               meg, n_fmri_repeats, n_meg_test_repeats)
+               meg, n_fmri_repeats, n_meg_test_repeats, latency_jitter=latency_jitter)
         images = load_embedded(n_images)
         source = "embedded images"
     else:
@@ -190,7 +259,7 @@ def make_study(
         n_images = len(images.ids) if n_images is None else n_images
         _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri,
                meg, n_fmri_repeats, n_meg_test_repeats, n_available=len(images.ids),
-               source="the images given")
+               source="the images given", latency_jitter=latency_jitter)
         images = images[:n_images] if n_images < len(images.ids) else images
         source = "images given"
     from .. import features as gf
@@ -218,7 +287,10 @@ def make_study(
         "weights": features.weights, "gradient_loss": gradient_loss, "noise": float(noise),
         "layers": layers, "depth": depth, "gradient_weight_setting": float(gradient_weight),
         "backward_rank": features.backward_rank(gradient_loss),
+        "latency_jitter": float(latency_jitter),
     }
+    if gradient_truth == "shuffled":   # drawn after the split, before either modality
+        truth["gradient_order"] = rng.permutation(len(layers))
     study = Study(
         name=f"simulated ({gradient_truth}, seed {seed})", image_ids=list(images.ids),
         images=images, split=split, truth=truth,
@@ -249,6 +321,8 @@ def _simulate_fmri(study, act, grad, depth, gradient_truth, noise, gradient_weig
 
     if gradient_truth in ("forward", "backprop"):
         gradient_layer = preferred_layer.copy()
+    elif gradient_truth in DIVERGENT_TRUTHS:   # backprop's places, in a wrong layer order
+        gradient_layer = _wrong_order(study.truth, n_layers)[preferred_layer]
     elif gradient_truth == "paper":
         high = hierarchy >= np.quantile(hierarchy, _HIGH_LEVEL_QUANTILE)
         gradient_layer = np.where(high, rng.integers(0, n_layers, n_vertices), -1)
@@ -281,6 +355,14 @@ def _simulate_fmri(study, act, grad, depth, gradient_truth, noise, gradient_weig
         "signal_activation": signal_act.astype(np.float32),
         "signal_gradient": signal_grad.astype(np.float32),
     })
+
+
+def _wrong_order(truth: dict, n_layers: int) -> np.ndarray:
+    """Of a divergent truth: ``order[k]`` is the layer whose gradient is expressed where
+    (and when) backprop would express the gradient of layer k."""
+    if truth["gradient_truth"] == "reversed":
+        return np.arange(n_layers)[::-1].copy()
+    return np.asarray(truth["gradient_order"])
 
 
 def _sensor_xy(info) -> np.ndarray:
@@ -317,11 +399,22 @@ def _simulate_meg(study, act, grad, depth, gradient_truth, noise, gradient_weigh
         rank = study.truth["backward_rank"] / max(n_layers - 1, 1)  # 0 = produced first
         grad_latency = _BACKPROP_LATENCY[0] + (_BACKPROP_LATENCY[1] - _BACKPROP_LATENCY[0]) * rank
         grad_patterns = patterns
+    elif gradient_truth in DIVERGENT_TRUTHS:
+        # the gradient of layer order[k] takes backprop's slot of layer k: its pattern
+        # and its latency
+        rank = study.truth["backward_rank"] / max(n_layers - 1, 1)
+        slot = _BACKPROP_LATENCY[0] + (_BACKPROP_LATENCY[1] - _BACKPROP_LATENCY[0]) * rank
+        order = _wrong_order(study.truth, n_layers)
+        grad_latency, grad_patterns = np.empty(n_layers), np.empty_like(patterns)
+        grad_latency[order], grad_patterns[order] = slot, patterns
     elif gradient_truth == "paper":
         grad_latency = rng.permutation(np.linspace(*_PAPER_LATENCY, n_layers))
         grad_patterns = np.repeat(patterns[-1:], n_layers, axis=0)  # high-level sensors only
     else:
         grad_latency, grad_patterns = np.full(n_layers, np.nan), None
+    jitter = study.truth.get("latency_jitter", 0.0)
+    if jitter and grad_patterns is not None:
+        grad_latency = grad_latency + rng.normal(0.0, jitter / 1000, n_layers)
 
     def courses(latency):
         return np.exp(-((times[None, :] - latency[:, None]) ** 2) / (2 * _MEG_WIDTH**2))
@@ -385,6 +478,12 @@ def describe_truth(study: Study) -> str:
                      "expressed in the vertices of activation *l*, but arrives **after** the "
                      "forward sweep and in the measured autograd order, top layer first "
                      f"({span})."),
+        "reversed": ("backprop's places and times in the **reverse** order: the gradient "
+                     "of layer *l* is expressed where activation *L−1−l* is, after the "
+                     f"forward sweep, bottom layer first ({span})."),
+        "shuffled": ("backprop's places and times in a **random** layer order: the "
+                     "gradient of layer *l* is expressed where and when backprop would "
+                     f"put another layer's ({span})."),
         "paper": ("what the paper reports: gradients are expressed **only in high-level** "
                   "vertices" + (f" ({np.mean(t['gradient_layer'] >= 0):.0%} of them)"
                                 if "gradient_layer" in t else "")
@@ -406,4 +505,7 @@ def describe_truth(study: Study) -> str:
                      f"{np.max(t['activation_latency']):.0f} ms.")
     lines.append(f"- Where expressed, gradients carry {t['gradient_weight_setting']:.0%} of the "
                  "planted response variance.")
+    if t.get("latency_jitter"):
+        lines.append(f"- Each gradient layer's latency is offset by a Gaussian draw of sd "
+                     f"{t['latency_jitter']:.0f} ms.")
     return "\n".join(lines)

@@ -1,0 +1,577 @@
+"""Does a study's gradient order *diverge* from backprop? A test a true backprop passes.
+
+The replication's headline is a negative: the gradients' spatial and temporal orders
+diverge from what a biological backprop would produce. :func:`hierarchy.run` measures
+two contrasts for which an ideal backprop predicts 0 (:data:`hierarchy.ESTIMATES`):
+
+* spatial — the gradient spatial score minus the activation one;
+* temporal — how well gradient latencies follow the autograd order minus how well
+  activation latencies follow depth.
+
+On a real network neither is centred on 0 under a planted backprop, and where it sits
+depends on nuisances a real brain does not tell us: how much of the response gradients
+carry, the noise, how precisely each gradient is timed. A null made of one point of
+that space (the simulator's default gradient weight) calls any other backprop
+"divergent" (issue 28: a backprop at gradient weight 0.25 got p = 0.043). Here the null
+is a **family** of planted backprops — one *cell* per setting of the nuisances
+(:data:`DEFAULT_FAMILY`) — and a contrast diverges only when it is extreme against
+**every** cell (the largest of the per-cell p-values, a composite null), with Holm's
+correction across the contrasts tested. Its power is measured against backprop's places
+and times in a wrong order (the ``reversed`` and ``shuffled`` truths of
+:func:`gradbrain.data.simulated.make_study`).
+
+What is estimated and what is assumed: the noise is estimated from the study's noise
+ceilings (:func:`gradbrain.data.simulated.estimate_noise`); the gradient weight and
+the latency jitter are not estimated — the family spans them, and the decision is
+valid for any backprop inside that span (not outside it).
+
+Simulated studies are drawn from a reserved block of seeds (:func:`calibration_seeds`),
+disjoint from the seeds used to choose any statistic (1000–1011,
+``benchmarks/layer_statistics.py``) and from the seed of the study under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import hierarchy
+from ._utils import atomic_path, check_in_allowed, discard_unreadable, get_data_home, hash_arrays
+from .data.simulated import DIVERGENT_TRUTHS, make_study
+
+__all__ = ["DEFAULT_FAMILY", "CONTRASTS", "FIRST_CALIBRATION_SEED", "SELECTION_SEEDS",
+           "calibration_seeds", "simulate_family", "divergence_test", "family_rates",
+           "judge", "write_family_reference", "summarize"]
+
+#: The contrasts judged for divergence (keys of :data:`hierarchy.ESTIMATES`), and the one
+#: modality each depends on (its studies are simulated with that modality alone).
+CONTRASTS = ("spatial", "temporal")
+_MODALITY = {"spatial": "fmri", "temporal": "meg"}
+#: Cells of the backprop null family: the nuisances a real backprop may differ in.
+DEFAULT_FAMILY = (
+    {"gradient_weight": 0.1, "latency_jitter": 0.0},
+    {"gradient_weight": 0.25, "latency_jitter": 0.0},
+    {"gradient_weight": 0.5, "latency_jitter": 0.0},
+    {"gradient_weight": 0.9, "latency_jitter": 0.0},
+    {"gradient_weight": 0.5, "latency_jitter": 40.0},
+)
+#: Where the divergent truths are simulated (their power is stated at this cell).
+DIVERGENT_CELL = {"gradient_weight": 0.5, "latency_jitter": 0.0}
+#: Seeds used to choose the spatial and temporal statistics (never calibrate with them).
+SELECTION_SEEDS = range(1000, 1012)
+#: Start of the reserved block of calibration seeds (each cell has its own sub-block).
+FIRST_CALIBRATION_SEED = 20_000_000
+_CELL_STRIDE = 100_000
+#: Bump when a change alters the simulated contrasts (it is part of every cache key).
+FAMILY_VERSION = 1
+_REFERENCE = Path(__file__).parent / "reference"
+_NAMES = {key: hierarchy.ESTIMATES[key][0] for key in CONTRASTS}
+
+
+def calibration_seeds(n: int, *, cell: int = 0, exclude=()) -> list[int]:
+    """Seeds of the simulated studies of one family cell, from the reserved block.
+
+    Parameters
+    ----------
+    n : int
+        How many.
+    cell : int
+        Index of the cell (each cell draws from its own sub-block, so cells are
+        independent).
+    exclude : iterable of int
+        Seeds never to use (e.g. the seed of the simulated study under test); the block
+        skips them and continues.
+
+    Returns
+    -------
+    list of int
+        ``n`` seeds ≥ :data:`FIRST_CALIBRATION_SEED`, none in :data:`SELECTION_SEEDS` or
+        ``exclude``.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"'n' must be a positive integer (studies per cell); got {n!r}.")
+    if isinstance(cell, bool) or not isinstance(cell, (int, np.integer)) or cell < 0:
+        raise ValueError(f"'cell' must be a non-negative integer; got {cell!r}.")
+    banned = set(int(x) for x in exclude) | set(SELECTION_SEEDS)
+    seeds, seed = [], FIRST_CALIBRATION_SEED + cell * _CELL_STRIDE
+    while len(seeds) < n:
+        if seed not in banned:
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def _check_cells(family) -> list[dict]:
+    cells = [dict(c) for c in family]
+    if not cells:
+        raise ValueError("'family' must hold at least one cell, e.g. "
+                         "[{'gradient_weight': 0.5, 'latency_jitter': 0.0}].")
+    for cell in cells:
+        unknown = set(cell) - {"gradient_weight", "latency_jitter"}
+        if unknown:
+            raise ValueError(f"Unknown nuisance(s) {sorted(unknown)} in family cell {cell}; "
+                             "allowed: 'gradient_weight', 'latency_jitter'.")
+        cell.setdefault("gradient_weight", 0.5)
+        cell.setdefault("latency_jitter", 0.0)
+        w, j = cell["gradient_weight"], cell["latency_jitter"]
+        if not 0 < float(w) < 1 or not 0 <= float(j) < 1000:
+            raise ValueError(f"Family cell {cell}: 'gradient_weight' must be in (0, 1) and "
+                             "'latency_jitter' in [0, 1000) ms.")
+        cell["gradient_weight"], cell["latency_jitter"] = float(w), float(j)
+    return cells
+
+
+def _family_key(features, n_images, noise, run_kwargs, sizes) -> dict:
+    """Every setting that changes the simulated contrasts (not the seeds, cells, device,
+    n_perm, n_boot or alpha, which do not)."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(hierarchy.run)
+                .parameters.items() if p.default is not inspect.Parameter.empty}
+    settings = {name: run_kwargs.get(name, defaults[name]) for name in (
+        "min_noise_ceiling", "min_score", "n_units", "cv", "gradient_part", "select_on",
+        "spatial_statistic")}
+    loss = run_kwargs.get("loss") or features.losses[0]
+    return {"family_version": FAMILY_VERSION, "model": features.model,
+            "weights": features.weights, "pool": features.pool, "loss": loss,
+            "n_images": int(n_images), "noise": round(float(noise), 6),
+            **{k: (float(v) if isinstance(v, float) else v) for k, v in settings.items()},
+            **{k: int(v) for k, v in (sizes or {}).items()}}
+
+
+def _one_study(features, contrast, truth, seed, cell, noise, n_images, run_kwargs,
+               n_threads, cache_dir, study_kwargs) -> list[dict]:
+    """One contrast of one simulated study, made with its modality alone (cached as one
+    small CSV)."""
+    name = (f"{contrast}-{truth}-w{cell['gradient_weight']:g}-j{cell['latency_jitter']:g}"
+            f"-{seed}.csv")
+    path = cache_dir / name if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            cached = pd.read_csv(path)
+            if list(cached.estimate) != [_NAMES[contrast]] or "value" not in cached:
+                raise ValueError("not a whole simulated study (truncated?)")
+            return cached.to_dict("records")
+        except (OSError, ValueError, KeyError, pd.errors.ParserError) as err:
+            discard_unreadable(path, err, what="Cached simulated contrasts",
+                               then="the study is simulated again")
+    if n_threads:
+        import torch
+
+        torch.set_num_threads(n_threads)
+    loss = run_kwargs.get("loss") or features.losses[0]
+    modalities = {m: m == _MODALITY[contrast] for m in ("fmri", "meg")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = make_study(seed, n_images=n_images, features=features, gradient_truth=truth,
+                           noise=noise, gradient_loss=loss, **cell, **modalities,
+                           **(study_kwargs or {}))
+        # the contrasts' point values do not depend on the permutations or the bootstrap
+        result = hierarchy.run(study, features, seed=seed,
+                               **{**run_kwargs, "n_perm": 99, "n_boot": 0,
+                                  "n_perm_chance": 0})
+    values = result.estimates.set_index("estimate").value if len(result.estimates) \
+        else pd.Series(dtype=float)
+    label = _NAMES[contrast]
+    rows = [{"contrast": contrast, "truth": truth, "seed": int(seed), **cell,
+             "estimate": label, "value": float(values.get(label, np.nan))}]
+    if path is not None:
+        with atomic_path(path, suffix=".csv") as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False)
+    return rows
+
+
+def _shipped_family(key: dict, fingerprint: np.ndarray) -> pd.DataFrame | None:
+    for meta_path in sorted(_REFERENCE.glob("divergence_family-*.json")):
+        meta = json.loads(meta_path.read_text())
+        shipped = np.asarray(meta["fingerprint"], dtype=np.float64)
+        if meta["key"] == key and shipped.shape == fingerprint.shape and np.allclose(
+                shipped, fingerprint, rtol=1e-3, atol=1e-6 * np.abs(shipped).max()):
+            return pd.read_csv(meta_path.with_suffix(".csv.gz"))
+    return None
+
+
+def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
+                    divergent=DIVERGENT_TRUTHS, n_seeds: int = 40,
+                    n_seeds_divergent: int = 20, n_images: int | None = None,
+                    exclude_seeds=(), simulate_fmri: bool = True, simulate_meg: bool = True,
+                    images=None, n_test: int | None = None, n_fmri_repeats: int | None = None,
+                    n_meg_test_repeats: int | None = None, n_jobs: int = 1, cache=True,
+                    progress: bool = True, **run_kwargs) -> pd.DataFrame:
+    """Simulate the backprop null family, and the divergent truths, from a model's features.
+
+    Each simulated study is made by :func:`gradbrain.data.simulated.make_study` from
+    ``features`` and judged by :func:`gradbrain.hierarchy.run` with ``run_kwargs``;
+    only its divergence contrasts (:data:`CONTRASTS`) are kept, whose values do not
+    depend on the permutations or the bootstrap (so they are skipped: about 40 % of a
+    study's cost).
+
+    Parameters
+    ----------
+    features : Features
+        The chapter's features (embedded images, or ``images``).
+    noise : float
+        Noise of the simulated studies (``make_study``'s), e.g. the study's own from
+        :func:`gradbrain.data.simulated.estimate_noise`.
+    family : sequence of dict
+        The backprop cells: each a setting of ``gradient_weight`` (0–1) and
+        ``latency_jitter`` (ms).
+    divergent : sequence of {"reversed", "shuffled"}
+        Wrong-order truths simulated at :data:`DIVERGENT_CELL` (the power).
+    n_seeds, n_seeds_divergent : int
+        Studies per backprop cell, and per divergent truth (0: none).
+    exclude_seeds : iterable of int
+        Seeds never to simulate (the study under test's own, if simulated).
+    simulate_fmri, simulate_meg : bool
+        Which contrasts to simulate: the spatial one (fMRI studies) and the temporal one
+        (MEG studies). Each contrast depends on its modality alone, so its studies are
+        simulated with that modality only.
+    images, n_test, n_fmri_repeats, n_meg_test_repeats
+        As in :func:`gradbrain.hierarchy.simulate_tests` (a real study's own size).
+    n_jobs : int
+        Studies simulated in parallel (processes).
+    cache : bool or path-like
+        Each study's contrasts are kept under ``<cache>/divergence_family/<key>/`` (True:
+        ``$GRADBRAIN_DATA``), keyed on every setting that changes them and on the
+        features; an interrupted call resumes. A table shipped with the library for the
+        same key (``gradbrain/reference/divergence_family-*``) is read first.
+    **run_kwargs
+        Passed to :func:`gradbrain.hierarchy.run` (``loss``, ``min_noise_ceiling``,
+        ``min_score``, ``n_units``, ``cv``, ``gradient_part``, ``select_on``,
+        ``spatial_statistic``, ``device``).
+
+    Returns
+    -------
+    DataFrame
+        One row per (contrast, truth, seed, cell): ``contrast``, ``truth``, ``seed``,
+        ``gradient_weight``, ``latency_jitter``, ``estimate`` (the contrast's name in
+        :data:`hierarchy.ESTIMATES`) and ``value`` (Spearman ρ difference; NaN where not
+        estimable).
+    """
+    from tqdm import tqdm
+
+    cells = _check_cells(family)
+    divergent = [divergent] if isinstance(divergent, str) else list(divergent)
+    for truth in divergent:
+        check_in_allowed("divergent", truth, DIVERGENT_TRUTHS)
+    for name, value in (("n_seeds", n_seeds), ("n_seeds_divergent", n_seeds_divergent),
+                        ("n_jobs", n_jobs)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (
+                1 if name != "n_seeds_divergent" else 0):
+            raise ValueError(f"'{name}' must be a {'positive' if name != 'n_seeds_divergent' else 'non-negative'} "
+                             f"integer; got {value!r}.")
+    if not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"'noise' must be a finite number >= 0; got {noise!r}.")
+    forbidden = {"seed", "fmri", "meg", "n_perm", "n_boot", "n_perm_chance"} & set(run_kwargs)
+    if forbidden:
+        raise ValueError(f"{sorted(forbidden)} are set per simulated study (or unused by the "
+                         "contrasts); do not pass them to simulate_family.")
+    if not (simulate_fmri or simulate_meg):
+        raise ValueError("At least one of 'simulate_fmri' and 'simulate_meg' must be True.")
+    contrasts = [c for c, on in (("spatial", simulate_fmri), ("temporal", simulate_meg)) if on]
+    n_images = features.n_images if n_images is None else n_images
+    sizes = {k: v for k, v in (("n_test", n_test), ("n_fmri_repeats", n_fmri_repeats),
+                               ("n_meg_test_repeats", n_meg_test_repeats)) if v is not None}
+    study_kwargs = {**sizes, **({"images": images} if images is not None else {})}
+    exclude = [int(s) for s in exclude_seeds]
+    jobs = [(contrast, "backprop", seed, cell) for contrast in contrasts
+            for i, cell in enumerate(cells)
+            for seed in calibration_seeds(n_seeds, cell=i, exclude=exclude)]
+    if n_seeds_divergent:
+        jobs += [(contrast, truth, seed, dict(DIVERGENT_CELL)) for contrast in contrasts
+                 for k, truth in enumerate(divergent)
+                 for seed in calibration_seeds(n_seeds_divergent, cell=50 + k,
+                                               exclude=exclude)]
+
+    def ident(contrast, truth, seed, weight, jitter):
+        return (str(contrast), str(truth), int(seed), float(weight), float(jitter))
+    rows, cache_dir = [], None
+    if cache is not False:
+        key = _family_key(features, n_images, noise, run_kwargs, sizes)
+        loss = key["loss"]
+        shipped = _shipped_family(key, hierarchy._fingerprint(features, loss))
+        if shipped is not None:
+            idents = [ident(*r) for r in zip(shipped.contrast, shipped.truth, shipped.seed,
+                                             shipped.gradient_weight, shipped.latency_jitter)]
+            want = {ident(c, t, s, cell["gradient_weight"], cell["latency_jitter"])
+                    for c, t, s, cell in jobs}
+            rows += shipped[[i in want for i in idents]].to_dict("records")
+            have = set(idents)
+            jobs = [job for job in jobs if ident(job[0], job[1], job[2],
+                                                 job[3]["gradient_weight"],
+                                                 job[3]["latency_jitter"]) not in have]
+        settings = np.frombuffer(json.dumps(key, sort_keys=True).encode(), dtype=np.uint8)
+        digest = hash_arrays([settings, *(features.activations[layer]
+                                          for layer in features.layers),
+                              *(features.gradients[loss][layer] for layer in features.layers)])
+        root = get_data_home() if cache is True else Path(cache).expanduser()
+        cache_dir = root / "divergence_family" / digest
+    args = (noise, n_images, run_kwargs)
+    bar = tqdm(total=len(jobs), desc="simulated backprop family", disable=not progress
+               or not jobs)
+    if n_jobs == 1:
+        for contrast, truth, seed, cell in jobs:
+            rows += _one_study(features, contrast, truth, seed, cell, *args, None, cache_dir,
+                               study_kwargs)
+            bar.update()
+    elif jobs:
+        from joblib import Parallel, delayed
+
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count() or 1)
+        threads = max(1, cores // n_jobs)
+        for done in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
+                delayed(_one_study)(features, contrast, truth, seed, cell, *args, threads,
+                                    cache_dir, study_kwargs)
+                for contrast, truth, seed, cell in jobs):
+            rows += done
+            bar.update()
+    bar.close()
+    columns = ["contrast", "truth", "seed", "gradient_weight", "latency_jitter", "estimate",
+               "value"]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values(["contrast", "truth", "gradient_weight", "latency_jitter",
+                              "seed"], kind="stable").reset_index(drop=True)
+
+
+def write_family_reference(table: pd.DataFrame, features, *, name: str, noise: float = 1.0,
+                           n_images: int | None = None, note: str = "", **run_kwargs) -> Path:
+    """Ship a table of :func:`simulate_family` with the library (maintainers' tool).
+
+    Writes ``gradbrain/reference/divergence_family-<name>.csv.gz`` and its key (``.json``);
+    :func:`simulate_family` then reads its studies whenever it is called with the same
+    settings on the same features. Give the same settings as to that call.
+    """
+    n_images = features.n_images if n_images is None else n_images
+    key = _family_key(features, n_images, noise, run_kwargs, {})
+    base = _REFERENCE / f"divergence_family-{name}"
+    with atomic_path(base.with_suffix(".csv.gz"), suffix=".csv.gz") as tmp:
+        table.to_csv(tmp, index=False)
+    meta = {"key": key, "fingerprint": hierarchy._fingerprint(features, key["loss"]).tolist(),
+            "n_studies": int(table[["contrast", "truth", "seed", "gradient_weight",
+                                    "latency_jitter"]].drop_duplicates().shape[0]),
+            "note": note}
+    with atomic_path(base.with_suffix(".json"), suffix=".json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    return base.with_suffix(".json")
+
+
+def _cells(table: pd.DataFrame, estimate: str):
+    """Per backprop cell, its finite contrast values (and the cell's settings)."""
+    mine = table[(table.truth == "backprop") & (table.estimate == estimate)]
+    for (w, j), group in mine.groupby(["gradient_weight", "latency_jitter"], sort=True):
+        values = group.value.to_numpy(float)
+        yield (float(w), float(j)), group.seed.to_numpy(), values
+
+
+def _worst_p(value: float, cells) -> tuple[float, tuple | None, int]:
+    """Largest per-cell one-sided p = (1 + #{sim ≤ value}) / (1 + n) over the cells; a
+    simulated NaN (no gradient order to speak of) counts as a contrast as low as any."""
+    worst, where, n_min = np.nan, None, 0
+    for setting, _, values in cells:
+        n = len(values)
+        if n == 0:
+            continue
+        below = int(np.sum(np.nan_to_num(values, nan=-np.inf) <= value))
+        p = (1 + below) / (1 + n)
+        n_min = n if n_min == 0 else min(n_min, n)
+        if not p <= worst:   # also when worst is NaN
+            worst, where = p, setting
+    return worst, where, n_min
+
+
+def _holm(p: dict) -> dict:
+    """Holm-adjusted p-values of the finite entries of ``p`` (NaN stays NaN)."""
+    finite = sorted((v, k) for k, v in p.items() if np.isfinite(v))
+    adjusted, running, m = {k: np.nan for k in p}, 0.0, len(finite)
+    for i, (v, k) in enumerate(finite):
+        running = max(running, min(1.0, (m - i) * v))
+        adjusted[k] = running
+    return adjusted
+
+
+def divergence_test(values: dict, table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
+    """Decide, per contrast, whether a study's gradients diverge from *any* backprop of
+    the family.
+
+    For each contrast, the p-value against a cell is the share of that cell's
+    simulated backprop studies whose contrast is as low or lower, ``(1 + #{sim ≤
+    value}) / (1 + n)`` (one-sided: less aligned or ordered than backprop); the
+    composite p is the largest over cells (valid whichever cell is true), and the
+    contrasts are corrected together by Holm. A contrast is NaN (not estimable:
+    e.g. fewer than 3 timed gradient layers) gives no decision.
+
+    Parameters
+    ----------
+    values : dict of str to float
+        Contrast key (``"spatial"``, ``"temporal"``) or its estimate name → the study's
+        value.
+    table : DataFrame
+        :func:`simulate_family`'s rows.
+    alpha : float
+        Family-wise level across the contrasts.
+
+    Returns
+    -------
+    DataFrame, one row per contrast: ``contrast``, ``estimate``, ``value``, ``p_worst``,
+    ``worst_cell`` (the cell that gave it, as text), ``n_per_cell`` (fewest studies in a
+    cell), ``min_p`` (the floor ``1 / (1 + n_per_cell)``), ``p_holm``, ``diverges`` and
+    ``can_reach_alpha`` (the floor is below the level Holm's first step needs,
+    ``alpha / m``).
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"'alpha' must be in (0, 1), e.g. 0.05; got {alpha!r}.")
+    missing = {"truth", "estimate", "value", "gradient_weight", "latency_jitter"} - set(table)
+    if missing:
+        raise ValueError(f"'table' must be simulate_family's output; it lacks {sorted(missing)}.")
+    rows, p = [], {}
+    for key in CONTRASTS:
+        name = _NAMES[key]
+        value = values.get(key, values.get(name, np.nan))
+        value = float(value) if value is not None else np.nan
+        cells = list(_cells(table, name))
+        worst, where, n_min = (_worst_p(value, cells) if np.isfinite(value)
+                               else (np.nan, None, min((len(v) for _, _, v in cells),
+                                                       default=0)))
+        p[key] = worst
+        rows.append({"contrast": key, "estimate": name, "value": value, "p_worst": worst,
+                     "worst_cell": (f"gradient weight {where[0]:g}, latency jitter "
+                                    f"{where[1]:g} ms" if where else ""),
+                     "n_cells": len(cells), "n_per_cell": n_min,
+                     "min_p": 1 / (1 + n_min) if n_min else np.nan})
+    adjusted = _holm(p)
+    m = max(1, sum(np.isfinite(v) for v in p.values()))
+    out = pd.DataFrame(rows)
+    out["p_holm"] = [adjusted[k] for k in out.contrast]
+    out["diverges"] = (out.p_holm < alpha).to_numpy()
+    out["can_reach_alpha"] = (out.min_p < alpha / m).to_numpy()
+    return out
+
+
+def _wilson_row(k: int, n: int) -> tuple[float, float, float]:
+    low, high = hierarchy._wilson(k, n)
+    return (k / n if n else np.nan, low, high)
+
+
+def family_rates(table: pd.DataFrame, *, alpha: float = 0.05, n_contrasts: int = 2
+                 ) -> pd.DataFrame:
+    """Error rates of :func:`divergence_test`'s decision, per contrast, on the family.
+
+    False divergence: each simulated backprop study judged against the family with
+    itself left out, at ``alpha`` (Holm's largest level, so an upper bound of the
+    rate of the corrected decision); reported per cell and, as ``fpr``, for the worst
+    cell. Power: each study of a divergent truth judged against the whole family at
+    ``alpha / n_contrasts`` (Holm's first, smallest level: a lower bound); a NaN
+    contrast counts as not detected.
+
+    Returns
+    -------
+    DataFrame, one row per (contrast, what): ``contrast``, ``what`` (``"false
+    divergence, weight w, jitter j ms"``, ``"false divergence, worst cell"`` or ``"power
+    vs <truth>"``), ``rate``, ``low``, ``high`` (Wilson 95 %), ``k``, ``n``.
+    """
+    rows = []
+    for key in CONTRASTS:
+        name = _NAMES[key]
+        cells = list(_cells(table, name))
+        if not cells:
+            continue
+        worst = None
+        for i, (setting, seeds, values) in enumerate(cells):
+            decisions = []
+            for j, v in enumerate(values):
+                if not np.isfinite(v):
+                    continue
+                loo = [(s, sd, vals) if k != i else (s, np.delete(sd, j), np.delete(vals, j))
+                       for k, (s, sd, vals) in enumerate(cells)]
+                p, _, _ = _worst_p(v, loo)
+                decisions.append(p < alpha)
+            k, n = int(np.sum(decisions)), len(decisions)
+            rate, low, high = _wilson_row(k, n)
+            row = {"contrast": key, "what": f"false divergence, weight {setting[0]:g}, "
+                   f"jitter {setting[1]:g} ms", "rate": rate, "low": low, "high": high,
+                   "k": k, "n": n}
+            rows.append(row)
+            if n and (worst is None or rate > worst["rate"]):
+                worst = {**row, "what": "false divergence, worst cell"}
+        if worst is not None:
+            rows.append(worst)
+        others = table[(table.truth != "backprop") & (table.estimate == name)]
+        for truth, group in others.groupby("truth", sort=True):
+            found = [np.isfinite(v) and _worst_p(v, cells)[0] < alpha / n_contrasts
+                     for v in group.value.to_numpy(float)]
+            k, n = int(np.sum(found)), len(found)
+            rate, low, high = _wilson_row(k, n)
+            rows.append({"contrast": key, "what": f"power vs {truth}", "rate": rate,
+                         "low": low, "high": high, "k": k, "n": n})
+    return pd.DataFrame(rows, columns=["contrast", "what", "rate", "low", "high", "k", "n"])
+
+
+def judge(result, table: pd.DataFrame):
+    """A :class:`~gradbrain.hierarchy.HierarchyResult` whose estimates are judged for
+    divergence against the backprop family (its ``divergence`` and ``divergence_rates``
+    attributes set; its summary then uses them).
+
+    Parameters
+    ----------
+    result : HierarchyResult
+    table : DataFrame
+        :func:`simulate_family` on the features and settings of ``result``.
+
+    Returns
+    -------
+    HierarchyResult (a copy).
+    """
+    import copy
+
+    values = {}
+    if result.estimates is not None and len(result.estimates):
+        by = result.estimates.set_index("estimate").value
+        values = {key: float(by.get(_NAMES[key], np.nan)) for key in CONTRASTS}
+    out = copy.copy(result)
+    out.divergence = divergence_test(values, table, alpha=result.alpha)
+    n = max(1, int(np.isfinite(out.divergence.value).sum()))
+    out.divergence_rates = family_rates(table, alpha=result.alpha, n_contrasts=n)
+    return out
+
+
+def summarize(divergence: pd.DataFrame, rates: pd.DataFrame, *, alpha: float = 0.05) -> str:
+    """What the divergence test found, in words (Markdown bullets)."""
+    lines = []
+    for row in divergence.itertuples():
+        mine = rates[rates.contrast == row.contrast] if len(rates) else rates
+        fpr = mine[mine.what == "false divergence, worst cell"]
+        power = mine[mine.what.str.startswith("power vs")]
+        rate_text = ""
+        if len(fpr):
+            f = fpr.iloc[0]
+            rate_text += (f" This decision called a planted backprop divergent in "
+                          f"{hierarchy._pct(f.rate, f.low, f.high)} of {int(f.n)} studies of "
+                          "its worst cell")
+        if len(power):
+            said = "; ".join(f"{hierarchy._pct(p.rate, p.low, p.high)} of {int(p.n)} "
+                             f"{p.what.removeprefix('power vs ')}" for p in power.itertuples())
+            rate_text += f", and found a wrong order in {said} studies"
+        if rate_text:
+            rate_text += "."
+        if not np.isfinite(row.value):
+            lines.append(f"- {row.estimate}: not estimable here, so not judged.")
+            continue
+        if not row.can_reach_alpha:
+            verdict = (f"**cannot be judged** (with {row.n_per_cell} studies per cell the "
+                       f"smallest p is {row.min_p:.3g}, above the level Holm needs)")
+        elif row.diverges:
+            verdict = "**diverges from every backprop of the family**"
+        else:
+            verdict = ("**not shown to diverge**: some planted backprop of the family "
+                       "gives a contrast as low")
+        lines.append(f"- {row.estimate} = {row.value:+.2f}: {verdict} (worst cell: "
+                     f"{row.worst_cell}; p = {row.p_worst:.3g}, Holm-adjusted "
+                     f"{row.p_holm:.3g} over {row.n_cells} cells of ≥ {row.n_per_cell} "
+                     f"studies).{rate_text}")
+    return "\n".join(lines)
