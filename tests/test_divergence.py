@@ -1,0 +1,154 @@
+"""The divergence test against a family of planted backprops (gradbrain.divergence).
+
+References are independent of the code: planted contrast distributions whose answer is
+known, hand-computed Holm adjustments and p-values, and the simulator's own planted
+quantities."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradbrain import divergence, hierarchy
+from gradbrain.data import simulated
+
+SPATIAL = hierarchy.ESTIMATES["spatial"][0]
+TEMPORAL = hierarchy.ESTIMATES["temporal"][0]
+
+
+def _table(rng, cells, n=60, divergent=None):
+    """A simulate_family-shaped table: per cell, contrasts drawn N(mean, sd)."""
+    rows = []
+    for (weight, mean, sd) in cells:
+        for seed, v in enumerate(rng.normal(mean, sd, n)):
+            for key, name in (("spatial", SPATIAL), ("temporal", TEMPORAL)):
+                rows.append({"contrast": key, "truth": "backprop", "seed": seed,
+                             "gradient_weight": weight, "latency_jitter": 0.0,
+                             "estimate": name, "value": v})
+    for truth, (mean, sd) in (divergent or {}).items():
+        for seed, v in enumerate(rng.normal(mean, sd, n)):
+            for key, name in (("spatial", SPATIAL), ("temporal", TEMPORAL)):
+                rows.append({"contrast": key, "truth": truth, "seed": seed,
+                             "gradient_weight": 0.5, "latency_jitter": 0.0,
+                             "estimate": name, "value": v})
+    return pd.DataFrame(rows)
+
+
+def test_a_weaker_backprop_is_not_divergent_but_a_single_point_null_says_it_is(rng):
+    # issue 28's case: a weight-0.5 cell centred on 0 (sd 0.008) and a weaker backprop
+    # whose contrast is lower (-0.09): against 0.5 alone it "diverges", against the
+    # family (which holds the weaker cell) it must not
+    table = _table(rng, [(0.25, -0.09, 0.03), (0.5, 0.0, 0.008)])
+    out = divergence.divergence_test({"spatial": -0.09, "temporal": -0.09}, table)
+    assert not out.diverges.any()
+    assert (out.worst_cell == "gradient weight 0.25, latency jitter 0 ms").all()
+    point = table[(table.gradient_weight == 0.5) & (table.estimate == SPATIAL)].value
+    p_point = (1 + np.sum(point <= -0.09)) / (1 + len(point))
+    assert p_point < 0.05   # what the single-point null decided
+
+
+def test_worst_cell_p_and_holm_by_hand():
+    table = _table(np.random.default_rng(0), [(0.1, 0.0, 1.0), (0.5, 1.0, 1.0)], n=99)
+    values = {"spatial": -0.5, "temporal": 0.2}
+    out = divergence.divergence_test(values, table).set_index("contrast")
+    for key, value in values.items():
+        name = SPATIAL if key == "spatial" else TEMPORAL
+        ps = []
+        for w in (0.1, 0.5):
+            sims = table[(table.gradient_weight == w) & (table.estimate == name)].value
+            ps.append((1 + np.sum(sims <= value)) / (1 + len(sims)))
+        assert out.at[key, "p_worst"] == pytest.approx(max(ps))
+    p = out.p_worst
+    lo, hi = sorted(p)
+    assert out.p_holm.min() == pytest.approx(min(1, 2 * lo))
+    assert out.p_holm.max() == pytest.approx(max(min(1, 2 * lo), hi))
+    assert out.min_p.iloc[0] == pytest.approx(1 / 100)
+
+
+def test_family_rates_false_divergence_bounded_and_power_against_wrong_orders(rng):
+    table = _table(rng, [(0.1, -0.3, 0.1), (0.5, 0.0, 0.05), (0.9, 0.05, 0.05)], n=80,
+                   divergent={"reversed": (-2.0, 0.1), "shuffled": (-1.0, 0.2)})
+    rates = divergence.family_rates(table).set_index(["contrast", "what"])
+    for key in ("spatial", "temporal"):
+        # worst case per cell: each cell's false-divergence rate is at most ~alpha
+        assert rates.loc[(key, "false divergence, worst cell"), "rate"] <= 0.1
+        assert rates.loc[(key, "power vs reversed"), "rate"] == 1.0
+        assert rates.loc[(key, "power vs shuffled"), "rate"] >= 0.9
+
+
+def test_nan_contrast_is_not_judged_and_bad_inputs_are_named():
+    table = _table(np.random.default_rng(1), [(0.5, 0.0, 0.1)], n=30)
+    out = divergence.divergence_test({"spatial": np.nan, "temporal": -5.0}, table)
+    assert not out.set_index("contrast").at["spatial", "diverges"]
+    assert out.set_index("contrast").at["temporal", "diverges"]
+    with pytest.raises(ValueError, match="alpha"):
+        divergence.divergence_test({}, table, alpha=2)
+    with pytest.raises(ValueError, match="simulate_family"):
+        divergence.divergence_test({}, table.drop(columns="gradient_weight"))
+    with pytest.raises(ValueError, match="Unknown nuisance"):
+        divergence._check_cells([{"noise": 2}])
+
+
+def test_calibration_seeds_are_disjoint_from_selection_and_the_study():
+    seeds = divergence.calibration_seeds(5, exclude=[divergence.FIRST_CALIBRATION_SEED + 1])
+    assert divergence.FIRST_CALIBRATION_SEED + 1 not in seeds and len(set(seeds)) == 5
+    assert not set(seeds) & set(divergence.SELECTION_SEEDS)
+    other = divergence.calibration_seeds(5, cell=1)
+    assert not set(seeds) & set(other)
+    with pytest.raises(ValueError, match="'n'"):
+        divergence.calibration_seeds(0)
+
+
+@pytest.fixture(scope="module")
+def planted_features():
+    """Tiny layer-specific features on 40 embedded-image ids (no network needed)."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    layers = [f"l{i}" for i in range(6)]
+    images = simulated.load_embedded(40, size=32)
+    acts = {l: rng.standard_normal((40, 8)).astype(np.float32) for l in layers}
+    grads = {l: rng.standard_normal((40, 8)).astype(np.float32) for l in layers}
+    return images, SimpleNamespace(
+        layers=layers, depth=np.linspace(0, 1, 6), activations=acts,
+        gradients={"ce": grads}, image_ids=list(images.ids), n_images=40,
+        model="planted", weights="none", pool="mean", losses=["ce"],
+        backward_rank=lambda loss: np.arange(6)[::-1].copy())
+
+
+@pytest.mark.parametrize("truth", ["reversed", "shuffled"])
+def test_divergent_truths_put_gradients_at_backprops_slots_in_a_wrong_order(
+        planted_features, truth):
+    images, feats = planted_features
+    study = simulated.make_study(2, images=images, features=feats, gradient_truth=truth,
+                                 n_images=40)
+    t = study.truth
+    order = np.arange(6)[::-1] if truth == "reversed" else t["gradient_order"]
+    # fMRI: a vertex of activation layer k carries the gradient of layer order[k]
+    assert np.array_equal(t["gradient_layer"], np.asarray(order)[t["preferred_layer"]])
+    # MEG: the gradient of layer order[k] arrives at backprop's latency of layer k
+    backprop = 300 + 200 * np.arange(6)[::-1] / 5     # backward rank: top layer first
+    assert np.allclose(t["gradient_latency"][np.asarray(order)], backprop)
+    if truth == "reversed":   # bottom layer first, after the sweep
+        assert np.all(np.diff(t["gradient_latency"]) > 0)
+
+
+def test_latency_jitter_offsets_latencies_and_defaults_draw_nothing(planted_features):
+    images, feats = planted_features
+    kw = dict(images=images, features=feats, gradient_truth="backprop", n_images=40)
+    plain = simulated.make_study(4, **kw)
+    again = simulated.make_study(4, latency_jitter=0.0, **kw)
+    assert np.array_equal(plain.betas, again.betas)
+    jittered = simulated.make_study(4, latency_jitter=40.0, **kw)
+    offset = jittered.truth["gradient_latency"] - plain.truth["gradient_latency"]
+    assert np.all(offset != 0) and np.abs(offset).max() < 200
+    assert np.array_equal(plain.betas, jittered.betas)   # fMRI untouched
+    with pytest.raises(ValueError, match="latency_jitter"):
+        simulated.make_study(4, latency_jitter=-1.0, **kw)
+
+
+@pytest.mark.parametrize("noise", [0.5, 1.0, 2.0])
+def test_estimate_noise_recovers_the_planted_noise(planted_features, noise):
+    images, feats = planted_features
+    study = simulated.make_study(5, images=images, features=feats, noise=noise,
+                                 n_images=40, meg=False)
+    assert simulated.estimate_noise(study) == pytest.approx(noise, rel=0.05)
