@@ -2153,8 +2153,8 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
             for t in result.tests.itertuples()]
     rows += [{"truth": truth, "seed": seed, "prediction": "estimate", "part": e.estimate,
               "value": e.value, "p_value": e.p_tost, "holds": bool(e.equivalent)}
-             for e in result.estimates.itertuples()
-             if e.estimate in TEST_TRUTHS and e.n_boot > 0]   # n_boot 0: no decision
+             for e in result.estimates.itertuples()   # n_boot 0: no decision to keep
+             if e.estimate in TEST_TRUTHS and run_kwargs.get("n_boot", 1000) > 0]
     # the verdict rows last: a cached study that has them was written whole
     rows += _verdict_rows(truth, seed, result.consistent_with_backprop, result.paper_finding)
     if path is not None:
