@@ -1114,3 +1114,16 @@ def test_run_spatial_statistic_is_the_profile_centre_or_the_best_layer(small_pla
         assert row.value == pytest.approx(expected) and label in row.statistic
     with pytest.raises(ValueError, match="spatial_statistic"):
         hierarchy.run(study, small_planted, spatial_statistic="mean")
+
+
+def test_run_without_bootstrap_gives_the_contrasts_point_values(small_planted):
+    """n_boot=0 (what divergence calibrations run): the same contrast values as a
+    bootstrapped run, with no interval and no equivalence decision."""
+    study = make_study(5, n_images=60, features=small_planted, gradient_truth="backprop",
+                       noise=0.5)
+    kw = dict(n_perm=50, n_perm_chance=0, seed=5, device="cpu")
+    plain = hierarchy.run(study, small_planted, n_boot=0, **kw).estimates
+    booted = hierarchy.run(study, small_planted, n_boot=20, **kw).estimates
+    assert list(plain.estimate) == list(booted.estimate) and len(plain) == 3
+    np.testing.assert_allclose(plain.value.to_numpy(float), booted.value.to_numpy(float))
+    assert plain.ci_low.isna().all() and not plain.equivalent.any()

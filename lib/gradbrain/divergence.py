@@ -69,7 +69,7 @@ FIRST_CALIBRATION_SEED = 20_000_000
 _CELL_STRIDE = 100_000
 #: Bump when a change alters the simulated contrasts (it is part of every cache key).
 FAMILY_VERSION = 1
-_REFERENCE = Path(__file__).parent / "reference"
+_REFERENCE = hierarchy._REFERENCE
 _NAMES = {key: hierarchy.ESTIMATES[key][0] for key in CONTRASTS}
 
 
@@ -186,16 +186,6 @@ def _one_study(features, contrast, truth, seed, cell, noise, n_images, run_kwarg
     return rows
 
 
-def _shipped_family(key: dict, fingerprint: np.ndarray) -> pd.DataFrame | None:
-    for meta_path in sorted(_REFERENCE.glob("divergence_family-*.json")):
-        meta = json.loads(meta_path.read_text())
-        shipped = np.asarray(meta["fingerprint"], dtype=np.float64)
-        if meta["key"] == key and shipped.shape == fingerprint.shape and np.allclose(
-                shipped, fingerprint, rtol=1e-3, atol=1e-6 * np.abs(shipped).max()):
-            return pd.read_csv(meta_path.with_suffix(".csv.gz"))
-    return None
-
-
 def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
                     divergent=DIVERGENT_TRUTHS, n_seeds: int = 40,
                     n_seeds_divergent: int = 20, n_images: int | None = None,
@@ -294,7 +284,8 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
     if cache is not False:
         key = _family_key(features, n_images, noise, run_kwargs, sizes)
         loss = key["loss"]
-        shipped = _shipped_family(key, hierarchy._fingerprint(features, loss))
+        shipped = hierarchy._shipped_simulations(key, hierarchy._fingerprint(features, loss),
+                                                 pattern="divergence_family-*.json")
         if shipped is not None:
             idents = [ident(*r) for r in zip(shipped.contrast, shipped.truth, shipped.seed,
                                              shipped.gradient_weight, shipped.latency_jitter)]

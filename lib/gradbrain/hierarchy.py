@@ -2048,9 +2048,12 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                      f"({_n_timed(grad['latency'])})")
         latency_gap("3 where", "gradients peak later than activations",
                     "median latency difference (ms)", np.nanmedian)
-        if "boot_latency" in grad and len(grad["boot_latency"]):
-            # paired: both signals' courses were resampled on the same test images
-            pairs = list(zip(grad["boot_latency"], act["boot_latency"]))
+        boots = grad.get("boot_latency", ())
+        if len(boots) or n_boot == 0:
+            # paired: both signals' courses were resampled on the same test images (no
+            # resamples with n_boot 0: the contrasts without intervals, as calibrations
+            # need them)
+            pairs = list(zip(boots, act.get("boot_latency", ())))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 add_estimate("temporal", _spearman(rank, grad["latency"])
@@ -2058,12 +2061,6 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
                              [_spearman(rank, g) - _spearman(depth, a) for g, a in pairs])
                 add_estimate("timing", _timing_gap(grad["latency"], act["latency"], rank),
                              [_timing_gap(g, a, rank) for g, a in pairs])
-        elif n_boot == 0:   # the contrasts without intervals (what calibrations need)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                add_estimate("temporal", _spearman(rank, grad["latency"])
-                             - _spearman(depth, act["latency"]), [])
-                add_estimate("timing", _timing_gap(grad["latency"], act["latency"], rank), [])
     else:
         for prediction, part in (("2 temporal", "MEG data"), ("3 where", "MEG data")):
             add_test(prediction, part, "available", np.nan, False, "no MEG in this study")
@@ -2203,11 +2200,13 @@ def _fingerprint(features, loss: str) -> np.ndarray:
     return np.array(values)
 
 
-def _shipped_simulations(key: dict, fingerprint: np.ndarray) -> pd.DataFrame | None:
-    """A table shipped in ``gradbrain/reference`` for these settings and features."""
+def _shipped_simulations(key: dict, fingerprint: np.ndarray,
+                         pattern: str = "simulated_tests-*.json") -> pd.DataFrame | None:
+    """A table shipped in ``gradbrain/reference`` for these settings and features (its
+    key file's name matching ``pattern``)."""
     import json
 
-    for meta_path in sorted(_REFERENCE.glob("simulated_tests-*.json")):
+    for meta_path in sorted(_REFERENCE.glob(pattern)):
         meta = json.loads(meta_path.read_text())
         shipped = np.asarray(meta["fingerprint"], dtype=np.float64)
         if meta["key"] == key and shipped.shape == fingerprint.shape and np.allclose(
