@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from statsmodels.stats.meta_analysis import combine_effects
 from test_meg import _planted_features
 
 from gradbrain import hierarchy
@@ -187,7 +188,8 @@ def test_group_estimate_is_inverse_variance_and_hksj_random_effects(rng):
             assert q_generalised == pytest.approx(n - 1, rel=1e-4)
         else:
             assert tau2 == 0 and q_generalised <= n - 1
-        sd_hksj = np.sqrt(np.sum(w_re * (x - random) ** 2) / ((n - 1) * w_re.sum()))
+        q_hksj = np.sum(w_re * (x - random) ** 2) / (n - 1)
+        sd_hksj = np.sqrt(max(1.0, q_hksj) / w_re.sum())   # truncated at q* = max(1, q)
         row = table.loc[column]
         assert row.fixed == pytest.approx(fixed)
         assert row.p_fixed == pytest.approx(2 * stats.norm.sf(abs(fixed) * np.sqrt(w.sum())))
@@ -196,6 +198,14 @@ def test_group_estimate_is_inverse_variance_and_hksj_random_effects(rng):
         assert (row.random_low, row.random_high) == pytest.approx(
             (random - t * sd_hksj, random + t * sd_hksj))
         assert row.p_random == pytest.approx(2 * stats.t.sf(abs(random) / sd_hksj, n - 1))
+        assert row.q_hksj == pytest.approx(q_hksj)
+        # statsmodels: the wider of its random-effects t interval (scale 1) and its
+        # HKSJ interval (scale q), which is what q* = max(1, q) gives
+        _, re_t, _, re_hksj = combine_effects(x, var, method_re="iterated").conf_int(
+            use_t=True)
+        ref = max((re_t, re_hksj), key=lambda ci: ci[1] - ci[0])
+        assert (row.random_low, row.random_high) == pytest.approx(ref, rel=1e-6)
+        assert row.wilcoxon_floor == 2 / 2 ** n
     assert table.loc["strong", "significant"] and table.loc["strong", "p_random"] < 0.01
     assert table.loc["strong", "tau2"] > 0 and table.loc["none", "tau2"] == 0  # both cases
     wilcoxon = hierarchy.group_test(values, alternative="two-sided")
@@ -208,6 +218,28 @@ def test_group_estimate_is_inverse_variance_and_hksj_random_effects(rng):
     assert np.isnan(one.loc["strong", "p_random"]) and not one.loc["strong", "significant"]
     with pytest.raises(ValueError, match="same subjects and statistics"):
         hierarchy.group_estimate(values, values.iloc[:2], values)
+
+
+def test_group_estimate_random_effects_never_narrower_than_fixed_when_subjects_agree():
+    """Check the HKSJ truncation q* = max(1, q) (issue 28): 4 subjects of se 0.10 whose
+    estimates agree more than their intervals say. Untruncated HKSJ gave p = 2e-5
+    against the fixed effect's 0.044, and identical estimates gave NaN."""
+    z = stats.norm.ppf(0.975)
+    half = pd.DataFrame({"close": [0.1 * z] * 4, "identical": [0.1 * z] * 4})
+    values = pd.DataFrame({"close": [0.095, 0.1, 0.105, 0.1],
+                           "identical": [0.1, 0.1, 0.1, 0.1]})
+    table = hierarchy.group_estimate(values, values - half, values + half)
+    for column in values:
+        row = table.loc[column]
+        assert row.tau2 == 0 and row.q_hksj < 1 and row.i2 == 0
+        # by hand: τ² = 0, so var = max(1, q) / Σw = 0.01 / 4, t with 3 df
+        mean, sd = values[column].mean(), np.sqrt(0.01 / 4)
+        assert row.random == pytest.approx(mean)
+        assert row.p_random == pytest.approx(2 * stats.t.sf(mean / sd, 3))
+        assert row.p_fixed == pytest.approx(2 * stats.norm.sf(mean / sd))
+        assert row.p_random > row.p_fixed and row.p_random > 0.1
+        assert row.random_high - row.random_low >= row.fixed_high - row.fixed_low
+        assert row.wilcoxon_floor == 0.125
 
 
 # --------------------------------------------------------------------------- run()
