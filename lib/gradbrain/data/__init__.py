@@ -6,16 +6,52 @@ the real datasets (NSD fMRI, THINGS-MEG); ``geometry`` → fsaverage5
 and CTF-275 geometry that ship offline.
 """
 
-from .._utils import check_in_allowed
+from pathlib import Path
+
+from .._utils import check_in_allowed, get_data_home
 from .images import EMBEDDED_SOURCES, N_EMBEDDED, ImageSet, load_embedded, load_folder
 from .study import Study, noise_ceiling
 
 __all__ = [
-    "DATASETS", "EMBEDDED_SOURCES", "N_EMBEDDED", "ImageSet", "Study", "load_embedded",
-    "load_folder", "load_study", "noise_ceiling",
+    "DATASETS", "EMBEDDED_SOURCES", "N_EMBEDDED", "ImageSet", "Study", "get_data_home",
+    "load_embedded", "load_folder", "load_study", "noise_ceiling", "study_path",
 ]
 
 DATASETS = ("simulated", "nsd", "things")
+
+
+def study_path(profile: str, dataset: str, study_dir=None) -> Path:
+    """Where the data chapter saves (and later chapters load) a profile's study.
+
+    Parameters
+    ----------
+    profile : str
+        Name of the parameter profile (e.g. ``"demo"``).
+    dataset : {"simulated", "nsd", "things"}
+        The dataset the study holds.
+    study_dir : path-like or None
+        A folder chosen by the user; returned as given (``~`` expanded) when set.
+
+    Returns
+    -------
+    Path
+        ``study_dir``, or ``$GRADBRAIN_DATA/studies/<profile>-<dataset>``
+        (:func:`get_data_home`).
+
+    Examples
+    --------
+    >>> study_path("demo", "simulated").parts[-2:]
+    ('studies', 'demo-simulated')
+    >>> study_path("demo", "simulated", "/data/my-study").as_posix()
+    '/data/my-study'
+    """
+    if study_dir:
+        return Path(study_dir).expanduser()
+    if not isinstance(profile, str) or not profile or "/" in profile or "\\" in profile:
+        raise ValueError(f"'profile' must be a profile's name (e.g. 'demo'), not a path; "
+                         f"got {profile!r}. Give a folder as study_dir instead.")
+    check_in_allowed("dataset", dataset, DATASETS)
+    return get_data_home() / "studies" / f"{profile}-{dataset}"
 
 
 def load_study(dataset: str = "simulated", **params) -> Study:
