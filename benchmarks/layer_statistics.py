@@ -115,10 +115,11 @@ def _beyond_neighbours(feats, study) -> dict:
     import torch
 
     from gradbrain import meg
+    from gradbrain.analysis import encoding
     from gradbrain.features import RESIDUAL_ALPHAS, _block_scaled, _cross_fitted_residual
     from gradbrain.ridge import standardize
 
-    train, test, Y_train, Y_test = meg._meg_split(study, 5)
+    train, test, Y_train, Y_test = encoding._meg_split(study, 5)
     folds = np.array_split(np.arange(len(train)), 5)
     grads = [feats.gradients["ce"][layer] for layer in feats.layers]
     curves, predictions = [], []

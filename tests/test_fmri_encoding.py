@@ -5,7 +5,7 @@ import pytest
 
 from gradbrain import hierarchy
 from gradbrain.data.simulated import make_study
-from gradbrain.ridge import fmri_encoding
+from gradbrain.analysis.encoding import fmri_encoding, fmri_partition
 
 N_IMAGES = 120
 
@@ -74,8 +74,6 @@ def test_partition_credits_a_no_gradient_brain_to_activations(encoded):
     """Planted truth 'none': the brain follows activations only, so what a layer's
     gradients add to its activations is (close to) nothing at every vertex, while the
     activations keep a unique part; shapes, order and bad layers as documented."""
-    from gradbrain.ridge import fmri_partition
-
     study, feats, _ = encoded
     layers = feats.layers[4::8]
     part = fmri_partition(study, feats, layers=layers[::-1], device="cpu")

@@ -8,6 +8,7 @@ from statsmodels.stats.meta_analysis import combine_effects
 from test_meg import _planted_features
 
 from gradbrain import hierarchy
+from gradbrain.analysis.encoding import fmri_encoding
 from gradbrain.data.simulated import make_study
 
 
@@ -456,8 +457,6 @@ def test_unit_bootstrap_interval_holds_its_estimate(planted):
     """Per-vertex argmax makes the bootstrap interval of the spatial score sit below the
     estimate; averaging vertices into units first removes that bias. The identity
     resample reproduces the unit estimate exactly."""
-    from gradbrain.ridge import fmri_encoding
-
     study = make_study(0, n_images=N_IMAGES, features=planted, gradient_truth="backprop",
                        noise=0.5, meg=False)
     fmri = fmri_encoding(study, planted, device="cpu", return_prediction=True)["activation"]
@@ -531,8 +530,6 @@ def test_layers_chosen_on_training_cv_score_the_test_set_without_winners_curse(r
 def test_run_chooses_vertices_and_layers_without_the_test_responses(planted):
     """With select_on="train" the masks and best layers stay the same when every test-set
     score is replaced by noise; with "test" they follow the noise."""
-    from gradbrain.ridge import fmri_encoding
-
     study = make_study(0, n_images=N_IMAGES, features=planted, gradient_truth="paper",
                        noise=0.5, meg=False)
     fmri = fmri_encoding(study, planted, device="cpu")

@@ -8,6 +8,7 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
 
 from gradbrain import meg
+from gradbrain.analysis import encoding
 from gradbrain.ridge import pearson_r
 
 
@@ -246,7 +247,7 @@ def test_planted_latencies_are_recovered_within_one_sample(planted, truth, seed)
 
     study = make_study(seed, n_images=252, features=planted, fmri=False, gradient_truth=truth,
                        noise=0.5)
-    results = meg.meg_encoding(study, planted, n_boot=50, device="cpu")
+    results = encoding.meg_encoding(study, planted, n_boot=50, device="cpu")
     step = 1000 / study.epochs.info["sfreq"]
     act, grad = results["activation"], results["gradient (ce)"]
     assert np.abs(act["latency"] - study.truth["activation_latency"]).max() <= step + 1e-9
@@ -314,7 +315,7 @@ def test_layers_without_signal_get_no_latency(planted):
 
     study = make_study(0, n_images=252, features=planted, fmri=False, gradient_truth="none",
                        noise=0.5)
-    results = meg.meg_encoding(study, planted, n_boot=20, n_perm=200, device="cpu")
+    results = encoding.meg_encoding(study, planted, n_boot=20, n_perm=200, device="cpu")
     act, grad = results["activation"], results["gradient (ce)"]
     assert act["significant"].all() and np.isfinite(act["latency"]).all()
     assert grad["significant"].sum() <= 1 and np.isnan(grad["latency"]).sum() >= 5
@@ -325,15 +326,15 @@ def test_layers_without_signal_get_no_latency(planted):
     assert act["significant_time"].sum() >= 5 and grad["significant_time"].sum() <= 2
     np.testing.assert_allclose(act["q_time"], stats.false_discovery_control(act["p_time"]))
     assert (act["q_time"] >= act["p_time"] - 1e-12).all()
-    ungated = meg.meg_encoding(study, planted, n_boot=0, n_perm=10, latency_alpha=1.0,
+    ungated = encoding.meg_encoding(study, planted, n_boot=0, n_perm=10, latency_alpha=1.0,
                                device="cpu")["gradient (ce)"]
     assert np.isfinite(ungated["latency"]).sum() >= 5   # what the gate removes
     # n_boot=0 (hierarchy.run allows it): latencies without intervals
     assert ungated["boot_latency"].shape == (0, 6) and np.isnan(ungated["latency_ci"]).all()
     with pytest.raises(ValueError, match="'latency_alpha' must be in"):
-        meg.meg_encoding(study, planted, latency_alpha=0)
+        encoding.meg_encoding(study, planted, latency_alpha=0)
     with pytest.raises(ValueError, match="'n_boot' must be an integer >= 0"):
-        meg.meg_encoding(study, planted, n_boot=-1)
+        encoding.meg_encoding(study, planted, n_boot=-1)
     # what the chapters print and draw copes with a signal left without latencies
     from gradbrain import hierarchy, plotting
 
@@ -352,11 +353,11 @@ def test_meg_encoding_bad_inputs(planted):
 
     study = make_study(0, n_images=252, features=planted, meg=False)
     with pytest.raises(ValueError, match="has no MEG data"):
-        meg.meg_encoding(study, planted)
+        encoding.meg_encoding(study, planted)
     other = _planted_features(40)
     study = make_study(0, n_images=252, features=planted, fmri=False)
     with pytest.raises(ValueError, match="image ids differ"):
-        meg.meg_encoding(study, other)
+        encoding.meg_encoding(study, other)
 
 
 def test_one_alpha_per_time_point_equals_scikit_learn_ridgecv_per_time(rng):
@@ -391,7 +392,7 @@ def test_meg_partition_finds_late_gradients_only_where_planted(planted):
     study = make_study(0, n_images=252, features=planted, fmri=False, gradient_truth="paper",
                        noise=0.5, sfreq=50.0)   # 20 ms steps: half the targets
     layers = planted.layers[::3]
-    part = meg.meg_partition(study, planted, layers=layers, device="cpu")
+    part = encoding.meg_partition(study, planted, layers=layers, device="cpu")
     times = part["times"]
     assert part["unique_gradient"].shape == (2, len(times)) and part["layers"] == layers
     # the same numbers from variance_partition on each layer, selected and averaged here
@@ -441,11 +442,11 @@ def test_meg_partition_finds_late_gradients_only_where_planted(planted):
     np.testing.assert_allclose(part["shared"], part["r2_activation"] + part["r2_gradient"]
                                - part["r2_joint"], atol=1e-9)
     with pytest.raises(ValueError, match="'layers' must be some"):
-        meg.meg_partition(study, planted, layers=[])
+        encoding.meg_partition(study, planted, layers=[])
     with pytest.raises(ValueError, match="'min_cv_r2' must be a number below 1"):
-        meg.meg_partition(study, planted, min_cv_r2="0")
+        encoding.meg_partition(study, planted, min_cv_r2="0")
     with pytest.raises(ValueError, match="'score' must be one of"):
-        meg.meg_partition(study, planted, layers=layers[:1], score="r")
+        encoding.meg_partition(study, planted, layers=layers[:1], score="r")
 
 
 def test_meg_partition_without_gradient_signal_credits_activations(planted):
@@ -456,7 +457,7 @@ def test_meg_partition_without_gradient_signal_credits_activations(planted):
 
     study = make_study(1, n_images=252, features=planted, fmri=False, gradient_truth="none",
                        noise=0.5, sfreq=50.0)
-    part = meg.meg_partition(study, planted, layers=planted.layers[1::3], min_cv_r2=None,
+    part = encoding.meg_partition(study, planted, layers=planted.layers[1::3], min_cv_r2=None,
                              device="cpu")
     assert (part["n_selected"] == 272).all() and part["selected"].all()
     assert np.abs(part["unique_gradient"]).max() < 0.02

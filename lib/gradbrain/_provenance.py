@@ -19,7 +19,21 @@ from pathlib import Path
 
 ENV = "GRADBRAIN_PROVENANCE"
 
-__all__ = ["ENV", "record_input", "fingerprint", "read_records", "stale_inputs"]
+__all__ = ["ENV", "record_input", "fingerprint", "read_records", "stale_inputs",
+           "stored_digest"]
+
+
+def stored_digest(path: str | os.PathLike) -> str | None:
+    """The content digest :meth:`gradbrain.data.Study.save` stored in a study folder
+    (the ``digest`` attribute of its ``study.h5``); None if unreadable."""
+    import h5py   # import cost: only where a study is read
+
+    try:
+        with h5py.File(Path(path) / "study.h5", "r") as f:
+            digest = f.attrs.get("digest")
+    except (OSError, KeyError, ValueError):
+        return None
+    return None if digest is None else str(digest)
 
 
 def fingerprint(path: str | os.PathLike) -> str | None:
@@ -32,8 +46,6 @@ def fingerprint(path: str | os.PathLike) -> str | None:
     """
     path = Path(path)
     if path.is_dir() and (path / "study.h5").is_file():
-        from .data.study import stored_digest
-
         digest = stored_digest(path)
         if digest is not None:
             return f"study:{digest}"

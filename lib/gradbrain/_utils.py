@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import importlib
 import os
 import shutil
 import tempfile
@@ -180,3 +181,42 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         )
         return torch.device("cpu")
     return parsed
+
+
+def moved_names(module: str, moved: dict[str, str]):
+    """A module ``__getattr__`` that keeps names moved elsewhere importable for one release.
+
+    Parameters
+    ----------
+    module : str
+        The old module's ``__name__``.
+    moved : dict of str to str
+        Old name → the module that now holds it (under the same name, or
+        ``"module:new_name"`` when it was renamed).
+
+    Returns
+    -------
+    callable
+        To assign to the old module's ``__getattr__`` (PEP 562): resolves a moved name
+        from its new home with a :class:`DeprecationWarning` that names it; any other
+        unknown name raises :class:`AttributeError` as usual.
+
+    Examples
+    --------
+    >>> getattr_ = moved_names("old", {"sqrt": "math", "root": "math:sqrt"})
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     getattr_("root")(9.0)
+    3.0
+    """
+    def __getattr__(name: str):
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        target, _, new = moved[name].partition(":")
+        new = new or name
+        warnings.warn(f"{module}.{name} moved to {target}.{new}; the old name will be "
+                      "removed in the next release.", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(target), new)
+
+    return __getattr__

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import yaml
 
+from . import __version__, _provenance
 from ._provenance import record_input
 from ._utils import atomic_path
 
@@ -377,8 +378,6 @@ def is_up_to_date(chapter: Chapter, digest: str) -> bool:
 
 def stale_reason(chapter: Chapter, digest: str) -> str | None:
     """Why a chapter must rerun, in words (None when it is up to date)."""
-    from . import _provenance
-
     stamp = _stamp_path(chapter)
     if not (stamp.is_file() and chapter.output.is_file()):
         return "never ran" if not chapter.output.is_file() else "no record of its last run"
@@ -421,8 +420,6 @@ def ran_on(parameters: dict, profile: str) -> str:
     the device it resolves to on this machine).
     """
     import datetime
-
-    from . import __version__
 
     parts = [f"profile `{profile}`"]
     for key in ("dataset", "images"):
@@ -479,8 +476,6 @@ def execute_chapter(chapter: Chapter, parameters: dict, *, cwd: Path, progress: 
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
-
-    from . import _provenance
 
     chapter.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = chapter.output.with_name(f".{chapter.name}.running.ipynb")

@@ -12,6 +12,10 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from . import hierarchy, models
+from .analysis.encoding import fmri_encoding, meg_encoding
+from .features import extract
+
 __all__ = ["run"]
 
 
@@ -46,11 +50,6 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
     ``head``: the head the loss used (``Features.meta["heads"]``; a fixed random
     ``ce`` head for models without a classifier, which is not warned here).
     """
-    from . import hierarchy, models
-    from .features import extract
-    from .meg import meg_encoding
-    from .ridge import fmri_encoding
-
     if isinstance(model_names, str):  # one model, not the characters of its name
         model_names = [model_names]
     if not model_names:

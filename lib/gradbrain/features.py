@@ -70,6 +70,7 @@ from tqdm import tqdm
 from . import __version__
 from ._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
                      hash_arrays, resolve_device)
+from .data.images import ImageSet, load_embedded
 from .models import LoadedModel, load, wrap
 from .ridge import DEFAULT_ALPHAS
 
@@ -208,8 +209,6 @@ def _as_model(model) -> LoadedModel:
 
 def _as_batch_tensor(model: LoadedModel, images) -> tuple[torch.Tensor, list[str], list[str]]:
     """Images → (n_images, 3, H, W) float tensor, ids and labels."""
-    from .data.images import ImageSet
-
     if isinstance(images, torch.Tensor):
         x = images
         if x.ndim != 4 or x.shape[1] != 3:
@@ -741,8 +740,6 @@ _DINO_MIN_REFERENCE = 16
 def _dino_reference(model: LoadedModel, reference) -> torch.Tensor:
     """Preprocessed images whose mean teacher output centres the DINO teacher."""
     if reference is None:
-        from .data.images import load_embedded
-
         reference = load_embedded(_DINO_REFERENCE_IMAGES)
     x_ref = _as_batch_tensor(model, reference)[0]
     if len(x_ref) < _DINO_MIN_REFERENCE:

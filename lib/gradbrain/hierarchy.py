@@ -153,7 +153,7 @@ def chosen_layers(encoding: dict, depth: np.ndarray, noise_ceiling, *,
     Parameters
     ----------
     encoding : dict
-        One signal of :func:`gradbrain.ridge.fmri_encoding`: ``r_nc`` and ``cv_r2``, each
+        One signal of :func:`gradbrain.analysis.encoding.fmri_encoding`: ``r_nc`` and ``cv_r2``, each
         of shape (n_layers, n_targets).
     depth : ndarray of shape (n_layers,)
     noise_ceiling : ndarray of shape (n_targets,)
@@ -175,7 +175,7 @@ def chosen_layers(encoding: dict, depth: np.ndarray, noise_ceiling, *,
         if "cv_r2" not in encoding:
             raise ValueError("These encoding results have no training-CV scores ('cv_r2'; "
                              "results from an older gradbrain): recompute them with "
-                             "gradbrain.ridge.fmri_encoding, or pass select_on='test'.")
+                             "gradbrain.analysis.encoding.fmri_encoding, or pass select_on='test'.")
         nc = np.asarray(noise_ceiling, dtype=float) / 100
         with np.errstate(divide="ignore", invalid="ignore"):
             score = np.where(nc > 0, cv_correlation(encoding["cv_r2"]) / np.sqrt(nc), np.nan)
@@ -345,7 +345,7 @@ MIN_TIMED_LAYERS = 3  # layers with a latency a temporal score needs
 
 
 def _n_timed(latency) -> int:
-    """Layers with a latency (a significant peak, see :func:`gradbrain.meg.meg_encoding`)."""
+    """Layers with a latency (a significant peak, see :func:`gradbrain.analysis.encoding.meg_encoding`)."""
     return int(np.isfinite(np.asarray(latency, float)).sum())
 
 
@@ -363,7 +363,7 @@ def temporal_score(latency, depth, *, boot_latency=None, ci: float = 0.95) -> di
     depth : ndarray of shape (n_layers,)
         Relative layer depth in [0, 1].
     boot_latency : ndarray of shape (n_boot, n_layers), optional
-        Bootstrap latencies (:func:`gradbrain.meg.meg_encoding`); gives percentile
+        Bootstrap latencies (:func:`gradbrain.analysis.encoding.meg_encoding`); gives percentile
         intervals of both correlations.
     ci : float
         Interval coverage.
@@ -446,7 +446,7 @@ def summarize_meg(results: dict, study=None) -> str:
     Parameters
     ----------
     results : dict
-        Output of :func:`gradbrain.meg.meg_encoding`.
+        Output of :func:`gradbrain.analysis.encoding.meg_encoding`.
     study : Study, optional
         A simulated study's planted latencies are compared with the recovered ones.
     """
@@ -495,7 +495,7 @@ def temporal_table(results: dict) -> pd.DataFrame:
     Parameters
     ----------
     results : dict
-        Output of :func:`gradbrain.meg.meg_encoding`.
+        Output of :func:`gradbrain.analysis.encoding.meg_encoding`.
 
     Returns
     -------
@@ -1348,8 +1348,8 @@ class HierarchyResult:
     signal : str
         The gradient signal tested (e.g. ``"gradient (ce)"``).
     fmri, meg : dict or None
-        The encoding results (:func:`gradbrain.ridge.fmri_encoding`,
-        :func:`gradbrain.meg.meg_encoding`).
+        The encoding results (:func:`gradbrain.analysis.encoding.fmri_encoding`,
+        :func:`gradbrain.analysis.encoding.meg_encoding`).
     best : dict
         Best-layer maps per signal (:func:`chosen_layers`: chosen as ``select_on`` says,
         ``peak`` the test score there).
@@ -1370,7 +1370,7 @@ class HierarchyResult:
         Does each signal predict the brain at all? One row per (modality, signal,
         level): ``level`` ("reliable vertices", "units", "time points"), ``n_tested``,
         ``n_significant`` (Benjamini–Hochberg q < α; :func:`above_chance` for fMRI, the
-        per-time test of :func:`gradbrain.meg.meg_encoding` for MEG), ``share``,
+        per-time test of :func:`gradbrain.analysis.encoding.meg_encoding` for MEG), ``share``,
         ``best_r`` (the largest best-layer r), ``min_p`` (smallest attainable p) and,
         for time points, the first and last significant time (``first_ms``,
         ``last_ms``). None when ``n_perm_chance`` was 0.
@@ -1793,7 +1793,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
         predicts (the ``min_score`` mask) and each vertex's best layer, at which its
         score (``best[signal]["peak"]``, the gains of prediction 3a) is read on the test
         images. ``"train"`` (default) chooses on the training images' out-of-fold scores
-        (``cv_r2`` of :func:`gradbrain.ridge.fmri_encoding`, as a correlation √R² over
+        (``cv_r2`` of :func:`gradbrain.analysis.encoding.fmri_encoding`, as a correlation √R² over
         √NC, a lower bound of the out-of-fold r), so the test set is not used both to
         choose and to measure: a peak over layers chosen on the test set is biased up by
         the noise of the layers' scores. ``"test"`` chooses on the test scores (before
@@ -1815,7 +1815,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     n_perm_chance : int
         Shuffles of the test images for the above-chance tests of each signal (per
         reliable vertex and unit, :func:`above_chance`; per MEG time point, those of
-        :func:`gradbrain.meg.meg_encoding`); 0 skips them (``above_chance`` is None).
+        :func:`gradbrain.analysis.encoding.meg_encoding`); 0 skips them (``above_chance`` is None).
         They describe; they do not enter the verdicts.
     spatial_statistic : {"centre", "best"}
         A unit's layer in the spatial tests, their bootstrap and the spatial estimate:
@@ -1832,8 +1832,7 @@ def run(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
     HierarchyResult
     """
     from .features import beyond_activations, extract, resolve_loss
-    from .meg import meg_encoding
-    from .ridge import fmri_encoding
+    from .analysis.encoding import fmri_encoding, meg_encoding
 
     for name, value in (("alpha", alpha), ("ci", ci)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:

@@ -16,21 +16,19 @@ Peak latency
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import stats
 from sklearn.base import BaseEstimator
 
-from ._utils import check_in_allowed, resolve_device
+from ._utils import check_in_allowed, moved_names, resolve_device
 from .ridge import (DEFAULT_ALPHAS, SCORINGS, RidgeCV, _check_alphas, _is_complement,
-                    check_folds, check_same_images, pearson_r, standardize)
+                    check_folds, pearson_r, shuffled_correlations)
 
 __all__ = ["average_by_image", "encode_time_resolved", "decode_time_resolved",
            "decode_category", "SlidingRidgeCV", "peak_latency", "bootstrap_curves",
-           "peak_permutation_test", "meg_encoding", "meg_partition", "summarize_partition"]
+           "peak_permutation_test", "summarize_partition"]
 
 
 def average_by_image(epochs, image_ids: Sequence[str]) -> np.ndarray:
@@ -603,7 +601,7 @@ def peak_permutation_test(Y_test, predictions, *, n_perm: int = 200, seed: int =
     The same shuffles also test each **time point**: there the statistic is the best
     layer's score (the maximum over layers, so choosing the layer is part of the null),
     and ``p_time`` is its permutation p-value — correct it over time points (e.g.
-    Benjamini–Hochberg, as :func:`meg_encoding` does).
+    Benjamini–Hochberg, as :func:`gradbrain.analysis.encoding.meg_encoding` does).
 
     Parameters
     ----------
@@ -623,8 +621,6 @@ def peak_permutation_test(Y_test, predictions, *, n_perm: int = 200, seed: int =
     course, ``null_max`` (n_perm, n_layers), ``p_time`` (n_times,) the per-time p-value
     of the best layer and ``best_curve`` (n_times,) the best layer's score at each time.
     """
-    from .ridge import shuffled_correlations
-
     Y_test, predictions = _test_arrays(Y_test, predictions)
     if isinstance(n_perm, bool) or not isinstance(n_perm, (int, np.integer)) or n_perm < 1:
         raise ValueError(f"'n_perm' must be a positive integer; got {n_perm!r}.")
@@ -662,225 +658,8 @@ def _latencies(times: np.ndarray, curves: np.ndarray, threshold: float) -> np.nd
 # --------------------------------------------------------------------------- a study
 
 
-def _meg_split(study, cv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Training and test images that have trials, and their MEG averaged over repeats:
-    ``(train, test, Y_train, Y_test)``, Y of shape (n, n_channels, n_times)."""
-    ids = np.asarray(study.image_ids)
-    shown = set(study.epochs.metadata["image_id"])
-    train = np.flatnonzero((study.split == "train") & np.isin(ids, list(shown)))
-    test = np.flatnonzero((study.split == "test") & np.isin(ids, list(shown)))
-    if len(test) < 3 or len(train) < 2 * (cv if isinstance(cv, int) else 2):
-        raise ValueError(f"The MEG study needs test images and enough training images; got "
-                         f"{len(train)} train and {len(test)} test images with trials.")
-    return (train, test, average_by_image(study.epochs, ids[train]),
-            average_by_image(study.epochs, ids[test]))
-
-
-def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: float = 0.95,
-                 n_boot: int = 1000, ci: float = 0.95, seed: int = 0, n_perm: int = 200,
-                 latency_alpha: float = 0.05, device=None, dtype=None,
-                 standardize_features: bool = True, progress: bool = False) -> dict:
-    """Time-resolved encoding of a study's MEG from every layer's activations and gradients.
-
-    Training images (``study.split == "train"``) fit the models and choose the alphas;
-    test images, averaged over their repeats, are only used for scoring. Every layer
-    of every signal is one :func:`encode_time_resolved` problem; its score time course
-    is the test-set Pearson r averaged over sensors, and its peak latency the mean time
-    of the window where that course is ≥ ``threshold`` × its maximum (Raugel et al.
-    2025), with a percentile bootstrap interval over test images.
-
-    A latency is only given to a layer whose course rises above chance: its peak must
-    pass a max-statistic permutation test over time at ``latency_alpha``
-    (:func:`peak_permutation_test`, shuffled test images). Other layers get NaN
-    latencies (and NaN bootstrap latencies), so temporal scores and latency contrasts
-    leave them out — a curve of pure noise still has a maximum, but no latency.
-
-    Parameters
-    ----------
-    study : Study
-        With ``epochs`` whose metadata give each trial's ``image_id``.
-    features : Features
-        Extracted on ``study.images`` (same image ids, same order).
-    threshold : float
-        Peak-window threshold (fraction of the maximum).
-    n_boot, ci, seed : int, float, int
-        Bootstrap resamples of the test images (0: none; the intervals are then NaN),
-        interval coverage, and seed.
-    n_perm, latency_alpha : int, float
-        Shuffles of the peak test and its level (``latency_alpha=1`` keeps every layer's
-        latency, as before the gate).
-    standardize_features : bool
-        Z-score each layer's feature columns on the training images before the ridge
-        (:func:`gradbrain.ridge.standardize`), so that one grid of ``alphas`` suits
-        activations and gradients alike.
-
-    Returns
-    -------
-    dict of str to dict
-        Signal name (``"activation"``, ``"gradient (ce)"``, …) → ``layers``, ``depth``
-        (n_layers,), ``times`` (n_times,) ms, ``r`` (n_layers, n_channels, n_times),
-        ``curve`` (n_layers, n_times) r averaged over sensors, ``peak`` (n_layers,) its
-        maximum, ``latency`` (n_layers,) ms, ``latency_ci`` (n_layers, 2) ms and
-        ``boot_latency`` (n_boot, n_layers) ms (NaN where a resampled course never rises
-        above 0), ``p_peak`` (n_layers,) the peak test's p-value and ``significant``
-        (n_layers,) bool; latencies of layers that are not significant are NaN. Above
-        chance per time point: ``best_curve`` (n_times,) the best layer's score,
-        ``p_time`` its permutation p-value (maximum over layers in the null),
-        ``q_time`` Benjamini–Hochberg-adjusted over time points and
-        ``significant_time`` = ``q_time < latency_alpha``; ``n_perm``.
-    """
-    from tqdm import tqdm
-
-    from .features import signals
-
-    if study.epochs is None:
-        raise ValueError(f"Study {study.name!r} has no MEG data (epochs is None).")
-    check_same_images(study, features)
-    if not 0 < ci < 1:
-        raise ValueError(f"'ci' must be in (0, 1), e.g. 0.95; got {ci!r}.")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
-        raise ValueError(f"'n_boot' must be an integer >= 0 (0: no bootstrap); got {n_boot!r}.")
-    if isinstance(latency_alpha, bool) or not isinstance(latency_alpha, (int, float)) \
-            or not 0 < latency_alpha <= 1:
-        raise ValueError(f"'latency_alpha' must be in (0, 1], e.g. 0.05; got {latency_alpha!r}.")
-    train, test, Y_train, Y_test = _meg_split(study, cv)
-    times = 1000 * study.epochs.times
-    results = {}
-    for name, per_layer in signals(features).items():
-        layers = list(per_layer)
-        r, predictions = [], []
-        for layer in tqdm(layers, desc=f"MEG encoding, {name}", disable=not progress):
-            X = np.asarray(per_layer[layer])
-            X_train, X_test = X[train], X[test]
-            if standardize_features:
-                X_train, X_test = standardize(X_train, X_test)
-            out = encode_time_resolved(X_train, Y_train, X_test, Y_test, alphas=alphas, cv=cv,
-                                       device=device, dtype=dtype, return_prediction=True)
-            r.append(out["r"])
-            predictions.append(out["prediction"].astype(np.float32))
-        r = np.stack(r)
-        curve = r.mean(1)
-        predictions = np.stack(predictions)
-        boot = (_latencies(times, bootstrap_curves(Y_test, predictions, n_boot=n_boot,
-                                                   seed=seed, device=device), threshold)
-                if n_boot else np.empty((0, len(layers))))
-        shuffled = peak_permutation_test(Y_test, predictions, n_perm=n_perm, seed=seed,
-                                         device=device)
-        p_peak = shuffled["p_value"]
-        q_time = stats.false_discovery_control(shuffled["p_time"], method="bh")
-        significant = p_peak < latency_alpha if latency_alpha < 1 else np.ones(len(layers), bool)
-        latency = _latencies(times, curve, threshold)
-        latency[~significant] = np.nan
-        boot[:, ~significant] = np.nan
-        low, high = (1 - ci) / 2, (1 + ci) / 2
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN interval
-            latency_ci = np.stack([np.nanquantile(boot, low, axis=0),
-                                   np.nanquantile(boot, high, axis=0)], axis=1)
-        results[name] = {
-            "layers": layers, "depth": np.asarray(features.depth, dtype=float), "times": times,
-            "r": r, "curve": curve, "peak": curve.max(1), "latency": latency,
-            "latency_ci": latency_ci, "boot_latency": boot, "p_peak": p_peak,
-            "significant": significant, "best_curve": shuffled["best_curve"],
-            "p_time": shuffled["p_time"], "q_time": q_time,
-            "significant_time": q_time < latency_alpha,
-            "n_perm": n_perm,
-        }
-    return results
-
-
-def meg_partition(study, features, *, loss: str | None = None, layers=None,
-                  alphas=DEFAULT_ALPHAS, cv=5, band_ratios=(0.1, 1.0, 10.0),
-                  score: str = "signed_r2", min_cv_r2: float | None = 0.0, device=None,
-                  progress: bool = False) -> dict:
-    """Over time: what a layer's gradients add to its activations, and back.
-
-    :func:`gradbrain.ridge.variance_partition` of every layer's activations and
-    gradients (of ``loss``) on every sensor × time point: training images fit the three
-    models and choose their penalties, test images (averaged over repeats) score them.
-    Each part is then averaged, per time point, over the sensors that some layer's joint
-    model predicts on the training images (cross-validated R² above ``min_cv_r2``): a
-    choice made without the test images, so it does not bias the test parts, and it
-    keeps sensors without any signal from diluting the mean.
-
-    The default score is sign(r)·r² (``score="signed_r2"``), not R²: THINGS-MEG shows
-    training images once and test images 12 times, so test responses are far less noisy
-    than training ones and R² charges every model for the single-trial noise its weights
-    learnt, against the small variance of averaged responses. On the book's embedded
-    default this pushed all-sensor R² parts to about −0.1 at every time point, before
-    and after image onset; sign(r)·r² parts sit at 0 before onset.
-
-    The parts are descriptions: no latency is read from them. A course of noise over
-    many time points still has a maximum, and shuffling test images is no null for
-    "gradients add nothing" when gradients share information with activations (the
-    shuffle breaks what they share, too). Compare a rise with the ``prestimulus`` range
-    — the largest absolute value any layer's course takes before image onset, where no
-    stimulus information can be — and test the unique part with chapter 04's
-    model-based nulls (``hierarchy.run(gradient_part="unique")``).
-
-    Parameters
-    ----------
-    study : Study
-        With ``epochs`` (metadata ``image_id``) and ``split``.
-    features : Features
-        Extracted on ``study.images``.
-    loss : str or None
-        Gradient signal; default the features' first loss.
-    layers : sequence of str or None
-        Layers to partition (default all), kept in the features' order.
-    alphas, cv, band_ratios, score, device
-        As in :func:`gradbrain.ridge.variance_partition`.
-    min_cv_r2 : float or None
-        Keep, per time point, the sensors where the best layer's joint model has a
-        training cross-validated R² above this; None keeps every sensor.
-
-    Returns
-    -------
-    dict with ``layers``, ``depth`` (n_layers,), ``times`` (n_times,) ms, ``loss``,
-    ``score``, ``min_cv_r2``, ``selected`` (n_channels, n_times) bool the sensors kept,
-    ``n_selected`` (n_times,); as (n_layers, n_times) test scores averaged over the kept
-    sensors (NaN at times without any), ``r2_activation``, ``r2_gradient``,
-    ``r2_joint``, ``unique_activation``, ``unique_gradient`` and ``shared``; and
-    ``prestimulus``, a dict of float per part: the largest absolute value its courses
-    take before onset (NaN when the epochs start at onset).
-    """
-    from .ridge import _partition_inputs, _partition_layers
-
-    if study.epochs is None:
-        raise ValueError(f"Study {study.name!r} has no MEG data (epochs is None).")
-    if min_cv_r2 is not None and not (isinstance(min_cv_r2, (int, float))
-                                      and not isinstance(min_cv_r2, bool)
-                                      and np.isfinite(min_cv_r2) and min_cv_r2 < 1):
-        raise ValueError(f"'min_cv_r2' must be a number below 1 (e.g. 0.0) or None (every "
-                         f"sensor); got {min_cv_r2!r}.")
-    loss, layers, depth = _partition_inputs(study, features, loss, layers)
-    train, test, Y_train, Y_test = _meg_split(study, cv)
-    n_channels, n_times = Y_test.shape[1:]
-    parts = _partition_layers(
-        features, loss, layers, train, test, Y_train.reshape(len(train), -1),
-        Y_test.reshape(len(test), -1), desc="variance partition (MEG)", progress=progress,
-        alphas=alphas, cv=cv, band_ratios=band_ratios, score=score, device=device)
-    parts.pop("ratio")
-    shape = (len(layers), n_channels, n_times)
-    cv_r2 = parts.pop("cv_r2_joint").reshape(shape)
-    finite = np.isfinite(cv_r2).any(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN sensors: not selected
-        selected = finite if min_cv_r2 is None else finite & (np.nanmax(cv_r2, 0) > min_cv_r2)
-        courses = {name: np.nanmean(np.where(selected, values.reshape(shape), np.nan), 1)
-                   for name, values in parts.items()}
-    times = 1000 * study.epochs.times
-    before = times < 0
-    prestimulus = {name: float(np.nanmax(np.abs(course[:, before])))
-                   if np.isfinite(course[:, before]).any() else np.nan
-                   for name, course in courses.items()}
-    return {"layers": layers, "depth": depth, "times": times, "loss": loss, "score": score,
-            "min_cv_r2": min_cv_r2, "selected": selected, "n_selected": selected.sum(0),
-            **courses, "prestimulus": prestimulus}
-
-
 def summarize_partition(part: dict) -> str:
-    """What :func:`meg_partition` found, in words (Markdown bullets).
+    """What :func:`gradbrain.analysis.encoding.meg_partition` found, in words (Markdown bullets).
 
     For each unique part: its largest value after image onset, when and in which layer,
     against the pre-stimulus range; and how many sensors were kept per time point.
@@ -888,7 +667,7 @@ def summarize_partition(part: dict) -> str:
     Parameters
     ----------
     part : dict
-        Output of :func:`meg_partition`.
+        Output of :func:`gradbrain.analysis.encoding.meg_partition`.
     """
     times, layers = np.asarray(part["times"], float), part["layers"]
     after = times >= 0
@@ -913,3 +692,9 @@ def summarize_partition(part: dict) -> str:
         lines.append(f"- What {name}: at most {course[layer, time]:.3f} ({layers[layer]}, "
                      f"{times[after][time]:.0f} ms){against}.")
     return "\n".join(lines)
+
+
+#: Study-level functions that moved to :mod:`gradbrain.analysis.encoding` (old names work,
+#: with a DeprecationWarning, for one release).
+__getattr__ = moved_names(__name__, {name: "gradbrain.analysis.encoding" for name in (
+    "meg_encoding", "meg_partition", "_meg_split")})

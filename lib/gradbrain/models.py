@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _compat
+from . import _compat, _provenance
 from ._utils import hash_update_array
+from .data.images import as_image_list
 
 _compat.import_torchvision()
 import timm  # noqa: E402
@@ -326,8 +327,6 @@ class LoadedModel:
         -------
         torch.Tensor of shape (n_images, 3, height, width), float32, normalised.
         """
-        from .data.images import as_image_list
-
         images = as_image_list(images)
         transform = self.transform()
         return torch.stack([transform(_to_rgb(im)) for im in images])
@@ -414,8 +413,6 @@ def _load_file(spec: ModelSpec, path: str | os.PathLike, seed: int) -> torch.nn.
             f"of a checkpoint of timm's {spec.timm_name!r}, or weights='pretrained' to use the "
             "hub (needs the network)."
         )
-    from . import _provenance
-
     _provenance.record_input(path, kind="weights")
     if spec.positional_state_dict:
         module = _create(spec, seed)
@@ -552,8 +549,6 @@ def _load_timm(name: str, weights, seed: int) -> LoadedModel:
         except RuntimeError as err:
             raise ValueError(f"{str(path)!r} is not a checkpoint of timm's {name!r}: "
                              f"{str(err)[:300]}") from err
-        from . import _provenance
-
         _provenance.record_input(path, kind="weights")
         return wrap(module, name=name, weights=f"weights from {os.fspath(path)}")
     raise TypeError(f"'weights' must be None, 'pretrained', 'hub' or a file path; got "

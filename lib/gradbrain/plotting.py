@@ -9,6 +9,9 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from .data.geometry import HEMIS, fsaverage5
+from .hierarchy import ESTIMATES, VERDICT_BACKPROP
+
 __all__ = [
     "show_images", "plot_layer_norms", "plot_backward_order", "plot_cka", "plot_decoding",
 ]
@@ -171,8 +174,6 @@ def plot_surface(study, values: np.ndarray, *, label: str, title: str | None = N
     """
     from nilearn import plotting as nplot
 
-    from .data.geometry import HEMIS, fsaverage5
-
     mesh = fsaverage5()["nilearn"]
     sulc = fsaverage5()["sulc"]
     values = np.asarray(values, dtype=float)
@@ -277,7 +278,7 @@ def plot_time_courses(results: dict, *, ylabel: str = "encoding r (mean over sen
     Parameters
     ----------
     results : dict
-        Output of :func:`gradbrain.meg.meg_encoding` (``times`` in ms, ``curve``
+        Output of :func:`gradbrain.analysis.encoding.meg_encoding` (``times`` in ms, ``curve``
         (n_layers, n_times), ``depth``); a signal with a ``prestimulus`` bound (float)
         gets that range, ± the bound, shaded grey.
     """
@@ -309,7 +310,7 @@ def plot_best_courses(results: dict, *, ylabel: str = "best layer's r (mean over
     Parameters
     ----------
     results : dict
-        Output of :func:`gradbrain.meg.meg_encoding` (``times`` ms, ``best_curve`` and
+        Output of :func:`gradbrain.analysis.encoding.meg_encoding` (``times`` ms, ``best_curve`` and
         ``significant_time`` (n_times,)).
     """
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
@@ -340,7 +341,7 @@ def plot_latencies(results: dict, *, prediction: np.ndarray | None = None,
     Parameters
     ----------
     results : dict
-        Output of :func:`gradbrain.meg.meg_encoding`.
+        Output of :func:`gradbrain.analysis.encoding.meg_encoding`.
     prediction : ndarray of shape (n_layers,), optional
         Latencies a biological backprop predicts for gradients (ms), drawn dashed
         (see :func:`gradbrain.hierarchy.backprop_latency_prediction`).
@@ -536,8 +537,6 @@ def plot_error_rates(rates: pd.DataFrame, *, alpha: float | None = None, label: 
     Figure. Cells where the test should fail (its null truths) are outlined in red, the
     cell where it should hold (its power truth) in black.
     """
-    from .hierarchy import ESTIMATES
-
     estimates = {name for name, _, _ in ESTIMATES.values()}
     truths = [c.removeprefix("held_") for c in rates.columns if c.startswith("held_")]
     matrix = rates[[f"held_{t}" for t in truths]].to_numpy(float)
@@ -586,8 +585,6 @@ def plot_power_curve(table: pd.DataFrame, *, part: str | None = None,
     bottom row false-positive rate (under the truths where the prediction is false);
     one line per noise level, Wilson 95 % intervals as error bars.
     """
-    from .hierarchy import VERDICT_BACKPROP
-
     part = VERDICT_BACKPROP if part is None else part
     rows = table[table.part == part]
     if rows.empty:

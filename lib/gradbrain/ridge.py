@@ -33,12 +33,11 @@ import torch
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
 from sklearn.model_selection import check_cv
 
-from ._utils import check_in_allowed, resolve_device
+from ._utils import check_in_allowed, moved_names, resolve_device
 
 __all__ = [
-    "RidgeCV", "check_folds", "encoding_scores", "layerwise_scores", "fmri_encoding",
-    "pearson_r", "shuffled_correlations", "variance_partition", "fmri_partition",
-    "PARTITION", "PARTITION_SCORES", "DEFAULT_ALPHAS", "SCORINGS", "standardize",
+    "RidgeCV", "check_folds", "encoding_scores", "layerwise_scores",
+    "pearson_r", "shuffled_correlations", "variance_partition", "PARTITION", "PARTITION_SCORES", "DEFAULT_ALPHAS", "SCORINGS", "standardize",
 ]
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(0, 8, 10))  # 1e0 … 1e8
@@ -1142,154 +1141,8 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
     return out
 
 
-def check_same_images(study, features) -> None:
-    """Raise unless ``features`` were extracted on ``study``'s images, in its order."""
-    if list(features.image_ids) != list(study.image_ids):
-        raise ValueError(
-            "'features' were not extracted on the study's images (image ids differ); extract "
-            "them with gradbrain.features.extract(model, study.images)."
-        )
-
-
-def _partition_inputs(study, features, loss, layers) -> tuple[str, list, np.ndarray]:
-    """The gradient loss, the layers (in forward order) and their depth, checked."""
-    from .features import resolve_loss
-
-    check_same_images(study, features)
-    loss = resolve_loss(features, loss)
-    layers = list(features.layers) if layers is None else list(layers)
-    if not layers or any(layer not in features.layers for layer in layers):
-        raise ValueError(f"'layers' must be some of the features' layers {features.layers}; "
-                         f"got {layers!r}.")
-    layers = [layer for layer in features.layers if layer in layers]
-    depth = np.asarray(features.depth, float)[[list(features.layers).index(x) for x in layers]]
-    return loss, layers, depth
-
-
-def _partition_layers(features, loss, layers, train, test, Y_train, Y_test, *,
-                      desc: str = "variance partition", progress: bool = False,
-                      **kwargs) -> dict:
-    """:func:`variance_partition` of each layer's activations and ``loss`` gradients;
-    per component (renamed for activations and gradients) the values stacked over
-    layers, (n_layers, n_targets)."""
-    from tqdm import tqdm
-
-    names = dict(zip((*PARTITION, "ratio", "cv_r2_joint"),
-                     ("r2_activation", "r2_gradient", "r2_joint", "unique_activation",
-                      "unique_gradient", "shared", "ratio", "cv_r2_joint")))
-    out = {name: [] for name in names.values()}
-    for layer in tqdm(layers, desc=desc, disable=not progress):
-        act = np.asarray(features.activations[layer])
-        grad = np.asarray(features.gradients[loss][layer])
-        parts = variance_partition(act[train], grad[train], Y_train, act[test], grad[test],
-                                   Y_test, **kwargs)
-        for name, renamed in names.items():
-            out[renamed].append(parts[name])
-    return {name: np.stack(values) for name, values in out.items()}
-
-
-def fmri_partition(study, features, *, loss: str | None = None, layers=None,
-                   alphas=DEFAULT_ALPHAS, cv=5, band_ratios=(0.1, 1.0, 10.0), device=None,
-                   progress: bool = False) -> dict:
-    """Per layer and vertex: what a layer's gradients add to its activations, and back.
-
-    :func:`variance_partition` of every layer's activations (band A) and gradients
-    (band B, of ``loss``) on the study's training/test split, mean betas over repeats.
-
-    Parameters
-    ----------
-    study : Study
-        With ``betas`` and ``split``.
-    features : Features
-        Extracted on ``study.images``.
-    loss : str or None
-        Gradient signal; default the features' first loss.
-    layers : sequence of str or None
-        Layers to partition (default all), in the features' order.
-    band_ratios
-        As in :func:`variance_partition`.
-
-    Returns
-    -------
-    dict with ``layers``, ``depth`` (n_layers,), ``loss``, ``ratio`` (n_layers,
-    n_vertices) the joint model each vertex kept, ``cv_r2_joint`` (n_layers, n_vertices)
-    its cross-validated R² on the training images, and, per :data:`PARTITION` component
-    renamed ``r2_activation``, ``r2_gradient``, ``r2_joint``, ``unique_activation``,
-    ``unique_gradient`` and ``shared``, an array (n_layers, n_vertices) of test R².
-    """
-    if study.betas is None:
-        raise ValueError(f"Study {study.name!r} has no fMRI data (betas is None).")
-    loss, layers, depth = _partition_inputs(study, features, loss, layers)
-    train = np.flatnonzero(study.split == "train")
-    test = np.flatnonzero(study.split == "test")
-    Y = study.mean_betas()
-    parts = _partition_layers(features, loss, layers, train, test, Y[train], Y[test],
-                              alphas=alphas, cv=cv, band_ratios=band_ratios, device=device,
-                              progress=progress)
-    return {"layers": layers, "depth": depth, "loss": loss, **parts}
-
-
-def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, device=None,
-                  dtype=None, standardize_features: bool = True, progress: bool = False,
-                  return_prediction: bool = False) -> dict:
-    """Encode a study's fMRI from every layer's activations and gradients.
-
-    The test set is held out as NSD does: images with ``study.split == "test"`` (NSD's
-    shared images) are never used for fitting, choosing alphas or standardising the
-    features (each layer's columns are z-scored on the training images, see
-    ``standardize_features`` of :func:`layerwise_scores`). Responses are the mean over
-    repeats; scores are NC-normalised with ``study.noise_ceiling()``.
-
-    Parameters
-    ----------
-    study : Study
-        With ``betas`` (n_images, n_repeats, n_vertices) and ``split``.
-    features : Features
-        Extracted on ``study.images`` (same image ids, same order).
-    cv, groups
-        Folds that choose the alphas; ``groups`` (n_images,) labels every image (e.g.
-        its NSD session) for group splitters — only the training images' labels are used.
-    return_prediction : bool
-        Also keep each layer's test-set prediction and the test responses (for
-        bootstraps over test images; n_layers × n_test × n_vertices float32 per signal).
-
-    Returns
-    -------
-    dict of str to dict
-        Signal name (``"activation"``, ``"gradient (ce)"``, …) → the output of
-        :func:`layerwise_scores`: ``r``, ``r_nc`` and ``alpha`` of shape
-        (n_layers, n_vertices), and ``layers``; if asked, ``prediction`` (n_layers,
-        n_test, n_vertices) and ``y_test`` (n_test, n_vertices). Vertices without data
-        (NaN) score NaN.
-    """
-    from .features import signals
-
-    check_same_images(study, features)
-    if study.betas is None:
-        raise ValueError(f"Study {study.name!r} has no fMRI data (betas is None).")
-    train = np.flatnonzero(study.split == "train")
-    test = np.flatnonzero(study.split == "test")
-    if len(test) == 0 or len(train) < 2 * (cv if isinstance(cv, int) else 2):
-        raise ValueError(
-            f"The study needs test images and enough training images; got {len(train)} "
-            f"train and {len(test)} test."
-        )
-    if groups is not None:
-        groups = np.asarray(groups)
-        if groups.shape != (study.n_images,):
-            raise ValueError(f"'groups' must label every image of the study, shape "
-                             f"({study.n_images},); got {groups.shape}.")
-        groups = groups[train]
-    Y = study.mean_betas()
-    nc = study.noise_ceiling()
-    out = {
-        name: layerwise_scores(per_layer, Y[train], Y[test], train, test, noise_ceiling=nc,
-                               alphas=alphas, cv=cv, groups=groups, device=device, dtype=dtype,
-                               standardize_features=standardize_features, progress=progress,
-                               return_prediction=return_prediction)
-        for name, per_layer in signals(features).items()
-    }
-    if return_prediction:
-        for result in out.values():
-            result["y_test"] = Y[test]
-    return out
+#: Study-level functions that moved to :mod:`gradbrain.analysis.encoding` (old names work,
+#: with a DeprecationWarning, for one release).
+__getattr__ = moved_names(__name__, {name: "gradbrain.analysis.encoding" for name in (
+    "fmri_encoding", "fmri_partition", "check_same_images", "_partition_inputs",
+    "_partition_layers")})

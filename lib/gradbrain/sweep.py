@@ -62,6 +62,9 @@ import numpy as np
 import pandas as pd
 
 from . import book
+from . import models as registry
+from ._utils import _pid_alive, atomic_path, check_in_allowed
+from .hierarchy import group_estimate, group_test
 
 __all__ = ["SweepSpec", "Job", "load_spec", "plan", "run", "collect", "main"]
 
@@ -173,8 +176,6 @@ def _stop_with(pid: int, poll_s: float = 1.0) -> None:
     import threading
 
     import psutil
-
-    from ._utils import _pid_alive
 
     def watch():
         while _pid_alive(pid):
@@ -302,8 +303,6 @@ def plan(spec: SweepSpec, models: Sequence[str], subjects: Sequence, out: str | 
     data_jobs, chain_jobs : list of Job
         Each job's ``pending`` lists the chapters not yet up to date.
     """
-    from . import models as registry
-
     root = book.find_root(root)
     out = Path(out).expanduser().resolve()
     if not models:
@@ -504,8 +503,6 @@ def run(profile: str, models: Sequence[str], subjects: Sequence, *, out: str | o
         After all jobs ended, when some failed (their names and logs are listed); the
         table of the others is written first.
     """
-    from ._utils import atomic_path, check_in_allowed
-
     check_in_allowed("executor", executor, EXECUTORS)
     log = print if verbose else (lambda *a, **k: None)
     root = book.find_root(root)
@@ -590,8 +587,6 @@ def collect(out: str | os.PathLike, *, models: Sequence[str] | None = None,
         (:func:`gradbrain.hierarchy.group_test`), and the fixed- and random-effects
         estimates from the subjects' bootstrap intervals (:func:`group_summary`).
     """
-    from ._utils import atomic_path
-
     out = Path(out).expanduser()
     wanted_subjects = None if subjects is None else {str(s) for s in subjects}
     frames = []
@@ -627,8 +622,6 @@ def group_summary(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame |
 
     Returns None when no model has at least two subjects with scores.
     """
-    from .hierarchy import group_estimate, group_test
-
     if table.empty or "model" not in table:
         return None
     columns, lows, highs = {}, {}, {}

@@ -45,6 +45,8 @@ import numpy as np
 import pandas as pd
 
 from .._utils import atomic_path, discard_unreadable, get_data_home
+from .geometry import fsaverage5
+from .images import ImageSet
 from .study import Study, stratified_subset
 
 __all__ = ["BUCKET", "SOURCE", "SUBJECTS", "N_SESSIONS", "TRIALS_PER_SESSION", "ROIS",
@@ -215,8 +217,8 @@ class _S3Source(Source):
 
     def _call(self, key: str, fn):
         """Run one request; sort its failures into transient, missing, forbidden."""
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as
-                                         BotoConnectionError, HTTPClientError)
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
         from urllib3.exceptions import HTTPError as Urllib3Error
 
         try:
@@ -604,8 +606,6 @@ def _surface(src, cache, hemi: str) -> np.ndarray:
 
 def _check_fsaverage5(coords: np.ndarray, hemi: str, tolerance: float = 0.01) -> None:
     """The first 10,242 fsaverage vertices must sit where fsaverage5's do (nilearn's)."""
-    from .geometry import fsaverage5
-
     side = {"lh": "left", "rh": "right"}[hemi]
     reference = fsaverage5()["pial"][side][0]
     if coords.shape[0] < N_FSAVERAGE5:
@@ -945,8 +945,6 @@ def load_subject(subject=1, *, images="all", sessions=None, n_repeats: int = 3,
                                  for side, h in zip(hemis, hemi_codes)])
     distance = np.concatenate([per_hemi[h]["distance"][per_hemi[h]["keep"]] for h in hemi_codes])
     ncsnr = np.concatenate([per_hemi[h]["ncsnr"][per_hemi[h]["keep"]] for h in hemi_codes])
-
-    from .images import ImageSet
 
     image_bar = tqdm(total=plan["image_bytes"], unit="B", unit_scale=True,
                      disable=not progress, desc="NSD stimuli")

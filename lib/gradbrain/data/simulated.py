@@ -51,6 +51,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .. import features as gf
+from .. import models
 from .._utils import check_in_allowed
 from .geometry import HEMIS, ctf_info, distance_from, posterior_vertices, v1_seed
 from .images import N_EMBEDDED, load_embedded
@@ -262,9 +264,6 @@ def make_study(
                source="the images given", latency_jitter=latency_jitter)
         images = images[:n_images] if n_images < len(images.ids) else images
         source = "images given"
-    from .. import features as gf
-    from .. import models
-
     if features is None:
         loaded = models.load(model, weights=weights)
         features = gf.extract(loaded, images, losses=(gradient_loss,), pool="mean", cache=cache,

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import _provenance
+from .._provenance import stored_digest
+from .._utils import clean_stale_temporaries, hash_update_array
 from .images import ImageSet
 
 __all__ = ["Study", "noise_ceiling", "stored_digest", "stratified_subset"]
@@ -140,7 +143,6 @@ class Study:
         Two studies with the same digest hold the same data; :meth:`save` stores it, and
         the book runner reruns a chapter when the study it read has another digest.
         """
-        from .._utils import hash_update_array
 
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps([self.name, self.mesh, list(self.image_ids)]).encode())
@@ -180,7 +182,6 @@ class Study:
         """
         import h5py
 
-        from .._utils import clean_stale_temporaries
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,8 +243,6 @@ class Study:
         import h5py
         from PIL import Image
 
-        from .. import _provenance
-        from .._utils import clean_stale_temporaries
 
         path = Path(path).expanduser()
         clean_stale_temporaries(path)  # undo a swap a kill cut short
@@ -294,18 +293,6 @@ class Study:
         _provenance.record_input(path, kind="study")
         return cls(name=name, image_ids=image_ids, images=images, epochs=epochs, truth=truth,
                    mesh=mesh, **values)
-
-
-def stored_digest(path: str | os.PathLike) -> str | None:
-    """The content digest :meth:`Study.save` stored in a study folder (None if unreadable)."""
-    import h5py
-
-    try:
-        with h5py.File(Path(path) / "study.h5", "r") as f:
-            digest = f.attrs.get("digest")
-    except (OSError, KeyError, ValueError):
-        return None
-    return None if digest is None else str(digest)
 
 
 def _write_truth(group, truth: dict) -> None:

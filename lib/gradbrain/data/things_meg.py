@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils import check_in_allowed
+from .images import ImageSet
 from .study import Study, stratified_subset
 
 __all__ = ["OPENNEURO_ID", "SUBJECTS", "epochs_path", "attributes_path", "read_attributes",
@@ -264,8 +265,6 @@ def _load_subject(subject, root, split, tmin, tmax, decim, picks, images_dir, ma
 
 def _load_images(images_dir, per_image: pd.DataFrame):
     from PIL import Image
-
-    from .images import ImageSet
 
     folder = Path(images_dir).expanduser()
     if not folder.is_dir():

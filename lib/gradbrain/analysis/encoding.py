@@ -1,0 +1,381 @@
+"""Encoding models of a study's responses: every layer's features → every target.
+
+Arrays in, arrays out lives in the kernels (:mod:`gradbrain.ridge`, :mod:`gradbrain.meg`);
+this module takes a :class:`~gradbrain.data.Study` and its
+:class:`~gradbrain.features.Features`, checks that they belong together, splits the
+study's images, and calls the kernels per layer and signal.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import stats
+from tqdm import tqdm
+
+from ..features import resolve_loss, signals
+from ..meg import (_latencies, average_by_image, bootstrap_curves, encode_time_resolved,
+                   peak_permutation_test)
+from ..ridge import DEFAULT_ALPHAS, PARTITION, layerwise_scores, standardize, variance_partition
+
+__all__ = ["fmri_encoding", "fmri_partition", "meg_encoding", "meg_partition",
+           "check_same_images"]
+
+
+def check_same_images(study, features) -> None:
+    """Raise unless ``features`` were extracted on ``study``'s images, in its order."""
+    if list(features.image_ids) != list(study.image_ids):
+        raise ValueError(
+            "'features' were not extracted on the study's images (image ids differ); extract "
+            "them with gradbrain.features.extract(model, study.images)."
+        )
+
+
+def _partition_inputs(study, features, loss, layers) -> tuple[str, list, np.ndarray]:
+    """The gradient loss, the layers (in forward order) and their depth, checked."""
+    check_same_images(study, features)
+    loss = resolve_loss(features, loss)
+    layers = list(features.layers) if layers is None else list(layers)
+    if not layers or any(layer not in features.layers for layer in layers):
+        raise ValueError(f"'layers' must be some of the features' layers {features.layers}; "
+                         f"got {layers!r}.")
+    layers = [layer for layer in features.layers if layer in layers]
+    depth = np.asarray(features.depth, float)[[list(features.layers).index(x) for x in layers]]
+    return loss, layers, depth
+
+
+def _partition_layers(features, loss, layers, train, test, Y_train, Y_test, *,
+                      desc: str = "variance partition", progress: bool = False,
+                      **kwargs) -> dict:
+    """:func:`variance_partition` of each layer's activations and ``loss`` gradients;
+    per component (renamed for activations and gradients) the values stacked over
+    layers, (n_layers, n_targets)."""
+    names = dict(zip((*PARTITION, "ratio", "cv_r2_joint"),
+                     ("r2_activation", "r2_gradient", "r2_joint", "unique_activation",
+                      "unique_gradient", "shared", "ratio", "cv_r2_joint")))
+    out = {name: [] for name in names.values()}
+    for layer in tqdm(layers, desc=desc, disable=not progress):
+        act = np.asarray(features.activations[layer])
+        grad = np.asarray(features.gradients[loss][layer])
+        parts = variance_partition(act[train], grad[train], Y_train, act[test], grad[test],
+                                   Y_test, **kwargs)
+        for name, renamed in names.items():
+            out[renamed].append(parts[name])
+    return {name: np.stack(values) for name, values in out.items()}
+
+
+def fmri_partition(study, features, *, loss: str | None = None, layers=None,
+                   alphas=DEFAULT_ALPHAS, cv=5, band_ratios=(0.1, 1.0, 10.0), device=None,
+                   progress: bool = False) -> dict:
+    """Per layer and vertex: what a layer's gradients add to its activations, and back.
+
+    :func:`variance_partition` of every layer's activations (band A) and gradients
+    (band B, of ``loss``) on the study's training/test split, mean betas over repeats.
+
+    Parameters
+    ----------
+    study : Study
+        With ``betas`` and ``split``.
+    features : Features
+        Extracted on ``study.images``.
+    loss : str or None
+        Gradient signal; default the features' first loss.
+    layers : sequence of str or None
+        Layers to partition (default all), in the features' order.
+    band_ratios
+        As in :func:`variance_partition`.
+
+    Returns
+    -------
+    dict with ``layers``, ``depth`` (n_layers,), ``loss``, ``ratio`` (n_layers,
+    n_vertices) the joint model each vertex kept, ``cv_r2_joint`` (n_layers, n_vertices)
+    its cross-validated R² on the training images, and, per :data:`PARTITION` component
+    renamed ``r2_activation``, ``r2_gradient``, ``r2_joint``, ``unique_activation``,
+    ``unique_gradient`` and ``shared``, an array (n_layers, n_vertices) of test R².
+    """
+    if study.betas is None:
+        raise ValueError(f"Study {study.name!r} has no fMRI data (betas is None).")
+    loss, layers, depth = _partition_inputs(study, features, loss, layers)
+    train = np.flatnonzero(study.split == "train")
+    test = np.flatnonzero(study.split == "test")
+    Y = study.mean_betas()
+    parts = _partition_layers(features, loss, layers, train, test, Y[train], Y[test],
+                              alphas=alphas, cv=cv, band_ratios=band_ratios, device=device,
+                              progress=progress)
+    return {"layers": layers, "depth": depth, "loss": loss, **parts}
+
+
+def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, device=None,
+                  dtype=None, standardize_features: bool = True, progress: bool = False,
+                  return_prediction: bool = False) -> dict:
+    """Encode a study's fMRI from every layer's activations and gradients.
+
+    The test set is held out as NSD does: images with ``study.split == "test"`` (NSD's
+    shared images) are never used for fitting, choosing alphas or standardising the
+    features (each layer's columns are z-scored on the training images, see
+    ``standardize_features`` of :func:`layerwise_scores`). Responses are the mean over
+    repeats; scores are NC-normalised with ``study.noise_ceiling()``.
+
+    Parameters
+    ----------
+    study : Study
+        With ``betas`` (n_images, n_repeats, n_vertices) and ``split``.
+    features : Features
+        Extracted on ``study.images`` (same image ids, same order).
+    cv, groups
+        Folds that choose the alphas; ``groups`` (n_images,) labels every image (e.g.
+        its NSD session) for group splitters — only the training images' labels are used.
+    return_prediction : bool
+        Also keep each layer's test-set prediction and the test responses (for
+        bootstraps over test images; n_layers × n_test × n_vertices float32 per signal).
+
+    Returns
+    -------
+    dict of str to dict
+        Signal name (``"activation"``, ``"gradient (ce)"``, …) → the output of
+        :func:`layerwise_scores`: ``r``, ``r_nc`` and ``alpha`` of shape
+        (n_layers, n_vertices), and ``layers``; if asked, ``prediction`` (n_layers,
+        n_test, n_vertices) and ``y_test`` (n_test, n_vertices). Vertices without data
+        (NaN) score NaN.
+    """
+    check_same_images(study, features)
+    if study.betas is None:
+        raise ValueError(f"Study {study.name!r} has no fMRI data (betas is None).")
+    train = np.flatnonzero(study.split == "train")
+    test = np.flatnonzero(study.split == "test")
+    if len(test) == 0 or len(train) < 2 * (cv if isinstance(cv, int) else 2):
+        raise ValueError(
+            f"The study needs test images and enough training images; got {len(train)} "
+            f"train and {len(test)} test."
+        )
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != (study.n_images,):
+            raise ValueError(f"'groups' must label every image of the study, shape "
+                             f"({study.n_images},); got {groups.shape}.")
+        groups = groups[train]
+    Y = study.mean_betas()
+    nc = study.noise_ceiling()
+    out = {
+        name: layerwise_scores(per_layer, Y[train], Y[test], train, test, noise_ceiling=nc,
+                               alphas=alphas, cv=cv, groups=groups, device=device, dtype=dtype,
+                               standardize_features=standardize_features, progress=progress,
+                               return_prediction=return_prediction)
+        for name, per_layer in signals(features).items()
+    }
+    if return_prediction:
+        for result in out.values():
+            result["y_test"] = Y[test]
+    return out
+
+
+def _meg_split(study, cv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training and test images that have trials, and their MEG averaged over repeats:
+    ``(train, test, Y_train, Y_test)``, Y of shape (n, n_channels, n_times)."""
+    ids = np.asarray(study.image_ids)
+    shown = set(study.epochs.metadata["image_id"])
+    train = np.flatnonzero((study.split == "train") & np.isin(ids, list(shown)))
+    test = np.flatnonzero((study.split == "test") & np.isin(ids, list(shown)))
+    if len(test) < 3 or len(train) < 2 * (cv if isinstance(cv, int) else 2):
+        raise ValueError(f"The MEG study needs test images and enough training images; got "
+                         f"{len(train)} train and {len(test)} test images with trials.")
+    return (train, test, average_by_image(study.epochs, ids[train]),
+            average_by_image(study.epochs, ids[test]))
+
+
+def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: float = 0.95,
+                 n_boot: int = 1000, ci: float = 0.95, seed: int = 0, n_perm: int = 200,
+                 latency_alpha: float = 0.05, device=None, dtype=None,
+                 standardize_features: bool = True, progress: bool = False) -> dict:
+    """Time-resolved encoding of a study's MEG from every layer's activations and gradients.
+
+    Training images (``study.split == "train"``) fit the models and choose the alphas;
+    test images, averaged over their repeats, are only used for scoring. Every layer
+    of every signal is one :func:`encode_time_resolved` problem; its score time course
+    is the test-set Pearson r averaged over sensors, and its peak latency the mean time
+    of the window where that course is ≥ ``threshold`` × its maximum (Raugel et al.
+    2025), with a percentile bootstrap interval over test images.
+
+    A latency is only given to a layer whose course rises above chance: its peak must
+    pass a max-statistic permutation test over time at ``latency_alpha``
+    (:func:`peak_permutation_test`, shuffled test images). Other layers get NaN
+    latencies (and NaN bootstrap latencies), so temporal scores and latency contrasts
+    leave them out — a curve of pure noise still has a maximum, but no latency.
+
+    Parameters
+    ----------
+    study : Study
+        With ``epochs`` whose metadata give each trial's ``image_id``.
+    features : Features
+        Extracted on ``study.images`` (same image ids, same order).
+    threshold : float
+        Peak-window threshold (fraction of the maximum).
+    n_boot, ci, seed : int, float, int
+        Bootstrap resamples of the test images (0: none; the intervals are then NaN),
+        interval coverage, and seed.
+    n_perm, latency_alpha : int, float
+        Shuffles of the peak test and its level (``latency_alpha=1`` keeps every layer's
+        latency, as before the gate).
+    standardize_features : bool
+        Z-score each layer's feature columns on the training images before the ridge
+        (:func:`gradbrain.ridge.standardize`), so that one grid of ``alphas`` suits
+        activations and gradients alike.
+
+    Returns
+    -------
+    dict of str to dict
+        Signal name (``"activation"``, ``"gradient (ce)"``, …) → ``layers``, ``depth``
+        (n_layers,), ``times`` (n_times,) ms, ``r`` (n_layers, n_channels, n_times),
+        ``curve`` (n_layers, n_times) r averaged over sensors, ``peak`` (n_layers,) its
+        maximum, ``latency`` (n_layers,) ms, ``latency_ci`` (n_layers, 2) ms and
+        ``boot_latency`` (n_boot, n_layers) ms (NaN where a resampled course never rises
+        above 0), ``p_peak`` (n_layers,) the peak test's p-value and ``significant``
+        (n_layers,) bool; latencies of layers that are not significant are NaN. Above
+        chance per time point: ``best_curve`` (n_times,) the best layer's score,
+        ``p_time`` its permutation p-value (maximum over layers in the null),
+        ``q_time`` Benjamini–Hochberg-adjusted over time points and
+        ``significant_time`` = ``q_time < latency_alpha``; ``n_perm``.
+    """
+    if study.epochs is None:
+        raise ValueError(f"Study {study.name!r} has no MEG data (epochs is None).")
+    check_same_images(study, features)
+    if not 0 < ci < 1:
+        raise ValueError(f"'ci' must be in (0, 1), e.g. 0.95; got {ci!r}.")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"'n_boot' must be an integer >= 0 (0: no bootstrap); got {n_boot!r}.")
+    if isinstance(latency_alpha, bool) or not isinstance(latency_alpha, (int, float)) \
+            or not 0 < latency_alpha <= 1:
+        raise ValueError(f"'latency_alpha' must be in (0, 1], e.g. 0.05; got {latency_alpha!r}.")
+    train, test, Y_train, Y_test = _meg_split(study, cv)
+    times = 1000 * study.epochs.times
+    results = {}
+    for name, per_layer in signals(features).items():
+        layers = list(per_layer)
+        r, predictions = [], []
+        for layer in tqdm(layers, desc=f"MEG encoding, {name}", disable=not progress):
+            X = np.asarray(per_layer[layer])
+            X_train, X_test = X[train], X[test]
+            if standardize_features:
+                X_train, X_test = standardize(X_train, X_test)
+            out = encode_time_resolved(X_train, Y_train, X_test, Y_test, alphas=alphas, cv=cv,
+                                       device=device, dtype=dtype, return_prediction=True)
+            r.append(out["r"])
+            predictions.append(out["prediction"].astype(np.float32))
+        r = np.stack(r)
+        curve = r.mean(1)
+        predictions = np.stack(predictions)
+        boot = (_latencies(times, bootstrap_curves(Y_test, predictions, n_boot=n_boot,
+                                                   seed=seed, device=device), threshold)
+                if n_boot else np.empty((0, len(layers))))
+        shuffled = peak_permutation_test(Y_test, predictions, n_perm=n_perm, seed=seed,
+                                         device=device)
+        p_peak = shuffled["p_value"]
+        q_time = stats.false_discovery_control(shuffled["p_time"], method="bh")
+        significant = p_peak < latency_alpha if latency_alpha < 1 else np.ones(len(layers), bool)
+        latency = _latencies(times, curve, threshold)
+        latency[~significant] = np.nan
+        boot[:, ~significant] = np.nan
+        low, high = (1 - ci) / 2, (1 + ci) / 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN interval
+            latency_ci = np.stack([np.nanquantile(boot, low, axis=0),
+                                   np.nanquantile(boot, high, axis=0)], axis=1)
+        results[name] = {
+            "layers": layers, "depth": np.asarray(features.depth, dtype=float), "times": times,
+            "r": r, "curve": curve, "peak": curve.max(1), "latency": latency,
+            "latency_ci": latency_ci, "boot_latency": boot, "p_peak": p_peak,
+            "significant": significant, "best_curve": shuffled["best_curve"],
+            "p_time": shuffled["p_time"], "q_time": q_time,
+            "significant_time": q_time < latency_alpha,
+            "n_perm": n_perm,
+        }
+    return results
+
+
+def meg_partition(study, features, *, loss: str | None = None, layers=None,
+                  alphas=DEFAULT_ALPHAS, cv=5, band_ratios=(0.1, 1.0, 10.0),
+                  score: str = "signed_r2", min_cv_r2: float | None = 0.0, device=None,
+                  progress: bool = False) -> dict:
+    """Over time: what a layer's gradients add to its activations, and back.
+
+    :func:`gradbrain.ridge.variance_partition` of every layer's activations and
+    gradients (of ``loss``) on every sensor × time point: training images fit the three
+    models and choose their penalties, test images (averaged over repeats) score them.
+    Each part is then averaged, per time point, over the sensors that some layer's joint
+    model predicts on the training images (cross-validated R² above ``min_cv_r2``): a
+    choice made without the test images, so it does not bias the test parts, and it
+    keeps sensors without any signal from diluting the mean.
+
+    The default score is sign(r)·r² (``score="signed_r2"``), not R²: THINGS-MEG shows
+    training images once and test images 12 times, so test responses are far less noisy
+    than training ones and R² charges every model for the single-trial noise its weights
+    learnt, against the small variance of averaged responses. On the book's embedded
+    default this pushed all-sensor R² parts to about −0.1 at every time point, before
+    and after image onset; sign(r)·r² parts sit at 0 before onset.
+
+    The parts are descriptions: no latency is read from them. A course of noise over
+    many time points still has a maximum, and shuffling test images is no null for
+    "gradients add nothing" when gradients share information with activations (the
+    shuffle breaks what they share, too). Compare a rise with the ``prestimulus`` range
+    — the largest absolute value any layer's course takes before image onset, where no
+    stimulus information can be — and test the unique part with chapter 04's
+    model-based nulls (``hierarchy.run(gradient_part="unique")``).
+
+    Parameters
+    ----------
+    study : Study
+        With ``epochs`` (metadata ``image_id``) and ``split``.
+    features : Features
+        Extracted on ``study.images``.
+    loss : str or None
+        Gradient signal; default the features' first loss.
+    layers : sequence of str or None
+        Layers to partition (default all), kept in the features' order.
+    alphas, cv, band_ratios, score, device
+        As in :func:`gradbrain.ridge.variance_partition`.
+    min_cv_r2 : float or None
+        Keep, per time point, the sensors where the best layer's joint model has a
+        training cross-validated R² above this; None keeps every sensor.
+
+    Returns
+    -------
+    dict with ``layers``, ``depth`` (n_layers,), ``times`` (n_times,) ms, ``loss``,
+    ``score``, ``min_cv_r2``, ``selected`` (n_channels, n_times) bool the sensors kept,
+    ``n_selected`` (n_times,); as (n_layers, n_times) test scores averaged over the kept
+    sensors (NaN at times without any), ``r2_activation``, ``r2_gradient``,
+    ``r2_joint``, ``unique_activation``, ``unique_gradient`` and ``shared``; and
+    ``prestimulus``, a dict of float per part: the largest absolute value its courses
+    take before onset (NaN when the epochs start at onset).
+    """
+    if study.epochs is None:
+        raise ValueError(f"Study {study.name!r} has no MEG data (epochs is None).")
+    if min_cv_r2 is not None and not (isinstance(min_cv_r2, (int, float))
+                                      and not isinstance(min_cv_r2, bool)
+                                      and np.isfinite(min_cv_r2) and min_cv_r2 < 1):
+        raise ValueError(f"'min_cv_r2' must be a number below 1 (e.g. 0.0) or None (every "
+                         f"sensor); got {min_cv_r2!r}.")
+    loss, layers, depth = _partition_inputs(study, features, loss, layers)
+    train, test, Y_train, Y_test = _meg_split(study, cv)
+    n_channels, n_times = Y_test.shape[1:]
+    parts = _partition_layers(
+        features, loss, layers, train, test, Y_train.reshape(len(train), -1),
+        Y_test.reshape(len(test), -1), desc="variance partition (MEG)", progress=progress,
+        alphas=alphas, cv=cv, band_ratios=band_ratios, score=score, device=device)
+    parts.pop("ratio")
+    shape = (len(layers), n_channels, n_times)
+    cv_r2 = parts.pop("cv_r2_joint").reshape(shape)
+    finite = np.isfinite(cv_r2).any(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN sensors: not selected
+        selected = finite if min_cv_r2 is None else finite & (np.nanmax(cv_r2, 0) > min_cv_r2)
+        courses = {name: np.nanmean(np.where(selected, values.reshape(shape), np.nan), 1)
+                   for name, values in parts.items()}
+    times = 1000 * study.epochs.times
+    before = times < 0
+    prestimulus = {name: float(np.nanmax(np.abs(course[:, before])))
+                   if np.isfinite(course[:, before]).any() else np.nan
+                   for name, course in courses.items()}
+    return {"layers": layers, "depth": depth, "times": times, "loss": loss, "score": score,
+            "min_cv_r2": min_cv_r2, "selected": selected, "n_selected": selected.sum(0),
+            **courses, "prestimulus": prestimulus}
