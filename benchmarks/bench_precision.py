@@ -41,7 +41,8 @@ import torch  # noqa: E402
 
 import gradbrain  # noqa: E402,F401  (torchvision work-around before timm)
 from gradbrain import features as gf  # noqa: E402
-from gradbrain import hierarchy, models  # noqa: E402
+from gradbrain import models  # noqa: E402
+from gradbrain.analysis import backprop  # noqa: E402
 from gradbrain.data import load_embedded  # noqa: E402
 from gradbrain.data.simulated import make_study  # noqa: E402
 
@@ -91,8 +92,8 @@ def compare_verdicts(f32, b16, n_images, truth, seed, device, n_perm, n_boot):
     study = make_study(seed, n_images=n_images, gradient_truth=truth, features=f32,
                        cache=False)
     kw = dict(loss="ce", n_perm=n_perm, n_boot=n_boot, seed=seed, device=device)
-    r32 = hierarchy.run(study, f32, **kw)
-    r16 = hierarchy.run(study, b16, **kw)
+    r32 = backprop.backprop_tests(study, f32, **kw)
+    r16 = backprop.backprop_tests(study, b16, **kw)
     signal = r32.signal
     peak = {tag: r.best[signal]["peak"] for tag, r in (("f32", r32), ("bf16", r16))}
     finite = np.isfinite(peak["f32"]) & np.isfinite(peak["bf16"])

@@ -7,7 +7,7 @@ as chapter 04 does (:func:`gradbrain.hierarchy.simulate_tests`). For each test t
 under which it must not hold give its false-positive rate, the truth under which it
 should its power (:data:`gradbrain.hierarchy.TEST_TRUTHS`, Wilson 95 % intervals):
 
-- **nominal**: the tests as :func:`gradbrain.hierarchy.run` decides them (layer
+- **nominal**: the tests as :func:`gradbrain.analysis.backprop.backprop_tests` decides them (layer
   permutations, bootstrap intervals);
 - **model-based**: each study's statistic against the same statistic in all the *other*
   simulated studies of each null truth (leave-one-out
@@ -89,6 +89,7 @@ def main(argv=None):
 
     from gradbrain import features as gf
     from gradbrain import hierarchy, models
+    from gradbrain.analysis import simulation
     from gradbrain.data import load_embedded
 
     start = time.perf_counter()
@@ -96,7 +97,7 @@ def main(argv=None):
                         else None)
     feats = gf.extract(model, load_embedded(args.n_images), losses=("ce",),
                        device=args.device, cache=False)
-    sims = hierarchy.simulate_tests(
+    sims = simulation.simulate_tests(
         feats, noise=args.noise, truths=args.truths, n_seeds=args.seeds, n_jobs=args.jobs,
         first_seed=args.first_seed, alpha=args.alpha, n_perm=args.n_perm, n_boot=args.n_boot,
         device=args.device, gradient_part=args.gradient_part)
@@ -106,7 +107,7 @@ def main(argv=None):
     if args.out:
         sims.to_csv(args.out, index=False)
     if args.ship:
-        path = hierarchy.write_reference(
+        path = simulation.write_reference(
             sims, feats, noise=args.noise, name=args.ship, alpha=args.alpha,
             n_perm=args.n_perm, n_boot=args.n_boot, gradient_part=args.gradient_part,
             note=f"benchmarks/fpr_hierarchy.py --seeds {args.seeds} --first-seed "

@@ -4,7 +4,7 @@ Neighbouring layers share most of their information, so a unit's best layer (arg
 its layer profile) and a layer's peak latency (the window around the maximum of its
 score course) are fragile. This benchmark simulates studies from the features of the
 model the book runs (EfficientNet-Lite0, ImageNet weights, 200 embedded images, noise 1)
-under the four planted truths, fits them once with :func:`gradbrain.hierarchy.run`,
+under the four planted truths, fits them once with :func:`gradbrain.analysis.backprop.backprop_tests`,
 keeps every unit's layer profile and every layer's MEG score course, and computes
 candidate statistics on them:
 
@@ -52,7 +52,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradbrain.hierarchy import _spearman, profile_centre  # _spearman: ρ over finite pairs
+from gradbrain.hierarchy import profile_centre
+from gradbrain.hierarchy.verdicts import _spearman  # _spearman: ρ over finite pairs
 
 TRUTHS = ("backprop", "none", "forward", "paper")
 NULLS = {"1a": ("none", "paper"), "1b": ("none", "paper"), "2b": ("none", "forward", "paper")}
@@ -96,9 +97,11 @@ def _cached_study_record(job, suffix: str, compute) -> Path:
 def _profiles_and_courses(feats, study) -> dict:
     """Fit the study as the chapter does; keep profiles and score courses."""
     from gradbrain import hierarchy
+    from gradbrain.analysis import backprop
 
     seed = study.truth["seed"]
-    result = hierarchy.run(study, feats, seed=seed, n_perm=2000, n_boot=20, n_perm_chance=0)
+    result = backprop.backprop_tests(study, feats, seed=seed, n_perm=2000, n_boot=20,
+                                     n_perm_chance=0)
     record = {"truth": study.truth["gradient_truth"], "seed": seed,
               "coord": hierarchy.unit_coordinates(study.hierarchy, result.units),
               "rank": feats.backward_rank("ce"), "depth": np.asarray(feats.depth)}

@@ -54,6 +54,7 @@ def main(argv=None):
     warnings.simplefilter("ignore")
     from gradbrain import features as gf
     from gradbrain import hierarchy, models
+    from gradbrain.analysis import simulation
     from gradbrain._utils import atomic_path
     from gradbrain.data import load_embedded
     from gradbrain.data.simulated import default_n_test
@@ -68,7 +69,7 @@ def main(argv=None):
                                device=args.device, cache=True)
             for noise in args.noise:
                 start = time.perf_counter()
-                sims = hierarchy.simulate_tests(
+                sims = simulation.simulate_tests(
                     feats, noise=noise, truths=args.truths, n_seeds=args.seeds,
                     first_seed=args.first_seed, n_jobs=args.jobs, n_perm=args.n_perm,
                     n_boot=args.n_boot, device=args.device, progress=False)

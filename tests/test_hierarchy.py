@@ -8,6 +8,9 @@ from statsmodels.stats.meta_analysis import combine_effects
 from test_meg import _planted_features
 
 from gradbrain import hierarchy
+from gradbrain import stats as gstats
+from gradbrain.analysis import simulation
+from gradbrain.analysis.backprop import backprop_tests
 from gradbrain.analysis.encoding import fmri_encoding
 from gradbrain.data.simulated import make_study
 
@@ -153,7 +156,7 @@ def test_backprop_latency_prediction_mirrors_the_forward_sweep():
 def test_group_test_is_wilcoxon_with_benjamini_hochberg(rng):
     values = pd.DataFrame({"strong": rng.normal(1, 0.3, 12), "none": rng.normal(0, 1, 12),
                            "weak": rng.normal(0.4, 1, 12)})
-    table = hierarchy.group_test(values)
+    table = gstats.group_test(values)
     p = np.array([stats.wilcoxon(values[c], alternative="greater").pvalue for c in values])
     order = np.argsort(p)
     bh = np.minimum.accumulate((p[order] * 3 / np.arange(1, 4))[::-1])[::-1]
@@ -163,7 +166,7 @@ def test_group_test_is_wilcoxon_with_benjamini_hochberg(rng):
     np.testing.assert_allclose(table.loc[list(values), "p_fdr"], expected)
     assert table.loc["strong", "significant"] and not table.loc["none", "significant"]
     with pytest.raises(ValueError, match="at least 2 subjects"):
-        hierarchy.group_test(values.iloc[:1])
+        gstats.group_test(values.iloc[:1])
 
 
 def test_group_estimate_is_inverse_variance_and_hksj_random_effects(rng):
@@ -175,7 +178,7 @@ def test_group_estimate_is_inverse_variance_and_hksj_random_effects(rng):
     values = pd.DataFrame({"strong": [0.50, 0.62, 0.41, 0.70],
                            "none": [0.05, -0.03, 0.02, -0.06]})
     half = pd.DataFrame({"strong": [0.10, 0.20, 0.15, 0.10], "none": [0.2, 0.3, 0.25, 0.2]})
-    table = hierarchy.group_estimate(values, values - half, values + half)
+    table = gstats.group_estimate(values, values - half, values + half)
     z = stats.norm.ppf(0.975)
     for column in values:
         x, var = values[column].to_numpy(), (half[column].to_numpy() / z) ** 2
@@ -209,16 +212,16 @@ def test_group_estimate_is_inverse_variance_and_hksj_random_effects(rng):
         assert row.wilcoxon_floor == 2 / 2 ** n
     assert table.loc["strong", "significant"] and table.loc["strong", "p_random"] < 0.01
     assert table.loc["strong", "tau2"] > 0 and table.loc["none", "tau2"] == 0  # both cases
-    wilcoxon = hierarchy.group_test(values, alternative="two-sided")
+    wilcoxon = gstats.group_test(values, alternative="two-sided")
     assert wilcoxon.loc["strong", "min_p"] == 0.125 and not wilcoxon.loc["strong",
                                                                           "can_reach_alpha"]
     # subjects without an interval are left out; one subject: a fixed effect only
-    one = hierarchy.group_estimate(values.iloc[:1], (values - half).iloc[:1],
+    one = gstats.group_estimate(values.iloc[:1], (values - half).iloc[:1],
                                    (values + half).iloc[:1])
     assert one.loc["strong", "n_subjects"] == 1 and np.isfinite(one.loc["strong", "fixed"])
     assert np.isnan(one.loc["strong", "p_random"]) and not one.loc["strong", "significant"]
     with pytest.raises(ValueError, match="same subjects and statistics"):
-        hierarchy.group_estimate(values, values.iloc[:2], values)
+        gstats.group_estimate(values, values.iloc[:2], values)
 
 
 def test_group_estimate_random_effects_never_narrower_than_fixed_when_subjects_agree():
@@ -229,7 +232,7 @@ def test_group_estimate_random_effects_never_narrower_than_fixed_when_subjects_a
     half = pd.DataFrame({"close": [0.1 * z] * 4, "identical": [0.1 * z] * 4})
     values = pd.DataFrame({"close": [0.095, 0.1, 0.105, 0.1],
                            "identical": [0.1, 0.1, 0.1, 0.1]})
-    table = hierarchy.group_estimate(values, values - half, values + half)
+    table = gstats.group_estimate(values, values - half, values + half)
     for column in values:
         row = table.loc[column]
         assert row.tau2 == 0 and row.q_hksj < 1 and row.i2 == 0
@@ -314,25 +317,25 @@ def test_equivalence_is_two_one_sided_tests_on_the_bootstrap(rng):
     """TOST on resamples: equivalent iff both one-sided bootstrap p-values are < α (the
     90 % interval inside ±margin); diverges iff the 95 % interval excludes 0."""
     inside = rng.normal(0.05, 0.05, 2000)
-    out = hierarchy.equivalence(0.05, inside, margin=0.3)
+    out = gstats.equivalence(0.05, inside, margin=0.3)
     assert out["equivalent"] and not out["diverges"] and out["n_boot"] == 2000
     low, high = np.quantile(inside, [0.05, 0.95])
     assert (out["tost_low"], out["tost_high"]) == pytest.approx((low, high))
     assert out["p_tost"] == pytest.approx(max(1 + np.sum(inside <= -0.3),
                                               1 + np.sum(inside >= 0.3)) / 2001)
     wide = rng.normal(0.0, 0.3, 2000)   # holds 0 and reaches beyond the margin
-    out = hierarchy.equivalence(0.0, wide, margin=0.3)
+    out = gstats.equivalence(0.0, wide, margin=0.3)
     assert not out["equivalent"] and not out["diverges"] and out["p_tost"] > 0.05
     off = np.append(rng.normal(-1.0, 0.1, 2000), np.nan)   # NaN resamples left out
-    out = hierarchy.equivalence(-1.0, off, margin=0.3)
+    out = gstats.equivalence(-1.0, off, margin=0.3)
     assert out["diverges"] and not out["equivalent"] and out["n_boot"] == 2000
-    out = hierarchy.equivalence(-1.0, off, margin=None)
+    out = gstats.equivalence(-1.0, off, margin=None)
     assert out["diverges"] and np.isnan(out["p_tost"]) and not out["equivalent"]
     small = rng.normal(0.1, 0.01, 2000)   # different from 0, yet within the margin
-    out = hierarchy.equivalence(0.1, small, margin=0.3)
+    out = gstats.equivalence(0.1, small, margin=0.3)
     assert out["diverges"] and out["equivalent"]
     with pytest.raises(ValueError, match="'margin' must be positive"):
-        hierarchy.equivalence(0.0, inside, margin=0)
+        gstats.equivalence(0.0, inside, margin=0)
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +346,7 @@ def planted():
 def _judge(planted, truth, seed):
     study = make_study(seed, n_images=N_IMAGES, features=planted, gradient_truth=truth,
                        noise=0.5)
-    return hierarchy.run(study, planted, n_perm=2000, n_boot=100, seed=seed, device="cpu",
+    return backprop_tests(study, planted, n_perm=2000, n_boot=100, seed=seed, device="cpu",
                          n_perm_chance=200)
 
 
@@ -490,7 +493,7 @@ def test_unit_bootstrap_interval_holds_its_estimate(planted):
 def test_run_without_meg_cannot_confirm_the_temporal_prediction(planted):
     study = make_study(0, n_images=N_IMAGES, features=planted, gradient_truth="backprop",
                        noise=0.5, meg=False)
-    result = hierarchy.run(study, planted, n_perm=500, device="cpu")
+    result = backprop_tests(study, planted, n_perm=500, device="cpu")
     assert result.predictions["1 spatial"] and not result.predictions["2 temporal"]
     assert not result.consistent_with_backprop
     summary = result.summary()
@@ -498,7 +501,7 @@ def test_run_without_meg_cannot_confirm_the_temporal_prediction(planted):
     assert "**cannot be judged**" in summary and "prediction 2 was not tested" in summary
     assert "its MEG part was not tested" in summary  # prediction 3's fMRI part ran
     with pytest.raises(ValueError, match="'loss' must be one of the features' losses"):
-        hierarchy.run(study, planted, loss="dino")
+        backprop_tests(study, planted, loss="dino")
 
 
 def test_layers_chosen_on_training_cv_score_the_test_set_without_winners_curse(rng):
@@ -538,7 +541,7 @@ def test_run_chooses_vertices_and_layers_without_the_test_responses(planted):
     for out in scrambled.values():
         out["r_nc"] = out["r"] / np.sqrt(study.noise_ceiling() / 100)
     kw = dict(n_perm=50, n_boot=0, n_perm_chance=0, device="cpu", min_score=0.3)
-    results = {(select_on, name): hierarchy.run(study, planted, fmri=f, select_on=select_on,
+    results = {(select_on, name): backprop_tests(study, planted, fmri=f, select_on=select_on,
                                                  **kw)
                for select_on in ("train", "test") for name, f in (("fit", fmri),
                                                                    ("noise", scrambled))}
@@ -551,7 +554,7 @@ def test_run_chooses_vertices_and_layers_without_the_test_responses(planted):
         assert (results["test", "fit"].masks[name] != results["test", "noise"].masks[name]
                 ).any()
     with pytest.raises(ValueError, match="'select_on' must be one of"):
-        hierarchy.run(study, planted, fmri=fmri, select_on="cv", **kw)
+        backprop_tests(study, planted, fmri=fmri, select_on="cv", **kw)
 
 
 # the unique part in `make test-slow` (make test stays under 5 min on 2 cores)
@@ -568,14 +571,14 @@ def test_run_with_a_separate_meg_study_equals_one_study_with_both(planted, gradi
     meg_only = dataclasses.replace(study, betas=None, ncsnr=None)
     kw = dict(n_perm=200, n_boot=20, device="cpu", gradient_part=gradient_part,
               n_perm_chance=100)
-    both = hierarchy.run(study, planted, **kw)
-    split = hierarchy.run(fmri_only, planted, meg_study=meg_only, meg_features=planted, **kw)
+    both = backprop_tests(study, planted, **kw)
+    split = backprop_tests(fmri_only, planted, meg_study=meg_only, meg_features=planted, **kw)
     pd.testing.assert_frame_equal(split.tests, both.tests)
     pd.testing.assert_frame_equal(split.estimates, both.estimates)
     pd.testing.assert_frame_equal(split.above_chance, both.above_chance)
     assert split.consistent_with_backprop and "cannot be judged" not in split.summary()
     with pytest.raises(ValueError, match="'meg_features' must be the same model's"):
-        hierarchy.run(fmri_only, planted, meg_study=meg_only, **kw)
+        backprop_tests(fmri_only, planted, meg_study=meg_only, **kw)
 
 
 @pytest.mark.slow
@@ -792,13 +795,13 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
 
     monkeypatch.setenv("GRADBRAIN_DATA", str(tmp_path / "data"))
     kw = dict(n_perm=200, n_boot=20, device="cpu")
-    sims = hierarchy.simulate_tests(small_planted, truths=("backprop", "none"), n_seeds=1,
+    sims = simulation.simulate_tests(small_planted, truths=("backprop", "none"), n_seeds=1,
                                     first_seed=3, noise=0.5, progress=False, **kw)
     assert list(sims.truth.unique()) == ["backprop", "none"] and set(sims.seed) == {3}
     assert set(sims.part) == set(hierarchy.TEST_TRUTHS)
     study = make_study(3, n_images=60, features=small_planted, gradient_truth="none",
                        noise=0.5)
-    direct = hierarchy.run(study, small_planted, seed=3, **kw)
+    direct = backprop_tests(study, small_planted, seed=3, **kw)
     mine = sims[(sims.truth == "none") & ~sims.part.str.startswith("verdict")
                 & (sims.prediction != "estimate")]
     np.testing.assert_array_equal(mine.holds.to_numpy(), direct.tests.holds.to_numpy())
@@ -818,7 +821,7 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
     made = []
     real = simulated.make_study
     monkeypatch.setattr(simulated, "make_study", lambda *a, **k: made.append(a) or real(*a, **k))
-    again = hierarchy.simulate_tests(small_planted, truths=("backprop", "none"), n_seeds=1,
+    again = simulation.simulate_tests(small_planted, truths=("backprop", "none"), n_seeds=1,
                                      first_seed=3, noise=0.5, progress=False, **kw)
     assert made == []
     pd.testing.assert_frame_equal(again, sims, check_dtype=False)
@@ -828,39 +831,39 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
     cut = next(home.rglob("none-3.csv"))
     cut.write_text("\n".join(cut.read_text().splitlines()[:3]))
     with pytest.warns(RuntimeWarning, match="Cached simulated study .* is unreadable"):
-        healed = hierarchy.simulate_tests(small_planted, truths=("backprop", "none"),
+        healed = simulation.simulate_tests(small_planted, truths=("backprop", "none"),
                                           n_seeds=1, first_seed=3, noise=0.5, progress=False,
                                           **kw)
     pd.testing.assert_frame_equal(healed, sims, check_dtype=False)
     assert len(made) == 1
     made.clear()
     # ... another setting is another key: simulated anew
-    hierarchy.simulate_tests(small_planted, truths=("none",), n_seeds=1, first_seed=3,
+    simulation.simulate_tests(small_planted, truths=("none",), n_seeds=1, first_seed=3,
                              noise=0.6, progress=False, **kw)
     assert len(made) == 1 and len(list(home.iterdir())) == 2
     # a table shipped for these settings and features is read instead of simulating
-    monkeypatch.setattr(hierarchy, "_REFERENCE", tmp_path / "reference")
+    monkeypatch.setattr(hierarchy.calibration, "_REFERENCE", tmp_path / "reference")
     shipped = sims.assign(value=sims.value.abs() + 100.0)  # recognisable
-    hierarchy.write_reference(shipped, small_planted, noise=0.5, name="test", **kw)
-    from_shipped = hierarchy.simulate_tests(small_planted, truths=("backprop", "none"),
+    simulation.write_reference(shipped, small_planted, noise=0.5, name="test", **kw)
+    from_shipped = simulation.simulate_tests(small_planted, truths=("backprop", "none"),
                                             n_seeds=1, first_seed=3, noise=0.5,
                                             progress=False, **kw)
     assert len(made) == 1
     np.testing.assert_allclose(from_shipped.value, shipped.value)
     # not for other settings, nor for other features
-    other = hierarchy.simulate_tests(small_planted, truths=("none",), n_seeds=1, first_seed=3,
+    other = simulation.simulate_tests(small_planted, truths=("none",), n_seeds=1, first_seed=3,
                                      noise=0.5, cache=tmp_path / "other", progress=False,
                                      **{**kw, "n_perm": 201})
     assert len(made) == 2 and len(other) == 10   # 6 tests, 2 estimates, 2 verdicts
     changed = copy.copy(small_planted)
     changed.activations = {k: v * 1.01 for k, v in small_planted.activations.items()}
-    hierarchy.simulate_tests(changed, truths=("none",), n_seeds=1, first_seed=3, noise=0.5,
+    simulation.simulate_tests(changed, truths=("none",), n_seeds=1, first_seed=3, noise=0.5,
                              cache=tmp_path / "other", progress=False, **kw)
     assert len(made) == 3
     with pytest.raises(ValueError, match="'truths' must be one of"):
-        hierarchy.simulate_tests(small_planted, truths=("sideways",), progress=False)
+        simulation.simulate_tests(small_planted, truths=("sideways",), progress=False)
     with pytest.raises(ValueError, match="'seed', 'fmri' and 'meg'"):
-        hierarchy.simulate_tests(small_planted, seed=3, progress=False)
+        simulation.simulate_tests(small_planted, seed=3, progress=False)
 
 
 def test_simulate_tests_at_another_studys_images_and_sizes(small_planted, tmp_path,
@@ -878,26 +881,26 @@ def test_simulate_tests_at_another_studys_images_and_sizes(small_planted, tmp_pa
     feats = dataclasses.replace(small_planted, image_ids=ids)
     kw = dict(n_perm=100, n_boot=10, device="cpu")
     sizes = dict(n_test=15, n_meg_test_repeats=4)
-    sims = hierarchy.simulate_tests(feats, images=images, truths=("backprop",), n_seeds=1,
+    sims = simulation.simulate_tests(feats, images=images, truths=("backprop",), n_seeds=1,
                                     first_seed=5, noise=0.5, simulate_fmri=False,
                                     progress=False, **sizes, **kw)
     study = make_study(5, features=feats, images=images, gradient_truth="backprop",
                        noise=0.5, fmri=False, **sizes)
-    direct = hierarchy.run(study, feats, seed=5, n_perm_chance=0, **kw)
-    assert hierarchy.study_sizes(study) == {"images": images, **sizes}
+    direct = backprop_tests(study, feats, seed=5, n_perm_chance=0, **kw)
+    assert simulation.study_sizes(study) == {"images": images, **sizes}
     mine = sims[~sims.part.str.startswith("verdict") & (sims.prediction != "estimate")]
     np.testing.assert_array_equal(mine.holds.to_numpy(), direct.tests.holds.to_numpy())
     np.testing.assert_allclose(mine.value.to_numpy(float), direct.tests.value.to_numpy(float))
     modalities = {"fmri": False, "meg": True}
-    plain = hierarchy._simulation_key(feats, 60, 0.5, modalities, kw)
-    sized = hierarchy._simulation_key(feats, 60, 0.5, modalities, kw, sizes)
+    plain = simulation._simulation_key(feats, 60, 0.5, modalities, kw)
+    sized = simulation._simulation_key(feats, 60, 0.5, modalities, kw, sizes)
     assert "n_test" not in plain and sized == {**plain, **sizes}
 
 
 def test_calibrate_uses_the_model_based_null_where_it_can_reach_alpha(small_planted):
     study = make_study(3, n_images=60, features=small_planted, gradient_truth="backprop",
                        noise=0.5)
-    result = hierarchy.run(study, small_planted, n_perm=200, n_boot=20, seed=3, device="cpu")
+    result = backprop_tests(study, small_planted, n_perm=200, n_boot=20, seed=3, device="cpu")
     observed = result.tests.set_index("part").value
     prediction = result.tests.set_index("part").prediction
 
@@ -959,8 +962,8 @@ def test_unique_gradients_do_not_pass_for_activations(planted):
     study = make_study(4, n_images=N_IMAGES, features=echo, gradient_truth="none", noise=0.5,
                        meg=False)
     kw = dict(n_perm=500, n_boot=0, seed=4, device="cpu")
-    whole = hierarchy.run(study, echo, **kw)
-    unique = hierarchy.run(study, echo, gradient_part="unique", **kw)
+    whole = backprop_tests(study, echo, **kw)
+    unique = backprop_tests(study, echo, gradient_part="unique", **kw)
     spatial = "gradient spatial score > 0"
     assert whole.tests.set_index("part").holds[spatial]
     assert not unique.tests.set_index("part").holds[spatial]
@@ -970,7 +973,7 @@ def test_unique_gradients_do_not_pass_for_activations(planted):
     assert unique.gradient_part == "unique" and "unique part of the gradient (ce)" in \
         unique.summary()
     with pytest.raises(ValueError, match="'gradient_part' must be one of"):
-        hierarchy.run(study, echo, gradient_part="residual", **kw)
+        backprop_tests(study, echo, gradient_part="residual", **kw)
 
 
 # --------------------------------------------------------------------------- profile centres
@@ -1112,7 +1115,7 @@ def test_tests_on_real_architectures_features(model, request):
     for truth in ("none", "backprop"):
         study = make_study(7, n_images=160, features=feats, gradient_truth=truth, noise=1.0,
                            gradient_loss="ce")
-        result = hierarchy.run(study, feats, n_perm=1000, n_boot=50, n_perm_chance=0,
+        result = backprop_tests(study, feats, n_perm=1000, n_boot=50, n_perm_chance=0,
                                seed=7, device="cpu")
         if truth == "none":
             assert not result.consistent_with_backprop
@@ -1130,7 +1133,7 @@ def test_run_spatial_statistic_is_the_profile_centre_or_the_best_layer(small_pla
                        noise=0.5, meg=False)
     depth = np.asarray(small_planted.depth, float)
     for statistic, label in (("centre", "profile centres"), ("best", "best layers")):
-        result = hierarchy.run(study, small_planted, n_perm=200, n_boot=0, n_perm_chance=0,
+        result = backprop_tests(study, small_planted, n_perm=200, n_boot=0, n_perm_chance=0,
                                seed=3, device="cpu", spatial_statistic=statistic)
         assert result.spatial_statistic == statistic
         unit = result.unit_best[result.signal]
@@ -1142,7 +1145,7 @@ def test_run_spatial_statistic_is_the_profile_centre_or_the_best_layer(small_pla
         row = result.tests.set_index("part").loc["gradient spatial score > 0"]
         assert row.value == pytest.approx(expected) and label in row.statistic
     with pytest.raises(ValueError, match="spatial_statistic"):
-        hierarchy.run(study, small_planted, spatial_statistic="mean")
+        backprop_tests(study, small_planted, spatial_statistic="mean")
 
 
 def test_run_without_bootstrap_gives_the_contrasts_point_values(small_planted):
@@ -1151,8 +1154,8 @@ def test_run_without_bootstrap_gives_the_contrasts_point_values(small_planted):
     study = make_study(5, n_images=60, features=small_planted, gradient_truth="backprop",
                        noise=0.5)
     kw = dict(n_perm=50, n_perm_chance=0, seed=5, device="cpu")
-    plain = hierarchy.run(study, small_planted, n_boot=0, **kw).estimates
-    booted = hierarchy.run(study, small_planted, n_boot=20, **kw).estimates
+    plain = backprop_tests(study, small_planted, n_boot=0, **kw).estimates
+    booted = backprop_tests(study, small_planted, n_boot=20, **kw).estimates
     assert list(plain.estimate) == list(booted.estimate) and len(plain) == 3
     np.testing.assert_allclose(plain.value.to_numpy(float), booted.value.to_numpy(float))
     assert plain.ci_low.isna().all() and not plain.equivalent.any()

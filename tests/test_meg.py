@@ -329,7 +329,7 @@ def test_layers_without_signal_get_no_latency(planted):
     ungated = encoding.meg_encoding(study, planted, n_boot=0, n_perm=10, latency_alpha=1.0,
                                device="cpu")["gradient (ce)"]
     assert np.isfinite(ungated["latency"]).sum() >= 5   # what the gate removes
-    # n_boot=0 (hierarchy.run allows it): latencies without intervals
+    # n_boot=0 (backprop_tests allows it): latencies without intervals
     assert ungated["boot_latency"].shape == (0, 6) and np.isnan(ungated["latency_ci"]).all()
     with pytest.raises(ValueError, match="'latency_alpha' must be in"):
         encoding.meg_encoding(study, planted, latency_alpha=0)

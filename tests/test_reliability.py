@@ -499,6 +499,7 @@ def _api_cases():
     import torch
 
     from gradbrain import compare, features, hierarchy, meg, models, ridge
+    from gradbrain.analysis import backprop
     from gradbrain.data.simulated import make_study
 
     nan_image = torch.zeros(1, 3, 64, 64)
@@ -516,11 +517,11 @@ def _api_cases():
         ("make_study n_images=3", lambda t: make_study(n_images=3), ValueError, "n_images"),
         ("make_study gradient_truth", lambda t: make_study(gradient_truth="bogus"), ValueError,
          "gradient_truth"),
-        ("hierarchy.run alpha=2", lambda t: hierarchy.run(None, alpha=2), ValueError, "alpha"),
-        ("hierarchy.run ci=1.5", lambda t: hierarchy.run(None, ci=1.5), ValueError, "ci"),
-        ("hierarchy.run n_perm=0", lambda t: hierarchy.run(None, n_perm=0), ValueError,
+        ("hierarchy.run alpha=2", lambda t: backprop.backprop_tests(None, alpha=2), ValueError, "alpha"),
+        ("hierarchy.run ci=1.5", lambda t: backprop.backprop_tests(None, ci=1.5), ValueError, "ci"),
+        ("hierarchy.run n_perm=0", lambda t: backprop.backprop_tests(None, n_perm=0), ValueError,
          "n_perm"),
-        ("hierarchy.run n_boot=-1", lambda t: hierarchy.run(None, n_boot=-1), ValueError,
+        ("hierarchy.run n_boot=-1", lambda t: backprop.backprop_tests(None, n_boot=-1), ValueError,
          "n_boot"),
         ("spatial_score NaN depth", lambda t: hierarchy.spatial_score(
             np.array([0, 1, 1, 0]), np.arange(4.0), np.array([0.0, np.nan])), ValueError,

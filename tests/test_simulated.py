@@ -204,7 +204,7 @@ def test_a_study_of_other_images_takes_their_ids_and_the_sizes_asked_for(feats):
     meta = study.epochs.metadata
     assert meta[meta.split == "test"].repeat.max() + 1 == 5
     assert set(meta.image_id) <= set(ids)
-    from gradbrain.hierarchy import study_sizes
+    from gradbrain.analysis.simulation import study_sizes
 
     assert study_sizes(study) == {"images": images, **sizes}   # what simulate_tests takes
     # the first n of them, and clear errors

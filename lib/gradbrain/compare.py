@@ -1,7 +1,7 @@
 """Model comparison: the whole chain for several models on one study, as one tidy table.
 
 For every model: features (activations and gradients of each loss) on the study's
-images → fMRI and MEG encoding → :func:`gradbrain.hierarchy.run` for each loss. Models
+images → fMRI and MEG encoding → :func:`gradbrain.analysis.backprop.backprop_tests` for each loss. Models
 without given weights are randomly initialised and labelled so in the table.
 """
 
@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from . import hierarchy, models
+from . import models
+from .analysis.backprop import backprop_tests
 from .analysis.encoding import fmri_encoding, meg_encoding
 from .features import extract
 
@@ -78,7 +79,7 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
         for loss in losses:
             # the above-chance tests describe a study and enter neither the table nor a
             # verdict: skipped (n_perm_chance=0), as for simulated studies
-            result = hierarchy.run(study, feats, loss=loss, alpha=alpha, n_perm=n_perm,
+            result = backprop_tests(study, feats, loss=loss, alpha=alpha, n_perm=n_perm,
                                    n_boot=n_boot, seed=seed, cv=cv, device=device, fmri=fmri,
                                    meg=meg, n_perm_chance=0)
             table = result.table()

@@ -1,7 +1,7 @@
 """Does a study's gradient order *diverge* from backprop? A test a true backprop passes.
 
 The replication's headline is a negative: the gradients' spatial and temporal orders
-diverge from what a biological backprop would produce. :func:`hierarchy.run` measures
+diverge from what a biological backprop would produce. :func:`gradbrain.analysis.backprop.backprop_tests` measures
 two contrasts for which an ideal backprop predicts 0 (:data:`hierarchy.ESTIMATES`):
 
 * spatial — the gradient spatial score minus the activation one;
@@ -32,6 +32,8 @@ disjoint from the seeds used to choose any statistic (1000–1011,
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import os
 import warnings
@@ -39,10 +41,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from . import hierarchy
+from .analysis.backprop import backprop_tests
 from ._utils import atomic_path, check_in_allowed, discard_unreadable, get_data_home, hash_arrays
 from .data.simulated import DIVERGENT_TRUTHS, make_study
+from .hierarchy import calibration
+from .stats import _pct, _wilson
 
 __all__ = ["DEFAULT_FAMILY", "CONTRASTS", "FIRST_CALIBRATION_SEED", "SELECTION_SEEDS",
            "calibration_seeds", "simulate_family", "divergence_test", "family_rates",
@@ -69,7 +75,7 @@ FIRST_CALIBRATION_SEED = 20_000_000
 _CELL_STRIDE = 100_000
 #: Bump when a change alters the simulated contrasts (it is part of every cache key).
 FAMILY_VERSION = 1
-_REFERENCE = hierarchy._REFERENCE
+_REFERENCE = calibration._REFERENCE
 _NAMES = {key: hierarchy.ESTIMATES[key][0] for key in CONTRASTS}
 
 
@@ -129,9 +135,7 @@ def _check_cells(family) -> list[dict]:
 def _family_key(features, n_images, noise, run_kwargs, sizes) -> dict:
     """Every setting that changes the simulated contrasts (not the seeds, cells, device,
     n_perm, n_boot or alpha, which do not)."""
-    import inspect
-
-    defaults = {name: p.default for name, p in inspect.signature(hierarchy.run)
+    defaults = {name: p.default for name, p in inspect.signature(backprop_tests)
                 .parameters.items() if p.default is not inspect.Parameter.empty}
     settings = {name: run_kwargs.get(name, defaults[name]) for name in (
         "min_noise_ceiling", "min_score", "n_units", "cv", "gradient_part", "select_on",
@@ -172,7 +176,7 @@ def _one_study(features, contrast, truth, seed, cell, noise, n_images, run_kwarg
                            noise=noise, gradient_loss=loss, **cell, **modalities,
                            **(study_kwargs or {}))
         # the contrasts' point values do not depend on the permutations or the bootstrap
-        result = hierarchy.run(study, features, seed=seed,
+        result = backprop_tests(study, features, seed=seed,
                                **{**run_kwargs, "n_perm": 99, "n_boot": 0,
                                   "n_perm_chance": 0})
     values = result.estimates.set_index("estimate").value if len(result.estimates) \
@@ -196,7 +200,7 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
     """Simulate the backprop null family, and the divergent truths, from a model's features.
 
     Each simulated study is made by :func:`gradbrain.data.simulated.make_study` from
-    ``features`` and judged by :func:`gradbrain.hierarchy.run` with ``run_kwargs``;
+    ``features`` and judged by :func:`gradbrain.analysis.backprop.backprop_tests` with ``run_kwargs``;
     only its divergence contrasts (:data:`CONTRASTS`) are kept, whose values do not
     depend on the permutations or the bootstrap (so they are skipped: about 40 % of a
     study's cost).
@@ -222,7 +226,7 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
         (MEG studies). Each contrast depends on its modality alone, so its studies are
         simulated with that modality only.
     images, n_test, n_fmri_repeats, n_meg_test_repeats
-        As in :func:`gradbrain.hierarchy.simulate_tests` (a real study's own size).
+        As in :func:`gradbrain.analysis.simulation.simulate_tests` (a real study's own size).
     n_jobs : int
         Studies simulated in parallel (processes).
     cache : bool or path-like
@@ -231,7 +235,7 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
         features; an interrupted call resumes. A table shipped with the library for the
         same key (``gradbrain/reference/divergence_family-*``) is read first.
     **run_kwargs
-        Passed to :func:`gradbrain.hierarchy.run` (``loss``, ``min_noise_ceiling``,
+        Passed to :func:`gradbrain.analysis.backprop.backprop_tests` (``loss``, ``min_noise_ceiling``,
         ``min_score``, ``n_units``, ``cv``, ``gradient_part``, ``select_on``,
         ``spatial_statistic``, ``device``).
 
@@ -243,8 +247,6 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
         :data:`hierarchy.ESTIMATES`) and ``value`` (Spearman ρ difference; NaN where not
         estimable).
     """
-    from tqdm import tqdm
-
     cells = _check_cells(family)
     divergent = [divergent] if isinstance(divergent, str) else list(divergent)
     for truth in divergent:
@@ -284,7 +286,7 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
     if cache is not False:
         key = _family_key(features, n_images, noise, run_kwargs, sizes)
         loss = key["loss"]
-        shipped = hierarchy._shipped_simulations(key, hierarchy._fingerprint(features, loss),
+        shipped = calibration._shipped_simulations(key, calibration._fingerprint(features, loss),
                                                  pattern="divergence_family-*.json")
         if shipped is not None:
             idents = [ident(*r) for r in zip(shipped.contrast, shipped.truth, shipped.seed,
@@ -343,7 +345,7 @@ def write_family_reference(table: pd.DataFrame, features, *, name: str, noise: f
     base = _REFERENCE / f"divergence_family-{name}"
     with atomic_path(base.with_suffix(".csv.gz"), suffix=".csv.gz") as tmp:
         table.to_csv(tmp, index=False)
-    meta = {"key": key, "fingerprint": hierarchy._fingerprint(features, key["loss"]).tolist(),
+    meta = {"key": key, "fingerprint": calibration._fingerprint(features, key["loss"]).tolist(),
             "n_studies": int(table[["contrast", "truth", "seed", "gradient_weight",
                                     "latency_jitter"]].drop_duplicates().shape[0]),
             "note": note}
@@ -445,7 +447,7 @@ def divergence_test(values: dict, table: pd.DataFrame, *, alpha: float = 0.05) -
 
 
 def _wilson_row(k: int, n: int) -> tuple[float, float, float]:
-    low, high = hierarchy._wilson(k, n)
+    low, high = _wilson(k, n)
     return (k / n if n else np.nan, low, high)
 
 
@@ -518,8 +520,6 @@ def judge(result, table: pd.DataFrame):
     -------
     HierarchyResult (a copy).
     """
-    import copy
-
     values = {}
     if result.estimates is not None and len(result.estimates):
         by = result.estimates.set_index("estimate").value
@@ -542,10 +542,10 @@ def summarize(divergence: pd.DataFrame, rates: pd.DataFrame, *, alpha: float = 0
         if len(fpr):
             f = fpr.iloc[0]
             rate_text += (f" This decision called a planted backprop divergent in "
-                          f"{hierarchy._pct(f.rate, f.low, f.high)} of {int(f.n)} studies of "
+                          f"{_pct(f.rate, f.low, f.high)} of {int(f.n)} studies of "
                           "its worst cell")
         if len(power):
-            said = "; ".join(f"{hierarchy._pct(p.rate, p.low, p.high)} of {int(p.n)} "
+            said = "; ".join(f"{_pct(p.rate, p.low, p.high)} of {int(p.n)} "
                              f"{p.what.removeprefix('power vs ')}" for p in power.itertuples())
             rate_text += f", and found a wrong order in {said} studies"
         if rate_text:

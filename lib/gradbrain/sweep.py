@@ -64,7 +64,7 @@ import pandas as pd
 from . import book
 from . import models as registry
 from ._utils import _pid_alive, atomic_path, check_in_allowed
-from .hierarchy import group_estimate, group_test
+from .stats import group_estimate, group_test
 
 __all__ = ["SweepSpec", "Job", "load_spec", "plan", "run", "collect", "main"]
 
@@ -584,7 +584,7 @@ def collect(out: str | os.PathLike, *, models: Sequence[str] | None = None,
         ``<out>/group.csv`` gets, per (model, feature, loss) and score (``spatial``,
         ``temporal``), the median over subjects and a two-sided Wilcoxon test against 0,
         FDR-corrected across all of them, with the smallest p it can reach
-        (:func:`gradbrain.hierarchy.group_test`), and the fixed- and random-effects
+        (:func:`gradbrain.stats.group_test`), and the fixed- and random-effects
         estimates from the subjects' bootstrap intervals (:func:`group_summary`).
     """
     out = Path(out).expanduser()
@@ -615,10 +615,10 @@ def group_summary(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame |
     """Across subjects, each model's spatial and temporal scores: tests and estimates.
 
     Per (model, signal, score): the median and an exact two-sided Wilcoxon test against 0
-    with its floor (:func:`gradbrain.hierarchy.group_test`; with 4 subjects it cannot
+    with its floor (:func:`gradbrain.stats.group_test`; with 4 subjects it cannot
     reach 0.05, and says so), and — where the per-subject tables carry bootstrap
     intervals — the fixed-effect (these subjects) and random-effects (people) estimates
-    with their intervals and p-values (:func:`gradbrain.hierarchy.group_estimate`).
+    with their intervals and p-values (:func:`gradbrain.stats.group_estimate`).
 
     Returns None when no model has at least two subjects with scores.
     """

@@ -320,7 +320,7 @@ def meg_partition(study, features, *, loss: str | None = None, layers=None,
     shuffle breaks what they share, too). Compare a rise with the ``prestimulus`` range
     — the largest absolute value any layer's course takes before image onset, where no
     stimulus information can be — and test the unique part with chapter 04's
-    model-based nulls (``hierarchy.run(gradient_part="unique")``).
+    model-based nulls (``backprop_tests(gradient_part="unique")``).
 
     Parameters
     ----------
