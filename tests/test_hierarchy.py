@@ -1,5 +1,7 @@
 """Hierarchy scores and the backprop tests: against scipy/MNE and against planted truths."""
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +13,7 @@ from gradbrain import hierarchy
 from gradbrain import stats as gstats
 from gradbrain.analysis import simulation
 from gradbrain.analysis.backprop import backprop_tests
-from gradbrain.analysis.encoding import fmri_encoding
+from gradbrain.analysis.encoding import Encoding, check_encoding, fmri_encoding
 from gradbrain.data.simulated import make_study
 
 
@@ -536,8 +538,9 @@ def test_run_chooses_vertices_and_layers_without_the_test_responses(planted):
     study = make_study(0, n_images=N_IMAGES, features=planted, gradient_truth="paper",
                        noise=0.5, meg=False)
     fmri = fmri_encoding(study, planted, device="cpu")
-    scrambled = {name: {**out, "r": np.random.default_rng(1).normal(0, .3, out["r"].shape)}
-                 for name, out in fmri.items()}
+    scrambled = Encoding({name: {**out, "r": np.random.default_rng(1).normal(0, .3,
+                                                                          out["r"].shape)}
+                          for name, out in fmri.items()}, fmri.spec)
     for out in scrambled.values():
         out["r_nc"] = out["r"] / np.sqrt(study.noise_ceiling() / 100)
     kw = dict(n_perm=50, n_boot=0, n_perm_chance=0, device="cpu", min_score=0.3)
@@ -555,6 +558,38 @@ def test_run_chooses_vertices_and_layers_without_the_test_responses(planted):
                 ).any()
     with pytest.raises(ValueError, match="'select_on' must be one of"):
         backprop_tests(study, planted, fmri=fmri, select_on="cv", **kw)
+
+
+def test_run_refuses_an_encoding_fitted_on_something_else(planted):
+    """Check that a precomputed encoding is refused, before any work, unless it was
+    fitted on what the tests are asked (issue 29: the whole gradients' encoding was
+    tested and labelled "unique part"; a plain dict ended in a bare KeyError)."""
+    study = make_study(0, n_images=N_IMAGES, features=planted, gradient_truth="none",
+                       noise=0.5, meg=False)
+    feats = planted
+    fmri = fmri_encoding(study, feats, device="cpu")
+    assert fmri.spec.gradient_part == "whole" and fmri.spec.losses == ("ce",)
+    kw = dict(n_perm=10, n_boot=0, n_perm_chance=0, device="cpu")
+    with pytest.raises(ValueError, match=r"'fmri' was fitted on something else than this test "
+                       r"asks for — gradient part: fitted on 'whole', asked for 'unique'"):
+        backprop_tests(study, feats, fmri=fmri, gradient_part="unique", **kw)
+    with pytest.raises(TypeError, match=r"'fmri' must be the result of "
+                       r"gradbrain.analysis.encoding.fmri_encoding .* got a dict"):
+        backprop_tests(study, feats, fmri={"activation": fmri["activation"]}, **kw)
+    with pytest.raises(ValueError, match=r"losses: fitted on \['ce'\], asked for \['dino'\]"):
+        check_encoding(fmri, name="fmri", modality="fmri", features=feats, loss="dino")
+    fewer = copy.copy(feats)
+    fewer.layers = feats.layers[:-1]
+    with pytest.raises(ValueError, match="layers: fitted on"):
+        check_encoding(fmri, name="fmri", modality="fmri", features=fewer, loss="ce")
+    other_model = copy.copy(feats)
+    other_model.model = "another"
+    with pytest.raises(ValueError, match="model: fitted on 'planted', asked for 'another'"):
+        check_encoding(fmri, name="fmri", modality="fmri", loss="ce", features=other_model)
+    # an encoding fitted on what is asked is used as it is (no refit): same result
+    reused = backprop_tests(study, feats, fmri=fmri, **kw)
+    assert reused.fmri is fmri
+    pd.testing.assert_frame_equal(reused.tests, backprop_tests(study, feats, **kw).tests)
 
 
 # the unique part in `make test-slow` (make test stays under 5 min on 2 cores)

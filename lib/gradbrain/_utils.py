@@ -220,3 +220,16 @@ def moved_names(module: str, moved: dict[str, str]):
         return getattr(importlib.import_module(target), new)
 
     return __getattr__
+
+
+def signal_name(loss: str | None = None) -> str:
+    """The name of a signal in results tables: ``"activation"``, or the gradients of a loss.
+
+    The one place the name is built; results are keyed by it.
+
+    Examples
+    --------
+    >>> signal_name(), signal_name("ce")
+    ('activation', 'gradient (ce)')
+    """
+    return "activation" if loss is None else f"gradient ({loss})"

@@ -69,14 +69,15 @@ from tqdm import tqdm
 
 from . import __version__
 from ._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
-                     hash_arrays, resolve_device)
+                     hash_arrays, resolve_device, signal_name)
 from .data.images import ImageSet, load_embedded
 from .models import LoadedModel, load, wrap
 from .ridge import DEFAULT_ALPHAS
 
 __all__ = [
     "LOSSES", "POOLS", "Features", "extract", "linear_cka", "cka_matrix", "category_decoding",
-    "norms_table", "decoding_table", "signals", "beyond_activations",
+    "norms_table", "decoding_table", "signals", "signal_name", "beyond_activations",
+    "gradient_part",
 ]
 
 LOSSES = ("dino", "ce", "proj")
@@ -251,7 +252,7 @@ def _as_batch_tensor(model: LoadedModel, images) -> tuple[torch.Tensor, list[str
         raise ValueError("'images' is empty; give at least one image.")
     finite = torch.isfinite(x).flatten(1).all(1)
     if not bool(finite.all()):
-        bad = torch.flatnonzero(~finite).tolist()
+        bad = torch.nonzero(~finite).flatten().tolist()
         raise ValueError(f"'images' hold NaN or infinite pixel values (image(s) {bad[:5]}); "
                          "features of such images are meaningless. Fix or drop those images.")
     if isinstance(images, torch.Tensor):
@@ -1115,10 +1116,16 @@ def resolve_loss(features: Features, loss: str | None) -> str:
     return loss
 
 
+def gradient_part(features: Features) -> str:
+    """Whether ``features`` hold the gradients as extracted (``"whole"``) or their part
+    beyond activations (``"unique"``, from :func:`beyond_activations`)."""
+    return "unique" if features.meta.get("gradients") == "beyond activations" else "whole"
+
+
 def signals(features: Features) -> dict[str, dict[str, np.ndarray]]:
     """``{"activation": acts, "gradient (ce)": grads_ce, ...}``."""
-    out = {"activation": features.activations}
-    out.update({f"gradient ({loss})": g for loss, g in features.gradients.items()})
+    out = {signal_name(): features.activations}
+    out.update({signal_name(loss): g for loss, g in features.gradients.items()})
     return out
 
 

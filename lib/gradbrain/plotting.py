@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from ._utils import signal_name
 from .data.geometry import HEMIS, fsaverage5
 from .hierarchy import ESTIMATES, VERDICT_BACKPROP
 
@@ -219,7 +220,7 @@ def plot_planted_latencies(truth: dict):
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     ax.plot(depth, truth["activation_latency"], "o-", label="activation")
     if np.isfinite(truth["gradient_latency"]).any():
-        ax.plot(depth, truth["gradient_latency"], "s--", label=f"gradient ({truth['gradient_loss']})")
+        ax.plot(depth, truth["gradient_latency"], "s--", label=signal_name(truth["gradient_loss"]))
     ax.set_xlabel("relative layer depth (0 = first block, 1 = last)")
     ax.set_ylabel("planted peak latency (ms after image onset)")
     ax.set_title(f"Planted MEG latencies — gradient truth '{truth['gradient_truth']}'")

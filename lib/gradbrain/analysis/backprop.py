@@ -12,9 +12,9 @@ import pandas as pd
 from scipy import stats
 
 from .. import models
-from .._utils import check_in_allowed
+from .._utils import check_in_allowed, signal_name
 from ..features import beyond_activations, extract, resolve_loss
-from .encoding import fmri_encoding, meg_encoding
+from .encoding import check_encoding, fmri_encoding, meg_encoding
 from ..hierarchy.inference import (_both_correlations, _both_profile_correlations, _no_correlation,
                                    above_chance, bootstrap_spatial_score, layer_permutation_test,
                                    profile_permutation_test, spatial_score)
@@ -24,6 +24,8 @@ from ..hierarchy.scores import (GRADIENT_PARTS, MIN_TIMED_LAYERS, SELECTIONS, SP
                                 unit_best_layer, unit_coordinates)
 from ..hierarchy.verdicts import ESTIMATES, _spearman, _timing_gap, _verdicts
 from ..stats import _bootstrap_ci, equivalence
+
+__all__ = ["backprop_tests"]
 
 
 def backprop_tests(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
@@ -102,8 +104,12 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
         Bins of the hierarchy coordinate the spatial tests count as observations.
     n_perm, n_boot, ci, seed : int, int, float, int
         Permutations, bootstrap resamples, interval coverage and seed.
-    fmri, meg : dict or None
-        Precomputed encoding results, to skip refitting.
+    fmri, meg : Encoding or None
+        Precomputed encodings (:func:`~gradbrain.analysis.encoding.fmri_encoding`,
+        :func:`~gradbrain.analysis.encoding.meg_encoding`), to skip refitting. Each is
+        refused, before any work, unless it was fitted on these features (model,
+        weights, pooling, layers, images, the loss tested) and on this
+        ``gradient_part`` (:func:`~gradbrain.analysis.encoding.check_encoding`).
     meg_study, meg_features : Study and Features, or None
         A separate MEG study (e.g. THINGS-MEG next to NSD) and the same model's features
         on its images; by default ``study``'s own MEG.
@@ -159,6 +165,12 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
             features.layers) or loss not in meg_features.losses):
         raise ValueError("'meg_features' must be the same model's features (same layers, "
                          f"with the {loss!r} loss) extracted on meg_study.images.")
+    if fmri is not None:   # refused before any work if fitted on something else
+        check_encoding(fmri, name="fmri", modality="fmri", features=features, loss=loss,
+                       part=gradient_part)
+    if meg is not None:
+        check_encoding(meg, name="meg", modality="meg", loss=loss, part=gradient_part,
+                       features=meg_features if meg_study is not None else features)
     if gradient_part == "unique":
         if study.betas is not None or meg_study is None:
             features = beyond_activations(features, study.split == "train", loss=loss,
@@ -166,7 +178,7 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
         if meg_study is not None:
             meg_features = beyond_activations(meg_features, meg_study.split == "train",
                                               loss=loss, cv=cv, device=device)
-    signal = f"gradient ({loss})"
+    signal = signal_name(loss)
     depth = np.asarray(features.depth, float)
     n_layers = len(depth)
     kw = dict(n_perm=n_perm, seed=seed, device=device)
@@ -189,8 +201,9 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
                           **equivalence(value, samples, margin=margins[key], alpha=alpha,
                                         ci=ci)})
     if study.betas is not None:
-        fmri = fmri or fmri_encoding(study, features, cv=cv, device=device, progress=progress,
-                                     return_prediction=n_boot > 0 or n_perm_chance > 0)
+        if fmri is None:
+            fmri = fmri_encoding(study, features, cv=cv, device=device, progress=progress,
+                                 return_prediction=n_boot > 0 or n_perm_chance > 0)
         nc = study.noise_ceiling()
         best = {name: chosen_layers(out, depth, nc, select_on=select_on)
                 for name, out in fmri.items()}
@@ -300,8 +313,9 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
     if meg_study is None:
         meg_study, meg_features = study, features
     if meg_study.epochs is not None:
-        meg = meg or meg_encoding(meg_study, meg_features, cv=cv, n_boot=n_boot, ci=ci, seed=seed,
-                                  device=device, progress=progress)
+        if meg is None:
+            meg = meg_encoding(meg_study, meg_features, cv=cv, n_boot=n_boot, ci=ci, seed=seed,
+                               device=device, progress=progress)
         act, grad = meg["activation"], meg[signal]
         for name in ("activation", signal) if n_perm_chance and "p_time" in act else ():
             res, times = meg[name], meg[name]["times"]

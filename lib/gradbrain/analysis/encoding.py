@@ -9,18 +9,160 @@ study's images, and calls the kernels per layer and signal.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from ..features import resolve_loss, signals
+from .._utils import check_in_allowed
+from ..features import gradient_part, resolve_loss, signals
 from ..meg import (_latencies, average_by_image, bootstrap_curves, encode_time_resolved,
                    peak_permutation_test)
 from ..ridge import DEFAULT_ALPHAS, PARTITION, layerwise_scores, standardize, variance_partition
 
 __all__ = ["fmri_encoding", "fmri_partition", "meg_encoding", "meg_partition",
-           "check_same_images"]
+           "check_same_images", "Encoding", "EncodingSpec", "check_encoding"]
+
+MODALITIES = ("fmri", "meg")
+
+
+@dataclass(frozen=True)
+class EncodingSpec:
+    """What an encoding was fitted on: enough to refuse it where it does not belong.
+
+    Attributes
+    ----------
+    modality : {"fmri", "meg"}
+    model, weights, pool : str
+        The features' model, weights (in words) and pooling.
+    layers : tuple of str
+        Layers encoded, in forward order.
+    losses : tuple of str
+        Losses whose gradients were encoded (one signal each, beside ``"activation"``).
+    gradient_part : {"whole", "unique"}
+        Gradients as extracted, or their part beyond activations
+        (:func:`gradbrain.features.beyond_activations`).
+    image_ids : tuple of str
+        The study's images, in its order.
+    """
+
+    modality: str
+    model: str
+    weights: str
+    pool: str
+    layers: tuple
+    losses: tuple
+    gradient_part: str
+    image_ids: tuple
+
+    @classmethod
+    def of(cls, modality: str, features) -> "EncodingSpec":
+        """The spec of an encoding of ``features`` for ``modality``."""
+        check_in_allowed("modality", modality, MODALITIES)
+        return cls(modality=modality, model=features.model, weights=features.weights,
+                   pool=features.pool, layers=tuple(features.layers),
+                   losses=tuple(features.losses), gradient_part=gradient_part(features),
+                   image_ids=tuple(features.image_ids))
+
+    def differences(self, wanted: "EncodingSpec", loss: str | None = None) -> list[str]:
+        """What differs from ``wanted``, in words (empty when this encoding serves it).
+
+        ``losses`` need not be equal: the encoding serves ``wanted`` when it holds
+        ``loss`` (default: all of ``wanted.losses``).
+        """
+        out = []
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(wanted, f.name)
+            if f.name == "losses":
+                missing = [x for x in ([loss] if loss else theirs) if x not in mine]
+                if missing:
+                    out.append(f"losses: fitted on {list(mine)}, asked for {missing}")
+            elif f.name == "image_ids":
+                if mine != theirs:
+                    out.append(f"images: fitted on {len(mine)} images, asked for "
+                               f"{len(theirs)} (ids or order differ)")
+            elif mine != theirs:
+                shown = (lambda v: list(v)) if isinstance(mine, tuple) else repr
+                out.append(f"{f.name.replace('_', ' ')}: fitted on {shown(mine)}, asked for "
+                           f"{shown(theirs)}")
+        return out
+
+
+class Encoding(dict):
+    """The results of one encoding: signal name → its arrays, plus what it was fitted on.
+
+    A ``dict`` (``results["activation"]["r"]`` as before) whose :attr:`spec` records the
+    modality, features, gradient part, layers and images, so that a precomputed
+    encoding handed to the backprop tests is checked against what they are asked
+    (:func:`check_encoding`).
+
+    Parameters
+    ----------
+    results : dict of str to dict
+        Signal name (:func:`gradbrain.features.signal_name`) → arrays.
+    spec : EncodingSpec
+    """
+
+    def __init__(self, results, spec: EncodingSpec):
+        super().__init__(results)
+        if not isinstance(spec, EncodingSpec):
+            raise TypeError(f"'spec' must be an EncodingSpec; got {type(spec).__name__}.")
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"Encoding({s.modality}, {s.model}, {len(s.layers)} layers, signals "
+                f"{list(self)}, gradients: {s.gradient_part}, {len(s.image_ids)} images)")
+
+
+def check_encoding(results, *, name: str, modality: str, features, loss: str,
+                   part: str | None = None) -> Encoding:
+    """Refuse a precomputed encoding that was not fitted on what a test is asked.
+
+    Parameters
+    ----------
+    results : Encoding
+        From :func:`fmri_encoding` or :func:`meg_encoding`.
+    name : str
+        The parameter it came in (for the message), e.g. ``"fmri"``.
+    modality : {"fmri", "meg"}
+    features : Features
+        The features the test uses (after any :func:`~gradbrain.features.beyond_activations`).
+    loss : str
+        The gradient loss the test uses.
+    part : {"whole", "unique"} or None
+        The gradient part the test uses, when ``features`` are not yet transformed to it
+        (default: that of ``features``).
+
+    Returns
+    -------
+    Encoding
+        ``results``, checked.
+
+    Raises
+    ------
+    TypeError
+        ``results`` is not an :class:`Encoding` (e.g. a plain dict: what it was fitted on
+        is unknown).
+    ValueError
+        It was fitted on other features, layers, images, gradient part or losses; the
+        message names each difference with both values.
+    """
+    fit = f"gradbrain.analysis.encoding.{modality}_encoding"
+    if not isinstance(results, Encoding):
+        raise TypeError(f"'{name}' must be the result of {fit} (it records what it was "
+                        f"fitted on); got a {type(results).__name__}. Pass {name}=None to "
+                        "fit it here.")
+    wanted = EncodingSpec.of(modality, features)
+    if part is not None:
+        wanted = replace(wanted, gradient_part=part)
+    differences = results.spec.differences(wanted, loss)
+    if differences:
+        raise ValueError(f"'{name}' was fitted on something else than this test asks for — "
+                         + "; ".join(differences) + f". Refit it with {fit}(study, features) "
+                         f"on the features the test uses, or pass {name}=None.")
+    return results
 
 
 def check_same_images(study, features) -> None:
@@ -132,12 +274,12 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, 
 
     Returns
     -------
-    dict of str to dict
-        Signal name (``"activation"``, ``"gradient (ce)"``, …) → the output of
-        :func:`layerwise_scores`: ``r``, ``r_nc`` and ``alpha`` of shape
-        (n_layers, n_vertices), and ``layers``; if asked, ``prediction`` (n_layers,
-        n_test, n_vertices) and ``y_test`` (n_test, n_vertices). Vertices without data
-        (NaN) score NaN.
+    Encoding
+        A dict, signal name (``"activation"``, ``"gradient (ce)"``, …) → the output of
+        :func:`~gradbrain.ridge.layerwise_scores`, with ``.spec`` recording what was
+        fitted: ``r``, ``r_nc`` and ``alpha`` of shape (n_layers, n_vertices), and
+        ``layers``; if asked, ``prediction`` (n_layers, n_test, n_vertices) and
+        ``y_test`` (n_test, n_vertices). Vertices without data (NaN) score NaN.
     """
     check_same_images(study, features)
     if study.betas is None:
@@ -167,7 +309,7 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, 
     if return_prediction:
         for result in out.values():
             result["y_test"] = Y[test]
-    return out
+    return Encoding(out, EncodingSpec.of("fmri", features))
 
 
 def _meg_split(study, cv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -224,8 +366,9 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
 
     Returns
     -------
-    dict of str to dict
-        Signal name (``"activation"``, ``"gradient (ce)"``, …) → ``layers``, ``depth``
+    Encoding
+        A dict (``.spec`` records what was fitted), signal name (``"activation"``,
+        ``"gradient (ce)"``, …) → ``layers``, ``depth``
         (n_layers,), ``times`` (n_times,) ms, ``r`` (n_layers, n_channels, n_times),
         ``curve`` (n_layers, n_times) r averaged over sensors, ``peak`` (n_layers,) its
         maximum, ``latency`` (n_layers,) ms, ``latency_ci`` (n_layers, 2) ms and
@@ -290,7 +433,7 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
             "significant_time": q_time < latency_alpha,
             "n_perm": n_perm,
         }
-    return results
+    return Encoding(results, EncodingSpec.of("meg", features))
 
 
 def meg_partition(study, features, *, loss: str | None = None, layers=None,

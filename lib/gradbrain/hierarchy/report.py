@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 
+from .._utils import signal_name
 from .scores import MIN_TIMED_LAYERS, _n_timed, recovery, temporal_score
 
 
@@ -75,7 +75,7 @@ def summarize_meg(results: dict, study=None) -> str:
     truth = getattr(study, "truth", None) or {}
     planted = {"activation": truth.get("activation_latency")}
     if truth.get("gradient_truth") not in (None, "none"):
-        planted[f"gradient ({truth['gradient_loss']})"] = truth.get("gradient_latency")
+        planted[signal_name(truth["gradient_loss"])] = truth.get("gradient_latency")
     for signal, values in planted.items():
         if values is None or signal not in results:
             continue
