@@ -16,18 +16,22 @@ import torch
 
 from .._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
                       hash_arrays)
-from ..data import simulated
+from ..data import load_embedded, simulated
+from ..features import extract
 from .backprop import backprop_tests
 from ..hierarchy import calibration
 from ..hierarchy.calibration import SIMULATION_VERSION, _fingerprint, _shipped_simulations
 from ..hierarchy.verdicts import TEST_TRUTHS, VERDICT_BACKPROP, VERDICT_PAPER, _verdict_rows
+
+__all__ = ["SIMULATION_IMAGES", "simulate_tests", "simulation_design", "study_sizes",
+           "write_reference"]
 
 
 def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: float,
                      modalities: dict, run_kwargs: dict, n_threads: int | None,
                      cache_dir: Path | None = None, study_kwargs: dict | None = None
                      ) -> list[dict]:
-    """Simulate one study from ``features`` and judge it as :func:`~gradbrain.analysis.backprop.backprop_tests` does.
+    """Simulate one study from ``features`` and judge it as :func:`backprop_tests` does.
 
     With ``cache_dir``, the study's rows are read from / written to
     ``<cache_dir>/<truth>-<seed>.csv`` (atomically), so an interrupted series resumes.
@@ -49,11 +53,13 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
         torch.set_num_threads(n_threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        study = simulated.make_study(seed, n_images=n_images, features=features, gradient_truth=truth,
-                           noise=noise, gradient_loss=run_kwargs.get("loss") or
-                           features.losses[0], **modalities, **(study_kwargs or {}))
+        study = simulated.make_study(seed, n_images=n_images, features=features,
+                                     gradient_truth=truth, noise=noise,
+                                     gradient_loss=run_kwargs.get("loss") or features.losses[0],
+                                     **modalities, **(study_kwargs or {}))
         # the above-chance tests describe a study and do not enter its verdicts: skipped
-        result = backprop_tests(study, features, seed=seed, **{**run_kwargs, "n_perm_chance": 0})
+        result = backprop_tests(study, features, seed=seed,
+                                **{**run_kwargs, "n_perm_chance": 0})
     rows = [{"truth": truth, "seed": seed, "prediction": t.prediction, "part": t.part,
              "value": t.value, "p_value": t.p_value, "holds": bool(t.holds)}
             for t in result.tests.itertuples()]
@@ -72,7 +78,7 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
 def _simulation_key(features, n_images: int, noise: float, modalities: dict,
                     run_kwargs: dict, sizes: dict | None = None) -> dict:
     """Every setting that changes :func:`simulate_tests`' rows (not the seeds, not the
-    device), with :func:`~gradbrain.analysis.backprop.backprop_tests`'s defaults filled in; ``sizes`` (the study sizes that are
+    device), with :func:`backprop_tests`'s defaults filled in; ``sizes`` (the study sizes that are
     not make_study's defaults) only where given, so that keys of default-sized studies,
     and the shipped tables they find, stay as they were."""
     defaults = {name: p.default for name, p in inspect.signature(backprop_tests).parameters.items()
@@ -118,11 +124,12 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
                    simulate_meg: bool = True, images=None, n_test: int | None = None,
                    n_fmri_repeats: int | None = None, n_meg_test_repeats: int | None = None,
                    cache=True, progress: bool = True, **run_kwargs) -> pd.DataFrame:
-    """Run every test of :func:`~gradbrain.analysis.backprop.backprop_tests` on studies simulated from the chapter's own features.
+    """Run every test of :func:`backprop_tests` on studies simulated from the chapter's own
+    features.
 
     For each planted truth and seed, :func:`gradbrain.data.simulated.make_study` builds
     fMRI and MEG responses from ``features`` (the model the chapter tests, on the
-    embedded images) and :func:`~gradbrain.analysis.backprop.backprop_tests` judges them with the same settings. The table this
+    embedded images) and :func:`backprop_tests` judges them with the same settings. The table this
     returns gives each test's false-positive rate and power (:func:`error_rates`) and its
     model-based null (:meth:`HierarchyResult.calibrate`) on these very features, sizes
     and noise — not on idealised layer-specific features, whose layers do not share
@@ -162,7 +169,7 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
         library for the same settings and features (``gradbrain/reference``, written by
         :func:`write_reference`) are read from it. False: always simulate.
     **run_kwargs
-        Passed to :func:`~gradbrain.analysis.backprop.backprop_tests` (``loss``, ``alpha``, ``n_perm``, ``n_boot``, ``cv``,
+        Passed to :func:`backprop_tests` (``loss``, ``alpha``, ``n_perm``, ``n_boot``, ``cv``,
         ``min_noise_ceiling``, ``min_score``, ``n_units``, ``gradient_part``, ``device``).
 
     Returns
@@ -270,3 +277,69 @@ def study_sizes(study, meg_study=None) -> dict:
         if len(trials):
             sizes["n_meg_test_repeats"] = int(np.median(trials))
     return sizes
+
+
+#: Where a chapter's calibration studies take their images from when the study is real.
+SIMULATION_IMAGES = ("embedded", "study")
+
+
+def simulation_design(study, features, *, net=None, meg_study=None, images: str = "embedded",
+                      noise: float | None = None, n_images: int = 200, pool: str = "mean",
+                      device=None, cache=True) -> dict:
+    """The features, noise and sizes a chapter simulates its calibration studies from.
+
+    * A simulated study: its own features, sizes and noise (the noise it was made with).
+    * Real data, ``images="study"``: its own images and features at its own size
+      (:func:`study_sizes`).
+    * Real data, ``images="embedded"``: the same model's features on ``n_images``
+      embedded images (sizes far below a real study's).
+
+    On real data the noise, unless given, is estimated from the study's fMRI noise
+    ceilings (:func:`gradbrain.data.simulated.estimate_noise`); a study without them
+    (MEG only) gets 1.0, and the description says it is assumed.
+
+    Parameters
+    ----------
+    study, features : Study, Features
+        The chapter's study and its features.
+    net : LoadedModel or None
+        The model (needed for ``images="embedded"`` on real data).
+    meg_study : Study or None
+        A separate MEG study (lends its repeats per test image to the sizes).
+    images : {"embedded", "study"}
+    noise : float or None
+        The noise of the simulated studies; None: as above.
+    n_images, pool, device, cache
+        Embedded images and how their features are extracted.
+
+    Returns
+    -------
+    dict with ``features`` (Features), ``noise`` (float), ``sizes`` (dict, the keyword
+    arguments of :func:`simulate_tests` that fix the study size; empty for the default
+    size) and ``description`` (str, in words).
+    """
+    check_in_allowed("images", images, SIMULATION_IMAGES)
+    if noise is not None and (isinstance(noise, bool) or not np.isfinite(noise) or noise < 0):
+        raise ValueError(f"'noise' must be a finite number >= 0 or None; got {noise!r}.")
+    sizes = {}
+    if study.truth:
+        design, level, said = features, study.truth["noise"], "the study's own"
+    else:
+        if noise is None and getattr(study, "ncsnr", None) is not None:
+            level, said = simulated.estimate_noise(study), "estimated from its noise ceilings"
+        else:
+            level, said = 1.0, "assumed"
+        if images == "study":
+            design, sizes = features, study_sizes(study, meg_study)
+        else:
+            if net is None:
+                raise ValueError("'net' (the chapter's model) is needed to simulate real data "
+                                 "on embedded images; or pass images='study'.")
+            design = extract(net, load_embedded(n_images), losses=tuple(features.losses),
+                             pool=pool, device=device, cache=cache)
+    if noise is not None:
+        level, said = float(noise), "given"
+    shape = (f"{design.n_images} images of this study, {sizes['n_test']} test" if sizes
+             else f"{design.n_images} images")
+    return {"features": design, "noise": float(level), "sizes": sizes,
+            "description": f"{shape}, noise {level:.3g} ({said})"}
