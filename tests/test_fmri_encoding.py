@@ -1,5 +1,7 @@
 """fMRI encoding on the simulated study recovers the planted layer map."""
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -88,3 +90,30 @@ def test_partition_credits_a_no_gradient_brain_to_activations(encoded):
                                - part["r2_joint"], atol=1e-12)
     with pytest.raises(ValueError, match="'layers' must be some of the features' layers"):
         fmri_partition(study, feats, layers=["nope"])
+
+
+def test_peak_scores_are_not_inflated_on_responses_without_image_information(encoded):
+    """Check the selection-free peak scores (issue 28): betas of pure noise, next to noise
+    ceilings that promise signal (as NSD's ncsnr files would if the betas were mixed
+    up), give a median peak score over reliable vertices within 0.02 of 0; choosing the
+    best layer and the reliable vertices on the test scores instead (as chapter 02 did)
+    gives a clearly positive median — the test can tell the two apart."""
+    study, feats, _ = encoded
+    null = copy.copy(study)
+    null.betas = np.random.default_rng(5).standard_normal(study.betas.shape).astype(np.float32)
+    results = fmri_encoding(null, feats, device="cpu")
+    nc = null.noise_ceiling()
+    best, reliable = hierarchy.peak_scores(results, feats.depth, nc)
+    assert reliable.sum() > 100
+    for signal in results:
+        assert abs(np.median(best[signal]["peak"][reliable])) <= 0.02, signal
+    # the test-selected peaks of the same data
+    test_best = {signal: hierarchy.best_layer(out["r_nc"], feats.depth)
+                 for signal, out in results.items()}
+    test_reliable = hierarchy.reliable_targets(nc, test_best["activation"]["peak"])
+    assert np.median(test_best["activation"]["peak"][test_reliable]) > 0.1
+    # on the planted study the same estimator finds the signal
+    best, reliable = hierarchy.peak_scores(encoded[2], feats.depth, study.noise_ceiling())
+    assert np.median(best["activation"]["peak"][reliable]) > 0.3
+    with pytest.raises(ValueError, match="must hold the 'activation' signal"):
+        hierarchy.peak_scores({"gradient (ce)": results["gradient (ce)"]}, feats.depth, nc)

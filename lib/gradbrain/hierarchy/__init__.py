@@ -32,13 +32,13 @@ from .report import summarize_fmri, summarize_meg
 from .result import HierarchyResult
 from .scores import (GRADIENT_PARTS, MIN_TIMED_LAYERS, SELECTIONS, SPATIAL_STATISTICS,
                      backprop_latency_prediction, best_layer, chosen_layers, cv_correlation,
-                     hierarchy_regions, hierarchy_units, layer_profiles, profile_centre,
-                     recovery, reliable_targets, temporal_score, temporal_table,
-                     unit_best_layer, unit_coordinates)
+                     hierarchy_regions, hierarchy_units, layer_profiles, peak_scores,
+                     profile_centre, recovery, reliable_targets, temporal_score,
+                     temporal_table, unit_best_layer, unit_coordinates)
 from .verdicts import ESTIMATES, TEST_TRUTHS, VERDICT_BACKPROP, VERDICT_PAPER
 
 __all__ = ["best_layer", "chosen_layers", "cv_correlation", "SELECTIONS", "hierarchy_regions",
-           "layer_profiles", "reliable_targets", "recovery", "summarize_fmri",
+           "layer_profiles", "peak_scores", "reliable_targets", "recovery", "summarize_fmri",
            "temporal_score", "backprop_latency_prediction", "summarize_meg", "temporal_table",
            "layer_permutation_test", "spatial_score", "bootstrap_spatial_score",
            "hierarchy_units", "unit_coordinates", "unit_best_layer", "profile_centre",

@@ -4,7 +4,6 @@ their centres, and the spatial and temporal scores of Raugel et al. (2025).
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -12,15 +11,16 @@ from scipy import stats
 from .._utils import check_in_allowed
 
 
-#: What :func:`~gradbrain.analysis.backprop.backprop_tests` tests of the gradients: as extracted, or beyond activations.
+#: What :func:`backprop_tests` tests of the gradients: as
+#: extracted, or beyond activations.
 GRADIENT_PARTS = ("whole", "unique")
 
 
-#: Where :func:`~gradbrain.analysis.backprop.backprop_tests` chooses which vertices enter and each vertex's best layer.
+#: Where :func:`backprop_tests` chooses which vertices enter and each vertex's best layer.
 SELECTIONS = ("train", "test")
 
 
-#: What a unit's layer is in :func:`~gradbrain.analysis.backprop.backprop_tests`'s spatial tests: the centre of mass of its
+#: What a unit's layer is in :func:`backprop_tests`'s spatial tests: the centre of mass of its
 #: whole layer profile (:func:`profile_centre`), or its best layer (argmax).
 SPATIAL_STATISTICS = ("centre", "best")
 
@@ -136,8 +136,8 @@ def chosen_layers(encoding: dict, depth: np.ndarray, noise_ceiling, *,
     Parameters
     ----------
     encoding : dict
-        One signal of :func:`gradbrain.analysis.encoding.fmri_encoding`: ``r_nc`` and ``cv_r2``, each
-        of shape (n_layers, n_targets).
+        One signal of :func:`gradbrain.analysis.encoding.fmri_encoding`: ``r_nc`` and
+        ``cv_r2``, each of shape (n_layers, n_targets).
     depth : ndarray of shape (n_layers,)
     noise_ceiling : ndarray of shape (n_targets,)
         NC in percent; the training scores are normalised by it as the test ones are.
@@ -279,6 +279,47 @@ def reliable_targets(noise_ceiling: np.ndarray, peak_score: np.ndarray, *,
     return (np.asarray(noise_ceiling) >= min_noise_ceiling) & (np.asarray(peak_score) > min_score)
 
 
+def peak_scores(encoding: dict, depth, noise_ceiling, *, min_noise_ceiling: float = 10.0,
+                min_score: float = 0.0) -> tuple[dict, np.ndarray]:
+    """Each target's best layer and its peak score, without a winner's curse.
+
+    The best layer is chosen on the training images' out-of-fold scores and its score
+    read on the test images (:func:`chosen_layers`, ``select_on="train"``), and the
+    reliable targets are chosen on those training scores too: choosing the layer (or
+    the targets) on the test scores and reporting the test score there reports the
+    maximum of noisy scores, biased upward — on responses that carry no image
+    information at all, the median "peak" was 0.20 (issue 28), against ≈ 0 here.
+
+    Parameters
+    ----------
+    encoding : dict of str to dict
+        Signal → one signal of :func:`gradbrain.analysis.encoding.fmri_encoding` (``r_nc``
+        and ``cv_r2``, each of shape (n_layers, n_targets)).
+    depth : ndarray of shape (n_layers,)
+    noise_ceiling : ndarray of shape (n_targets,)
+        NC in percent.
+    min_noise_ceiling, min_score : float
+        A target is reliable when NC ≥ ``min_noise_ceiling`` and its activations'
+        training score at the chosen layer (√R² / √NC, a lower bound of the out-of-fold
+        r over √NC) is above ``min_score``.
+
+    Returns
+    -------
+    best : dict of str to dict
+        Signal → :func:`chosen_layers`: ``index``, ``depth``, ``chosen_score`` (training)
+        and ``peak`` (test r / √NC at the chosen layer), each (n_targets,).
+    reliable : ndarray of bool, shape (n_targets,)
+    """
+    if "activation" not in encoding:
+        raise ValueError(f"'encoding' must hold the 'activation' signal (the reliable targets "
+                         f"are chosen on it); got {sorted(encoding)}.")
+    best = {name: chosen_layers(out, depth, noise_ceiling, select_on="train")
+            for name, out in encoding.items()}
+    reliable = reliable_targets(noise_ceiling, best["activation"]["chosen_score"],
+                                min_noise_ceiling=min_noise_ceiling, min_score=min_score)
+    return best, reliable
+
+
 def recovery(recovered: np.ndarray, planted: np.ndarray) -> dict:
     """How well a recovered per-target quantity matches the planted one.
 
@@ -295,7 +336,8 @@ MIN_TIMED_LAYERS = 3  # layers with a latency a temporal score needs
 
 
 def _n_timed(latency) -> int:
-    """Layers with a latency (a significant peak, see :func:`gradbrain.analysis.encoding.meg_encoding`)."""
+    """Layers with a latency (a significant peak, see
+    :func:`gradbrain.analysis.encoding.meg_encoding`)."""
     return int(np.isfinite(np.asarray(latency, float)).sum())
 
 
