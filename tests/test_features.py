@@ -596,3 +596,13 @@ def test_beyond_activations_bad_inputs(rng):
         gf.beyond_activations(feats, np.arange(60) < 40, loss="dino")
     with pytest.raises(ValueError, match="'alphas' must be a 1-D array of positive"):
         gf.beyond_activations(feats, np.arange(60) < 40, alphas=[0.0, 1.0])
+
+
+def test_non_finite_pixels_of_a_correctly_sized_batch_are_named(cnn):
+    """Check the NaN/inf guard on an input that passes every other check (issue 30: it
+    crashed with AttributeError, and its old test stopped at the size check)."""
+    x = torch.zeros(3, 3, 224, 224)
+    x[1, 0, 5, 5] = float("nan")
+    x[2, 2, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or infinite pixel values \(image\(s\) \[1, 2\]\)"):
+        gf.extract(cnn, x, losses=("ce",), cache=False)

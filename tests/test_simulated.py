@@ -161,6 +161,31 @@ def test_save_load_round_trip_is_exact(studies, tmp_path):
     assert [p.name for p in (tmp_path).iterdir()] == ["study"]  # nothing partial left
 
 
+def test_save_refuses_to_replace_what_is_not_a_study(studies, tmp_path):
+    """Check that a file, or a folder holding no study, is left untouched (issue 30: a
+    save onto notes.txt moved it aside and the next load deleted it)."""
+    study = studies["none"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    with pytest.raises(FileExistsError, match="is a file, not a study folder"):
+        study.save(notes)
+    assert notes.read_text() == "x"
+    with pytest.raises(FileNotFoundError, match="not a saved Study"):
+        Study.load(notes)
+    assert notes.read_text() == "x"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("y")
+    with pytest.raises(FileExistsError, match="holds no saved study"):
+        study.save(mine)
+    assert (mine / "thesis.tex").read_text() == "y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert Study.load(study.save(empty)).image_ids == study.image_ids   # empty: fine
+    assert Study.load(study.save(empty)).image_ids == study.image_ids   # a study: replaced
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"gradient_truth": "backward"}, ValueError, "'gradient_truth' must be one of"),
     ({"n_images": 1000}, ValueError, "'n_images' must be an integer between 10 and 252"),

@@ -179,11 +179,23 @@ class Study:
         old one deleted — so a kill at any point leaves either the old or the new study
         at ``path`` (a swap cut short is undone by the next save or load). Temporary
         folders of killed saves are removed.
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` is a file, or a non-empty folder that holds no saved study: it is
+            not the program's to replace.
         """
         import h5py
 
-
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{str(path)!r} is a file, not a study folder: Study.save "
+                                  "writes a folder and would replace it. Choose another path.")
+        if path.is_dir() and not (path / "study.h5").is_file() and any(path.iterdir()):
+            raise FileExistsError(f"{str(path)!r} is a folder that holds no saved study (no "
+                                  "study.h5) and is not empty: Study.save would replace it and "
+                                  "everything in it. Choose a new or empty folder.")
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(path)
         pid = os.getpid()
@@ -242,7 +254,6 @@ class Study:
         """
         import h5py
         from PIL import Image
-
 
         path = Path(path).expanduser()
         clean_stale_temporaries(path)  # undo a swap a kill cut short
