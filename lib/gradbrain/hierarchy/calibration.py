@@ -18,7 +18,7 @@ from ..stats import _pct, _wilson
 
 
 #: Bump when a change to the simulation or the tests changes simulated statistics: cached
-#: and shipped tables of :func:`~gradbrain.analysis.simulation.simulate_tests` carry it in their key.
+#: and shipped tables of :func:`simulate_tests` carry it in their key.
 SIMULATION_VERSION = 4   # 2: the estimates' equivalence rows; 3: selection on training CV;
 
 
@@ -70,14 +70,14 @@ def _leave_one_out(simulated: pd.DataFrame, alpha: float) -> pd.DataFrame:
 
 def error_rates(simulated: pd.DataFrame, *, null: str = "nominal",
                 alpha: float = 0.05) -> pd.DataFrame:
-    """False-positive rate and power of every test, from :func:`~gradbrain.analysis.simulation.simulate_tests`' table.
+    """False-positive rate and power of every test, from :func:`simulate_tests`' table.
 
     Parameters
     ----------
     simulated : DataFrame
-        The output of :func:`~gradbrain.analysis.simulation.simulate_tests`.
+        The output of :func:`simulate_tests`.
     null : {"nominal", "model"}
-        Rates of the tests as :func:`~gradbrain.analysis.backprop.backprop_tests` decided them, or as decided against their
+        Rates of the tests as :func:`backprop_tests` decided them, or as decided against their
         model-based nulls (:func:`model_null_p`), each simulated study against all the
         others (leave one out: its p-value floor is ``1 / n`` with ``n`` studies per
         truth).
@@ -143,13 +143,13 @@ def power_curve(simulations: dict) -> pd.DataFrame:
     Parameters
     ----------
     simulations : dict
-        ``(weights, n_images, n_test, noise)`` → the table :func:`~gradbrain.analysis.simulation.simulate_tests` made
+        ``(weights, n_images, n_test, noise)`` → the table :func:`simulate_tests` made
         at that grid point (``weights`` a label such as ``"ImageNet"``; ``n_test`` the
         study's test images).
 
     Returns
     -------
-    DataFrame: :func:`error_rates` of each point (nominal decisions, as :func:`~gradbrain.analysis.backprop.backprop_tests`
+    DataFrame: :func:`error_rates` of each point (nominal decisions, as :func:`backprop_tests`
     made them), with ``weights``, ``n_images``, ``n_test`` and ``noise`` first, then
     ``n_seeds`` (studies per truth) and ``version`` (:data:`SIMULATION_VERSION`) last.
     """

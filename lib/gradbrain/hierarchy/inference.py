@@ -4,7 +4,6 @@ bootstrap over test images, and above-chance tests.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from scipy import stats
@@ -481,7 +480,7 @@ def above_chance(y_test, predictions, *, units=None, n_perm: int = 1000, seed: i
     same shuffles for every layer and target), taking the maximum over layers there
     too, so choosing the best layer on the test set is part of the null. p-values are
     ``(1 + #{null ≥ observed}) / (1 + n_perm)`` and are corrected across targets with
-    Benjamini–Hochberg (false discovery rate ``alpha``). The tests of :func:`~gradbrain.analysis.backprop.backprop_tests` ask
+    Benjamini–Hochberg (false discovery rate ``alpha``). The tests of :func:`backprop_tests` ask
     *where* and *when* a signal is best; this asks first whether it predicts the brain
     at all.
 

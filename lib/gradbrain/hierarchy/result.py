@@ -17,7 +17,7 @@ from ..stats import _pct
 
 @dataclass
 class HierarchyResult:
-    """What :func:`~gradbrain.analysis.backprop.backprop_tests` computed.
+    """What :func:`backprop_tests` computed.
 
     Attributes
     ----------
@@ -124,7 +124,7 @@ class HierarchyResult:
         Parameters
         ----------
         simulated : DataFrame
-            :func:`~gradbrain.analysis.simulation.simulate_tests` run on the features and settings of this result.
+            :func:`simulate_tests` run on the features and settings of this result.
 
         Returns
         -------

@@ -4,7 +4,6 @@ test parts combine into verdicts.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -22,13 +21,13 @@ def _verdicts(tests: pd.DataFrame) -> tuple[dict, bool, bool]:
 
 
 def _verdict_rows(truth: str, seed: int, consistent: bool, paper: bool) -> list[dict]:
-    """The two verdict rows of a simulated study in :func:`~gradbrain.analysis.simulation.simulate_tests`' table."""
+    """The two verdict rows of a simulated study in :func:`simulate_tests`' table."""
     return [{"truth": truth, "seed": seed, "prediction": "verdict", "part": part,
              "value": float(holds), "p_value": np.nan, "holds": bool(holds)}
             for part, holds in ((VERDICT_BACKPROP, consistent), (VERDICT_PAPER, paper))]
 
 
-#: The estimates of :func:`~gradbrain.analysis.backprop.backprop_tests` (key → name, unit, default equivalence margin or None);
+#: The estimates of :func:`backprop_tests` (key → name, unit, default equivalence margin or None);
 #: a biological backprop predicts 0 for each. The timing gap has no equivalence test:
 #: its prediction (:func:`backprop_latency_prediction`) assumes when the backward pass
 #: starts and how fast it runs, so a gap measures the distance from that model only.
@@ -57,7 +56,7 @@ def _timing_gap(grad_latency, act_latency, backward_rank) -> float:
     return float(np.nanmedian(gap))
 
 
-#: For every test part of :func:`~gradbrain.analysis.backprop.backprop_tests`: the planted truths of
+#: For every test part of :func:`backprop_tests`: the planted truths of
 #: :func:`gradbrain.data.simulated.make_study` under which it must not hold (its nulls),
 #: and the truth under which it should (its power).
 TEST_TRUTHS = {
@@ -71,13 +70,13 @@ TEST_TRUTHS = {
 }
 
 
-#: Rows of :func:`~gradbrain.analysis.simulation.simulate_tests` for the two verdicts of a simulated study.
+#: Rows of :func:`simulate_tests` for the two verdicts of a simulated study.
 VERDICT_BACKPROP = "verdict: consistent with backprop"
 VERDICT_PAPER = "verdict: the paper's finding"
 TEST_TRUTHS[VERDICT_BACKPROP] = (("none", "forward", "paper"), "backprop")
 TEST_TRUTHS[VERDICT_PAPER] = (("none", "forward", "backprop"), "paper")
 #: The estimates' equivalence decisions (rows ``prediction == "estimate"`` of
-#: :func:`~gradbrain.analysis.simulation.simulate_tests`; not decided against model-based nulls): equivalent to
+#: :func:`simulate_tests`; not decided against model-based nulls): equivalent to
 #: backprop only under ``backprop`` (and, in space, under ``forward``, whose gradients
 #: sit where activations do).
 TEST_TRUTHS[ESTIMATES["spatial"][0]] = (("none", "paper"), "backprop")
