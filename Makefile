@@ -30,9 +30,11 @@ book: chapters html
 
 # one pytest-xdist worker per core; a test file stays on one worker (its module fixtures,
 # e.g. the tiny book build, are computed once); files go out in the order tests/conftest.py
-# sets (long ones first), not sorted by their number of tests
+# sets (long ones first), not sorted by their number of tests; the library's docstring
+# examples run too (--doctest-modules)
 test: $(INSTALLED)
-	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder \
+		--doctest-modules tests lib/gradbrain
 
 test-slow: $(INSTALLED)
 	$(PY) -m pytest -m slow

@@ -89,6 +89,16 @@ def encode_time_resolved(X_train, Y_train, X_test, Y_test, *, alphas=DEFAULT_ALP
     ``alpha`` (n_channels, n_times) the alpha chosen per sensor and time point and, with
     ``return_prediction``, ``prediction`` (n_test, n_channels, n_times) in the units of
     ``Y_test``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(40, 3))                                # (n_images, n_features)
+    >>> Y = np.einsum("nf,fct->nct", X, rng.normal(size=(3, 4, 6)))  # 4 sensors, 6 times
+    >>> out = encode_time_resolved(X[:30], Y[:30], X[30:], Y[30:], alphas=[1e-3, 1.0])
+    >>> out["r"].shape, bool((out["r"] > 0.99).all())
+    ((4, 6), True)
     """
     Y_train, Y_test = _as_meg("Y_train", Y_train), _as_meg("Y_test", Y_test)
     if Y_train.shape[1:] != Y_test.shape[1:]:
@@ -127,6 +137,13 @@ def peak_latency(times: np.ndarray, curve: np.ndarray, threshold: float = 0.95) 
         Seconds (or ms: the result has the same unit).
     curve : ndarray of shape (n_times,)
         Score over time (e.g. r averaged over sensors); its maximum must be positive.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> times = np.array([0.0, 10.0, 20.0, 30.0, 40.0])           # ms
+    >>> peak_latency(times, np.array([0.0, 0.2, 1.0, 0.97, 0.1]))  # window ≥ 95 % of the peak
+    25.0
     """
     times, curve = np.asarray(times, float), np.asarray(curve, float)
     if times.shape != curve.shape or curve.ndim != 1:
@@ -238,6 +255,16 @@ def decode_time_resolved(meg_train, y_train, meg_test, y_test=None, *, alphas=DE
     dict with ``prediction`` (n_test, n_times, n_targets), ``alpha`` (n_times,
     n_targets) and, with ``y_test``, ``r`` (n_times, n_targets); the target axis is
     dropped when ``y_train`` is 1-D.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(40, 3))
+    >>> meg = np.einsum("nf,fct->nct", X, rng.normal(size=(3, 4, 6)))  # (n_trials, 4, 6 times)
+    >>> out = decode_time_resolved(meg[:30], X[:30, 0], meg[30:], X[30:, 0], alphas=[1e-3, 1.0])
+    >>> out["r"].shape, out["prediction"].shape, bool((out["r"] > 0.99).all())
+    ((6,), (10, 6), True)
     """
     meg_train, meg_test = _as_meg("meg_train", meg_train), _as_meg("meg_test", meg_test)
     if meg_train.shape[1:] != meg_test.shape[1:]:
@@ -557,6 +584,15 @@ def bootstrap_curves(Y_test, predictions, *, n_boot: int = 1000, seed: int = 0,
     -------
     ndarray of shape (n_boot, n_layers, n_times)
         Pearson r across the resampled images, averaged over sensors.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> y_test = rng.normal(size=(10, 4, 6))                        # (n_test, sensors, times)
+    >>> predictions = y_test[None] + rng.normal(size=(2, 10, 4, 6))  # 2 layers
+    >>> bootstrap_curves(y_test, predictions, n_boot=5).shape       # (n_boot, n_layers, n_times)
+    (5, 2, 6)
     """
     Y_test, predictions = _test_arrays(Y_test, predictions)
     if n_boot < 1:
@@ -620,6 +656,16 @@ def peak_permutation_test(Y_test, predictions, *, n_perm: int = 200, seed: int =
     dict with ``p_value`` (n_layers,), ``peak`` (n_layers,) the observed maximum of the
     course, ``null_max`` (n_perm, n_layers), ``p_time`` (n_times,) the per-time p-value
     of the best layer and ``best_curve`` (n_times,) the best layer's score at each time.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> y_test = rng.normal(size=(10, 4, 6))
+    >>> predictions = np.stack([y_test, rng.normal(size=(10, 4, 6))])  # predicts, does not
+    >>> out = peak_permutation_test(y_test, predictions, n_perm=20)
+    >>> [round(float(p), 3) for p in out["p_value"]]               # floor 1 / 21
+    [0.048, 0.619]
     """
     Y_test, predictions = _test_arrays(Y_test, predictions)
     if isinstance(n_perm, bool) or not isinstance(n_perm, (int, np.integer)) or n_perm < 1:

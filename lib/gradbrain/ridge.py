@@ -180,6 +180,11 @@ def check_folds(cv, n_samples: int, y=None, groups=None) -> list[tuple[np.ndarra
     Returns
     -------
     list of (train, test), each an int64 ndarray of sample indices.
+
+    Examples
+    --------
+    >>> [test.tolist() for _, test in check_folds(3, 6)]
+    [[0, 1], [2, 3], [4, 5]]
     """
     if groups is not None:
         groups = np.asarray(groups)
@@ -706,6 +711,13 @@ def pearson_r(y_true, y_pred) -> np.ndarray:
     hold NaN or inf, or whose true values are constant (r is undefined there: no data,
     not a failed prediction); 0 where the prediction is constant (a model that
     predicts nothing).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.array([[1.0, 1.0], [2.0, 0.0], [3.0, 1.0]])
+    >>> pearson_r(y, 2 * y + 1)
+    array([1., 1.])
     """
     a = np.asarray(y_true, dtype=np.float64)
     b = np.asarray(y_pred, dtype=np.float64)
@@ -860,6 +872,16 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
     n_targets). Targets holding NaN or inf (in training or test responses) are left out
     of the fit with a warning; their ``r``, ``r_nc``, ``alpha``, ``cv_r2`` and
     predictions are NaN.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(40, 5))            # (n_images, n_features)
+    >>> Y = X @ rng.normal(size=(5, 3))         # (n_images, n_targets), noiseless
+    >>> out = encoding_scores(X[:30], Y[:30], X[30:], Y[30:], alphas=[1e-3, 1.0, 1e3])
+    >>> out["r"].shape, bool((out["r"] > 0.99).all()), out["alpha"].tolist()
+    ((3,), True, [0.001, 0.001, 0.001])
     """
     Y_train = Y_train if isinstance(Y_train, torch.Tensor) else np.asarray(Y_train)
     Y_test = np.asarray(Y_test)
@@ -932,6 +954,18 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
     images' out-of-fold R², see :func:`encoding_scores`), ``layers`` and, if asked,
     ``prediction`` (n_layers, n_test, n_targets), float32. Targets with NaN or inf
     responses get NaN (one warning).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(40, 5))
+    >>> Y = X @ rng.normal(size=(5, 3))         # driven by layer1 only
+    >>> features = {"layer1": X, "layer2": rng.normal(size=(40, 4))}
+    >>> out = layerwise_scores(features, Y[:30], Y[30:], np.arange(30), np.arange(30, 40),
+    ...                        alphas=[1e-3, 1.0, 1e3])
+    >>> out["layers"], out["r"].shape, out["r"].mean(1).round(1).tolist()
+    (['layer1', 'layer2'], (2, 3), [1.0, 0.0])
     """
     from tqdm import tqdm
 
@@ -994,6 +1028,13 @@ def standardize(train, test, *, dtype=None) -> tuple[np.ndarray, np.ndarray]:
     Returns
     -------
     (train, test) standardised, of shapes (n_train, n_features) and (n_test, n_features)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> train, test = standardize(np.array([[0.0], [2.0]]), np.array([[4.0]]))
+    >>> train.ravel().tolist(), test.ravel().tolist()
+    ([-1.0, 1.0], [3.0])
     """
     train, test = np.asarray(train), np.asarray(test)
     if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
@@ -1087,6 +1128,17 @@ def variance_partition(a_train, b_train, Y_train, a_test, b_test, Y_test, *,
     training images (1 − its held-out mean squared error over the training variance;
     it never sees the test images, so it can select targets for the test parts without
     biasing them); NaN for targets with non-finite or constant responses.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.normal(size=(60, 3)), rng.normal(size=(60, 3))
+    >>> Y = a @ rng.normal(size=(3, 2)) + 0.1 * rng.normal(size=(60, 2))   # band a only
+    >>> out = variance_partition(a[:45], b[:45], Y[:45], a[45:], b[45:], Y[45:],
+    ...                          alphas=[1e-2, 1.0])
+    >>> bool((out["unique_a"] > 0.5).all()), bool((abs(out["unique_b"]) < 0.05).all())
+    (True, True)
     """
     Y_train, Y_test = np.asarray(Y_train, np.float64), np.asarray(Y_test, np.float64)
     if Y_train.ndim != 2 or Y_test.ndim != 2 or Y_train.shape[1] != Y_test.shape[1]:

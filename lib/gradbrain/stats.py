@@ -37,6 +37,15 @@ def group_test(values, *, alternative: str = "greater", alpha: float = 0.05) -> 
     two-sided), ``can_reach_alpha`` (False: with so few subjects the test cannot be
     significant, whatever the data — e.g. 4 subjects, two-sided: 0.125; see
     :func:`group_estimate`), ``p_fdr`` and ``significant``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> scores = pd.DataFrame({"a": [0.5, 0.6, 0.4, 0.7, 0.55], "b": [0.1, -0.2, 0.05, -0.1, 0.0]})
+    >>> group_test(scores)[["median", "p", "min_p"]].round(3)   # 5 subjects: floor 1/32
+       median      p  min_p
+    a    0.55  0.031  0.031
+    b    0.00  0.750  0.031
     """
     from mne.stats import fdr_correction
 
@@ -105,6 +114,17 @@ def group_estimate(values, ci_low, ci_high, *, ci: float = 0.95,
     assumption-free test's reach, to read beside ``p_random``), ``p_random_fdr`` and
     ``significant`` (random effects, FDR). NaN where a statistic has too few subjects
     (random effects need 2).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> scores = pd.DataFrame({"a": [0.5, 0.6, 0.4, 0.7, 0.55], "b": [0.1, -0.2, 0.05, -0.1, 0.0]})
+    >>> half = pd.DataFrame({"a": [0.1] * 5, "b": [0.1] * 5})        # half-widths of the CIs
+    >>> table = group_estimate(scores, scores - half, scores + half)
+    >>> table[["fixed", "random", "p_random"]].round(3)
+       fixed  random  p_random
+    a   0.55    0.55     0.000
+    b  -0.03   -0.03     0.607
     """
     from mne.stats import fdr_correction
     from statsmodels.stats.meta_analysis import combine_effects
@@ -198,6 +218,14 @@ def equivalence(value: float, samples, *, margin: float | None, alpha: float = 0
     -------
     dict with ``value``, ``ci_low``, ``ci_high``, ``tost_low``, ``tost_high``,
     ``p_tost``, ``diverges``, ``equivalent`` and ``n_boot`` (usable resamples).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> samples = np.random.default_rng(0).normal(0.05, 0.05, 1000)   # bootstrap resamples
+    >>> out = equivalence(0.05, samples, margin=0.3)
+    >>> out["diverges"], out["equivalent"]
+    (False, True)
     """
     if margin is not None and not margin > 0:
         raise ValueError(f"'margin' must be positive (in the estimate's unit); got {margin!r}.")

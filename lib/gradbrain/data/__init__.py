@@ -40,8 +40,6 @@ def study_path(profile: str, dataset: str, study_dir=None) -> Path:
 
     Examples
     --------
-    >>> study_path("demo", "simulated").parts[-2:]
-    ('studies', 'demo-simulated')
     >>> study_path("demo", "simulated", "/data/my-study").as_posix()
     '/data/my-study'
     """
