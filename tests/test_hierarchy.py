@@ -384,7 +384,10 @@ def test_run_recovers_each_planted_truth(planted, seed, truths, tmp_path):
     assert (shuffled.p_value >= shuffled.min_p
             - 4 * np.sqrt(shuffled.min_p * (1 - shuffled.min_p) / 2000)).all()
     assert (tests.can_reach_alpha == ~(tests.min_p >= 0.05)).all()
-    assert "**not consistent**" in verdicts["paper"].summary()
+    said = verdicts["paper"].summary()   # a failed test is not called a divergence
+    assert "**fails the tests** of a biological backpropagation (prediction 1" in said
+    assert "not consistent" not in said and "reproduced" not in said
+    assert "the paper's positive finding is found in this study." in said
     # above chance at all: with no gradient planted, gradients predict no vertex, unit or
     # time point (FDR); the paper's gradients predict the high-level units (top 40 % of
     # the hierarchy) and only late times (planted at 350-600 ms)
