@@ -898,6 +898,11 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
     simulation.simulate_tests(changed, truths=("none",), n_seeds=1, first_seed=3, noise=0.5,
                              cache=tmp_path / "other", progress=False, **kw)
     assert len(made) == 3
+    # the seed of a study under test is never among its own null: the next one is taken
+    skipped = simulation.simulate_tests(small_planted, truths=("none",), n_seeds=2,
+                                        first_seed=3, exclude_seeds=[4], noise=0.5,
+                                        progress=False, **kw)
+    assert sorted(set(skipped.seed)) == [3, 5] and len(made) == 4   # seed 3 was cached
     with pytest.raises(ValueError, match="'truths' must be one of"):
         simulation.simulate_tests(small_planted, truths=("sideways",), progress=False)
     with pytest.raises(ValueError, match="'seed', 'fmri' and 'meg'"):

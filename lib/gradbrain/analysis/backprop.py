@@ -14,7 +14,7 @@ from scipy import stats
 from .. import models
 from .._utils import check_in_allowed, signal_name
 from ..features import beyond_activations, extract, resolve_loss
-from .encoding import check_encoding, fmri_encoding, meg_encoding
+from .encoding import Encoding, check_encoding, fmri_encoding, meg_encoding
 from ..hierarchy.inference import (_both_correlations, _both_profile_correlations, _no_correlation,
                                    above_chance, bootstrap_spatial_score, layer_permutation_test,
                                    profile_permutation_test, spatial_score)
@@ -29,13 +29,14 @@ __all__ = ["backprop_tests"]
 
 
 def backprop_tests(study, features=None, *, loss: str | None = None, alpha: float = 0.05,
-        min_noise_ceiling: float = 10.0, min_score: float = 0.1, n_units: int = 20,
-        n_perm: int = 10_000,
-        n_boot: int = 1000, ci: float = 0.95, seed: int = 0, cv: int = 5, device=None,
-        fmri: dict | None = None, meg: dict | None = None, meg_study=None,
-        meg_features=None, gradient_part: str = "whole", n_perm_chance: int = 1000,
-        margins: dict | None = None, select_on: str = "train",
-        spatial_statistic: str = "centre", progress: bool = False) -> HierarchyResult:
+                   min_noise_ceiling: float = 10.0, min_score: float = 0.1, n_units: int = 20,
+                   n_perm: int = 10_000, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+                   cv: int = 5, device=None, fmri: Encoding | None = None,
+                   meg: Encoding | None = None, meg_study=None, meg_features=None,
+                   gradient_part: str = "whole", n_perm_chance: int = 1000,
+                   margins: dict | None = None, select_on: str = "train",
+                   spatial_statistic: str = "centre", progress: bool = False
+                   ) -> HierarchyResult:
     """Test whether a study's gradient signals follow the brain's hierarchies like backprop.
 
     Predictions (each with its null; all one-sided at ``alpha``):
@@ -57,8 +58,8 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
     3. **where** (the paper's positive finding, not a backprop prediction) — (a)
        gradients gain on activations more in high-level than in early cortex (top vs
        bottom quarter of the units, Mann–Whitney on the units' mean gradient minus
-       activation peak score) and (b) gradients peak later than activations (median latency difference,
-       bootstrap CI above 0).
+       activation peak score) and (b) gradients peak later than activations (median
+       latency difference, bootstrap CI above 0).
 
     With ``gradient_part="unique"`` every test runs on the gradients' unique part: each
     layer's gradient features with what a ridge read-out of all activation layers

@@ -120,7 +120,8 @@ def write_reference(simulated: pd.DataFrame, features, *, n_images: int | None =
 
 def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
                    truths=("none", "forward", "backprop", "paper"), n_seeds: int = 20,
-                   first_seed: int = 1000, n_jobs: int = 1, simulate_fmri: bool = True,
+                   first_seed: int = 1000, exclude_seeds=(), n_jobs: int = 1,
+                   simulate_fmri: bool = True,
                    simulate_meg: bool = True, images=None, n_test: int | None = None,
                    n_fmri_repeats: int | None = None, n_meg_test_repeats: int | None = None,
                    cache=True, progress: bool = True, **run_kwargs) -> pd.DataFrame:
@@ -147,8 +148,11 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
     truths : sequence of {"none", "forward", "backprop", "paper"}
         Planted gradient truths to simulate.
     n_seeds : int
-        Studies per truth (seeds ``first_seed`` … ``first_seed + n_seeds - 1``; keep them
-        apart from the seed of the study under test).
+        Studies per truth: the first ``n_seeds`` seeds from ``first_seed`` on that are not
+        in ``exclude_seeds``.
+    exclude_seeds : iterable of int
+        Seeds never simulated: the seed of a simulated study under test, so that it is
+        never among its own null (a sweep subject seeded 1000 would otherwise be).
     n_jobs : int
         Studies simulated in parallel (processes; each keeps to its share of the cores).
     simulate_fmri, simulate_meg : bool
@@ -201,7 +205,10 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
         ("n_test", n_test), ("n_fmri_repeats", n_fmri_repeats),
         ("n_meg_test_repeats", n_meg_test_repeats)) if value is not None}
     study_kwargs = {**sizes, **({"images": images} if images is not None else {})}
-    jobs = [(truth, first_seed + s) for truth in truths for s in range(n_seeds)]
+    excluded = {int(x) for x in exclude_seeds}
+    seeds = [seed for seed in range(first_seed, first_seed + n_seeds + len(excluded))
+             if seed not in excluded][:n_seeds]
+    jobs = [(truth, seed) for truth in truths for seed in seeds]
     rows, cache_dir = [], None
     if cache is not False:
         key = _simulation_key(features, n_images, noise, modalities, run_kwargs, sizes)
