@@ -60,6 +60,11 @@ def test_best_layer_and_regions():
     assert list(regions) == ["1 (early)"] * 2 + ["2"] * 2 + ["3"] * 2 + ["4 (high-level)"] * 2
     with pytest.raises(ValueError, match="'scores' must have shape"):
         hierarchy.best_layer(scores, np.array([0.0]))
+    # a target no layer scores has no best layer (issue 30: it got layer 0)
+    unscored = hierarchy.best_layer(np.array([[np.nan, 0.2], [np.nan, 0.1]]),
+                                    np.array([0.0, 1.0]))
+    assert np.isnan(unscored["depth"][0]) and np.isnan(unscored["peak"][0])
+    assert unscored["depth"][1] == 0.0 and unscored["peak"][1] == 0.2
 
 
 def test_summary_reports_recovery(encoded):

@@ -499,6 +499,7 @@ def _api_cases():
     import torch
 
     from gradbrain import compare, features, hierarchy, meg, models, ridge
+    from gradbrain import stats as gstats
     from gradbrain.analysis import backprop
     from gradbrain.data.simulated import make_study
 
@@ -553,6 +554,21 @@ def _api_cases():
          ValueError, "shape"),
         ("decode_time_resolved y length", lambda t: meg.decode_time_resolved(
             meg_X, np.zeros((5, 2)), meg_X), ValueError, "y_train"),
+        ("check_folds overlapping", lambda t: ridge.check_folds(
+            [(np.arange(12), np.arange(10, 20))], 20), ValueError, "share samples"),
+        ("group_test alpha=2", lambda t: gstats.group_test(pd.DataFrame({"a": [1.0, 2.0]}),
+                                                           alpha=2), ValueError, "alpha"),
+        ("group_estimate ci=1.5", lambda t: gstats.group_estimate(
+            pd.DataFrame({"a": [1.0]}), pd.DataFrame({"a": [0.0]}), pd.DataFrame({"a": [2.0]}),
+            ci=1.5), ValueError, "ci"),
+        ("equivalence alpha=0", lambda t: gstats.equivalence(0.1, np.zeros(5), margin=0.3,
+                                                             alpha=0), ValueError, "alpha"),
+        ("temporal_score ci=1.5", lambda t: hierarchy.temporal_score(
+            np.arange(4.0), np.linspace(0, 1, 4), ci=1.5), ValueError, "ci"),
+        ("hierarchy_regions 0", lambda t: hierarchy.hierarchy_regions(np.arange(8.0), 0),
+         ValueError, "n_regions"),
+        ("peak_latency all NaN", lambda t: meg.peak_latency(np.arange(3.0), np.full(3, np.nan)),
+         ValueError, "curve"),
         ("Study.load missing", lambda t: t["Study"].load(t["folder"] / "none"),
          FileNotFoundError, "study.h5"),
         ("Study.load corrupt", lambda t: t["Study"].load(t["corrupt"]), ValueError, "study.h5"),

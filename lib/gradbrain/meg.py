@@ -151,6 +151,9 @@ def peak_latency(times: np.ndarray, curve: np.ndarray, threshold: float = 0.95) 
                          f"and {curve.shape}.")
     if not 0 < threshold <= 1:
         raise ValueError(f"'threshold' must be in (0, 1]; got {threshold}.")
+    if not np.isfinite(curve).any():
+        raise ValueError("'curve' has no finite value (all NaN or infinite): no peak latency "
+                         "to report.")
     peak = int(np.nanargmax(curve))
     if not curve[peak] > 0:
         raise ValueError("The score never rises above 0: no peak latency to report.")

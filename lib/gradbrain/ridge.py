@@ -204,8 +204,14 @@ def check_folds(cv, n_samples: int, y=None, groups=None) -> list[tuple[np.ndarra
                          f"(train, test) index arrays; got {cv!r}.") from err
     folds = []
     for k, (train, test) in enumerate(splitter.split(np.zeros((n_samples, 1)), y, groups)):
-        folds.append((_fold_indices(train, "training", k, n_samples),
-                      _fold_indices(test, "test", k, n_samples)))
+        train, test = (_fold_indices(train, "training", k, n_samples),
+                       _fold_indices(test, "test", k, n_samples))
+        shared = np.intersect1d(train, test)
+        if shared.size:
+            raise ValueError(f"cv: fold {k}'s training and test sets share samples "
+                             f"{shared[:5].tolist()}: a sample scored on a fold must not be "
+                             "fitted on it. Give disjoint (train, test) index arrays.")
+        folds.append((train, test))
     if not folds:
         raise ValueError(f"'cv'={cv!r} produced no folds.")
     return folds

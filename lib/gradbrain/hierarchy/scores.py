@@ -38,7 +38,8 @@ def best_layer(scores: np.ndarray, depth: np.ndarray) -> dict:
     Returns
     -------
     dict with ``index`` (n_targets,) int, ``depth`` (n_targets,) in [0, 1] and
-    ``peak`` (n_targets,) the best score.
+    ``peak`` (n_targets,) the best score; a target without a finite score gets NaN depth
+    and peak (its ``index`` is 0 and means nothing).
     """
     scores = np.asarray(scores, dtype=float)
     depth = np.asarray(depth, dtype=float)
@@ -48,8 +49,9 @@ def best_layer(scores: np.ndarray, depth: np.ndarray) -> dict:
         )
     filled = np.where(np.isfinite(scores), scores, -np.inf)
     index = filled.argmax(0)
-    return {"index": index, "depth": depth[index],
-            "peak": scores[index, np.arange(scores.shape[1])]}
+    scored = np.isfinite(scores).any(0)   # a target no layer scores has no best layer
+    return {"index": index, "depth": np.where(scored, depth[index], np.nan),
+            "peak": np.where(scored, scores[index, np.arange(scores.shape[1])], np.nan)}
 
 
 def hierarchy_regions(coordinate: np.ndarray, n_regions: int = 4) -> np.ndarray:
@@ -59,6 +61,10 @@ def hierarchy_regions(coordinate: np.ndarray, n_regions: int = 4) -> np.ndarray:
     -------
     ndarray of str, shape (n_targets,): ``"1 (early)"`` … ``"n (high-level)"``.
     """
+    if isinstance(n_regions, bool) or not isinstance(n_regions, (int, np.integer)) \
+            or n_regions < 1:
+        raise ValueError(f"'n_regions' must be a positive integer (bins of the hierarchy "
+                         f"coordinate), e.g. n_regions=4; got {n_regions!r}.")
     coordinate = np.asarray(coordinate, dtype=float)
     edges = np.quantile(coordinate, np.linspace(0, 1, n_regions + 1)[1:-1])
     index = np.searchsorted(edges, coordinate, side="right")
@@ -367,6 +373,9 @@ def temporal_score(latency, depth, *, boot_latency=None, ci: float = 0.95) -> di
     ``n_layers`` used and, with ``boot_latency``, ``pearson_ci`` and ``spearman_ci``
     (low, high).
     """
+    if isinstance(ci, bool) or not isinstance(ci, (int, float)) or not 0 < ci < 1:
+        raise ValueError(f"'ci' must be the intervals' coverage in (0, 1), e.g. ci=0.95; got "
+                         f"{ci!r}.")
     latency, depth = np.asarray(latency, float), np.asarray(depth, float)
     if latency.shape != depth.shape or latency.ndim != 1:
         raise ValueError(f"'latency' and 'depth' must be 1-D of equal length (one value per "
