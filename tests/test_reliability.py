@@ -554,6 +554,20 @@ def _api_cases():
          ValueError, "shape"),
         ("decode_time_resolved y length", lambda t: meg.decode_time_resolved(
             meg_X, np.zeros((5, 2)), meg_X), ValueError, "y_train"),
+        ("backprop_tests n_units=1", lambda t: backprop.backprop_tests(None, n_units=1),
+         ValueError, "n_units"),
+        ("backprop_tests n_units=0", lambda t: backprop.backprop_tests(None, n_units=0),
+         ValueError, "n_units"),
+        ("backprop_tests seed=-1", lambda t: backprop.backprop_tests(None, seed=-1), ValueError,
+         "seed"),
+        ("backprop_tests min_noise_ceiling=150", lambda t: backprop.backprop_tests(
+            None, min_noise_ceiling=150), ValueError, "min_noise_ceiling"),
+        ("extract batch_size=True", lambda t: features.extract(
+            "efficientnet_lite0.imagenet", nan_image, batch_size=True), ValueError, "batch_size"),
+        ("extract loss_seed=-1", lambda t: features.extract(
+            "efficientnet_lite0.imagenet", nan_image, loss_seed=-1), ValueError, "loss_seed"),
+        ("models.load seed=-1", lambda t: models.load("dinov3_vits16", seed=-1), ValueError,
+         "seed"),
         ("check_folds overlapping", lambda t: ridge.check_folds(
             [(np.arange(12), np.arange(10, 20))], 20), ValueError, "share samples"),
         ("group_test alpha=2", lambda t: gstats.group_test(pd.DataFrame({"a": [1.0, 2.0]}),

@@ -632,8 +632,13 @@ def extract(
                 f"{unknown}. Valid: {model.layers}"
             )
         layers = [l for l in model.layers if l in layers]
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
         raise ValueError(f"'batch_size' must be a positive integer; got {batch_size!r}.")
+    if isinstance(loss_seed, bool) or not isinstance(loss_seed, (int, np.integer)) \
+            or loss_seed < 0:
+        raise ValueError(f"'loss_seed' must be a non-negative integer (it seeds the fixed "
+                         f"random loss heads); got {loss_seed!r}. e.g. loss_seed=0")
     device = resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
     x, ids, labels = _as_batch_tensor(model, images)

@@ -479,6 +479,9 @@ def load(
     -------
     LoadedModel
     """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"'seed' must be a non-negative integer (it seeds the random "
+                         f"initialisation); got {seed!r}. e.g. seed=0")
     if isinstance(name, str) and name not in REGISTRY and timm.is_model(name):
         return _load_timm(name, weights, seed)
     spec = get_spec(name)

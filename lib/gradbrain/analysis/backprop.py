@@ -141,9 +141,14 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
             raise ValueError(f"'{name}' must be a number between 0 and 1 (e.g. {name}="
                              f"{0.05 if name == 'alpha' else 0.95}); got {value!r}.")
     for name, value, low in (("n_perm", n_perm, 1), ("n_boot", n_boot, 0),
-                             ("n_perm_chance", n_perm_chance, 0)):
+                             ("n_perm_chance", n_perm_chance, 0), ("seed", seed, 0),
+                             ("n_units", n_units, 3)):   # 3: the fewest a rank test can order
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"'{name}' must be an integer >= {low}; got {value!r}.")
+    if isinstance(min_noise_ceiling, bool) or not isinstance(
+            min_noise_ceiling, (int, float, np.floating)) or not 0 <= min_noise_ceiling < 100:
+        raise ValueError(f"'min_noise_ceiling' must be a noise ceiling in percent, in [0, 100), "
+                         f"e.g. min_noise_ceiling=10; got {min_noise_ceiling!r}.")
     if features is None:
         if not study.truth:
             raise ValueError("'features' are needed for real data: extract them with "
