@@ -387,11 +387,13 @@ class HierarchyResult:
                 verdict = ("is consistent with a biological backpropagation (predictions 1 "
                            "and 2 hold)")
             else:
-                failed = " and ".join(sorted(p.split()[0] for p in backprop & set(failing)))
-                verdict = ("**fails the tests** of a biological backpropagation (prediction "
-                           f"{failed} did not hold; a failed test alone is no evidence that "
-                           "the gradients diverge from backprop — what was shown and what "
-                           "was not is in the estimates above)")
+                failed = sorted(p.split()[0] for p in backprop & set(failing))
+                which = (f"predictions {' and '.join(failed)} do" if len(failed) > 1
+                         else f"prediction {failed[0]} does")
+                verdict = (f"**fails the tests** of a biological backpropagation ({which} not "
+                           "hold; a failed test alone is no evidence that the gradients "
+                           "diverge from backprop: what was shown, and what was not, is in "
+                           "the estimates above)")
         else:
             verdict = ("**cannot be judged** against a biological backpropagation: prediction "
                        + " and ".join(sorted(p.split()[0] for p in backprop & set(untested)))
