@@ -193,7 +193,13 @@ def test_save_refuses_to_replace_what_is_not_a_study(studies, tmp_path):
     ({"gradient_weight": 1.0}, ValueError, "'gradient_weight' must be in"),
     ({"n_test": 39}, ValueError, "'n_test' must be between 2"),
     ({"fmri": False, "meg": False}, ValueError, "At least one of"),
-    ({"sfreq": 0}, ValueError, "'sfreq' must be positive"),
+    ({"sfreq": 0}, ValueError, "'sfreq' must be a finite positive number"),
+    ({"sfreq": float("nan")}, ValueError, "'sfreq' must be a finite positive number"),
+    ({"sfreq": float("inf")}, ValueError, "'sfreq' must be a finite positive number"),
+    ({"noise": "1.0"}, ValueError, "'noise' must be a finite number"),
+    ({"n_test": 2.5}, ValueError, "'n_test' must be between 2"),
+    ({"gradient_weight": "half"}, ValueError, "'gradient_weight' must be in"),
+    ({"gradient_loss": "mse"}, ValueError, "'gradient_loss' must be one of"),
 ])
 def test_bad_parameters_give_one_clear_error(kwargs, error, match):
     with pytest.raises(error, match=match):

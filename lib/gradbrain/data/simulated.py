@@ -158,17 +158,23 @@ def _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq
             f"'n_images' must be an integer between 10 and {n_available} ({source}); "
             f"got {n_images!r}. e.g. n_images={min(200, n_available)}"
         )
-    if not np.isfinite(noise) or noise < 0:
-        raise ValueError(f"'noise' must be a finite number ≥ 0 (noise sd scale); got {noise!r}.")
-    if not 0 <= gradient_weight < 1:
+    if isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"'noise' must be a finite number ≥ 0 (noise sd scale); got {noise!r}. "
+                         "e.g. noise=1.0")
+    if isinstance(gradient_weight, bool) or not isinstance(
+            gradient_weight, (int, float, np.integer, np.floating)) or not 0 <= gradient_weight < 1:
         raise ValueError(
             f"'gradient_weight' must be in [0, 1) (share of planted variance carried by "
             f"gradients); got {gradient_weight!r}. e.g. gradient_weight=0.5"
         )
-    if n_test is not None and not 2 <= n_test <= n_images - 2:
+    if n_test is not None and (isinstance(n_test, bool) or not isinstance(
+            n_test, (int, np.integer)) or not 2 <= n_test <= n_images - 2):
         raise ValueError(f"'n_test' must be between 2 and n_images - 2; got {n_test!r}.")
-    if sfreq <= 0:
-        raise ValueError(f"'sfreq' must be positive (Hz); got {sfreq!r}. e.g. sfreq=100")
+    if isinstance(sfreq, bool) or not isinstance(sfreq, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(sfreq) or sfreq <= 0:
+        raise ValueError(f"'sfreq' must be a finite positive number (Hz); got {sfreq!r}. "
+                         "e.g. sfreq=100")
     if not (fmri or meg):
         raise ValueError("At least one of 'fmri' and 'meg' must be True.")
 
@@ -248,6 +254,7 @@ def make_study(
         ``activation_latency`` / ``gradient_latency`` (ms; NaN = none); and the
         settings.
     """
+    check_in_allowed("gradient_loss", gradient_loss, gf.LOSSES)
     if images is None:
         n_images = 200 if n_images is None else n_images
         _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri,
