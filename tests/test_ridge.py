@@ -193,7 +193,6 @@ def _splitters(n):
     groups = np.repeat(np.arange(n // 6), 6)[:n]  # e.g. sessions of 6 images
     gapped = [(np.arange(0, 20), np.arange(25, 35)), (np.arange(15, 40), np.arange(45, n)),
               (np.r_[0:10, 30:n], np.arange(12, 24))]
-    overlapping = [(np.arange(0, 40), np.arange(30, 50)), (np.arange(20, n), np.arange(0, 25))]
     return {
         "KFold": (KFold(5), None),
         "shuffled KFold": (KFold(4, shuffle=True, random_state=1), None),
@@ -203,7 +202,6 @@ def _splitters(n):
         "GroupKFold": (GroupKFold(3), groups),
         "LeaveOneGroupOut": (LeaveOneGroupOut(), groups),
         "list with gaps": (gapped, None),
-        "overlapping train and test": (overlapping, None),
         "boolean masks": ([(np.arange(n) % 3 != k, np.arange(n) % 3 == k) for k in range(3)],
                           None),
     }
