@@ -88,6 +88,22 @@ def test_nan_contrast_is_not_judged_and_bad_inputs_are_named():
         divergence._check_cells([{"noise": 2}])
 
 
+def test_a_contrast_without_simulated_studies_is_not_judged_and_costs_holm_nothing(rng):
+    """A family simulated for the spatial contrast only (fMRI studies): the temporal one
+    is reported as not judged, and Holm corrects over the one contrast judged."""
+    table = _table(rng, [(0.5, 0.0, 0.1)], n=99)
+    table = table[table.contrast == "spatial"]
+    out = divergence.divergence_test({"spatial": -0.25, "temporal": -5.0}, table)
+    out = out.set_index("contrast")
+    assert out.at["temporal", "n_cells"] == 0 and np.isnan(out.at["temporal", "p_worst"])
+    assert not out.at["temporal", "diverges"]
+    sims = table.value.to_numpy()
+    assert out.at["spatial", "p_holm"] == pytest.approx((1 + np.sum(sims <= -0.25)) / 100)
+    said = divergence.summarize(out.reset_index(), divergence.family_rates(table, n_contrasts=1))
+    assert "temporal: gradient order − activation order = -5.00: **not judged**" in said
+    assert "cannot be judged" not in said
+
+
 def test_calibration_seeds_are_disjoint_from_selection_and_the_study():
     seeds = divergence.calibration_seeds(5, exclude=[divergence.FIRST_CALIBRATION_SEED + 1])
     assert divergence.FIRST_CALIBRATION_SEED + 1 not in seeds and len(set(seeds)) == 5

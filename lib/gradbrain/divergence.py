@@ -526,7 +526,7 @@ def judge(result, table: pd.DataFrame):
         values = {key: float(by.get(_NAMES[key], np.nan)) for key in CONTRASTS}
     out = copy.copy(result)
     out.divergence = divergence_test(values, table, alpha=result.alpha)
-    n = max(1, int(np.isfinite(out.divergence.value).sum()))
+    n = max(1, int(np.isfinite(out.divergence.p_worst).sum()))   # the contrasts judged
     out.divergence_rates = family_rates(table, alpha=result.alpha, n_contrasts=n)
     return out
 
@@ -552,6 +552,10 @@ def summarize(divergence: pd.DataFrame, rates: pd.DataFrame, *, alpha: float = 0
             rate_text += "."
         if not np.isfinite(row.value):
             lines.append(f"- {row.estimate}: not estimable here, so not judged.")
+            continue
+        if not row.n_cells:
+            lines.append(f"- {row.estimate} = {row.value:+.2f}: **not judged** against the "
+                         "family — no backprop study of it was simulated at these settings.")
             continue
         if not row.can_reach_alpha:
             verdict = (f"**cannot be judged** (with {row.n_per_cell} studies per cell the "
