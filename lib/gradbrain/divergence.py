@@ -1,8 +1,9 @@
 """Does a study's gradient order *diverge* from backprop? A test a true backprop passes.
 
 The replication's headline is a negative: the gradients' spatial and temporal orders
-diverge from what a biological backprop would produce. :func:`gradbrain.analysis.backprop.backprop_tests` measures
-two contrasts for which an ideal backprop predicts 0 (:data:`hierarchy.ESTIMATES`):
+diverge from what a biological backprop would produce.
+:func:`gradbrain.analysis.backprop.backprop_tests` measures two contrasts for which an
+ideal backprop predicts 0 (:data:`hierarchy.ESTIMATES`):
 
 * spatial — the gradient spatial score minus the activation one;
 * temporal — how well gradient latencies follow the autograd order minus how well

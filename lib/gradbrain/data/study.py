@@ -143,7 +143,6 @@ class Study:
         Two studies with the same digest hold the same data; :meth:`save` stores it, and
         the book runner reruns a chapter when the study it read has another digest.
         """
-
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps([self.name, self.mesh, list(self.image_ids)]).encode())
         for key in ("split", "betas", "vertices", "hemi", "hierarchy", "ncsnr"):
