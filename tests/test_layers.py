@@ -2,7 +2,7 @@
 
 Every import of a gradbrain module is collected with :mod:`ast` — module-level ones and
 the function-local ones that were written to dodge a cycle — and checked against the
-layer plan of ``book/methods.md`` ("How the library is layered"):
+layer plan of ``README.md`` ("How the library is layered"):
 
 0. ``gradbrain`` (the package root), ``_utils``, ``_compat``: imported by all;
 1. kernels on arrays — ``linear``, ``stats``, and the kernels still in ``ridge``/``meg``:
@@ -134,7 +134,7 @@ def layer_of(module: str) -> int:
                if module == prefix or module.startswith(prefix + ".")]
     if not matches:
         raise KeyError(f"{module} has no layer: add it to LAYERS in tests/test_layers.py "
-                       "(and to the plan in book/methods.md).")
+                       "(and to the plan in README.md).")
     return LAYERS[max(matches, key=len)]
 
 
