@@ -39,10 +39,17 @@ def _close_figures():
     plt.close("all")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_data_home(tmp_path_factory, monkeypatch):
-    """Caches go to a per-session temporary folder, never to the user's home."""
-    monkeypatch.setenv("GRADBRAIN_DATA", str(tmp_path_factory.getbasetemp() / "data_home"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_data_home(tmp_path_factory):
+    """Caches go to a per-session temporary folder, never to the user's home.
+
+    Session-scoped, so that it is in place before module- and session-scoped fixtures
+    run (the tiny book's build, a module fixture, wrote its study and features to
+    ``~/gradbrain_data`` while this was a per-test fixture). Tests that point
+    ``GRADBRAIN_DATA`` elsewhere do so with their own ``monkeypatch``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADBRAIN_DATA", str(tmp_path_factory.getbasetemp() / "data_home"))
+        yield
 
 
 @pytest.fixture(autouse=True)
