@@ -498,7 +498,9 @@ def tiny_inputs(tmp_path_factory):
 def _api_cases():
     import torch
 
-    from gradbrain import compare, features, hierarchy, meg, models, ridge
+    from types import SimpleNamespace
+
+    from gradbrain import compare, features, hierarchy, meg, models, plotting, ridge
     from gradbrain import stats as gstats
     from gradbrain.analysis import backprop
     from gradbrain.data.simulated import make_study
@@ -568,6 +570,18 @@ def _api_cases():
             "efficientnet_lite0.imagenet", nan_image, loss_seed=-1), ValueError, "loss_seed"),
         ("models.load seed=-1", lambda t: models.load("dinov3_vits16", seed=-1), ValueError,
          "seed"),
+        ("show_images n=0", lambda t: plotting.show_images(None, n=0), ValueError, "'n'"),
+        ("plot_surface wrong length", lambda t: plotting.plot_surface(
+            SimpleNamespace(n_vertices=5), np.zeros(4), label="x"), ValueError, "values"),
+        ("plot_surface views=['top']", lambda t: plotting.plot_surface(
+            SimpleNamespace(n_vertices=4), np.zeros(4), label="x", views=["top"]), ValueError,
+         "views"),
+        ("plot_layer_norms empty", lambda t: plotting.plot_layer_norms(pd.DataFrame()),
+         ValueError, "table"),
+        ("plot_model_comparison columns", lambda t: plotting.plot_model_comparison(
+            pd.DataFrame({"model": ["m"]})), ValueError, "feature"),
+        ("plot_time_courses {}", lambda t: plotting.plot_time_courses({}), ValueError,
+         "results"),
         ("check_folds overlapping", lambda t: ridge.check_folds(
             [(np.arange(12), np.arange(10, 20))], 20), ValueError, "share samples"),
         ("group_test alpha=2", lambda t: gstats.group_test(pd.DataFrame({"a": [1.0, 2.0]}),

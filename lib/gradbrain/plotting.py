@@ -18,6 +18,20 @@ __all__ = [
 ]
 
 
+#: Views of the cortical surface that :func:`plot_surface` draws (nilearn's).
+SURFACE_VIEWS = ("lateral", "medial", "dorsal", "ventral", "anterior", "posterior")
+
+
+def _check_table(name: str, table, columns, source: str) -> None:
+    """A non-empty DataFrame with ``columns``, or one error naming what is missing."""
+    if not isinstance(table, pd.DataFrame) or table.empty:
+        got = "an empty table" if isinstance(table, pd.DataFrame) else type(table).__name__
+        raise ValueError(f"'{name}' must be a non-empty table from {source}; got {got}.")
+    missing = [c for c in columns if c not in table]
+    if missing:
+        raise ValueError(f"'{name}' lacks the column(s) {missing}: give the table of {source}.")
+
+
 def show_images(image_set, n: int = 24, *, columns: int = 8, size: float = 1.4):
     """Grid of the first ``n`` stimuli with their category labels.
 
@@ -25,6 +39,8 @@ def show_images(image_set, n: int = 24, *, columns: int = 8, size: float = 1.4):
     -------
     matplotlib.figure.Figure
     """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"'n' must be a positive integer (images to show); got {n!r}. e.g. n=24")
     n = min(n, len(image_set))
     rows = int(np.ceil(n / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * size, rows * (size + 0.25)))
@@ -63,6 +79,8 @@ def plot_layer_norms(table: pd.DataFrame):
         Columns ``model``, ``depth``, ``signal`` (e.g. "activation", "gradient (ce)"),
         ``norm``, as returned by :func:`gradbrain.features.norms_table`.
     """
+    _check_table("table", table, ("model", "depth", "signal", "norm"),
+                 "gradbrain.features.norms_table")
     fig, axes = _depth_panels(table, panel="model", y="norm", hue="signal", legend_title="signal",
                               ylabel="mean L2 norm per image (log scale, a.u.)")
     for ax in axes:
@@ -175,9 +193,17 @@ def plot_surface(study, values: np.ndarray, *, label: str, title: str | None = N
     """
     from nilearn import plotting as nplot
 
+    values = np.asarray(values, dtype=float)
+    if values.shape != (study.n_vertices,):
+        raise ValueError(f"'values' must hold one value per study vertex, shape "
+                         f"({study.n_vertices},); got {values.shape}.")
+    views = [views] if isinstance(views, str) else list(views)
+    unknown = sorted(set(views) - set(SURFACE_VIEWS))
+    if not views or unknown:
+        raise ValueError(f"'views' must be a non-empty list of {list(SURFACE_VIEWS)}; got "
+                         f"{views!r}. e.g. views=['posterior', 'lateral']")
     mesh = fsaverage5()["nilearn"]
     sulc = fsaverage5()["sulc"]
-    values = np.asarray(values, dtype=float)
     vmin = np.nanmin(values) if vmin is None else vmin
     vmax = np.nanmax(values) if vmax is None else vmax
     fig, axes = plt.subplots(len(views), len(HEMIS), figsize=(4.2 * len(HEMIS), 3.4 * len(views)),
@@ -284,6 +310,9 @@ def plot_time_courses(results: dict, *, ylabel: str = "encoding r (mean over sen
         gets that range, ± the bound, shaded grey.
     """
     signals = list(results)
+    if not signals:
+        raise ValueError("'results' is empty: give meg_encoding's output (signal → its "
+                         "time courses).")
     fig, axes = plt.subplots(1, len(signals), figsize=(4.6 * len(signals), 3.6), sharey=True,
                              squeeze=False)
     for ax, signal in zip(axes[0], signals):
@@ -490,9 +519,11 @@ def plot_model_comparison(table: pd.DataFrame):
     table : DataFrame
         Output of :func:`gradbrain.compare.run`.
     """
+    _check_table("table", table, ("model", "feature", "loss", "trained"),
+                 "gradbrain.compare.run")
     table = table.assign(
-        signal=np.where(table["feature"] == "activation", "activation",
-                        "gradient (" + table["loss"].astype(str) + ")"),
+        signal=[signal_name(None if feature == "activation" else str(loss))
+                for feature, loss in zip(table["feature"], table["loss"])],
         label=table["model"] + np.where(table["trained"], "", "\n(random init)"),
     )
     panels = [c for c in ("spatial", "temporal") if c in table]
