@@ -49,7 +49,7 @@ from .analysis.backprop import backprop_tests
 from ._utils import atomic_path, check_in_allowed, discard_unreadable, get_data_home, hash_arrays
 from .data.simulated import DIVERGENT_TRUTHS, make_study
 from .hierarchy import calibration
-from .stats import _pct, _wilson
+from .stats import _pct, _wilson, check_level
 
 __all__ = ["DEFAULT_FAMILY", "CONTRASTS", "FIRST_CALIBRATION_SEED", "SELECTION_SEEDS",
            "calibration_seeds", "simulate_family", "divergence_test", "family_rates",
@@ -418,8 +418,7 @@ def divergence_test(values: dict, table: pd.DataFrame, *, alpha: float = 0.05) -
     ``can_reach_alpha`` (the floor is below the level Holm's first step needs,
     ``alpha / m``).
     """
-    if not 0 < alpha < 1:
-        raise ValueError(f"'alpha' must be in (0, 1), e.g. 0.05; got {alpha!r}.")
+    check_level("alpha", alpha)
     missing = {"truth", "estimate", "value", "gradient_weight", "latency_jitter"} - set(table)
     if missing:
         raise ValueError(f"'table' must be simulate_family's output; it lacks {sorted(missing)}.")

@@ -19,7 +19,7 @@ __all__ = ["ALTERNATIVES", "group_test", "group_estimate", "equivalence"]
 ALTERNATIVES = ("greater", "less", "two-sided")
 
 
-def _check_level(name: str, value) -> None:
+def check_level(name: str, value) -> None:
     """A probability strictly between 0 and 1 (a level or a coverage), or one clear error."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
             or not 0 < value < 1:
@@ -58,7 +58,7 @@ def group_test(values, *, alternative: str = "greater", alpha: float = 0.05) -> 
     from mne.stats import fdr_correction
 
     check_in_allowed("alternative", alternative, ALTERNATIVES)
-    _check_level("alpha", alpha)
+    check_level("alpha", alpha)
     values = pd.DataFrame(values)
     if len(values) < 2:
         raise ValueError(f"A group test needs at least 2 subjects (rows); got {len(values)}.")
@@ -144,8 +144,8 @@ def group_estimate(values, ci_low, ci_high, *, ci: float = 0.95,
         raise ValueError(f"'values', 'ci_low' and 'ci_high' must have the same subjects and "
                          f"statistics; got shapes {values.shape}, {ci_low.shape}, "
                          f"{ci_high.shape}.")
-    _check_level("ci", ci)
-    _check_level("alpha", alpha)
+    check_level("ci", ci)
+    check_level("alpha", alpha)
     z = stats.norm.ppf((1 + ci) / 2)
     rows = {}
     for column in values:
@@ -236,8 +236,8 @@ def equivalence(value: float, samples, *, margin: float | None, alpha: float = 0
     >>> out["diverges"], out["equivalent"]
     (False, True)
     """
-    _check_level("alpha", alpha)
-    _check_level("ci", ci)
+    check_level("alpha", alpha)
+    check_level("ci", ci)
     if margin is not None and not margin > 0:
         raise ValueError(f"'margin' must be positive (in the estimate's unit); got {margin!r}.")
     samples = np.asarray(samples, float)

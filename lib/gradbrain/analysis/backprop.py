@@ -23,7 +23,7 @@ from ..hierarchy.scores import (GRADIENT_PARTS, MIN_TIMED_LAYERS, SELECTIONS, SP
                                 _n_timed, chosen_layers, hierarchy_units, temporal_score,
                                 unit_best_layer, unit_coordinates)
 from ..hierarchy.verdicts import ESTIMATES, _spearman, _timing_gap, _verdicts
-from ..stats import _bootstrap_ci, equivalence
+from ..stats import _bootstrap_ci, check_level, equivalence
 
 __all__ = ["backprop_tests"]
 
@@ -136,10 +136,8 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
     -------
     HierarchyResult
     """
-    for name, value in (("alpha", alpha), ("ci", ci)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise ValueError(f"'{name}' must be a number between 0 and 1 (e.g. {name}="
-                             f"{0.05 if name == 'alpha' else 0.95}); got {value!r}.")
+    check_level("alpha", alpha)
+    check_level("ci", ci)
     for name, value, low in (("n_perm", n_perm, 1), ("n_boot", n_boot, 0),
                              ("n_perm_chance", n_perm_chance, 0), ("seed", seed, 0),
                              ("n_units", n_units, 3)):   # 3: the fewest a rank test can order

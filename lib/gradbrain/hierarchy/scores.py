@@ -9,6 +9,7 @@ import pandas as pd
 from scipy import stats
 
 from .._utils import check_in_allowed
+from ..stats import check_level
 
 
 #: What :func:`backprop_tests` tests of the gradients: as
@@ -373,9 +374,7 @@ def temporal_score(latency, depth, *, boot_latency=None, ci: float = 0.95) -> di
     ``n_layers`` used and, with ``boot_latency``, ``pearson_ci`` and ``spearman_ci``
     (low, high).
     """
-    if isinstance(ci, bool) or not isinstance(ci, (int, float)) or not 0 < ci < 1:
-        raise ValueError(f"'ci' must be the intervals' coverage in (0, 1), e.g. ci=0.95; got "
-                         f"{ci!r}.")
+    check_level("ci", ci)
     latency, depth = np.asarray(latency, float), np.asarray(depth, float)
     if latency.shape != depth.shape or latency.ndim != 1:
         raise ValueError(f"'latency' and 'depth' must be 1-D of equal length (one value per "
