@@ -274,3 +274,86 @@ def test_describe_truth_names_each_truth(studies):
     assert "**where and when**" in words["forward"]
     assert "**after** the forward sweep" in words["backprop"] and "300–500 ms" in words["backprop"]
     assert "**only in high-level**" in words["paper"] and "40%" in words["paper"]
+
+
+# --------------------------------------------------------------------- planted_response
+
+
+@pytest.fixture(scope="module")
+def novel_features(cnn):
+    """Features of 12 embedded images no study above showed."""
+    from gradbrain import features as gf
+    from gradbrain.data import load_embedded
+
+    return gf.extract(cnn, load_embedded(N_IMAGES + 12)[N_IMAGES:], losses=("ce",),
+                      pool="mean")
+
+
+@pytest.mark.parametrize("truth", ["paper", "shuffled"])
+def test_planted_response_on_the_studys_own_images_is_its_noiseless_response(feats, truth):
+    """With noise 0 a study's betas and MEG trials are its planted response; the
+    function, which reapplies the recorded read-outs to features, must give them back."""
+    from gradbrain.data.simulated import planted_response
+    from gradbrain.meg import average_by_image
+
+    study = make_study(4, n_images=N_IMAGES, gradient_truth=truth, noise=0.0, features=feats,
+                       latency_jitter=25.0)
+    fmri = planted_response(study, study.images, features=feats)
+    assert fmri.shape == (N_IMAGES, study.betas.shape[2])
+    np.testing.assert_array_equal(fmri.astype(np.float32), study.betas[:, 0])
+    meg = planted_response(study, study.images, "meg", features=feats)
+    trials = average_by_image(study.epochs, study.image_ids)   # every repeat is identical
+    assert meg.shape == trials.shape
+    np.testing.assert_array_equal(meg.astype(np.float32).astype(np.float64), trials)
+
+
+def test_planted_response_changes_with_the_images_not_with_the_noise(feats, novel_features):
+    from gradbrain.data.simulated import planted_response
+
+    quiet = make_study(5, n_images=N_IMAGES, noise=0.2, features=feats)
+    loud = make_study(5, n_images=N_IMAGES, noise=2.0, features=feats)
+    other_seed = make_study(6, n_images=N_IMAGES, noise=0.2, features=feats)
+    for modality in ("fmri", "meg"):
+        a = planted_response(quiet, None, modality, features=novel_features)
+        np.testing.assert_array_equal(a, planted_response(loud, None, modality,
+                                                          features=novel_features))
+        own = planted_response(quiet, None, modality, features=feats)
+        assert np.all(np.isfinite(a)) and a.shape[1:] == own.shape[1:]
+        # novel images get responses of the planted scale, not copies of the study's
+        assert 0.3 < a.std() / own.std() < 3
+        unit = own.std()   # MEG is in tesla: compare in units of the planted scale
+        assert np.abs(a - own[: len(a)]).max() > 0.1 * unit
+        assert np.abs(a - planted_response(other_seed, None, modality,
+                                           features=novel_features)).max() > 0.1 * unit
+
+
+def test_planted_response_survives_save_and_load(feats, novel_features, tmp_path):
+    from gradbrain.data.simulated import planted_response
+
+    study = make_study(7, n_images=N_IMAGES, gradient_truth="backprop", features=feats)
+    back = Study.load(study.save(tmp_path / "study"))
+    for modality in ("fmri", "meg"):
+        np.testing.assert_array_equal(
+            planted_response(back, None, modality, features=novel_features),
+            planted_response(study, None, modality, features=novel_features))
+
+
+def test_planted_response_refuses_what_it_cannot_answer(studies, feats, novel_features, cnn):
+    from gradbrain import features as gf
+    from gradbrain.data.simulated import planted_response
+
+    study = studies["paper"]
+    real = Study(name="real", image_ids=study.image_ids, images=study.images,
+                 split=study.split, betas=study.betas)
+    with pytest.raises(ValueError, match="no planted truth"):
+        planted_response(real, study.images)
+    old = Study(name="old", image_ids=study.image_ids, images=study.images,
+                split=study.split, betas=study.betas,
+                truth={k: v for k, v in study.truth.items() if not k.startswith("fmri_")})
+    with pytest.raises(ValueError, match="before its read-outs were recorded"):
+        planted_response(old, study.images, features=feats)
+    with pytest.raises(ValueError, match="modality"):
+        planted_response(study, study.images, "eeg", features=feats)
+    some_layers = gf.extract(cnn, study.images[:4], losses=("ce",), layers=cnn.layers[:3])
+    with pytest.raises(ValueError, match="every layer"):
+        planted_response(study, None, features=some_layers)

@@ -55,11 +55,11 @@ from .. import features as gf
 from .. import models
 from .._utils import check_in_allowed
 from .geometry import HEMIS, ctf_info, distance_from, posterior_vertices, v1_seed
-from .images import N_EMBEDDED, load_embedded
+from .images import N_EMBEDDED, ImageSet, load_embedded
 from .study import Study
 
 __all__ = ["GRADIENT_TRUTHS", "DIVERGENT_TRUTHS", "ALL_TRUTHS", "make_study",
-           "describe_truth", "default_n_test", "estimate_noise"]
+           "describe_truth", "default_n_test", "estimate_noise", "planted_response"]
 
 GRADIENT_TRUTHS = ("none", "forward", "backprop", "paper")
 #: Backprop's places and times in a wrong order (see the module docstring).
@@ -81,16 +81,38 @@ def default_n_test(n_images: int) -> int:
     return max(2, n_images // 5)
 
 
+def _zscore_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and sds over rows (float64), the statistics :func:`_zscore` uses."""
+    x = np.asarray(x, dtype=np.float64)
+    return x.mean(axis=0), x.std(axis=0)
+
+
+def _apply_zscore(x: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """``(x - mean) / sd`` column-wise, 0 where ``sd`` is 0."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.divide(x - mean, sd, out=np.zeros(np.broadcast_shapes(x.shape, np.shape(mean))),
+                     where=sd > 0)
+
+
 def _zscore(x: np.ndarray) -> np.ndarray:
     """Column-wise z-score over rows; constant columns become 0."""
-    x = np.asarray(x, dtype=np.float64)
-    sd = x.std(axis=0)
-    return np.divide(x - x.mean(axis=0), sd, out=np.zeros_like(x), where=sd > 0)
+    return _apply_zscore(x, *_zscore_stats(x))
 
 
-def _readout(z: np.ndarray, n_out: int, rng: np.random.Generator) -> np.ndarray:
-    """Random linear read-out of standardised features, scaled to unit variance."""
-    return _zscore(z @ rng.standard_normal((z.shape[1], n_out)))
+def _readout(z: np.ndarray, n_out: int, rng: np.random.Generator,
+             record: list | None = None) -> np.ndarray:
+    """Random linear read-out of standardised features, scaled to unit variance.
+
+    ``record``, when given, receives ``(weights, mean, sd)``: the read-out matrix
+    (n_features, n_out) and the statistics that scaled its output, so that the same
+    read-out can be applied to other images (:func:`planted_response`).
+    """
+    weights = rng.standard_normal((z.shape[1], n_out))
+    raw = z @ weights
+    mean, sd = _zscore_stats(raw)
+    if record is not None:
+        record.append((weights, mean, sd))
+    return _apply_zscore(raw, mean, sd)
 
 
 #: Median of the per-vertex noise factor U (log-uniform in [0.5, 2.5]) of _simulate_fmri.
@@ -281,8 +303,11 @@ def make_study(
             f"{gradient_loss!r}; got {features.n_images} images and losses {features.losses}."
         )
     layers, depth = list(features.layers), np.asarray(features.depth, dtype=float)
-    act = [_zscore(features.activations[l]) for l in layers]
-    grad = [_zscore(features.gradients[gradient_loss][l]) for l in layers]
+    stats = {"activation": [_zscore_stats(features.activations[l]) for l in layers],
+             "gradient": [_zscore_stats(features.gradients[gradient_loss][l]) for l in layers]}
+    act = [_apply_zscore(features.activations[l], *s) for l, s in zip(layers, stats["activation"])]
+    grad = [_apply_zscore(features.gradients[gradient_loss][l], *s)
+            for l, s in zip(layers, stats["gradient"])]
 
     rng = np.random.default_rng(seed)
     n_test = n_test if n_test is not None else default_n_test(n_images)
@@ -294,6 +319,13 @@ def make_study(
         "layers": layers, "depth": depth, "gradient_weight_setting": float(gradient_weight),
         "backward_rank": features.backward_rank(gradient_loss),
         "latency_jitter": float(latency_jitter),
+        # how each image's features were standardised (per layer, concatenated over
+        # layers): what planted_response needs to read out images the study never showed
+        **{f"feature_{what}_{signal}": np.concatenate([s[i] for s in stats[signal]])
+           for signal in stats for i, what in enumerate(("mean", "sd"))},
+        "feature_dims": np.array([features.activations[l].shape[1] for l in layers]),
+        "gradient_feature_dims": np.array([features.gradients[gradient_loss][l].shape[1]
+                                           for l in layers]),
     }
     if gradient_truth == "shuffled":   # drawn after the split, before either modality
         truth["gradient_order"] = rng.permutation(len(layers))
@@ -339,14 +371,23 @@ def _simulate_fmri(study, act, grad, depth, gradient_truth, noise, gradient_weig
     n = study.n_images
     signal_act = np.zeros((n, n_vertices))
     signal_grad = np.zeros((n, n_vertices))
+    # the read-outs, recorded: per signal, the weights (flattened, layer by layer) and the
+    # mean and sd that scaled each vertex's read-out
+    recorded = {s: {"weights": [], "mean": np.zeros(n_vertices), "sd": np.zeros(n_vertices)}
+                for s in ("activation", "gradient")}
     for l in range(n_layers):
-        where = np.flatnonzero(preferred_layer == l)
-        if where.size:
-            signal_act[:, where] = _readout(act[l], where.size, rng)
-        where = np.flatnonzero(gradient_layer == l)
-        if where.size:
-            signal_grad[:, where] = _readout(grad[l], where.size, rng)
-    signal = _zscore(np.sqrt(1 - weight) * signal_act + np.sqrt(weight) * signal_grad)
+        for name, chosen, z, out in (("activation", preferred_layer, act, signal_act),
+                                     ("gradient", gradient_layer, grad, signal_grad)):
+            where = np.flatnonzero(chosen == l)
+            if where.size:
+                record = []
+                out[:, where] = _readout(z[l], where.size, rng, record)
+                weights, mean, sd = record[0]
+                recorded[name]["weights"].append(weights.ravel())
+                recorded[name]["mean"][where], recorded[name]["sd"][where] = mean, sd
+    mixed = np.sqrt(1 - weight) * signal_act + np.sqrt(weight) * signal_grad
+    mixed_mean, mixed_sd = _zscore_stats(mixed)
+    signal = _apply_zscore(mixed, mixed_mean, mixed_sd)
 
     sigma = noise * np.exp(rng.uniform(np.log(0.5), np.log(2.5), n_vertices))
     betas = signal[:, None, :] + sigma * rng.standard_normal((n, n_repeats, n_vertices))
@@ -360,6 +401,10 @@ def _simulate_fmri(study, act, grad, depth, gradient_truth, noise, gradient_weig
         "gradient_layer": gradient_layer, "gradient_weight": weight,
         "signal_activation": signal_act.astype(np.float32),
         "signal_gradient": signal_grad.astype(np.float32),
+        **{f"fmri_readout_{what}_{name}": (np.concatenate(r["weights"]) if r["weights"]
+                                           else np.zeros(0)) if what == "weights" else r[what]
+           for name, r in recorded.items() for what in ("weights", "mean", "sd")},
+        "fmri_signal_mean": mixed_mean, "fmri_signal_sd": mixed_sd,
     })
 
 
@@ -422,17 +467,17 @@ def _simulate_meg(study, act, grad, depth, gradient_truth, noise, gradient_weigh
     if jitter and grad_patterns is not None:
         grad_latency = grad_latency + rng.normal(0.0, jitter / 1000, n_layers)
 
-    def courses(latency):
-        return np.exp(-((times[None, :] - latency[:, None]) ** 2) / (2 * _MEG_WIDTH**2))
-
     # basis[l, k] = pattern ⊗ time course; amplitudes come from per-image read-outs
-    basis = patterns[:, :, :, None] * courses(act_latency)[:, None, None, :]
-    amplitudes = np.stack([_readout(a, n_components, rng) for a in act], axis=1)
+    basis = _meg_basis(patterns, times, act_latency)
+    records = {"activation": [], "gradient": []}
+    amplitudes = np.stack([_readout(a, n_components, rng, records["activation"])
+                           for a in act], axis=1)
     scale_act = np.sqrt(1 - gradient_weight) if grad_patterns is not None else 1.0
     signal = scale_act * np.einsum("ilk,lkct->ict", amplitudes, basis)
     if grad_patterns is not None:
-        g_basis = grad_patterns[:, :, :, None] * courses(grad_latency)[:, None, None, :]
-        g_amplitudes = np.stack([_readout(g, n_components, rng) for g in grad], axis=1)
+        g_basis = _meg_basis(grad_patterns, times, grad_latency)
+        g_amplitudes = np.stack([_readout(g, n_components, rng, records["gradient"])
+                                 for g in grad], axis=1)
         signal += np.sqrt(gradient_weight) * np.einsum("ilk,lkct->ict", g_amplitudes, g_basis)
 
     # trials: one per training image, n_repeats per test image, in random order
@@ -465,7 +510,25 @@ def _simulate_meg(study, act, grad, depth, gradient_truth, noise, gradient_weigh
         "activation_latency": 1000 * act_latency,
         "gradient_latency": 1000 * grad_latency,
         "meg_patterns": patterns,
+        # what planted_response needs to give the noiseless MEG of any image
+        "meg_times_s": times, "meg_activation_latency_s": act_latency,
+        "meg_gradient_latency_s": grad_latency,
+        "meg_gradient_patterns": (grad_patterns if grad_patterns is not None
+                                  else np.zeros((0,) + patterns.shape[1:])),
+        "meg_activation_scale": float(scale_act),
+        **{f"meg_readout_{what}_{name}": (
+            np.concatenate([r[0].ravel() for r in rec] or [np.zeros(0)]) if what == "weights"
+            else np.array([r[1 if what == "mean" else 2] for r in rec]).reshape(
+                len(rec), n_components))
+           for name, rec in records.items() for what in ("weights", "mean", "sd")},
     })
+
+
+def _meg_basis(patterns: np.ndarray, times: np.ndarray, latency: np.ndarray) -> np.ndarray:
+    """Pattern ⊗ Gaussian time course per layer and component, (n_layers, n_components,
+    n_channels, n_times); ``times`` and ``latency`` in s."""
+    courses = np.exp(-((times[None, :] - latency[:, None]) ** 2) / (2 * _MEG_WIDTH**2))
+    return patterns[:, :, :, None] * courses[:, None, None, :]
 
 
 def describe_truth(study: Study) -> str:
@@ -515,3 +578,143 @@ def describe_truth(study: Study) -> str:
         lines.append(f"- Each gradient layer's latency is offset by a Gaussian draw of sd "
                      f"{t['latency_jitter']:.0f} ms.")
     return "\n".join(lines)
+
+
+#: Truth keys planted_response reads, per modality.
+_PLANTED_KEYS = {
+    "fmri": ("feature_mean_activation", "fmri_readout_weights_activation", "fmri_signal_mean"),
+    "meg": ("feature_mean_activation", "meg_readout_weights_activation", "meg_times_s"),
+}
+
+
+def _layer_blocks(flat: np.ndarray, dims) -> list[np.ndarray]:
+    """Split a concatenation over layers into one block per layer of ``dims`` entries."""
+    return np.split(np.asarray(flat), np.cumsum(dims)[:-1])
+
+
+def _planted_features(study: Study, images, features, net, device, cache, progress):
+    """The features planted_response reads out: given (checked) or extracted."""
+    t = study.truth
+    if features is None:
+        if net is None:
+            untrained = str(t.get("weights", "")).startswith("random init")
+            net = models.load(t["model"], weights=None if untrained else "pretrained")
+        if net.name != t["model"]:
+            raise ValueError(f"'net' must be the model the study was simulated from "
+                             f"({t['model']!r}); got {net.name!r}.")
+        if isinstance(images, ImageSet) and len(images) == 0:
+            raise ValueError("'images' is empty; give at least one image.")
+        features = gf.extract(net, images, losses=(t["gradient_loss"],), pool="mean",
+                              device=device, cache=cache, progress=progress)
+    if features.model != t["model"] or features.pool != "mean" \
+            or t["gradient_loss"] not in features.gradients \
+            or list(features.layers) != list(t["layers"]):
+        raise ValueError(
+            f"'features' must be extracted from {t['model']} with pool='mean', every layer "
+            f"and the loss {t['gradient_loss']!r} (what the study was simulated from); got "
+            f"{features.model}, pool {features.pool!r}, losses {features.losses}.")
+    dims = [features.activations[l].shape[1] for l in features.layers]
+    if dims != list(np.asarray(t["feature_dims"])):
+        raise ValueError(f"'features' have layer widths {dims}; the study was simulated from "
+                         f"widths {list(t['feature_dims'])}. Extract them with the same model.")
+    return features
+
+
+def planted_response(study: Study, images, modality: str = "fmri", *, features=None,
+                     net=None, device=None, cache=True, progress: bool = False) -> np.ndarray:
+    """The noiseless response a simulated study's planted truth gives to any images.
+
+    The same read-outs, applied exactly as :func:`make_study` applied them to the
+    study's own images: each layer's features are standardised with the mean and sd of
+    the study's images, read out with the study's random weights, and scaled with the
+    study's statistics — so on the study's own images this is the noiseless part of
+    its responses, and on images it never showed, the response its simulated brain
+    would have given. It depends on the study's seed, not on its noise level.
+
+    Parameters
+    ----------
+    study : Study
+        A simulated study (``make_study`` of this version or later).
+    images : ImageSet, sequence of PIL images or float tensor
+        Any images (as :func:`gradbrain.features.extract` takes them).
+    modality : {"fmri", "meg"}
+    features : Features or None
+        Features of ``images`` from the study's model (pool ``"mean"``, all layers, its
+        gradient loss); extracted when None.
+    net : LoadedModel or None
+        The study's model, when already loaded (default: loaded from the truth's name
+        and weights).
+    device, cache, progress
+        As :func:`gradbrain.features.extract` takes them.
+
+    Returns
+    -------
+    ndarray
+        fMRI: (n_images, n_vertices), in the units of ``study.betas`` (the planted signal
+        has unit variance over the study's images). MEG: (n_images, n_channels,
+        n_times), tesla.
+    """
+    check_in_allowed("modality", modality, ("fmri", "meg"))
+    t = study.truth
+    if not t:
+        raise ValueError(f"Study {study.name!r} has no planted truth (real data): there is no "
+                         "planted response to give; score encoders on its test images.")
+    missing = [k for k in _PLANTED_KEYS[modality] if k not in t]
+    if missing:
+        has = "betas" if modality == "fmri" else "epochs"
+        if getattr(study, has) is None:
+            raise ValueError(f"Study {study.name!r} has no {modality} data ({has} is None).")
+        raise ValueError(f"Study {study.name!r} was simulated before its read-outs were "
+                         f"recorded (no {missing[0]!r} in its truth); remake it with "
+                         "gradbrain.data.simulated.make_study.")
+    features = _planted_features(study, images, features, net, device, cache, progress)
+    layers, loss = list(features.layers), t["gradient_loss"]
+    n_images = features.n_images
+    standardised = {}
+    for signal, per_layer in (("activation", features.activations),
+                              ("gradient", features.gradients[loss])):
+        dims = t["feature_dims"] if signal == "activation" else t["gradient_feature_dims"]
+        means = _layer_blocks(t[f"feature_mean_{signal}"], dims)
+        sds = _layer_blocks(t[f"feature_sd_{signal}"], dims)
+        standardised[signal] = [_apply_zscore(per_layer[l], m, s)
+                                for l, m, s in zip(layers, means, sds)]
+    if modality == "fmri":
+        n_vertices = len(t["preferred_layer"])
+        out = {}
+        for signal, chosen in (("activation", t["preferred_layer"]),
+                               ("gradient", t["gradient_layer"])):
+            flat = np.asarray(t[f"fmri_readout_weights_{signal}"])
+            response, start = np.zeros((n_images, n_vertices)), 0
+            for l, z in enumerate(standardised[signal]):
+                where = np.flatnonzero(chosen == l)
+                if where.size:
+                    weights = flat[start:start + z.shape[1] * where.size].reshape(
+                        z.shape[1], where.size)
+                    start += weights.size
+                    response[:, where] = _apply_zscore(
+                        z @ weights, t[f"fmri_readout_mean_{signal}"][where],
+                        t[f"fmri_readout_sd_{signal}"][where])
+            out[signal] = response
+        weight = np.asarray(t["gradient_weight"])
+        mixed = np.sqrt(1 - weight) * out["activation"] + np.sqrt(weight) * out["gradient"]
+        return _apply_zscore(mixed, t["fmri_signal_mean"], t["fmri_signal_sd"])
+
+    def amplitudes(signal):
+        flat = np.asarray(t[f"meg_readout_weights_{signal}"])
+        n_components = t[f"meg_readout_mean_{signal}"].shape[1]
+        blocks = _layer_blocks(flat, [z.shape[1] * n_components for z in standardised[signal]])
+        return np.stack([
+            _apply_zscore(z @ w.reshape(z.shape[1], n_components),
+                          t[f"meg_readout_mean_{signal}"][l], t[f"meg_readout_sd_{signal}"][l])
+            for l, (z, w) in enumerate(zip(standardised[signal], blocks))], axis=1)
+
+    times = np.asarray(t["meg_times_s"])
+    basis = _meg_basis(np.asarray(t["meg_patterns"]), times, t["meg_activation_latency_s"])
+    signal = t["meg_activation_scale"] * np.einsum("ilk,lkct->ict", amplitudes("activation"),
+                                                   basis)
+    if len(t["meg_gradient_patterns"]):
+        g_basis = _meg_basis(np.asarray(t["meg_gradient_patterns"]), times,
+                             t["meg_gradient_latency_s"])
+        signal += np.sqrt(t["gradient_weight_setting"]) * np.einsum(
+            "ilk,lkct->ict", amplitudes("gradient"), g_basis)
+    return _MEG_SIGNAL_T * signal
