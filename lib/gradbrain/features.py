@@ -77,7 +77,7 @@ from .ridge import DEFAULT_ALPHAS
 __all__ = [
     "LOSSES", "POOLS", "Features", "extract", "linear_cka", "cka_matrix", "category_decoding",
     "norms_table", "decoding_table", "signals", "signal_name", "beyond_activations",
-    "gradient_part",
+    "gradient_part", "differentiable_features",
 ]
 
 LOSSES = ("dino", "ce", "proj")
@@ -621,17 +621,7 @@ def extract(
     model = _as_model(model)
     losses = _check_losses(losses)
     _check_pool(model, pool)
-    if layers is None:
-        layers = model.layers
-    else:
-        layers = [layers] if isinstance(layers, str) else list(layers)
-        unknown = [l for l in layers if l not in model.layers]
-        if unknown or not layers:
-            raise ValueError(
-                f"'layers' must be a non-empty subset of {model.name}'s layers; unknown: "
-                f"{unknown}. Valid: {model.layers}"
-            )
-        layers = [l for l in model.layers if l in layers]
+    layers = _check_layers(model, layers)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
         raise ValueError(f"'batch_size' must be a positive integer; got {batch_size!r}.")
@@ -737,6 +727,95 @@ def extract(
         features.save(final)
         shutil.rmtree(partial, ignore_errors=True)
     return features
+
+
+def differentiable_features(model: LoadedModel, x: torch.Tensor, *, loss: str | None = None,
+                            layers: Sequence[str] | None = None, pool: str = "mean",
+                            loss_seed: int = 0, dino_reference=None) -> dict[str, torch.Tensor]:
+    """Pooled per-layer features of a preprocessed batch that keep their graph to ``x``.
+
+    What :func:`extract` computes for one batch — the pooled activations (``loss=None``)
+    or the pooled gradients of ``loss`` with respect to each layer's output — but as
+    tensors through which autograd can differentiate with respect to the pixels: the
+    gradients are taken with ``create_graph=True``, so a function of them has a
+    second-order derivative (used to synthesise images for gradient encoders,
+    :func:`gradbrain.insilico.synthesize`). The model runs in eval mode, float32, on
+    the device of ``x``.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    x : torch.Tensor of shape (n_images, 3, H, W)
+        Preprocessed images (``model.preprocess``), float; typically requiring grad.
+    loss : {"dino", "ce", "proj"} or None
+        None: activations; else that loss's gradients (same heads and ``loss_seed`` as
+        :func:`extract`; the DINO teacher and centre are constants, as there).
+    layers, pool, loss_seed, dino_reference
+        As :func:`extract` takes them.
+
+    Returns
+    -------
+    dict of str to torch.Tensor of shape (n_images, dim_layer)
+        Layer → pooled features, float32, in forward order. With ``x`` as given, they
+        equal :func:`extract`'s (to float32 rounding).
+    """
+    model = _as_model(model)
+    _check_pool(model, pool)
+    if loss is not None:
+        check_in_allowed("loss", loss, LOSSES)
+    layers = _check_layers(model, layers)
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point() \
+            or tuple(x.shape[1:]) != tuple(model.input_size):
+        raise ValueError(f"'x' must be a float tensor of shape (n_images, "
+                         f"{', '.join(map(str, model.input_size))}) (model.preprocess); got "
+                         f"{getattr(x, 'shape', type(x).__name__)}.")
+    device = x.device
+    module = _move(model.module, device)
+    modes = [m.training for m in module.modules()]
+    module.eval()
+    capture = _Capture(module, layers)
+    pool_args = (pool, model.num_prefix_tokens, model.spec.channels_last)
+    try:
+        with torch.enable_grad():
+            if loss is not None and not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            capture.enabled = True
+            embedding = _embed(module, x)
+            capture.enabled = False
+            outputs = [capture.outputs[layer] for layer in layers]
+            if loss is None:
+                return {layer: _pool(o, *pool_args) for layer, o in zip(layers, outputs)}
+            heads = _LossHeads(model, loss_seed, device)
+            teacher = center = None
+            if loss == "dino":
+                x_ref = _dino_reference(model, dino_reference)
+                center = _dino_centre(model, heads, x_ref, 16, device, torch.float32, loss_seed)
+                with torch.no_grad():
+                    teacher = heads.dino_scores(_embed(module, _teacher_view(x.detach())))
+            value = heads.loss(loss, embedding, teacher, center)
+            grads = torch.autograd.grad(value, outputs, create_graph=True, allow_unused=True)
+            return {layer: (_pool(g, *pool_args) if g is not None
+                            else torch.zeros_like(_pool(o, *pool_args)))
+                    for layer, g, o in zip(layers, grads, outputs)}
+    finally:
+        capture.remove()
+        capture.outputs = {}
+        for submodule, mode in zip(module.modules(), modes):
+            submodule.training = mode
+
+
+def _check_layers(model: LoadedModel, layers) -> list[str]:
+    """``layers`` (None: all) as a checked list in forward order."""
+    if layers is None:
+        return list(model.layers)
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    unknown = [l for l in layers if l not in model.layers]
+    if unknown or not layers:
+        raise ValueError(
+            f"'layers' must be a non-empty subset of {model.name}'s layers; unknown: "
+            f"{unknown}. Valid: {model.layers}"
+        )
+    return [l for l in model.layers if l in layers]
 
 
 _DINO_REFERENCE_IMAGES = 64
