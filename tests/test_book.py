@@ -208,7 +208,8 @@ def test_chapters_run_on_tiny_profile_and_book_builds(tiny_build):
     assert tiny["01_gradients"]["batch_size"] == 13  # a value only the injected cell holds
     assert status == {"00_data": "executed", "01_gradients": "executed",
                       "02_fmri_encoding": "executed", "03_meg_decoding": "executed",
-                      "04_hierarchy_tests": "executed", "05_model_comparison": "executed"}
+                      "04_hierarchy_tests": "executed", "05_model_comparison": "executed",
+                      "06_in_silico": "executed"}
     # `make book` twice: the second run executes nothing
     assert set(book.run("tiny", root=tmp_path, progress=False).values()) == {"skipped"}
 
@@ -251,6 +252,13 @@ def test_chapters_run_on_tiny_profile_and_book_builds(tiny_build):
                for o in outputs("04_hierarchy_tests"))  # the whole-vs-unique table
     assert n_images("05_model_comparison") >= 1
     assert "dinov3_vits16** (random init)" in text("05_model_comparison")
+    # in silico: novel images scored against the planted truth, the three paradigms
+    assert n_images("06_in_silico") >= 8
+    assert "with the planted response to novel images" in text("06_in_silico")
+    assert "Intact vs scrambled, activation encoder: largest at" in text("06_in_silico")
+    assert "planted**: peaks at" in text("06_in_silico")          # MEG over time
+    assert "gradient encoder, high-level bin" in text("06_in_silico")
+    assert "reproduc" not in text("06_in_silico")
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     for name in ("00_data", "01_gradients", "02_fmri_encoding"):
         page = (tmp_path / "_build" / "html" / "executed" / f"{name}.html").read_text()

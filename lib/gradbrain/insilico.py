@@ -6,7 +6,9 @@ names one short home: ``gradbrain.insilico.fit_encoder(study, net)``.
 """
 
 from .analysis.insilico import (MODALITIES, SIGNALS, Contrast, Encoder, contrast,
-                                fit_encoder, phase_scramble, scramble, synthesize)
+                                contrast_by_hierarchy, contrast_over_time, fit_encoder,
+                                hierarchy_bins, phase_scramble, scramble, synthesize)
 
 __all__ = ["Encoder", "fit_encoder", "scramble", "phase_scramble", "contrast", "Contrast",
-           "synthesize", "SIGNALS", "MODALITIES"]
+           "contrast_by_hierarchy", "contrast_over_time", "hierarchy_bins", "synthesize",
+           "SIGNALS", "MODALITIES"]

@@ -271,8 +271,10 @@ def plot_layer_profiles(table: pd.DataFrame, *, ylabel: str = "encoding score (r
 
 
 def plot_score_by_hierarchy(hierarchy: np.ndarray, peaks: dict[str, np.ndarray], *,
-                            n_bins: int = 8, ylabel: str = "peak encoding score (r / √NC)"):
-    """Peak score of each signal against the hierarchy coordinate (binned means ± sem)."""
+                            n_bins: int = 8, ylabel: str = "peak encoding score (r / √NC)",
+                            title: str = "Where each signal predicts the brain"):
+    """Per-vertex values of each signal against the hierarchy coordinate (binned means ±
+    sem); ``peaks`` maps a legend label to values of shape (n_vertices,)."""
     rows = []
     edges = np.quantile(hierarchy, np.linspace(0, 1, n_bins + 1))
     centres = np.digitize(hierarchy, edges[1:-1])
@@ -286,7 +288,76 @@ def plot_score_by_hierarchy(hierarchy: np.ndarray, peaks: dict[str, np.ndarray],
     sns.lineplot(data=table, x="distance from V1 (mm)", y="score", hue="signal", marker="o",
                  errorbar="se", ax=ax)
     ax.set_ylabel(ylabel)
-    ax.set_title("Where each signal predicts the brain")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_contrast_by_hierarchy(tables: dict[str, pd.DataFrame], *, ylabel: str,
+                               title: str):
+    """Binned contrasts along the hierarchy with their intervals, one line per source.
+
+    ``tables`` maps a legend label (e.g. "activation encoder", "planted") to the output
+    of :func:`gradbrain.insilico.contrast_by_hierarchy`.
+    """
+    if not tables:
+        raise ValueError("'tables' is empty: give at least one contrast table.")
+    fig, ax = plt.subplots(figsize=(6.2, 3.9))
+    for i, (label, table) in enumerate(tables.items()):
+        _check_table("tables", table, ("distance_mm", "difference", "low", "high"),
+                     "gradbrain.insilico.contrast_by_hierarchy")
+        colour = sns.color_palette()[i % 10]
+        ax.plot(table["distance_mm"], table["difference"], "o-", color=colour, label=label)
+        ax.fill_between(table["distance_mm"], table["low"], table["high"], color=colour,
+                        alpha=0.2, linewidth=0)
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_xlabel("distance from V1 (mm, median of each bin)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_contrast_over_time(tables: dict[str, pd.DataFrame], *, ylabel: str, title: str):
+    """MEG contrast sizes over time with their intervals, one line per source (outputs
+    of :func:`gradbrain.insilico.contrast_over_time`)."""
+    if not tables:
+        raise ValueError("'tables' is empty: give at least one contrast table.")
+    fig, ax = plt.subplots(figsize=(6.2, 3.6))
+    for i, (label, table) in enumerate(tables.items()):
+        _check_table("tables", table, ("time_ms", "rms", "low", "high"),
+                     "gradbrain.insilico.contrast_over_time")
+        colour = sns.color_palette()[i % 10]
+        ax.plot(table["time_ms"], table["rms"], color=colour, label=label)
+        ax.fill_between(table["time_ms"], table["low"], table["high"], color=colour,
+                        alpha=0.2, linewidth=0)
+    ax.axvline(0, color="0.5", lw=0.8)
+    ax.set_xlabel("time from image onset (ms)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_preferred_response(natural: dict[str, np.ndarray], synthesized: dict[str, float], *,
+                            xlabel: str, title: str):
+    """Distribution of a response over natural images (histograms), with the response
+    to a synthesized image marked, per panel label."""
+    if not natural:
+        raise ValueError("'natural' is empty: give at least one panel.")
+    fig, axes = plt.subplots(1, len(natural), figsize=(3.3 * len(natural), 2.9), squeeze=False)
+    for ax, (label, values) in zip(axes[0], natural.items()):
+        sns.histplot(np.asarray(values, float), ax=ax, color="0.6", bins=15)
+        if label in synthesized:
+            ax.axvline(synthesized[label], color="crimson", lw=2, label="synthesized")
+        ax.axvline(np.median(values), color="0.2", ls="--", lw=1, label="natural median")
+        ax.set_title(label, fontsize="small")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("natural images")
+    axes[0][0].legend(fontsize="x-small", frameon=False)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

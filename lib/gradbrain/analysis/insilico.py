@@ -43,7 +43,8 @@ from ..ridge import DEFAULT_ALPHAS, RidgeCV, pearson_r
 from .encoding import _meg_split, check_same_images
 
 __all__ = ["Encoder", "fit_encoder", "scramble", "phase_scramble", "contrast", "Contrast",
-           "synthesize", "SIGNALS", "MODALITIES"]
+           "contrast_by_hierarchy", "contrast_over_time", "hierarchy_bins", "synthesize",
+           "SIGNALS", "MODALITIES"]
 
 SIGNALS = ("activation", "gradient")
 MODALITIES = ("fmri", "meg")
@@ -102,8 +103,9 @@ class Encoder:
     alphas : ndarray of shape (n_targets,)
         Each target's ridge penalty (on standardised features).
     targets : DataFrame
-        One row per target: fMRI ``vertex``, ``hemi``, ``hierarchy`` (mm from V1);
-        MEG ``channel``, ``time_ms``.
+        One row per target: fMRI ``study_index`` (position among the study's
+        vertices), ``vertex``, ``hemi``, ``hierarchy`` (mm from V1), ``noise_ceiling``
+        (%); MEG ``channel``, ``time_ms``.
     scores : dict of str to ndarray of shape (n_targets,)
         ``cv_r2``: the chosen layer's cross-validated R² on the training images;
         ``test_r``: Pearson r of the prediction on the study's test images.
@@ -371,7 +373,8 @@ def _fmri_targets(study, min_noise_ceiling):
     if not keep.any():
         raise ValueError(f"No vertex of study {study.name!r} has a noise ceiling of at least "
                          f"{min_noise_ceiling}% (and finite data): lower 'min_noise_ceiling'.")
-    table = pd.DataFrame({"vertex": np.asarray(study.vertices)[keep],
+    table = pd.DataFrame({"study_index": np.flatnonzero(keep),
+                          "vertex": np.asarray(study.vertices)[keep],
                           "hemi": np.asarray(study.hemi).astype(str)[keep],
                           "hierarchy": np.asarray(study.hierarchy, dtype=float)[keep],
                           "noise_ceiling": nc[keep]})
@@ -695,6 +698,106 @@ def contrast(encoder: Encoder, images_a, images_b, *, paired: bool = False,
     low, high = result.confidence_interval
     return Contrast(difference.reshape(shape), np.asarray(low).reshape(shape),
                     np.asarray(high).reshape(shape))
+
+
+def hierarchy_bins(hierarchy, n_bins: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Quantile bins of a hierarchy coordinate: each target's bin (0 … n_bins−1) and
+    each bin's median coordinate.
+
+    Parameters
+    ----------
+    hierarchy : array of shape (n_targets,)
+        E.g. distance from V1 (mm).
+    n_bins : int
+
+    Returns
+    -------
+    (bins, centres) : ndarray of int (n_targets,), ndarray (n_bins,) in the units given
+    """
+    hierarchy = np.asarray(hierarchy, dtype=float)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1 \
+            or n_bins > len(hierarchy):
+        raise ValueError(f"'n_bins' must be an integer in [1, {len(hierarchy)}]; got "
+                         f"{n_bins!r}.")
+    edges = np.quantile(hierarchy, np.linspace(0, 1, n_bins + 1))
+    bins = np.clip(np.searchsorted(edges[1:-1], hierarchy, side="right"), 0, n_bins - 1)
+    centres = np.array([np.median(hierarchy[bins == b]) if np.any(bins == b) else np.nan
+                        for b in range(n_bins)])
+    return bins, centres
+
+
+def contrast_by_hierarchy(predictions_a, predictions_b, hierarchy, *, n_bins: int = 5,
+                          paired: bool = False, n_boot: int = 1000, ci: float = 0.95,
+                          seed: int = 0) -> pd.DataFrame:
+    """A contrast of two image sets' responses, averaged over the targets of each
+    hierarchy bin, with bootstrap intervals over images.
+
+    Parameters
+    ----------
+    predictions_a, predictions_b : arrays of shape (n_images_a, n_targets), (n_images_b, n_targets)
+        Responses (predicted, or planted) to the two sets.
+    hierarchy : array of shape (n_targets,)
+        The targets' hierarchy coordinate (mm from V1).
+    n_bins, paired, n_boot, ci, seed
+        As :func:`hierarchy_bins` and :func:`contrast` take them.
+
+    Returns
+    -------
+    DataFrame
+        One row per bin: ``bin``, ``distance_mm`` (median of the bin), ``n_targets``,
+        ``difference``, ``low``, ``high`` (mean of a − mean of b, in the responses' units).
+    """
+    a, b = np.asarray(predictions_a, float), np.asarray(predictions_b, float)
+    bins, centres = hierarchy_bins(hierarchy, n_bins)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != len(bins) or b.shape[1] != len(bins):
+        raise ValueError(f"'predictions_a' and 'predictions_b' must be (n_images, n_targets) "
+                         f"with {len(bins)} targets (one per hierarchy value); got {a.shape} "
+                         f"and {b.shape}.")
+    pooled = [np.stack([x[:, bins == k].mean(1) for k in range(n_bins)], 1) for x in (a, b)]
+    result = contrast(None, None, None, predictions=pooled, paired=paired, n_boot=n_boot,
+                      ci=ci, seed=seed)
+    return pd.DataFrame({"bin": np.arange(n_bins), "distance_mm": centres,
+                         "n_targets": np.bincount(bins, minlength=n_bins),
+                         "difference": result.difference, "low": result.low,
+                         "high": result.high})
+
+
+def contrast_over_time(predictions_a, predictions_b, times, *, paired: bool = False,
+                       n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """The size of an MEG contrast over time: the root mean square over sensors of the
+    mean difference between two image sets' responses, with bootstrap intervals over
+    images.
+
+    Parameters
+    ----------
+    predictions_a, predictions_b : arrays of shape (n_images, n_channels, n_times)
+    times : array of shape (n_times,)
+        ms.
+    paired, n_boot, ci, seed
+        As :func:`contrast` takes them.
+
+    Returns
+    -------
+    DataFrame with ``time_ms``, ``rms``, ``low``, ``high`` (in the responses' units).
+    """
+    a, b = np.asarray(predictions_a, float), np.asarray(predictions_b, float)
+    times = np.asarray(times, float)
+    if a.ndim != 3 or b.ndim != 3 or a.shape[1:] != b.shape[1:] or a.shape[2] != len(times):
+        raise ValueError(f"'predictions_a' and 'predictions_b' must be (n_images, n_channels, "
+                         f"n_times) with {len(times)} times; got {a.shape} and {b.shape}.")
+    if paired and len(a) != len(b):
+        raise ValueError(f"paired=True needs sets of the same length; got {len(a)} and "
+                         f"{len(b)} images.")
+    rng = np.random.default_rng(seed)
+    rms = lambda d: np.sqrt((d ** 2).mean(-2))           # over sensors  # noqa: E731
+    observed = rms(a.mean(0) - b.mean(0))
+    boot = np.empty((n_boot, len(times)))
+    for i in range(n_boot):
+        ia = rng.integers(0, len(a), len(a))
+        ib = ia if paired else rng.integers(0, len(b), len(b))
+        boot[i] = rms(a[ia].mean(0) - b[ib].mean(0))
+    low, high = np.quantile(boot, [(1 - ci) / 2, (1 + ci) / 2], axis=0)
+    return pd.DataFrame({"time_ms": times, "rms": observed, "low": low, "high": high})
 
 
 # --------------------------------------------------------------------------- synthesis
