@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 # The embedded default needs no network: never reach the Hugging Face hub.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: book chapters html test test-slow bench clean install lab
+.PHONY: book chapters html test test-slow bench clean install lab cluster cluster-stop
 
 install: $(INSTALLED)
 
@@ -41,6 +41,14 @@ test-slow: $(INSTALLED)
 
 bench: $(INSTALLED)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# a single-node Slurm cluster on this machine (root; installs slurm-wlm + munge with apt
+# if missing) for the sweep's slurm executor and its tests: see README, "Sweeps"
+cluster:
+	scripts/local-slurm.sh start
+
+cluster-stop:
+	scripts/local-slurm.sh stop
 
 lab: $(INSTALLED)
 	$(VENV)/bin/jupyter lab notebooks/

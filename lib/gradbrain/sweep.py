@@ -52,6 +52,7 @@ import copy
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -66,7 +67,8 @@ from . import models as registry
 from ._utils import _pid_alive, atomic_path, check_in_allowed
 from .stats import group_estimate, group_test
 
-__all__ = ["SweepSpec", "Job", "load_spec", "plan", "run", "collect", "main"]
+__all__ = ["SweepSpec", "Job", "load_spec", "plan", "run", "collect", "still_queued",
+           "main"]
 
 EXECUTORS = ("local", "slurm", "debug")
 
@@ -133,6 +135,7 @@ class Job:
         lock.flush()
         if self.driver_pid is not None and self.driver_pid != os.getpid():
             _stop_with(self.driver_pid)
+        terminated = _watch_slurm_termination()
         try:
             force_results = self.results_path is not None and not self.results_path.is_file()
             for name in self.chapters:
@@ -143,6 +146,16 @@ class Job:
                 raise RuntimeError(f"Job {self.name} ran {list(self.chapters)} but "
                                    f"{self.results_path} was not written.")
             return str(self.results_path) if self.results_path else None
+        except BaseException:
+            if terminated:
+                # Slurm stopped this job (scancel, requeue, preemption) and its SIGTERM
+                # killed the chapter's kernel: that is no failure of the chapter. Leave
+                # without a result, so that a requeued job runs again under the same id
+                # and a cancelled one is seen as gone (squeue) and resubmitted next time.
+                print(f"Job {self.name}: stopped by Slurm (SIGTERM) while running; "
+                      "leaving no result so that it runs again.", file=sys.stderr, flush=True)
+                os._exit(143)
+            raise
         finally:
             lock.close()
 
@@ -161,6 +174,28 @@ class Job:
                 return int(text) if text.isdigit() else -1
             fcntl.flock(lock, fcntl.LOCK_UN)
         return None
+
+
+def _watch_slurm_termination() -> list:
+    """Inside a Slurm job, record a SIGTERM (Slurm's notice of scancel, requeue or
+    preemption) in the returned list; elsewhere, change nothing and return an empty one.
+
+    submitit ignores SIGTERM inside its jobs (its own handler only logs it): this one
+    does the same, and also remembers it."""
+    import signal
+
+    seen: list = []
+    if "SLURM_JOB_ID" not in os.environ:
+        return seen
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        seen.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handler)
+    return seen
 
 
 def _stop_with(pid: int, poll_s: float = 1.0) -> None:
@@ -411,10 +446,11 @@ def _execute(jobs: list[Job], executor, kind: str, *, max_parallel: int, gpus: l
     if kind == "slurm":
         with executor.batch():
             handles = [(job, executor.submit(job)) for job in jobs]
+        _record_slurm_jobs(executor.folder, {job.name: handle.job_id for job, handle in handles})
         for job, handle in handles:
             log(f"  submitted {job.name}: slurm job {handle.job_id}")
         for job, handle in handles:
-            outcome[job.name] = _wait(job, handle, log)
+            outcome[job.name] = _wait_slurm(job, handle, log, poll_s)
         return outcome
     queue, running, free = list(jobs), [], list(gpus)
     while queue or running:
@@ -461,6 +497,84 @@ def _wait(job: Job, handle, log):
         return err
     log(f"  done {job.name}")
     return result
+
+
+_SLURM_RECORD = "slurm_jobs.json"
+#: Polls in a row that a job must be missing from ``squeue`` before it counts as gone.
+_GONE_POLLS = 3
+
+
+def _record_slurm_jobs(folder, ids: dict[str, str]) -> None:
+    """Add ``job name → Slurm job id`` to the sweep's record (under its logs folder)."""
+    path = Path(folder) / _SLURM_RECORD
+    known = _slurm_record(path.parent)
+    known.update(ids)
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(known, indent=1))
+
+
+def _slurm_record(folder) -> dict[str, str]:
+    path = Path(folder) / _SLURM_RECORD
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _slurm_queue(job_ids) -> dict[str, str] | None:
+    """State of each of ``job_ids`` that Slurm still lists (pending, running, requeued,
+    …); None when ``squeue`` cannot be asked."""
+    job_ids = [str(j) for j in job_ids]
+    if not job_ids:
+        return {}
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        # ids Slurm no longer knows (ended long ago) are "invalid": none of them is queued
+        return {} if "Invalid job id" in out.stderr else None
+    listed = dict(line.split(None, 1) for line in out.stdout.split("\n") if line.strip())
+    return {j: listed[j] for j in job_ids if j in listed}
+
+
+def still_queued(out: str | os.PathLike) -> dict[str, str]:
+    """The jobs of a sweep that Slurm still lists: job name → "<slurm id> <state>".
+
+    Read from the record the ``slurm`` executor keeps (``<out>/logs/slurm_jobs.json``);
+    jobs that wrote their result are not counted. Empty when nothing was submitted to
+    Slurm or ``squeue`` is not available.
+    """
+    logs = Path(out).expanduser() / "logs"
+    # a job that wrote its result has ended, even while Slurm still winds it up
+    record = {name: job_id for name, job_id in _slurm_record(logs).items()
+              if not any(logs.glob(f"{job_id}_*_result.pkl"))}
+    queued = _slurm_queue(record.values()) if record else {}
+    return {name: f"{job_id} {queued[job_id]}" for name, job_id in record.items()
+            if queued and job_id in queued}
+
+
+def _wait_slurm(job: Job, handle, log, poll_s: float):
+    """Wait for a Slurm job. submitit learns that a job ended from ``sacct``; where
+    accounting is off (test clusters, some sites) a job cancelled with ``scancel`` or
+    killed would be waited for forever. So ``squeue`` is asked too: a job that Slurm no
+    longer lists, ``_GONE_POLLS`` polls in a row, without a result, is reported lost."""
+    gone = 0
+    while not handle.done():
+        queued = _slurm_queue([handle.job_id])
+        gone = gone + 1 if queued == {} else 0
+        if gone >= _GONE_POLLS and not handle.done(force_check=True):
+            where = handle.paths.stderr
+            log(f"  LOST {job.name}: slurm job {handle.job_id} left the queue without a "
+                f"result (cancelled, killed, or preempted and not requeued; logs: {where})")
+            return RuntimeError(f"slurm job {handle.job_id} ended without a result "
+                                f"(cancelled or killed; logs: {where}); rerun the same "
+                                "command to submit it again")
+        time.sleep(poll_s)
+    return _wait(job, handle, log)
 
 
 def run(profile: str, models: Sequence[str], subjects: Sequence, *, out: str | os.PathLike,
@@ -532,10 +646,13 @@ def run(profile: str, models: Sequence[str], subjects: Sequence, *, out: str | o
                            weights=weights, chapters=chapters)
         todo = [j for j in jobs if j.pending]
         busy = [(j.name, j.running_pid()) for j in todo if j.running_pid() is not None]
+        queued = still_queued(out) if executor == "slurm" else {}
+        busy += [(j.name, f"slurm job {queued[j.name]}") for j in todo if j.name in queued]
         if busy:
             raise RuntimeError(
                 "Job(s) of an earlier run of this sweep are still running: "
-                + ", ".join(f"{name} (pid {pid})" for name, pid in busy)
+                + ", ".join(f"{name} ({pid if isinstance(pid, str) else f'pid {pid}'})"
+                            for name, pid in busy)
                 + ". Wait for them to finish (or stop them), then rerun: finished chapters "
                 "are skipped.")
         if executor == "local":
@@ -690,6 +807,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.collect_only:
             table = collect(out, models=args.models, subjects=args.subjects)
             print(f"results: {len(table)} row(s) → {Path(out) / 'results.csv'}")
+            running = still_queued(out)
+            if running:
+                print(f"note: {len(running)} job(s) of this sweep are still in the Slurm "
+                      "queue, so their results are not in the table yet: "
+                      + ", ".join(f"{name} (slurm job {state})"
+                                  for name, state in running.items())
+                      + ". Collect again when they have finished.")
         else:
             table = run(args.profile, args.models, args.subjects, out=out,
                         executor=args.executor, root=args.root, overrides=dict(args.param),
