@@ -126,6 +126,15 @@ def test_bad_inputs_get_one_clear_error(study, cnn, encoder):
         insilico.synthesize(encoder, np.zeros(encoder.n_targets, bool))
 
 
+def test_predict_reads_a_folder_of_images(encoder, novel, tmp_path):
+    for image, image_id in zip(novel.images[:3], novel.ids[:3]):
+        image.save(tmp_path / f"{image_id}.png")
+    from_folder = encoder.predict(tmp_path)           # files in sorted order
+    order = np.argsort(novel.ids[:3])
+    np.testing.assert_allclose(from_folder, encoder.predict(novel[:3])[order], rtol=1e-4,
+                               atol=1e-4)
+
+
 def test_unique_gradients_of_new_images_match_the_studys_held_out_residuals(study, cnn,
                                                                            feats):
     enc = insilico.fit_encoder(study, cnn, signal="gradient", gradient_part="unique",

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from .._utils import atomic_path, check_in_allowed, resolve_device
-from ..data import ImageSet
+from ..data import ImageSet, load_folder
 from ..features import (LOSSES, Features, beyond_activations, differentiable_features,
                         extract)
 from ..models import LoadedModel
@@ -158,6 +158,8 @@ class Encoder:
         """The features this encoder reads of ``images``: layer → (n_images, dim),
         after residualising for ``gradient_part="unique"`` (not yet standardised)."""
         net = self._check_net()
+        if isinstance(images, (str, os.PathLike)):
+            images = load_folder(images)
         losses = () if self.signal == "activation" else (self.loss,)
         if self.gradient_part == "unique":
             losses = (self.loss,)
@@ -185,8 +187,9 @@ class Encoder:
 
         Parameters
         ----------
-        images : ImageSet, sequence of PIL images or preprocessed float tensor
-            As :func:`gradbrain.features.extract` takes them; any size (the model's own
+        images : ImageSet, folder, sequence of PIL images or preprocessed float tensor
+            As :func:`gradbrain.features.extract` takes them, or the path of a folder of
+            images (:func:`gradbrain.data.load_folder`); any size (the model's own
             preprocessing resizes them).
         batch_size, device, cache, progress
             Of the feature extraction.
