@@ -176,8 +176,14 @@ def start_moto():
     return server, f"http://{host}:{port}"
 
 
-def upload(root: Path, endpoint: str, bucket: str = nsd.BUCKET) -> None:
-    """Put every file under ``root`` into ``bucket`` (public-read, as NSD's bucket)."""
+def upload(root: Path, endpoint: str, bucket: str = nsd.BUCKET, *,
+           private: tuple[str, ...] = ()) -> None:
+    """Put every file under ``root`` into ``bucket`` (public-read, as NSD's bucket).
+
+    Keys in ``private`` are put without the public ACL: listed, but an anonymous read
+    gets HTTP 403 — how NSD serves the sessions it holds out of the public release
+    ("listable but not downloadable", NSD data manual, "Raw data" and "Overview of the
+    data")."""
     import boto3
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name=nsd.REGION,
@@ -189,8 +195,9 @@ def upload(root: Path, endpoint: str, bucket: str = nsd.BUCKET) -> None:
         pass
     for path in sorted(Path(root).rglob("*")):
         if path.is_file():
-            client.put_object(Bucket=bucket, Key=path.relative_to(root).as_posix(),
-                              Body=path.read_bytes(), ACL="public-read")
+            key = path.relative_to(root).as_posix()
+            acl = {} if key in private else {"ACL": "public-read"}
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes(), **acl)
 
 
 def _passed_on(header: str, *dropped: str) -> bool:

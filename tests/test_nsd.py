@@ -347,3 +347,28 @@ def test_the_nsd_profile_runs_its_chapters_through_the_runner_and_papermill(tmp_
         assert "fMRI (n_images, n_repeats, n_vertices) = (40, 1," in texts["00_data"]
         assert "profile 'nsd': NSD subj01 (from" in texts["02_fmri_encoding"]
         assert "**not tested** (no MEG data in this study)" in texts["04_hierarchy_tests"]
+
+
+def test_a_listed_but_forbidden_session_is_skipped_and_said(tmp_path, capsys):
+    """NSD lists held-out sessions but answers 403 (issue 30): a default load skips
+    them and says which sessions it used; asking for one by name is one clear error."""
+    fake = _nsd_fake.write_nsd(tmp_path / "bucket", sessions=(1, 2, 3), n_vertices=643,
+                               n_images_per_session=20)
+    server, endpoint = _nsd_fake.start_moto()
+    try:
+        held_out = tuple(nsd.betas_key(1, 2, h) for h in ("lh", "rh"))
+        _nsd_fake.upload(fake["root"], endpoint, private=held_out)
+        url = f"{endpoint}/{nsd.BUCKET}"
+        kwargs = dict(cache_dir=tmp_path / "cache", resolution="fsaverage", progress=False)
+        plan = nsd.load_subject(1, source=_source(url), dry_run=True, **kwargs)
+        out = capsys.readouterr().out
+        assert plan["sessions"] == [1, 3] and plan["sessions_forbidden"] == [2]
+        assert ("using sessions 1, 3 of 40; 2 listed but not downloadable (HTTP 403); "
+                "4–40 not in the source") in out
+        study = nsd.load_subject(1, source=_source(url), **kwargs)
+        reference = nsd.load_subject(1, source=fake["root"], sessions=[1, 3], **kwargs)
+        assert study.digest() == reference.digest()
+        with pytest.raises(PermissionError, match=r"Session\(s\) \[2\] of subj01 are listed"):
+            nsd.load_subject(1, source=_source(url), sessions=[1, 2], **kwargs)
+    finally:
+        server.stop()

@@ -510,6 +510,22 @@ def _fetch_trials(src: Source, key: str, n_vertices: int, n_keep: int, trials: n
     return out
 
 
+def _session_request_bytes(n_vertices: int, n_keep: int) -> int:
+    """Bytes the range requests of one whole session read (as :func:`_session_betas`
+    fetches it, block by block): the kept values of every trial, plus the gaps that
+    coalesced requests read through (none on NSD's real files, whose gaps at
+    fsaverage5 are larger than ``_MAX_GAP`` and at fsaverage are empty)."""
+    return sum(_block_request_bytes(n_vertices, n_keep, start,
+                                    min(start + _CHUNK_TRIALS, TRIALS_PER_SESSION))
+               for start in range(0, TRIALS_PER_SESSION, _CHUNK_TRIALS))
+
+
+def _block_request_bytes(n_vertices: int, n_keep: int, start: int, stop: int) -> int:
+    """Bytes the coalesced range requests of trials ``start…stop-1`` read."""
+    starts = MGH_HEADER_BYTES + np.arange(start, stop) * (n_vertices * 4)
+    return int(sum(end - begin for begin, end, _ in _ranges(starts, n_keep * 4)))
+
+
 def _n_keep(resolution: str, n_vertices: int, key: str) -> int:
     if resolution not in RESOLUTIONS:
         raise ValueError(f"'resolution' must be one of {list(RESOLUTIONS)}; got "
@@ -548,8 +564,8 @@ def _session_betas(src, cache: Path, subject: int, session: int, hemi: str, reso
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, block)
-        elif progress is not None:
-            progress.update(block.nbytes)
+        elif progress is not None:   # counted as the requests would have read it
+            progress.update(_block_request_bytes(n_vertices, n_keep, start, stop))
         blocks.append(block)
     return np.concatenate(blocks)
 
@@ -881,25 +897,63 @@ def load_subject(subject=1, *, images="all", sessions=None, n_repeats: int = 3,
                 raise ValueError(f"Session {s} of subj{subject:02d} is not in "
                                  f"{src.description} (held out of the public release, or "
                                  f"not copied); available: {public}.")
-    ids, trials = _select_images(design, images, sessions, n_repeats, subject)
+    explicit = sessions is not public
     split_of = {i: "test" if s else "train"
                 for i, s in zip(design.nsd_id, design.shared)}
-    if max_images is not None:
-        if isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer)) \
-                or max_images < 1:
-            raise ValueError(f"'max_images' must be a positive integer or None; got "
-                             f"{max_images!r}.")
-        ids = stratified_subset(ids, split_of, int(max_images))
-        trials = trials[trials.nsd_id.isin(ids)]
-    read_sessions = sorted(set(trials.session))
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(
+            max_images, (int, np.integer)) or max_images < 1):
+        raise ValueError(f"'max_images' must be a positive integer or None; got "
+                         f"{max_images!r}.")
     hemi_codes = [HEMIS[h] for h in hemis]
-    files = [betas_key(subject, s, h) for s in read_sessions for h in hemi_codes]
-    shapes = {key: _mgh_shape(src, key, cache) for key in files}
+    # NSD lists some sessions it does not let anyone download (held out of the public
+    # release: HTTP 403): a session whose header cannot be read is left out, and the
+    # images are chosen again from the others
+    forbidden: list[int] = []
+    while True:
+        ids, trials = _select_images(design, images, sessions, n_repeats, subject)
+        if max_images is not None:
+            ids = stratified_subset(ids, split_of, int(max_images))
+            trials = trials[trials.nsd_id.isin(ids)]
+        read_sessions = sorted(set(trials.session))
+        files = [betas_key(subject, s, h) for s in read_sessions for h in hemi_codes]
+        shapes, denied = {}, []
+        for key, session in zip(files, [s for s in read_sessions for _ in hemi_codes]):
+            if session in denied:
+                continue
+            try:
+                shapes[key] = _mgh_shape(src, key, cache)
+            except PermissionError:
+                denied.append(session)
+        if not denied:
+            break
+        if explicit:
+            raise PermissionError(
+                f"Session(s) {denied} of subj{subject:02d} are listed in {src.description} "
+                "but cannot be downloaded (HTTP 403: NSD holds some sessions out of the "
+                "public release). Leave them out of 'sessions', or pass sessions=None to "
+                "use every downloadable one.")
+        forbidden += denied
+        sessions = [s for s in sessions if s not in denied]
+        if not sessions:
+            raise PermissionError(f"No session of subj{subject:02d} in {src.description} "
+                                  "can be downloaded (HTTP 403 for every one). "
+                                  + _ACCESS_HELP)
     kept = {key: _n_keep(resolution, shapes[key][0], key) for key in files}
+    absent = [s for s in range(1, N_SESSIONS[subject] + 1) if s not in public]
+    print(f"NSD subj{subject:02d}: using sessions {_spans(read_sessions)} of "
+          f"{N_SESSIONS[subject]}"
+          + (f"; {_spans(forbidden)} listed but not downloadable (HTTP 403)"
+             if forbidden else "")
+          + (f"; {_spans(absent)} not in the source" if absent else "")
+          + (f"; {_spans([s for s in sessions if s not in read_sessions])} hold none of "
+             "the images kept" if set(sessions) - set(read_sessions) else "") + ".",
+          file=sys.stdout)
     plan = {
-        "subject": subject, "sessions": read_sessions, "n_images": len(ids),
+        "subject": subject, "sessions": read_sessions, "sessions_forbidden": sorted(forbidden),
+        "sessions_absent": absent, "n_images": len(ids),
         "n_trials_kept": len(trials), "n_trials_read": len(read_sessions) * TRIALS_PER_SESSION,
-        "files": files, "betas_bytes": TRIALS_PER_SESSION * 4 * sum(kept.values()),
+        "files": files,
+        "betas_bytes": sum(_session_request_bytes(shapes[key][0], kept[key]) for key in files),
         "image_bytes": len(ids) * 425 * 425 * 3,
     }
     if dry_run:
@@ -974,6 +1028,20 @@ def _read_ncsnr(src, cache, subject: int, hemi: str) -> np.ndarray:
 
     return _read_small(src, cache, ncsnr_key(subject, hemi), lambda path: np.asarray(
         nib.load(path).get_fdata(), dtype=float).ravel())
+
+
+def _spans(numbers) -> str:
+    """``[1, 2, 3, 5, 7, 8]`` → ``"1–3, 5, 7–8"``."""
+    numbers, out = sorted(set(int(n) for n in numbers)), []
+    start = prev = None
+    for n in numbers + [None]:
+        if start is not None and (n is None or n != prev + 1):
+            out.append(f"{start}" if start == prev else f"{start}–{prev}")
+            start = None
+        if n is not None and start is None:
+            start = n
+        prev = n
+    return ", ".join(out) or "none"
 
 
 def _print_plan(plan: dict, src: Source, resolution: str) -> None:
