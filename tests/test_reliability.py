@@ -219,16 +219,27 @@ CORRUPTIONS = {
     "a text file": lambda p: p.write_text("not a cache\n"),
     "an array missing": lambda p: _rewrite(p, drop=1),
     "wrong number of images": lambda p: _rewrite(p, cut=1),
+    # issue 30: caches that read well but are wrong
+    "an extra column": lambda p: _rewrite(p, edit=lambda k, v: np.pad(v, ((0, 0), (0, 1)))
+                                          if k.startswith("act/") else v),
+    "an extra column everywhere": lambda p: _rewrite(
+        p, edit=lambda k, v: np.pad(v, ((0, 0), (0, 1)))),
+    "NaN gradients": lambda p: _rewrite(p, edit=lambda k, v: np.full_like(v, np.nan)
+                                        if k.startswith("grad/") else v),
+    "float64 arrays": lambda p: _rewrite(p, edit=lambda k, v: v.astype(np.float64)),
 }
 
 
-def _rewrite(path, drop=0, cut=0):
+def _rewrite(path, drop=0, cut=0, edit=None):
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     for key in [k for k in arrays if k.startswith("act/")][:drop]:
         del arrays[key]
     if cut:
         arrays = {k: (v[:-cut] if k.startswith(("act/", "grad/")) else v)
+                  for k, v in arrays.items()}
+    if edit is not None:
+        arrays = {k: (edit(k, v) if k.startswith(("act/", "grad/")) else v)
                   for k, v in arrays.items()}
     with open(path, "wb") as f:
         np.savez(f, **arrays)
@@ -270,6 +281,25 @@ def test_a_corrupt_cache_file_is_named_deleted_and_recomputed(tmp_path, kind, wh
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the healed cache is read without complaint
         _same_features(features.extract(cnn, images, cache=tmp_path, **args), reference)
+
+
+def test_a_folder_in_place_of_the_cache_file_is_left_alone(tmp_path, cnn, small_images):
+    """Issue 30: a folder where the cache file goes raised IsADirectoryError. It is not
+    the program's to delete: the features are computed without the cache, with a
+    warning naming it."""
+    from gradbrain import features
+
+    images = small_images[:2]
+    args = dict(losses=("ce",), layers=cnn.layers[-2:])
+    reference = features.extract(cnn, images, cache=tmp_path, **args)
+    target, = tmp_path.glob("*.npz")
+    target.unlink()
+    target.mkdir()
+    (target / "mine.txt").write_text("keep me")
+    with pytest.warns(RuntimeWarning, match="in the way of the feature cache"):
+        again = features.extract(cnn, images, cache=tmp_path, **args)
+    _same_features(again, reference)
+    assert (target / "mine.txt").read_text() == "keep me"
 
 
 # --------------------------------------------------------------------------- book runner

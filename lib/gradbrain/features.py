@@ -166,6 +166,9 @@ class Features:
             "depth": self.depth.tolist(), "backward_order": self.backward_order,
             "image_ids": self.image_ids, "labels": self.labels, "pool": self.pool,
             "losses": self.losses, "meta": self.meta,
+            # what a reader checks the arrays against (a cache file edited, or written
+            # by something else, under a valid name is then recomputed, not believed)
+            "arrays_digest": _arrays_digest(arrays),
         }
         arrays["header"] = np.array(json.dumps(header))
         with atomic_path(path, suffix=".npz") as tmp:
@@ -649,12 +652,22 @@ def extract(
                          extra=(x_ref, class_embeddings))
         final = cache_dir / f"{model.name}-{key}.npz"
         partial = cache_dir / f"{model.name}-{key}.partial"
-        if final.exists():
-            cached = _load_cached(final, len(x), layers, losses)
+        if final.is_dir() or partial.exists() and not partial.is_dir():
+            # not a file this program wrote: neither read nor deleted, the features are
+            # computed without the cache
+            what = final if final.is_dir() else partial
+            warnings.warn(f"{str(what)!r} is in the way of the feature cache (a "
+                          f"{'folder' if what.is_dir() else 'file'} this program did not "
+                          "write); the features are computed without caching. Move it away "
+                          "to cache them.", RuntimeWarning, stacklevel=2)
+            final = partial = None
+        elif final.exists():
+            cached = _load_cached(final, len(x), layers, losses, key)
             if cached is not None:
                 cached.image_ids, cached.labels = ids, labels
                 return cached
-        partial.mkdir(parents=True, exist_ok=True)
+        if partial is not None:
+            partial.mkdir(parents=True, exist_ok=True)
 
     module = _move(model.module, device)
     # eval mode for the extraction (dropout off, batch norm on its running statistics:
@@ -896,11 +909,41 @@ def _find_chunk(partial: Path | None, start: int) -> Path | None:
     return found[0] if found else None
 
 
+def _arrays_digest(arrays: dict) -> str:
+    """Digest of named arrays (names in sorted order, each array's dtype, shape, values)."""
+    names = sorted(k for k in arrays if k.startswith(("act/", "grad/")))
+    return hash_arrays([np.frombuffer(json.dumps(names).encode(), np.uint8)]
+                       + [arrays[k] for k in names])
+
+
+def _check_arrays(arrays: dict, n_images: int, stated_digest) -> None:
+    """Raise ValueError naming what is wrong with cached feature arrays: a digest that
+    does not match, another dtype than float32, non-finite values, another number of
+    images, or an activation and a gradient of one layer of different widths."""
+    if stated_digest != _arrays_digest(arrays):
+        raise ValueError("its arrays do not match the digest written with them (edited, "
+                         "or written by something else)")
+    for name, values in arrays.items():
+        if not name.startswith(("act/", "grad/")):
+            continue
+        if values.dtype != np.float32:
+            raise ValueError(f"{name} is {values.dtype}, not float32")
+        if values.ndim != 2 or len(values) != n_images:
+            raise ValueError(f"{name} has shape {values.shape}, not ({n_images}, width)")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name} holds NaN or infinite values")
+        if name.startswith("grad/"):
+            width = arrays[f"act/{name.split('/', 2)[2]}"].shape[1]
+            if values.shape[1] != width:
+                raise ValueError(f"{name} is {values.shape[1]} wide, its activation {width}")
+
+
 def _write_chunk(partial, start, stop, acts, grads, orders) -> None:
     arrays = {f"act/{l}": a for l, a in acts.items()}
     for loss, per_layer in grads.items():
         arrays.update({f"grad/{loss}/{l}": g for l, g in per_layer.items()})
     arrays["orders"] = np.array(json.dumps(orders))
+    arrays["digest"] = np.array(_arrays_digest(arrays))
     with atomic_path(partial / _chunk_name(start, stop), suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
 
@@ -913,9 +956,12 @@ def _read_chunk(path: Path, layers, losses):
             acts = {l: data[f"act/{l}"] for l in layers}
             grads = {loss: {l: data[f"grad/{loss}/{l}"] for l in layers} for loss in losses}
             orders = json.loads(str(data["orders"]))
+            stated = str(data["digest"]) if "digest" in data.files else None
+            arrays = {k: data[k] for k in data.files if k.startswith(("act/", "grad/"))}
         if any(len(a) != stop - start for a in acts.values()):
             raise ValueError(f"it holds {len(next(iter(acts.values())))} images, not "
                              f"{stop - start}")
+        _check_arrays(arrays, stop - start, stated)
     except _CACHE_ERRORS as err:
         _discard_corrupt(path, err)
         return None
@@ -933,7 +979,8 @@ def _discard_corrupt(path: Path, err: BaseException) -> None:
                        then="its features are recomputed", stacklevel=3)
 
 
-def _load_cached(path: Path, n_images: int, layers, losses) -> "Features | None":
+def _load_cached(path: Path, n_images: int, layers, losses,
+                 key: str | None = None) -> "Features | None":
     """The cached features at ``path``, or None (after deleting it) when unreadable."""
     try:
         cached = Features.load(path)
@@ -941,6 +988,15 @@ def _load_cached(path: Path, n_images: int, layers, losses) -> "Features | None"
             raise ValueError("its layers or losses differ from the request")
         if any(len(a) != n_images for a in cached.activations.values()):
             raise ValueError(f"it holds another number of images than {n_images}")
+        arrays = {f"act/{l}": a for l, a in cached.activations.items()}
+        for loss, per_layer in cached.gradients.items():
+            arrays.update({f"grad/{loss}/{l}": g for l, g in per_layer.items()})
+        with np.load(path, allow_pickle=False) as data:
+            stated = json.loads(str(data["header"])).get("arrays_digest")
+        _check_arrays(arrays, n_images, stated)
+        if cached.meta.get("cache_key") not in (None, key):
+            raise ValueError(f"it was written for cache key {cached.meta['cache_key']}, not "
+                             f"{key} (its file name)")
     except _CACHE_ERRORS as err:
         _discard_corrupt(path, err)
         return None
