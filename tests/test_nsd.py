@@ -327,7 +327,7 @@ def test_contiguous_stimulus_file_is_read_by_offset(tmp_path, s3):
 def test_the_nsd_profile_runs_its_chapters_through_the_runner_and_papermill(tmp_path):
     """params/nsd.yaml on a fake subject in the published formats (one session, fsaverage5
     cut, local copy of the bucket), with the packaged EfficientNet-Lite0 instead of the
-    hub's DINOv3: chapters 00, 01, 02, 04 through the runner, then each through papermill's
+    hub's DINOv3: chapters 00, 01, 02, 04, 06 through the runner, then each through papermill's
     CLI with the flat file `gradbrain.book params` writes."""
     from _books import run_profile_both_ways
 
@@ -338,15 +338,20 @@ def test_the_nsd_profile_runs_its_chapters_through_the_runner_and_papermill(tmp_
                          "max_images": 40},
                  "model": "efficientnet_lite0.imagenet", "losses": ["ce"],
                  "control_model": "dinov3_vits16", "n_images": 40, "n_perm": 200, "n_boot": 10,
-                 "n_sim_seeds": 1, "sim_n_images": 40}
+                 "n_sim_seeds": 1, "sim_n_images": 40,
+                 "n_novel": 8, "synth_steps": 1, "synth_size": 32}
     runs = run_profile_both_ways("nsd", overrides, tmp_path)
     assert runs["status"] == dict.fromkeys(
-        ["00_data", "01_gradients", "02_fmri_encoding", "04_hierarchy_tests"], "executed")
+        ["00_data", "01_gradients", "02_fmri_encoding", "04_hierarchy_tests", "06_in_silico"],
+        "executed")
     for texts in (runs["runner"], runs["cli"]):
         assert "profile 'nsd': NSD subj01, recorded responses" in texts["00_data"]
         assert "fMRI (n_images, n_repeats, n_vertices) = (40, 1," in texts["00_data"]
         assert "profile 'nsd': NSD subj01 (from" in texts["02_fmri_encoding"]
         assert "**not tested** (no MEG data in this study)" in texts["04_hierarchy_tests"]
+        # real data: no planted answer, the encoders are scored on the test images only
+        assert "Real data: there is no planted answer" in texts["06_in_silico"]
+        assert "on the test images." in texts["06_in_silico"]
 
 
 def test_a_listed_but_forbidden_session_is_skipped_and_said(tmp_path, capsys):

@@ -276,7 +276,7 @@ def _write_chapter_dataset(root, images_dir, subject=1):
 def test_the_things_profile_runs_its_chapters_through_the_runner_and_papermill(tmp_path):
     """params/things.yaml on a fake participant in the real layout (split epochs, test
     images without concept folders, 271 sensors), with the packaged EfficientNet-Lite0
-    instead of the hub's DINOv3: chapters 00, 01, 03, 04 through the runner, then each
+    instead of the hub's DINOv3: chapters 00, 01, 03, 04, 06 through the runner, then each
     through papermill's CLI with the flat file `gradbrain.book params` writes; chapter 04
     measures its error rates at the participant's own size (``sim_images="study"``)."""
     from _books import run_profile_both_ways
@@ -287,10 +287,12 @@ def test_the_things_profile_runs_its_chapters_through_the_runner_and_papermill(t
                             "split": "all", "decim": 2, "tmin": -0.1, "tmax": 0.8},
                  "model": "efficientnet_lite0.imagenet", "losses": ["ce"], "n_boot": 5,
                  "control_model": "dinov3_vits16", "n_images": 40, "n_perm": 200,
-                 "n_sim_seeds": 1, "sim_images": "study"}   # at the participant's size
+                 "n_sim_seeds": 1, "sim_images": "study",   # at the participant's size
+                 "n_novel": 8, "synth_steps": 1, "synth_size": 32}
     runs = run_profile_both_ways("things", overrides, tmp_path)
     assert runs["status"] == dict.fromkeys(
-        ["00_data", "01_gradients", "03_meg_decoding", "04_hierarchy_tests"], "executed")
+        ["00_data", "01_gradients", "03_meg_decoding", "04_hierarchy_tests", "06_in_silico"],
+        "executed")
     for texts in (runs["runner"], runs["cli"]):
         assert "THINGS-MEG P1 (all)" in texts["03_meg_decoding"]
         assert "271 sensors" in texts["03_meg_decoding"]
@@ -300,3 +302,5 @@ def test_the_things_profile_runs_its_chapters_through_the_runner_and_papermill(t
             assert "Loading data" not in texts[name]
             assert "Replacing existing metadata" not in texts[name]
         assert "**not tested** (no fMRI data in this study)" in texts["04_hierarchy_tests"]
+        assert "This study has no fMRI: the fMRI sections are skipped." in texts["06_in_silico"]
+        assert "activation encoder**: peaks at" in texts["06_in_silico"]   # MEG contrast
