@@ -371,3 +371,51 @@ def test_every_page_reads_well_in_a_real_browser(tiny_build):
     assert len(list(shots.glob("*.png"))) == len(pages)
     methods = (html / "book" / "methods.html").read_text()
     assert "\\(" in methods  # the page does hold math, so the raw-TeX check above had work
+
+
+def _names_defined(source: str) -> set[str]:
+    """Names a piece of notebook code assigns, imports or defines (ast; magics dropped)."""
+    import ast
+
+    tree = ast.parse("\n".join(line for line in source.splitlines()
+                               if not line.lstrip().startswith(("%", "!"))))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return names
+
+
+def _names_used(source: str) -> set[str]:
+    import ast
+
+    return {node.id for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+
+
+@pytest.mark.parametrize("chapter", sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")))
+def test_every_solution_uses_only_names_its_chapter_defines(chapter):
+    """Issue 31: three solutions failed when pasted into their chapter (``net`` undefined,
+    ``activation_latency``, ``best_layer_index``). Each solution's code may use Python's
+    builtins, the names it defines itself and the names its chapter's cells define."""
+    import builtins
+    import re
+
+    nb = nbformat.read(str(ROOT / "notebooks" / f"{chapter}.ipynb"), as_version=4)
+    defined = set(dir(builtins)) | {"display"}     # IPython's display is always there
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            defined |= _names_defined(cell.source)
+    blocks = [(label, code) for cell in nb.cells if cell.cell_type == "markdown"
+              for label, body in re.findall(r":::\{solution\} (\S+)(.*?)\n:::", cell.source,
+                                            flags=re.S)
+              for code in re.findall(r"```python\n(.*?)```", body, flags=re.S)]
+    for label, code in blocks:
+        missing = _names_used(code) - defined - _names_defined(code)
+        assert not missing, f"{chapter} solution {label} uses undefined {sorted(missing)}"
