@@ -612,6 +612,12 @@ def _api_cases():
             pd.DataFrame({"model": ["m"]})), ValueError, "feature"),
         ("plot_time_courses {}", lambda t: plotting.plot_time_courses({}), ValueError,
          "results"),
+        ("plot_contrast_by_hierarchy {}", lambda t: plotting.plot_contrast_by_hierarchy(
+            {}, ylabel="y", title="t"), ValueError, "tables"),
+        ("plot_contrast_over_time columns", lambda t: plotting.plot_contrast_over_time(
+            {"a": pd.DataFrame({"x": [1]})}, ylabel="y", title="t"), ValueError, "time_ms"),
+        ("plot_preferred_response {}", lambda t: plotting.plot_preferred_response(
+            {}, {}, xlabel="x", title="t"), ValueError, "natural"),
         ("check_folds overlapping", lambda t: ridge.check_folds(
             [(np.arange(12), np.arange(10, 20))], 20), ValueError, "share samples"),
         ("group_test alpha=2", lambda t: gstats.group_test(pd.DataFrame({"a": [1.0, 2.0]}),

@@ -293,6 +293,27 @@ def plot_score_by_hierarchy(hierarchy: np.ndarray, peaks: dict[str, np.ndarray],
     return fig
 
 
+def _lines_with_intervals(tables: dict, *, x: str, y: str, source: str, xlabel: str,
+                          ylabel: str, title: str, marker: str, reference, figsize):
+    """One line per table (``y`` against ``x``) with its ``low``–``high`` band."""
+    if not tables:
+        raise ValueError("'tables' is empty: give at least one contrast table.")
+    fig, ax = plt.subplots(figsize=figsize)
+    for i, (label, table) in enumerate(tables.items()):
+        _check_table("tables", table, (x, y, "low", "high"), source)
+        colour = sns.color_palette()[i % 10]
+        ax.plot(table[x], table[y], marker, color=colour, label=label)
+        ax.fill_between(table[x], table["low"], table["high"], color=colour, alpha=0.2,
+                        linewidth=0)
+    reference(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def plot_contrast_by_hierarchy(tables: dict[str, pd.DataFrame], *, ylabel: str,
                                title: str):
     """Binned contrasts along the hierarchy with their intervals, one line per source.
@@ -300,45 +321,21 @@ def plot_contrast_by_hierarchy(tables: dict[str, pd.DataFrame], *, ylabel: str,
     ``tables`` maps a legend label (e.g. "activation encoder", "planted") to the output
     of :func:`gradbrain.insilico.contrast_by_hierarchy`.
     """
-    if not tables:
-        raise ValueError("'tables' is empty: give at least one contrast table.")
-    fig, ax = plt.subplots(figsize=(6.2, 3.9))
-    for i, (label, table) in enumerate(tables.items()):
-        _check_table("tables", table, ("distance_mm", "difference", "low", "high"),
-                     "gradbrain.insilico.contrast_by_hierarchy")
-        colour = sns.color_palette()[i % 10]
-        ax.plot(table["distance_mm"], table["difference"], "o-", color=colour, label=label)
-        ax.fill_between(table["distance_mm"], table["low"], table["high"], color=colour,
-                        alpha=0.2, linewidth=0)
-    ax.axhline(0, color="0.5", lw=0.8)
-    ax.set_xlabel("distance from V1 (mm, median of each bin)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize="small", frameon=False)
-    fig.tight_layout()
-    return fig
+    return _lines_with_intervals(
+        tables, x="distance_mm", y="difference",
+        source="gradbrain.insilico.contrast_by_hierarchy",
+        xlabel="distance from V1 (mm, median of each bin)", ylabel=ylabel, title=title,
+        marker="o-", reference=lambda ax: ax.axhline(0, color="0.5", lw=0.8),
+        figsize=(6.2, 3.9))
 
 
 def plot_contrast_over_time(tables: dict[str, pd.DataFrame], *, ylabel: str, title: str):
     """MEG contrast sizes over time with their intervals, one line per source (outputs
     of :func:`gradbrain.insilico.contrast_over_time`)."""
-    if not tables:
-        raise ValueError("'tables' is empty: give at least one contrast table.")
-    fig, ax = plt.subplots(figsize=(6.2, 3.6))
-    for i, (label, table) in enumerate(tables.items()):
-        _check_table("tables", table, ("time_ms", "rms", "low", "high"),
-                     "gradbrain.insilico.contrast_over_time")
-        colour = sns.color_palette()[i % 10]
-        ax.plot(table["time_ms"], table["rms"], color=colour, label=label)
-        ax.fill_between(table["time_ms"], table["low"], table["high"], color=colour,
-                        alpha=0.2, linewidth=0)
-    ax.axvline(0, color="0.5", lw=0.8)
-    ax.set_xlabel("time from image onset (ms)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize="small", frameon=False)
-    fig.tight_layout()
-    return fig
+    return _lines_with_intervals(
+        tables, x="time_ms", y="rms", source="gradbrain.insilico.contrast_over_time",
+        xlabel="time from image onset (ms)", ylabel=ylabel, title=title, marker="-",
+        reference=lambda ax: ax.axvline(0, color="0.5", lw=0.8), figsize=(6.2, 3.6))
 
 
 def plot_preferred_response(natural: dict[str, np.ndarray], synthesized: dict[str, float], *,
