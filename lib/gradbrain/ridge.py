@@ -38,6 +38,7 @@ from ._utils import check_in_allowed, moved_names, resolve_device
 __all__ = [
     "RidgeCV", "check_folds", "encoding_scores", "layerwise_scores",
     "pearson_r", "shuffled_correlations", "variance_partition", "PARTITION", "PARTITION_SCORES", "DEFAULT_ALPHAS", "SCORINGS", "standardize",
+    "standardizer",
 ]
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(0, 8, 10))  # 1e0 … 1e8
@@ -1048,11 +1049,27 @@ def standardize(train, test, *, dtype=None) -> tuple[np.ndarray, np.ndarray]:
                          f"{train.shape} and {test.shape}.")
     if dtype is None:
         dtype = train.dtype if np.issubdtype(train.dtype, np.floating) else np.float64
-    mean = train.mean(0, dtype=np.float64)
-    sd = train.std(0, dtype=np.float64)
-    sd = np.where(sd > 0, sd, np.inf)
+    mean, sd = standardizer(train)
     return (((train - mean) / sd).astype(dtype, copy=False),
             ((test - mean) / sd).astype(dtype, copy=False))
+
+
+def standardizer(train) -> tuple[np.ndarray, np.ndarray]:
+    """The column means and sds :func:`standardize` applies, to apply them again later
+    (e.g. to new images): ``(x - mean) / sd`` z-scores, and a constant column's sd is
+    ``inf``, so that it becomes 0.
+
+    Parameters
+    ----------
+    train : array of shape (n_train, n_features)
+
+    Returns
+    -------
+    (mean, sd) : two float64 arrays of shape (n_features,)
+    """
+    train = np.asarray(train)
+    sd = train.std(0, dtype=np.float64)
+    return train.mean(0, dtype=np.float64), np.where(sd > 0, sd, np.inf)
 
 
 def _scaled_band(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,7 @@ from ..data import ImageSet, load_folder
 from ..features import (LOSSES, Features, beyond_activations, differentiable_features,
                         extract)
 from ..models import LoadedModel
-from ..ridge import DEFAULT_ALPHAS, RidgeCV, pearson_r
+from ..ridge import DEFAULT_ALPHAS, RidgeCV, pearson_r, standardizer
 from .encoding import _meg_split, check_same_images
 
 __all__ = ["Encoder", "fit_encoder", "scramble", "phase_scramble", "contrast", "Contrast",
@@ -394,14 +394,6 @@ def _meg_targets(study, cv):
             table, (n_channels, n_times))
 
 
-def _standardizer(X_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Training mean and sd of feature columns (sd inf where constant: the column → 0),
-    as :func:`gradbrain.ridge.standardize` uses them."""
-    mean = X_train.mean(0, dtype=np.float64)
-    sd = X_train.std(0, dtype=np.float64)
-    return mean, np.where(sd > 0, sd, np.inf)
-
-
 def _fit_residualizers(features: Features, residuals: Features, loss: str,
                        train: np.ndarray) -> dict:
     """The map :func:`beyond_activations` fitted on all training images, per layer, in
@@ -522,7 +514,7 @@ def fit_encoder(study, net: LoadedModel, *, signal: str = "activation", loss: st
     for k, layer in enumerate(tqdm(layers, desc=f"{signal} encoder ({modality})",
                                    disable=not progress)):
         X = np.asarray(per_layer[layer])
-        mean, scale = _standardizer(X[train])
+        mean, scale = standardizer(X[train])
         Z = (X - mean) / scale
         model = RidgeCV(alphas=alphas, cv=cv, device=device_, dtype=torch.float32)
         model.fit(Z[train].astype(np.float32), Y_train.astype(np.float32))
