@@ -178,6 +178,11 @@ class Features:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Features":
         """Read a file written by :meth:`save`."""
+        return cls._read(path)[0]
+
+    @classmethod
+    def _read(cls, path) -> tuple["Features", dict]:
+        """The features of a file written by :meth:`save`, and its header."""
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(str(data["header"]))
             layers = header["layers"]
@@ -191,7 +196,7 @@ class Features:
             depth=np.asarray(header["depth"]), activations=activations, gradients=gradients,
             backward_order=header["backward_order"], image_ids=header["image_ids"],
             labels=header["labels"], pool=header["pool"], meta=header["meta"],
-        )
+        ), header
 
 
 # --------------------------------------------------------------------------- inputs
@@ -958,9 +963,6 @@ def _read_chunk(path: Path, layers, losses):
             orders = json.loads(str(data["orders"]))
             stated = str(data["digest"]) if "digest" in data.files else None
             arrays = {k: data[k] for k in data.files if k.startswith(("act/", "grad/"))}
-        if any(len(a) != stop - start for a in acts.values()):
-            raise ValueError(f"it holds {len(next(iter(acts.values())))} images, not "
-                             f"{stop - start}")
         _check_arrays(arrays, stop - start, stated)
     except _CACHE_ERRORS as err:
         _discard_corrupt(path, err)
@@ -983,17 +985,13 @@ def _load_cached(path: Path, n_images: int, layers, losses,
                  key: str | None = None) -> "Features | None":
     """The cached features at ``path``, or None (after deleting it) when unreadable."""
     try:
-        cached = Features.load(path)
+        cached, header = Features._read(path)
         if cached.layers != list(layers) or sorted(cached.losses) != sorted(losses):
             raise ValueError("its layers or losses differ from the request")
-        if any(len(a) != n_images for a in cached.activations.values()):
-            raise ValueError(f"it holds another number of images than {n_images}")
         arrays = {f"act/{l}": a for l, a in cached.activations.items()}
         for loss, per_layer in cached.gradients.items():
             arrays.update({f"grad/{loss}/{l}": g for l, g in per_layer.items()})
-        with np.load(path, allow_pickle=False) as data:
-            stated = json.loads(str(data["header"])).get("arrays_digest")
-        _check_arrays(arrays, n_images, stated)
+        _check_arrays(arrays, n_images, header.get("arrays_digest"))
         if cached.meta.get("cache_key") not in (None, key):
             raise ValueError(f"it was written for cache key {cached.meta['cache_key']}, not "
                              f"{key} (its file name)")
