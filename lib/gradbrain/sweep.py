@@ -552,9 +552,9 @@ def still_queued(out: str | os.PathLike) -> dict[str, str]:
     # a job that wrote its result has ended, even while Slurm still winds it up
     record = {name: job_id for name, job_id in _slurm_record(logs).items()
               if not any(logs.glob(f"{job_id}_*_result.pkl"))}
-    queued = _slurm_queue(record.values()) if record else {}
+    queued = _slurm_queue(record.values()) or {}
     return {name: f"{job_id} {queued[job_id]}" for name, job_id in record.items()
-            if queued and job_id in queued}
+            if job_id in queued}
 
 
 def _wait_slurm(job: Job, handle, log, poll_s: float):
