@@ -214,14 +214,14 @@ def test_contrast_is_the_mean_difference_and_its_interval_covers_the_truth():
 
 @pytest.fixture(scope="module")
 def tiny_net():
+    torch.manual_seed(0)   # before the weights are drawn: the same net whatever ran before
     module = timm.create_model("test_efficientnet", pretrained=False)
-    torch.manual_seed(0)
     return models.wrap(module, name="test_efficientnet", weights="random init (test)")
 
 
 def test_second_order_gradient_equals_finite_differences(tiny_net, images):
     """d/dx of a read-out of backpropagated gradients, by autograd through
-    create_graph=True, against central differences along a random direction."""
+    create_graph=True, against central differences along the gradient and a random direction."""
     x = tiny_net.preprocess(images[:2])
     torch.manual_seed(1)
     # weights of the size of 1 / the features (gradients of a random network are small)
@@ -234,16 +234,20 @@ def test_second_order_gradient_equals_finite_differences(tiny_net, images):
 
     x0 = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(readout(x0), x0)
-    direction = torch.randn_like(x)
-    direction /= direction.norm()
-    analytic = float((grad * direction).sum())
+    scale = float(grad.norm())
+    assert scale > 0.1, scale   # a derivative that is there to be checked
     # a unit step along a unit direction over 153,600 pixels (~0.003 per pixel): float32
     # rounding of the read-out swamps steps below ~0.1 (measured: eps 0.3, 1 and 3 agree
     # with autograd to 0.1 %, eps 0.01 is off by 20 %)
     eps = 1.0
-    numeric = (readout(x + eps * direction) - readout(x - eps * direction)).item() / (2 * eps)
-    assert abs(analytic) > 1e-3
-    assert analytic == pytest.approx(numeric, rel=0.01)
+    random = torch.randn_like(x)
+    typical = scale / x.numel() ** 0.5   # the derivative along a random unit direction
+    for direction, size in ((grad / scale, scale), (random / random.norm(), typical)):
+        analytic = float((grad * direction).sum())
+        numeric = (readout(x + eps * direction)
+                   - readout(x - eps * direction)).item() / (2 * eps)
+        assert abs(analytic) > 0.2 * size, (analytic, size)   # not a vanishing one
+        assert analytic == pytest.approx(numeric, rel=0.02), (analytic, numeric)
     # the features themselves are extract's
     reference = gf.extract(tiny_net, x, losses=("ce",), cache=False)
     for layer, values in gf.differentiable_features(tiny_net, x, loss="ce").items():
@@ -269,5 +273,10 @@ def test_gradient_encoder_synthesis_climbs_its_prediction(tiny_net, images):
     enc = insilico.fit_encoder(tiny_study, tiny_net, signal="gradient", features=feats_tiny)
     targets = np.arange(0, enc.n_targets, 7)
     natural = enc.predict(images[40:56])[:, targets].mean(1)
-    made = insilico.synthesize(enc, targets, steps=8, size=32, lr=0.1, seed=0)
-    assert enc.predict(made)[:, targets].mean() > np.median(natural)
+    # without the random shifts and blur the ascent is deterministic; a random net's
+    # gradients make a rough objective, so a small rate and the start as reference
+    settings = dict(size=32, lr=0.05, jitter=0.0, seed=0)
+    start = enc.predict(insilico.synthesize(enc, targets, steps=1, **{**settings, "lr": 1e-6}))
+    made = insilico.synthesize(enc, targets, steps=16, blur_every=16, **settings)
+    gain = enc.predict(made)[:, targets].mean() - start[:, targets].mean()
+    assert gain > 0.5 * natural.std(), (gain, natural.std())
