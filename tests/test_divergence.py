@@ -168,3 +168,40 @@ def test_estimate_noise_recovers_the_planted_noise(planted_features, noise):
     study = simulated.make_study(5, images=images, features=feats, noise=noise,
                                  n_images=40, meg=False)
     assert simulated.estimate_noise(study) == pytest.approx(noise, rel=0.05)
+
+
+def test_shipped_rows_of_a_contrast_simulated_since_by_other_code_are_simulated_again(
+        planted_features, monkeypatch, tmp_path):
+    """A shipped table made before a contrast's simulation changed (no contrast_version
+    column: version 1) serves the spatial contrast (still version 1) and not the temporal
+    one (now 2: the latency gate corrected over layers), whose studies are made again."""
+    assert divergence.CONTRAST_VERSION == {"spatial": 1, "temporal": 2}
+    _, feats = planted_features
+    cell = {"gradient_weight": 0.5, "latency_jitter": 0.0}
+    seeds = divergence.calibration_seeds(2)
+    shipped = pd.DataFrame([{"contrast": c, "truth": "backprop", "seed": s, **cell,
+                             "estimate": name, "value": 0.5}
+                            for c, name in (("spatial", SPATIAL), ("temporal", TEMPORAL))
+                            for s in seeds])
+    monkeypatch.setattr(divergence.calibration, "_shipped_simulations",
+                        lambda *a, **k: shipped.copy())
+    made = []
+
+    def one_study(features, contrast, truth, seed, cell, *rest):
+        made.append((contrast, seed))
+        return [{"contrast": contrast, "truth": truth, "seed": seed, **cell,
+                 "estimate": SPATIAL if contrast == "spatial" else TEMPORAL, "value": -1.0}]
+    monkeypatch.setattr(divergence, "_one_study", one_study)
+    table = divergence.simulate_family(feats, family=[cell], n_seeds=2, n_seeds_divergent=0,
+                                       cache=tmp_path, progress=False)
+    assert sorted(made) == [("temporal", s) for s in seeds]
+    assert (table[table.contrast == "spatial"].value == 0.5).all()
+    assert (table[table.contrast == "temporal"].value == -1.0).all()
+    # a table written now records the versions, and its temporal rows are believed
+    written = shipped.assign(contrast_version=shipped.contrast.map(divergence.CONTRAST_VERSION))
+    monkeypatch.setattr(divergence.calibration, "_shipped_simulations",
+                        lambda *a, **k: written.copy())
+    made.clear()
+    divergence.simulate_family(feats, family=[cell], n_seeds=2, n_seeds_divergent=0,
+                               cache=tmp_path, progress=False)
+    assert made == []

@@ -1,6 +1,7 @@
 """Hierarchy scores and the backprop tests: against scipy/MNE and against planted truths."""
 
 import copy
+import inspect
 import re
 
 import numpy as np
@@ -16,6 +17,7 @@ from gradbrain.analysis import simulation
 from gradbrain.analysis.backprop import backprop_tests
 from gradbrain.analysis.encoding import Encoding, check_encoding, fmri_encoding
 from gradbrain.data.simulated import make_study
+from gradbrain.hierarchy import calibration
 
 
 @pytest.mark.parametrize("method", ["spearman", "pearson"])
@@ -905,6 +907,14 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
                                         first_seed=3, exclude_seeds=[4], noise=0.5,
                                         progress=False, **kw)
     assert sorted(set(skipped.seed)) == [3, 5] and len(made) == 4   # seed 3 was cached
+    # the seeds that chose the statistics (1000-1011) never calibrate; by default the
+    # studies come from the reserved block, far from any study's own small seed
+    assert 1011 in calibration.SELECTION_SEEDS and 1000 in calibration.SELECTION_SEEDS
+    past = simulation.simulate_tests(small_planted, truths=("none",), n_seeds=2,
+                                     first_seed=1011, noise=0.5, progress=False, **kw)
+    assert sorted(set(past.seed)) == [1012, 1013]
+    default = inspect.signature(simulation.simulate_tests).parameters["first_seed"].default
+    assert default == calibration.FIRST_SIMULATION_SEED >= 1_000_000
     with pytest.raises(ValueError, match="'truths' must be one of"):
         simulation.simulate_tests(small_planted, truths=("sideways",), progress=False)
     with pytest.raises(ValueError, match="'seed', 'fmri' and 'meg'"):

@@ -70,12 +70,16 @@ DEFAULT_FAMILY = (
 #: Where the divergent truths are simulated (their power is stated at this cell).
 DIVERGENT_CELL = {"gradient_weight": 0.5, "latency_jitter": 0.0}
 #: Seeds used to choose the spatial and temporal statistics (never calibrate with them).
-SELECTION_SEEDS = range(1000, 1012)
+SELECTION_SEEDS = calibration.SELECTION_SEEDS
 #: Start of the reserved block of calibration seeds (each cell has its own sub-block).
 FIRST_CALIBRATION_SEED = 20_000_000
 _CELL_STRIDE = 100_000
 #: Bump when a change alters the simulated contrasts (it is part of every cache key).
 FAMILY_VERSION = 1
+#: Bump one contrast's version when a change alters that contrast alone (its cached and
+#: shipped studies are then simulated again; the other contrast's stay). temporal 2: MEG
+#: latencies gated with the step-down max statistic over layers.
+CONTRAST_VERSION = {"spatial": 1, "temporal": 2}
 _REFERENCE = calibration._REFERENCE
 _NAMES = {key: hierarchy.ESTIMATES[key][0] for key in CONTRASTS}
 
@@ -153,8 +157,9 @@ def _one_study(features, contrast, truth, seed, cell, noise, n_images, run_kwarg
                n_threads, cache_dir, study_kwargs) -> list[dict]:
     """One contrast of one simulated study, made with its modality alone (cached as one
     small CSV)."""
-    name = (f"{contrast}-{truth}-w{cell['gradient_weight']:g}-j{cell['latency_jitter']:g}"
-            f"-{seed}.csv")
+    version = CONTRAST_VERSION[contrast]
+    name = (f"{contrast}{'' if version == 1 else f'-v{version}'}-{truth}"
+            f"-w{cell['gradient_weight']:g}-j{cell['latency_jitter']:g}-{seed}.csv")
     path = cache_dir / name if cache_dir is not None else None
     if path is not None and path.exists():
         try:
@@ -290,6 +295,10 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
         shipped = calibration._shipped_simulations(key, calibration._fingerprint(features, loss),
                                                  pattern="divergence_family-*.json")
         if shipped is not None:
+            # rows of a contrast whose simulation changed since they were shipped: dropped
+            made = shipped.get("contrast_version", pd.Series(1, index=shipped.index))
+            shipped = shipped[made.to_numpy() == shipped.contrast.map(CONTRAST_VERSION)
+                              .to_numpy()]
             idents = [ident(*r) for r in zip(shipped.contrast, shipped.truth, shipped.seed,
                                              shipped.gradient_weight, shipped.latency_jitter)]
             want = {ident(c, t, s, cell["gradient_weight"], cell["latency_jitter"])
@@ -344,6 +353,7 @@ def write_family_reference(table: pd.DataFrame, features, *, name: str, noise: f
     n_images = features.n_images if n_images is None else n_images
     key = _family_key(features, n_images, noise, run_kwargs, {})
     base = _REFERENCE / f"divergence_family-{name}"
+    table = table.assign(contrast_version=table.contrast.map(CONTRAST_VERSION))
     with atomic_path(base.with_suffix(".csv.gz"), suffix=".csv.gz") as tmp:
         table.to_csv(tmp, index=False)
     meta = {"key": key, "fingerprint": calibration._fingerprint(features, key["loss"]).tolist(),

@@ -341,7 +341,9 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
 
     A latency is only given to a layer whose course rises above chance: its peak must
     pass a max-statistic permutation test over time at ``latency_alpha``
-    (:func:`peak_permutation_test`, shuffled test images). Other layers get NaN
+    (:func:`peak_permutation_test`, shuffled test images), corrected over the layers
+    (step-down max statistic: the family-wise error over layers and time points is at
+    most ``latency_alpha``). Other layers get NaN
     latencies (and NaN bootstrap latencies), so temporal scores and latency contrasts
     leave them out — a curve of pure noise still has a maximum, but no latency.
 
@@ -373,8 +375,9 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         ``curve`` (n_layers, n_times) r averaged over sensors, ``peak`` (n_layers,) its
         maximum, ``latency`` (n_layers,) ms, ``latency_ci`` (n_layers, 2) ms and
         ``boot_latency`` (n_boot, n_layers) ms (NaN where a resampled course never rises
-        above 0), ``p_peak`` (n_layers,) the peak test's p-value and ``significant``
-        (n_layers,) bool; latencies of layers that are not significant are NaN. Above
+        above 0), ``p_peak`` (n_layers,) the peak test's p-value, ``p_peak_fwer``
+        (n_layers,) the same corrected over layers and ``significant`` (n_layers,) bool
+        (``p_peak_fwer < latency_alpha``); latencies of layers that are not significant are NaN. Above
         chance per time point: ``best_curve`` (n_times,) the best layer's score,
         ``p_time`` its permutation p-value (maximum over layers in the null),
         ``q_time`` Benjamini–Hochberg-adjusted over time points and
@@ -413,9 +416,9 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
                 if n_boot else np.empty((0, len(layers))))
         shuffled = peak_permutation_test(Y_test, predictions, n_perm=n_perm, seed=seed,
                                          device=device)
-        p_peak = shuffled["p_value"]
+        p_peak, p_fwer = shuffled["p_value"], shuffled["p_fwer"]
         q_time = stats.false_discovery_control(shuffled["p_time"], method="bh")
-        significant = p_peak < latency_alpha if latency_alpha < 1 else np.ones(len(layers), bool)
+        significant = p_fwer < latency_alpha if latency_alpha < 1 else np.ones(len(layers), bool)
         latency = _latencies(times, curve, threshold)
         latency[~significant] = np.nan
         boot[:, ~significant] = np.nan
@@ -428,6 +431,7 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
             "layers": layers, "depth": np.asarray(features.depth, dtype=float), "times": times,
             "r": r, "curve": curve, "peak": curve.max(1), "latency": latency,
             "latency_ci": latency_ci, "boot_latency": boot, "p_peak": p_peak,
+            "p_peak_fwer": p_fwer,
             "significant": significant, "best_curve": shuffled["best_curve"],
             "p_time": shuffled["p_time"], "q_time": q_time,
             "significant_time": q_time < latency_alpha,

@@ -20,7 +20,8 @@ from ..data import load_embedded, simulated
 from ..features import extract
 from .backprop import backprop_tests
 from ..hierarchy import calibration
-from ..hierarchy.calibration import SIMULATION_VERSION, _fingerprint, _shipped_simulations
+from ..hierarchy.calibration import (FIRST_SIMULATION_SEED, SELECTION_SEEDS, SIMULATION_VERSION,
+                                     _fingerprint, _shipped_simulations)
 from ..hierarchy.verdicts import TEST_TRUTHS, VERDICT_BACKPROP, VERDICT_PAPER, _verdict_rows
 
 __all__ = ["SIMULATION_IMAGES", "simulate_tests", "simulation_design", "study_sizes",
@@ -120,7 +121,8 @@ def write_reference(simulated: pd.DataFrame, features, *, n_images: int | None =
 
 def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
                    truths=("none", "forward", "backprop", "paper"), n_seeds: int = 20,
-                   first_seed: int = 1000, exclude_seeds=(), n_jobs: int = 1,
+                   first_seed: int = FIRST_SIMULATION_SEED, exclude_seeds=(),
+                   n_jobs: int = 1,
                    simulate_fmri: bool = True,
                    simulate_meg: bool = True, images=None, n_test: int | None = None,
                    n_fmri_repeats: int | None = None, n_meg_test_repeats: int | None = None,
@@ -149,7 +151,12 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
         Planted gradient truths to simulate.
     n_seeds : int
         Studies per truth: the first ``n_seeds`` seeds from ``first_seed`` on that are not
-        in ``exclude_seeds``.
+        in ``exclude_seeds`` nor among the seeds that chose the statistics
+        (:data:`gradbrain.hierarchy.calibration.SELECTION_SEEDS`, 1000–1011).
+    first_seed : int
+        Start of the seeds; default the reserved block
+        (:data:`~gradbrain.hierarchy.calibration.FIRST_SIMULATION_SEED`, 10,000,000), far
+        from the small seeds a study or a sweep subject is made with.
     exclude_seeds : iterable of int
         Seeds never simulated: the seed of a simulated study under test, so that it is
         never among its own null (a sweep subject seeded 1000 would otherwise be).
@@ -205,7 +212,7 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
         ("n_test", n_test), ("n_fmri_repeats", n_fmri_repeats),
         ("n_meg_test_repeats", n_meg_test_repeats)) if value is not None}
     study_kwargs = {**sizes, **({"images": images} if images is not None else {})}
-    excluded = {int(x) for x in exclude_seeds}
+    excluded = {int(x) for x in exclude_seeds} | set(SELECTION_SEEDS)
     seeds = [seed for seed in range(first_seed, first_seed + n_seeds + len(excluded))
              if seed not in excluded][:n_seeds]
     jobs = [(truth, seed) for truth in truths for seed in seeds]

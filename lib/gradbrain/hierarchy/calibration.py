@@ -19,10 +19,17 @@ from ..stats import _pct, _wilson
 
 #: Bump when a change to the simulation or the tests changes simulated statistics: cached
 #: and shipped tables of :func:`simulate_tests` carry it in their key.
-SIMULATION_VERSION = 4   # 2: the estimates' equivalence rows; 3: selection on training CV;
-
-
-#                          4: spatial tests on profile centres (run's spatial_statistic)
+SIMULATION_VERSION = 5   # 2: the estimates' equivalence rows; 3: selection on training CV;
+#                          4: spatial tests on profile centres (run's spatial_statistic);
+#                          5: MEG latencies gated with the step-down max statistic over
+#                          layers; seeds from FIRST_SIMULATION_SEED
+#: Seeds used to choose the spatial and temporal statistics
+#: (``benchmarks/layer_statistics.py``): never used to calibrate or to state power.
+SELECTION_SEEDS = range(1000, 1012)
+#: Start of the reserved block of seeds of the simulated studies that calibrate a
+#: chapter's tests (:func:`gradbrain.analysis.simulation.simulate_tests`); the divergence
+#: family draws from its own block (:data:`gradbrain.divergence.FIRST_CALIBRATION_SEED`).
+FIRST_SIMULATION_SEED = 10_000_000
 _REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 
 
