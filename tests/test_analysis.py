@@ -43,7 +43,7 @@ def test_chapter_inputs_load_the_saved_study_and_its_features(saved, cnn):
     assert inputs.net.weights == cnn.weights
     said = inputs.ran_on()
     assert said.startswith(f"This chapter ran on profile 'unit': {study.name} (from ")
-    assert str(study_path("unit", "simulated")) in said and cnn.weights in said
+    assert "(from $GRADBRAIN_DATA/studies/unit-simulated)" in said and cnn.weights in said
     assert inputs.path == study_path("unit", "simulated")
 
 
@@ -89,3 +89,48 @@ def test_simulation_design_of_real_data_estimates_its_noise(saved):
         simulation_design(real, feats, images="embedded")
     with pytest.raises(ValueError, match="'noise' must be a finite number"):
         simulation_design(real, feats, noise=-1.0)
+
+
+def test_demo_study_is_the_data_chapters_demo_parameters():
+    """DEMO_STUDY must be what the data chapter runs on the demo profile: the profile's
+    00_data block and the notebook's own defaults (papermill's parameters cell)."""
+    import ast
+    from pathlib import Path
+
+    import nbformat
+
+    from gradbrain import book
+    from gradbrain.analysis.chapter import DEMO_STUDY
+
+    root = Path(__file__).resolve().parents[1]
+    profile = dict(book.load_profile(root, "demo")["notebooks"]["00_data"])
+    assert profile.pop("dataset") == "simulated"
+    assert DEMO_STUDY == profile
+    nb = nbformat.read(str(root / "notebooks" / "00_data.ipynb"), as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    defaults = {node.targets[0].id: ast.literal_eval(node.value)
+                for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)}
+    assert {k: defaults[k] for k in DEMO_STUDY} == DEMO_STUDY
+
+
+def test_a_chapter_opened_alone_builds_the_demo_study_and_nothing_else(monkeypatch, tmp_path):
+    """Colab/Binder: chapters 02-06 on the demo profile build the demo's study when the data
+    chapter never ran (and save it where that chapter would); other profiles, and a folder
+    the user chose, still say which chapter makes it."""
+    from gradbrain.analysis import chapter
+    from gradbrain.data import Study, load_study
+
+    small = {**chapter.DEMO_STUDY, "n_images": 12}
+    monkeypatch.setattr(chapter, "DEMO_STUDY", small)
+    monkeypatch.setenv("GRADBRAIN_DATA", str(tmp_path / "home"))
+    study, path, built = chapter.chapter_study("demo", "simulated")
+    assert built and path == study_path("demo", "simulated") and path.is_dir()
+    reference = load_study("simulated", **small)          # what chapter 00 would make
+    assert study.digest() == reference.digest() == Study.load(path).digest()
+    again, _, built_again = chapter.chapter_study("demo", "simulated")
+    assert not built_again and again.digest() == reference.digest()
+    for args in (("tiny", "simulated"), ("demo", "simulated", tmp_path / "mine")):
+        with pytest.raises(FileNotFoundError, match="00_data"):
+            chapter.chapter_study(*args)
+    assert not (tmp_path / "mine").exists()
+    assert not study_path("tiny", "simulated").exists()

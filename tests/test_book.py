@@ -259,7 +259,16 @@ def test_chapters_run_on_tiny_profile_and_book_builds(tiny_build):
     assert "planted**: peaks at" in text("06_in_silico")          # MEG over time
     assert "gradient encoder, high-level bin" in text("06_in_silico")
     assert "reproduc" not in text("06_in_silico")
+    # no reader's machine layout on a page: paths under the data home are shown from it
+    machine = (os.environ["GRADBRAIN_DATA"], str(Path.home()))
+    for name in status:
+        assert not [m for m in machine if m in text(name)], (name, machine)
+    assert "$GRADBRAIN_DATA/studies/tiny-simulated" in text("00_data")
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    # the install cell (Colab) runs in every chapter but is not on its page
+    for name in status:
+        page = (tmp_path / "_build" / "html" / "executed" / f"{name}.html").read_text()
+        assert "find_spec" not in page and "git+https://" not in page, name
     for name in ("00_data", "01_gradients", "02_fmri_encoding"):
         page = (tmp_path / "_build" / "html" / "executed" / f"{name}.html").read_text()
         assert page.count("<img") >= 5
@@ -419,3 +428,31 @@ def test_every_solution_uses_only_names_its_chapter_defines(chapter):
     for label, code in blocks:
         missing = _names_used(code) - defined - _names_defined(code)
         assert not missing, f"{chapter} solution {label} uses undefined {sorted(missing)}"
+
+
+@pytest.mark.parametrize("chapter", sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")))
+def test_every_chapter_installs_gradbrain_from_the_books_repository_when_missing(
+        chapter, monkeypatch):
+    """Issue 31: Colab failed on every chapter (no install). Right after the parameters
+    cell, a hidden cell installs gradbrain from the repository and branch the launch
+    buttons point at (``_config.yml``), only where it is not installed."""
+    import importlib.util
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    nb = nbformat.read(str(ROOT / "notebooks" / f"{chapter}.ipynb"), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    install = code[1]
+    assert {"remove-cell", "install-gradbrain"} <= set(install.metadata.get("tags", []))
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append((a, k)))
+    exec(install.source, {})          # here gradbrain is installed: nothing happens
+    assert calls == []
+    original = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gradbrain" else original(name, *a))
+    exec(install.source, {})          # on Colab it is not: one pip install from the repo
+    (command,), options = calls[0]
+    assert len(calls) == 1 and options == {"check": True}
+    assert command[1:4] == ["-m", "pip", "install"]
+    assert command[-1] == f"gradbrain @ git+{config['url']}@{config['branch']}"

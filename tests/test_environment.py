@@ -40,3 +40,42 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make book" in readme
     assert re.search(r"^\s*make test\b", ci, flags=re.M)
+
+
+#: Packages of pyproject.toml that a reader on Binder does not need: the book's own
+#: build (jupyter-book and its Sphinx extensions), the ridge reference of the tests and
+#: benchmarks (himalaya), and cluster sweeps (submitit).
+NOT_ON_BINDER = {"himalaya", "jupyter-book", "sphinx-exercise", "sphinx-mathjax-offline",
+                 "submitit"}
+
+
+def test_binder_environment_is_cpu_torch_the_chapters_needs_and_no_test_tools():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = _requirement_map(project["dependencies"])
+    dev = _requirement_map(project["optional-dependencies"]["dev"])
+    env = yaml.safe_load((ROOT / "binder" / "environment.yml").read_text())
+    pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    options = [line for line in pip_list if line.startswith("--")]
+    binder = _requirement_map([line for line in pip_list if not line.startswith("--")])
+    # CPU wheels from PyTorch's CPU index, of the very versions pyproject pins
+    assert options == ["--extra-index-url https://download.pytorch.org/whl/cpu"]
+    for name in ("torch", "torchvision"):
+        assert binder[name] == runtime[name] + "+cpu", (name, binder[name])
+    others = {k: v for k, v in binder.items() if k not in ("torch", "torchvision")}
+    assert others == {k: v for k, v in runtime.items()
+                      if k not in NOT_ON_BINDER | {"torch", "torchvision"}}
+    assert not set(binder) & set(dev), "a test-only package in Binder's environment"
+    # gradbrain itself, without dependencies (they would pull the CUDA torch back)
+    post = (ROOT / "binder" / "postBuild").read_text()
+    assert re.search(r"pip install --no-deps .*-e \.$", post, flags=re.M)
+    assert (ROOT / "binder" / "postBuild").stat().st_mode & 0o100, "postBuild not executable"
+
+
+def test_launch_buttons_point_at_the_repository_and_no_placeholder_hub():
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    launch, repo = config["launch_buttons"], config["repository"]
+    assert launch["binderhub_url"] == "https://mybinder.org"
+    assert launch["colab_url"] == "https://colab.research.google.com"
+    assert "jupyterhub_url" not in launch or "example" not in launch["jupyterhub_url"]
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", repo["url"])
+    assert repo["path_to_book"] == "" and (ROOT / "notebooks").is_dir()

@@ -754,3 +754,24 @@ def test_compare_takes_one_model_name_as_one_model():
     # a string split into 27 characters fails the name check; one name reaches the study
     with pytest.raises(ValueError, match="has no images"):
         compare.run("efficientnet_lite0.imagenet", Empty())
+
+
+def test_atomic_writes_get_the_permissions_of_any_new_file(tmp_path):
+    """A temporary file is owner-only (mkstemp: 0600); what it becomes must not be: a
+    study or table saved in a shared folder is read by the others there."""
+    from gradbrain._utils import atomic_path
+    from gradbrain.data import Study
+
+    old = os.umask(0o002)   # a group-shared project folder's usual umask
+    try:
+        with atomic_path(tmp_path / "table.csv") as tmp:
+            tmp.write_text("a,b\n1,2\n")
+        assert (tmp_path / "table.csv").stat().st_mode & 0o777 == 0o664
+        _kill_child.small_study(1).save(tmp_path / "study")
+        saved = [tmp_path / "study", *(tmp_path / "study").rglob("*")]
+        modes = {p.name: p.stat().st_mode & 0o777 for p in saved}
+        assert all(m == (0o775 if p.is_dir() else 0o664) for p, m in
+                   zip(saved, modes.values())), modes
+        assert Study.load(tmp_path / "study").name
+    finally:
+        os.umask(old)

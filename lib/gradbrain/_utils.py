@@ -47,7 +47,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     Nothing partial is left behind: on error the temporary file is removed. The
     temporary name carries this process's id (``.<name>.tmp-<pid>-…``), so files left
     by a killed process are recognised and removed by the next write to ``path``
-    (:func:`clean_stale_temporaries`).
+    (:func:`clean_stale_temporaries`). The file gets the permissions any new file of
+    this process gets (``0o666`` less the umask), not the owner-only ones of a
+    temporary file, so that a study saved in a shared folder is readable there.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,10 +60,20 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            default_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def default_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` the permissions a new file (``0o666``) or folder (``0o777``) of this
+    process gets, less the umask: temporary files and folders are made owner-only."""
+    mask = os.umask(0o022)   # read by setting it and setting it back
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
 def _pid_alive(pid: int) -> bool:

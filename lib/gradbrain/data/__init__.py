@@ -6,6 +6,7 @@ the real datasets (NSD fMRI, THINGS-MEG); ``geometry`` → fsaverage5
 and CTF-275 geometry that ship offline.
 """
 
+import os
 from pathlib import Path
 
 from .._utils import check_in_allowed, get_data_home
@@ -14,7 +15,7 @@ from .study import Study, noise_ceiling
 
 __all__ = [
     "DATASETS", "EMBEDDED_SOURCES", "N_EMBEDDED", "ImageSet", "Study", "get_data_home",
-    "load_embedded", "load_folder", "load_study", "noise_ceiling", "study_path",
+    "load_embedded", "load_folder", "load_study", "noise_ceiling", "shown_path", "study_path",
 ]
 
 DATASETS = ("simulated", "nsd", "things")
@@ -50,6 +51,32 @@ def study_path(profile: str, dataset: str, study_dir=None) -> Path:
                          f"got {profile!r}. Give a folder as study_dir instead.")
     check_in_allowed("dataset", dataset, DATASETS)
     return get_data_home() / "studies" / f"{profile}-{dataset}"
+
+
+def shown_path(path) -> str:
+    """A path as a page shows it: under the data home as ``$GRADBRAIN_DATA/…``, under
+    the home folder as ``~/…``, else as given — no user's machine layout in a book.
+
+    Examples
+    --------
+    >>> import os
+    >>> os.environ["GRADBRAIN_DATA"] = "/tmp/gb-doc"
+    >>> shown_path("/tmp/gb-doc/studies/demo-simulated")
+    '$GRADBRAIN_DATA/studies/demo-simulated'
+    >>> shown_path("relative/folder")
+    'relative/folder'
+    >>> del os.environ["GRADBRAIN_DATA"]
+    """
+    path = Path(path).expanduser()
+    if not path.is_absolute():
+        return path.as_posix()
+    home = Path(os.environ.get("GRADBRAIN_DATA", Path.home() / "gradbrain_data")).expanduser()
+    for base, shown in ((home, "$GRADBRAIN_DATA"), (Path.home(), "~")):
+        for spelling in (base, base.resolve()):   # as set, and with links resolved
+            if path == spelling or spelling in path.parents:
+                rest = path.relative_to(spelling).as_posix()
+                return shown if rest == "." else f"{shown}/{rest}"
+    return path.as_posix()
 
 
 def load_study(dataset: str = "simulated", **params) -> Study:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import _provenance
 from .._provenance import stored_digest
-from .._utils import clean_stale_temporaries, hash_update_array
+from .._utils import clean_stale_temporaries, default_permissions, hash_update_array
 from .images import ImageSet
 
 __all__ = ["Study", "noise_ceiling", "stored_digest", "stratified_subset"]
@@ -199,6 +199,7 @@ class Study:
         clean_stale_temporaries(path)
         pid = os.getpid()
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{pid}-", dir=path.parent))
+        default_permissions(tmp)   # not mkdtemp's owner-only: a shared folder's readers
         aside = None
         try:
             with h5py.File(tmp / "study.h5", "w") as f:
