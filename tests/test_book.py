@@ -67,6 +67,20 @@ def test_parameters_are_filtered_to_declared_ones(tiny_book):
         book.parameters_for(chapter_a, bad)
 
 
+def test_a_mapping_override_merges_into_the_profiles_mapping():
+    """Issue 30: ``-p nsd='{subject: 2}'`` replaced the whole NSD block (source, sessions,
+    ROI... lost). It merges; a scalar still replaces."""
+    data, = [c for c in book.chapters(ROOT) if c.name == "00_data"]
+    profile = book.load_profile(ROOT, "nsd")
+    given = profile["notebooks"]["00_data"]["nsd"]
+    merged = book.parameters_for(data, profile, {"nsd": {"subject": 2, "max_images": 40}})
+    assert merged["nsd"] == {**given, "subject": 2, "max_images": 40}
+    assert merged["nsd"]["source"] == "s3://natural-scenes-dataset" and given["subject"] == 1
+    assert book.parameters_for(data, profile, {"seed": 7})["seed"] == 7
+    # the CLI's parser reads the mapping as YAML
+    assert book._parse_override("nsd={subject: 2}") == ("nsd", {"subject": 2})
+
+
 def test_unknown_profile_lists_available(tiny_book):
     with pytest.raises(FileNotFoundError, match="Available profiles: demo"):
         book.load_profile(tiny_book, "nsd")

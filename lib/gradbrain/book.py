@@ -267,7 +267,12 @@ def check_parameters(todo: list[Chapter], profile: dict, overrides: dict | None 
 
 
 def parameters_for(chapter: Chapter, profile: dict, overrides: dict | None = None) -> dict:
-    """The profile's values for one chapter, restricted to what its parameters cell declares."""
+    """The profile's values for one chapter, restricted to what its parameters cell declares.
+
+    An override replaces the profile's value, except that a mapping given for a mapping
+    (``-p nsd='{subject: 2}'``) is merged into it: the profile's other loader settings
+    stay. To drop one of them, give it explicitly (``-p nsd='{max_images: null}'``).
+    """
     declared = set(declared_parameters(chapter))
     specific = (profile.get("notebooks") or {}).get(chapter.name) or {}
     undeclared = set(specific) - declared
@@ -278,7 +283,10 @@ def parameters_for(chapter: Chapter, profile: dict, overrides: dict | None = Non
         )
     values = {k: v for k, v in (profile.get("defaults") or {}).items() if k in declared}
     values.update(specific)
-    values.update({k: v for k, v in (overrides or {}).items() if k in declared})
+    for key, value in (overrides or {}).items():
+        if key in declared:
+            merge = isinstance(value, dict) and isinstance(values.get(key), dict)
+            values[key] = {**values[key], **value} if merge else value
     return values
 
 
@@ -629,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--root", help="repository root (default: found from the cwd)")
     p_run.add_argument("--output-dir", help="where executed copies go (default: executed/)")
     p_run.add_argument("-p", "--param", action="append", type=_parse_override, default=[],
-                       metavar="KEY=VALUE", help="override a parameter (YAML value)")
+                       metavar="KEY=VALUE", help="override a parameter (YAML value; a "
+                       "mapping merges into the profile's, e.g. -p nsd='{subject: 2}')")
     p_run.add_argument("--force", action="store_true", help="rerun even if inputs are unchanged")
     p_run.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     p_list = sub.add_parser("list", help="list the chapters in book order")
