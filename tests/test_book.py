@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 import yaml
 
@@ -115,6 +116,27 @@ def test_a_chapter_refuses_parameters_its_profile_did_not_give():
     book.check_received("03_meg_decoding", {"profile": "things", "dataset": "things"}, root=ROOT)
     book.check_received("03_meg_decoding", {"profile": "mine", "dataset": "simulated"}, root=ROOT)
     book.check_received("03_meg_decoding", {"profile": "demo", "dataset": "things"}, root=ROOT)
+
+
+def test_a_parameter_the_chapter_does_not_declare_is_refused(tmp_path):
+    """Issue 30: papermill -p injects any name, so a misspelt parameter ran the chapter
+    on its default. The real notebook, through papermill's API, stops with the name."""
+    import warnings
+
+    import papermill
+
+    with pytest.raises(ValueError, match=r"received \['n_imgaes'\].*00_data declares"):
+        book.check_received("00_data", {"profile": "demo", "dataset": "simulated",
+                                        "n_imgaes": 40, "np": np, "book": book,
+                                        "_": 3, "In": [""]}, root=ROOT)
+    book.check_received("00_data", {"profile": "demo", "dataset": "simulated",
+                                    "n_images": 40, "np": np}, root=ROOT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(papermill.PapermillExecutionError, match="n_imgaes"):
+            papermill.execute_notebook(str(ROOT / "notebooks" / "00_data.ipynb"),
+                                       str(tmp_path / "out.ipynb"), cwd=str(ROOT),
+                                       parameters={"n_imgaes": 40}, progress_bar=False)
 
 
 def test_papermill_cli_with_a_profile_file_fails_with_the_fix(tmp_path):

@@ -290,11 +290,19 @@ def parameters_for(chapter: Chapter, profile: dict, overrides: dict | None = Non
     return values
 
 
+#: Values a parameter can have (anything else in a notebook's namespace at the check —
+#: modules, functions, IPython's own — is not a parameter).
+_PLAIN = (bool, int, float, str, list, dict, tuple, type(None))
+
+
 def check_received(chapter: str, namespace: dict, *, root=None) -> None:
     """Refuse a notebook run that did not get its profile's parameters.
 
-    Called by each chapter right after its parameters cell. papermill's own CLI takes
-    flat parameter files; a profile (``params/<name>.yaml``) is nested by chapter, so
+    Called by each chapter right after its parameters cell. A parameter the chapter does
+    not declare (``papermill … -p n_imgaes 40`` injects it, and the chapter would run
+    with its default number of images) is refused with the declared names.
+
+    papermill's own CLI takes flat parameter files; a profile (``params/<name>.yaml``) is nested by chapter, so
     ``papermill … -f params/things.yaml`` would inject unused ``notebooks``/``defaults``
     variables and run on the default data. This catches that, and a ``profile`` that
     declares another ``dataset`` for this chapter while the notebook kept its default
@@ -329,13 +337,23 @@ def check_received(chapter: str, namespace: dict, *, root=None) -> None:
             f"papermill (-f params/<profile>.yaml), but profiles are nested by chapter and "
             f"papermill reads flat files, so the chapter would run on its defaults. Write "
             f"the chapter's flat parameters first: {command}")
-    if not isinstance(profile, str) or "dataset" not in namespace:
-        return
     try:
         root = Path(root) if root is not None else find_root()
         found = [c for c in chapters(root) if c.name == chapter]
-        if not found:
-            return
+    except (FileNotFoundError, ValueError):
+        found = []   # no book here: nothing to compare with
+    if found:
+        declared = declared_parameters(found[0])
+        # papermill's own -p injects any name: a misspelt one would be ignored silently
+        stray = sorted(k for k, v in namespace.items() if isinstance(v, _PLAIN) and k not in
+                       declared and not k.startswith("_") and k not in ("In", "Out"))
+        if stray:
+            raise ValueError(
+                f"This notebook received {stray}, which its parameters cell does not declare "
+                f"(misspelt?); {chapter} declares {sorted(declared)}.")
+    if not found or not isinstance(profile, str) or "dataset" not in namespace:
+        return
+    try:
         default = declared_parameters(found[0]).get("dataset")
         expected = parameters_for(found[0], load_profile(root, profile)).get("dataset")
     except (FileNotFoundError, ValueError):
