@@ -302,11 +302,12 @@ def check_received(chapter: str, namespace: dict, *, root=None) -> None:
     not declare (``papermill … -p n_imgaes 40`` injects it, and the chapter would run
     with its default number of images) is refused with the declared names.
 
-    papermill's own CLI takes flat parameter files; a profile (``params/<name>.yaml``) is nested by chapter, so
-    ``papermill … -f params/things.yaml`` would inject unused ``notebooks``/``defaults``
-    variables and run on the default data. This catches that, and a ``profile`` that
-    declares another ``dataset`` for this chapter while the notebook kept its default
-    one (``-p profile things`` alone); a dataset passed on purpose is left alone.
+    papermill's own CLI takes flat parameter files; a profile (``params/<name>.yaml``) is
+    nested by chapter, so ``papermill … -f params/things.yaml`` would inject unused
+    ``notebooks``/``defaults`` variables and run on the default data. This catches that, and
+    a ``profile`` that declares another ``dataset`` for this chapter while the notebook kept
+    its default one (``-p profile things`` alone); a dataset passed on purpose is left
+    alone.
 
     Parameters
     ----------

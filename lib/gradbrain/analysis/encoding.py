@@ -377,8 +377,8 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         ``boot_latency`` (n_boot, n_layers) ms (NaN where a resampled course never rises
         above 0), ``p_peak`` (n_layers,) the peak test's p-value, ``p_peak_fwer``
         (n_layers,) the same corrected over layers and ``significant`` (n_layers,) bool
-        (``p_peak_fwer < latency_alpha``); latencies of layers that are not significant are NaN. Above
-        chance per time point: ``best_curve`` (n_times,) the best layer's score,
+        (``p_peak_fwer < latency_alpha``); latencies of layers that are not significant
+        are NaN. Above chance per time point: ``best_curve`` (n_times,) the best layer's score,
         ``p_time`` its permutation p-value (maximum over layers in the null),
         ``q_time`` Benjamini–Hochberg-adjusted over time points and
         ``significant_time`` = ``q_time < latency_alpha``; ``n_perm``.
