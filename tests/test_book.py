@@ -492,3 +492,14 @@ def test_every_chapter_installs_gradbrain_from_the_books_repository_when_missing
     assert len(calls) == 1 and options == {"check": True}
     assert command[1:4] == ["-m", "pip", "install"]
     assert command[-1] == f"gradbrain @ git+{config['url']}@{config['branch']}"
+
+
+@pytest.mark.parametrize("chapter", sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")))
+def test_every_chapter_draws_its_figures_at_120_dpi_or_more(chapter):
+    """Issue 31: figures at 90 dpi were blurry in the book."""
+    import re
+
+    nb = nbformat.read(str(ROOT / "notebooks" / f"{chapter}.ipynb"), as_version=4)
+    found = [int(m) for c in nb.cells if c.cell_type == "code"
+             for m in re.findall(r'rcParams\["figure\.dpi"\] = (\d+)', c.source)]
+    assert found and min(found) >= 120, found

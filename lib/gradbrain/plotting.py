@@ -189,7 +189,8 @@ def plot_surface(study, values: np.ndarray, *, label: str, title: str | None = N
     label : str
         Colour-bar label, with units.
     views : sequence of str
-        nilearn views, one row of panels each.
+        nilearn views, one column of panels each (rows: the hemispheres), so that the
+        figure is wide and short and fits a page's width.
     """
     from nilearn import plotting as nplot
 
@@ -206,11 +207,11 @@ def plot_surface(study, values: np.ndarray, *, label: str, title: str | None = N
     sulc = fsaverage5()["sulc"]
     vmin = np.nanmin(values) if vmin is None else vmin
     vmax = np.nanmax(values) if vmax is None else vmax
-    fig, axes = plt.subplots(len(views), len(HEMIS), figsize=(4.2 * len(HEMIS), 3.4 * len(views)),
+    fig, axes = plt.subplots(len(HEMIS), len(views), figsize=(3.0 * len(views) + 1.2, 5.0),
                              subplot_kw={"projection": "3d"}, squeeze=False)
-    fig.subplots_adjust(left=0, right=0.82, bottom=0, top=0.92, wspace=0, hspace=0.05)
-    for row, view in enumerate(views):
-        for col, hemi in enumerate(HEMIS):
+    fig.subplots_adjust(left=0, right=0.86, bottom=0, top=0.88, wspace=0, hspace=0.08)
+    for col, view in enumerate(views):
+        for row, hemi in enumerate(HEMIS):
             coords = mesh["inflated"].parts[hemi]
             data = _full_hemisphere(study, values, hemi, coords.n_vertices)
             nplot.plot_surf_stat_map(
@@ -220,7 +221,7 @@ def plot_surface(study, values: np.ndarray, *, label: str, title: str | None = N
             )
             axes[row, col].set_title(f"{hemi}, {view}", fontsize=9)
     mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(vmin, vmax))
-    fig.colorbar(mappable, cax=fig.add_axes([0.85, 0.25, 0.025, 0.5]), label=label)
+    fig.colorbar(mappable, cax=fig.add_axes([0.89, 0.2, 0.02, 0.6]), label=label)
     if title:
         fig.suptitle(title)
     return fig
