@@ -606,3 +606,57 @@ def test_non_finite_pixels_of_a_correctly_sized_batch_are_named(cnn):
     x[2, 2, 0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"NaN or infinite pixel values \(image\(s\) \[1, 2\]\)"):
         gf.extract(cnn, x, losses=("ce",), cache=False)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_streamed_preprocessing_equals_preprocessing_the_whole_set_first(cnn, small_images,
+                                                                       monkeypatch, num_workers):
+    """Issue 33: extract preprocessed every image up front and kept the whole tensor
+    (0.6 MiB per image at 224 px). PIL images are now preprocessed batch by batch (in
+    DataLoader workers when asked): the features must be those of the whole tensor, and
+    the whole set is never preprocessed at once."""
+    reference = gf.extract(cnn, cnn.preprocess(small_images), losses=("dino", "ce"),
+                           batch_size=4)
+    calls = []
+    real = cnn.transform
+
+    def counted():
+        transform = real()
+        return lambda image: calls.append(1) or transform(image)
+    monkeypatch.setattr(cnn, "transform", counted)
+    monkeypatch.setattr(cnn, "preprocess", lambda *a: pytest.fail("whole set preprocessed"))
+    streamed = gf.extract(cnn, small_images, losses=("dino", "ce"), batch_size=4,
+                          num_workers=num_workers)
+    for layer in cnn.layers:
+        np.testing.assert_array_equal(streamed.activations[layer], reference.activations[layer])
+        for loss in ("dino", "ce"):
+            np.testing.assert_array_equal(streamed.gradients[loss][layer],
+                                          reference.gradients[loss][layer])
+    assert streamed.image_ids == list(small_images.ids)
+    if num_workers == 0:   # workers count in their own processes
+        # the 64 DINO reference images, the DINO teacher's pass, then the main one
+        assert len(calls) == 64 + 2 * len(small_images)
+
+
+def test_cache_key_is_the_images_content_not_their_ids(cnn, small_images, tmp_path,
+                                                       monkeypatch):
+    """The key comes from one digest per image (no copy of the preprocessed set): the same
+    pixels under other ids find the cache; one changed pixel does not."""
+    first = gf.extract(cnn, small_images[:3], losses=("ce",), cache=tmp_path)
+    renamed = ImageSet(images=list(small_images.images[:3]), ids=["a", "b", "c"],
+                       labels=["x"] * 3)
+    monkeypatch.setattr(gf, "_extract_batch", lambda *a, **k: pytest.fail("recomputed"))
+    again = gf.extract(cnn, renamed, losses=("ce",), cache=tmp_path)
+    assert again.image_ids == ["a", "b", "c"]
+    np.testing.assert_array_equal(again.activations[cnn.layers[-1]],
+                                  first.activations[cnn.layers[-1]])
+    as_list = gf.extract(cnn, list(small_images.images[:3]), losses=("ce",), cache=tmp_path)
+    assert as_list.meta["cache_key"] == first.meta["cache_key"]
+    changed = [im.copy() for im in small_images.images[:3]]
+    changed[1].putpixel((0, 0), (0, 0, 0) if changed[1].getpixel((0, 0)) != (0, 0, 0)
+                        else (255, 255, 255))
+    monkeypatch.undo()
+    other = gf.extract(cnn, changed, losses=("ce",), cache=tmp_path)
+    assert other.meta["cache_key"] != first.meta["cache_key"]
+    with pytest.raises(ValueError, match="'num_workers' must be an integer >= 0"):
+        gf.extract(cnn, small_images[:2], losses=("ce",), num_workers=-1)

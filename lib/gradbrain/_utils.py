@@ -68,6 +68,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp.unlink()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may use (its affinity where the OS says; else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_permissions(path: str | os.PathLike) -> None:
     """Give ``path`` the permissions a new file (``0o666``) or folder (``0o777``) of this
     process gets, less the umask: temporary files and folders are made owner-only."""

@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -46,7 +45,8 @@ from tqdm import tqdm
 
 from . import hierarchy
 from .analysis.backprop import backprop_tests
-from ._utils import atomic_path, check_in_allowed, discard_unreadable, get_data_home, hash_arrays
+from ._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
+                     hash_arrays, usable_cores)
 from .data.simulated import DIVERGENT_TRUTHS, make_study
 from .hierarchy import calibration
 from .stats import _pct, _wilson, check_level
@@ -325,8 +325,7 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
     elif jobs:
         from joblib import Parallel, delayed
 
-        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                 else os.cpu_count() or 1)
+        cores = usable_cores()
         threads = max(1, cores // n_jobs)
         for done in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
                 delayed(_one_study)(features, contrast, truth, seed, cell, *args, threads,

@@ -331,6 +331,11 @@ class LoadedModel:
         transform = self.transform()
         return torch.stack([transform(_to_rgb(im)) for im in images])
 
+    def preprocess_image(self, image, transform=None) -> torch.Tensor:
+        """One PIL image → (3, height, width) float32, as :meth:`preprocess` makes it
+        (``transform``: :meth:`transform`'s, made once by a caller of many images)."""
+        return (transform or self.transform())(_to_rgb(image))
+
     def fingerprint(self) -> str:
         """Hex digest of the architecture and every weight (for cache keys)."""
         if self._fingerprint is None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pandas as pd
 import torch
 
 from .._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
-                      hash_arrays)
+                      hash_arrays, usable_cores)
 from ..data import load_embedded, simulated
 from ..features import extract
 from .backprop import backprop_tests
@@ -241,8 +240,7 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
     elif jobs:
         from joblib import Parallel, delayed
 
-        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                 else os.cpu_count() or 1)  # the cores this process may use
+        cores = usable_cores()
         threads = max(1, cores // n_jobs)
         for done in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(  # joblib ≥ 1.4
                 delayed(_simulated_tests)(features, truth, seed, n_images, noise, modalities,
