@@ -41,3 +41,23 @@ def test_schema_definition_is_idempotent():
     _compat._define_missing_torchvision_schemas()
     _compat._define_missing_torchvision_schemas()
     assert _compat._has_schema("nms")
+
+
+def test_import_gradbrain_does_not_import_torchvision_yet_timm_imports_after_it():
+    """Issue 33: `import gradbrain` imported torchvision, and through it torch._dynamo
+    (25 s of a 55 s import on a loaded machine), in processes that never use a model
+    (the book runner). The schemas are defined ahead instead, when needed."""
+    code = ("import sys, gradbrain, gradbrain.book;"
+            "print('torchvision' in sys.modules);"
+            "import timm, torchvision.transforms;"
+            "print(gradbrain._compat.shim_applied)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    imported_early, shimmed = out.stdout.split()
+    assert imported_early == "False"
+    # the version files are read right: the shim acts exactly where a plain import fails
+    plain = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True,
+                           text=True, timeout=120)
+    fails = plain.returncode != 0 and "does not exist" in plain.stderr
+    assert _compat.torchvision_is_cuda_build_beside_cpu_torch() == fails
+    assert shimmed == str(fails)

@@ -10,9 +10,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 # torchvision (and so timm) fails to import when a CUDA torchvision wheel meets a
-# CPU-only torch; the shim acts only when that exact error occurs.
-from ._compat import import_torchvision as _import_torchvision
+# CPU-only torch. The missing operator schemas are defined ahead when the version files
+# show that mismatch; torchvision itself is imported only by what needs it (models).
+from ._compat import prepare_torchvision as _prepare_torchvision
 
-_import_torchvision()
+_prepare_torchvision()
 
 __all__ = ["__version__"]

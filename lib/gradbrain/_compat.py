@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -64,6 +67,33 @@ def _has_schema(name: str) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def torchvision_is_cuda_build_beside_cpu_torch() -> bool:
+    """Whether the installed torchvision is a CUDA build and torch a CPU-only one — read
+    from torchvision's version file, without importing torchvision (which loads
+    ``torch._dynamo``: seconds, tens of seconds on a loaded machine)."""
+    if torch.version.cuda is not None:
+        return False
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text()
+    except OSError:
+        return False
+    found = re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text)
+    return bool(found) and "+cu" in found.group(1)
+
+
+def prepare_torchvision() -> None:
+    """Make a later ``import torchvision`` (or ``import timm``) work on a CPU torch with a
+    CUDA torchvision, without importing either now: the missing operator schemas are
+    defined ahead, only when the version files show that mismatch."""
+    global shim_applied
+    if "torchvision" not in sys.modules and torchvision_is_cuda_build_beside_cpu_torch():
+        _define_missing_torchvision_schemas()
+        shim_applied = True
 
 
 def import_torchvision():
