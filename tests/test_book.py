@@ -383,6 +383,10 @@ def test_every_page_reads_well_in_a_real_browser(tiny_build):
                 "t => getComputedStyle(t).overflowX)")
             assert all(o in ("auto", "scroll") for o in overflow), \
                 f"{where}: a wide table would be clipped ({overflow})"
+            clipped = driver.execute_script(
+                "return [...document.querySelectorAll('.cell_output .output.stream pre')]"
+                ".filter(p => p.scrollWidth > p.clientWidth + 1).map(p => p.innerText.slice(0, 80))")
+            assert not clipped, f"{where}: result lines scroll sideways: {clipped}"
             sizes = driver.execute_script(
                 "return [...document.querySelectorAll('main img')].map("
                 "i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight])")
@@ -503,3 +507,18 @@ def test_every_chapter_draws_its_figures_at_120_dpi_or_more(chapter):
     found = [int(m) for c in nb.cells if c.cell_type == "code"
              for m in re.findall(r'rcParams\["figure\.dpi"\] = (\d+)', c.source)]
     assert found and min(found) >= 120, found
+
+
+@pytest.mark.parametrize("chapter", sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")))
+def test_every_summary_cell_shows_its_result_not_its_string_formatting(chapter):
+    """Issue 31: "What this chapter found" showed 15-20 lines of string formatting above
+    each summary. The code cell under a chapter's closing summary heading hides its input."""
+    nb = nbformat.read(str(ROOT / "notebooks" / f"{chapter}.ipynb"), as_version=4)
+    headings = ("## What this chapter found", "## Conclusion", "## In words")
+    summaries = [nb.cells[i + 1] for i, c in enumerate(nb.cells[:-1])
+                 if c.cell_type == "markdown" and c.source.startswith(headings)
+                 and nb.cells[i + 1].cell_type == "code"]
+    if chapter != "00_data":
+        assert summaries, "no summary cell"
+    for cell in summaries:
+        assert "hide-input" in cell.metadata.get("tags", []), cell.source[:60]
