@@ -170,6 +170,13 @@ def test_run_executes_skips_and_reruns_on_change(tiny_book):
 
     assert book.run("demo", root=tiny_book, progress=False) == {"b": "skipped", "a": "skipped"}
     assert (tiny_book / "a_ran.txt").read_text() == "2\n"
+    # the run times the teaching page includes: every chapter, in book order, measured
+    times = book.run_times(tiny_book)
+    assert [t["chapter"] for t in times] == ["b", "a"]
+    assert all(0 < t["seconds"] < 300 and t["profile"] == "demo" for t in times)
+    table = (tiny_book / "executed" / "run_times.md").read_text().splitlines()
+    assert table[0].startswith("| Chapter | Profile | Run time") and len(table) == 2 + 2 + 2
+    assert table[2].startswith("| b | demo | ") and table[3].startswith("| a | demo | ")
 
     status = book.run("demo", root=tiny_book, overrides={"value": 7}, only=["a"], progress=False)
     assert status == {"a": "executed"}
@@ -248,6 +255,12 @@ def test_chapters_run_on_tiny_profile_and_book_builds(tiny_build):
                       "06_in_silico": "executed"}
     # `make book` twice: the second run executes nothing
     assert set(book.run("tiny", root=tmp_path, progress=False).values()) == {"skipped"}
+    # the teaching page shows the times of the runs it was built from (issue 31)
+    times = book.run_times(tmp_path)
+    assert [t["chapter"] for t in times] == list(status)
+    assert all(t["profile"] == "tiny" and t["seconds"] > 0 and t["cores"] >= 1 for t in times)
+    table = (tmp_path / "executed" / "run_times.md").read_text()
+    assert all(f"| {name} | tiny | " in table for name in status)
 
     def outputs(name):
         nb = nbformat.read(str(tmp_path / "executed" / f"{name}.ipynb"), as_version=4)
@@ -301,6 +314,8 @@ def test_chapters_run_on_tiny_profile_and_book_builds(tiny_build):
         assert not [m for m in machine if m in text(name)], (name, machine)
     assert "$GRADBRAIN_DATA/studies/tiny-simulated" in text("00_data")
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    teaching = (tmp_path / "_build" / "html" / "book" / "teaching.html").read_text()
+    assert "06_in_silico" in teaching and "| 06_in_silico" not in teaching   # a rendered table
     # the install cell (Colab) runs in every chapter but is not on its page
     for name in status:
         page = (tmp_path / "_build" / "html" / "executed" / f"{name}.html").read_text()
@@ -522,3 +537,12 @@ def test_every_summary_cell_shows_its_result_not_its_string_formatting(chapter):
         assert summaries, "no summary cell"
     for cell in summaries:
         assert "hide-input" in cell.metadata.get("tags", []), cell.source[:60]
+
+
+@pytest.mark.parametrize("chapter", sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")))
+def test_every_chapter_opens_with_what_it_teaches_and_what_it_needs(chapter):
+    """Issue 31: no chapter stated learning objectives or prerequisites."""
+    nb = nbformat.read(str(ROOT / "notebooks" / f"{chapter}.ipynb"), as_version=4)
+    opening = nb.cells[0].source
+    assert ":::{admonition} In this chapter" in opening
+    assert "**You will learn**:" in opening and "**Before it**:" in opening

@@ -50,10 +50,11 @@ import yaml
 
 from . import __version__, _provenance
 from ._provenance import record_input
-from ._utils import atomic_path
+from ._utils import atomic_path, usable_cores
 
 __all__ = ["Chapter", "chapters", "load_profile", "check_parameters", "declared_parameters",
-           "is_up_to_date", "stale_reason", "record_input", "run", "main"]
+           "is_up_to_date", "stale_reason", "record_input", "run", "run_times",
+           "write_run_times", "main"]
 
 EXECUTED_DIR = "executed"
 SOURCE_DIR = "notebooks"
@@ -611,10 +612,61 @@ def run(
             tmp.write_text(json.dumps({
                 "digest": digest, "profile": profile, "parameters": parameters,
                 "inputs": inputs, "seconds": round(time.perf_counter() - start, 1),
+                "finished": time.strftime("%Y-%m-%d"), "cores": usable_cores(),
             }, default=str, indent=1))
         print(f"{prefix}: done in {time.perf_counter() - start:.0f} s → {chapter.output}", flush=True)
         status[chapter.name] = "executed"
+    write_run_times(root, output_dir)
     return status
+
+
+def run_times(root=None, output_dir=None) -> list[dict]:
+    """How long each executed chapter took the last time it ran, from the runner's stamps.
+
+    Returns
+    -------
+    list of dict
+        In book order, one per chapter that has an executed copy: ``chapter``,
+        ``profile``, ``seconds`` (wall time of the papermill run), ``finished`` (date)
+        and ``cores`` (CPU cores the runner could use).
+    """
+    out = []
+    for chapter in chapters(find_root(root), output_dir):
+        stamp = _stamp_path(chapter)
+        if not (stamp.is_file() and chapter.output.is_file()):
+            continue
+        try:
+            record = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            continue
+        out.append({"chapter": chapter.name, "profile": record.get("profile"),
+                    "seconds": record.get("seconds"), "finished": record.get("finished"),
+                    "cores": record.get("cores")})
+    return out
+
+
+def write_run_times(root=None, output_dir=None) -> Path:
+    """Write ``<executed>/run_times.md``: the table of :func:`run_times`, in Markdown, which
+    the teaching page includes, so the times it shows are those of the build it is in."""
+    root = find_root(root)
+    folder = Path(output_dir) if output_dir else root / EXECUTED_DIR
+    rows = run_times(root, output_dir)
+    lines = ["| Chapter | Profile | Run time | Date | CPU cores |", "|---|---|---|---|---|"]
+    for row in rows:
+        seconds = row["seconds"]
+        shown = "?" if seconds is None else (f"{seconds:.0f} s" if seconds < 90
+                                             else f"{seconds / 60:.1f} min")
+        lines.append(f"| {row['chapter']} | {row['profile']} | {shown} | "
+                     f"{row['finished'] or '?'} | {row['cores'] or '?'} |")
+    if not rows:
+        lines.append("| (no chapter has run yet) | | | | |")
+    total = sum(r["seconds"] or 0 for r in rows)
+    lines += ["", f"All chapters: {total / 60:.1f} min of papermill runs (the book's own build "
+                  "adds about a minute)."]
+    path = folder / "run_times.md"
+    with atomic_path(path, suffix=".md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def flat_parameters(profile: str, chapter: str, *, root=None,
