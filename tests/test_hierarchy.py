@@ -1,6 +1,7 @@
 """Hierarchy scores and the backprop tests: against scipy/MNE and against planted truths."""
 
 import copy
+import dataclasses
 import inspect
 import re
 
@@ -1214,3 +1215,40 @@ def test_run_without_bootstrap_gives_the_contrasts_point_values(small_planted):
     assert list(plain.estimate) == list(booted.estimate) and len(plain) == 3
     np.testing.assert_allclose(plain.value.to_numpy(float), booted.value.to_numpy(float))
     assert plain.ci_low.isna().all() and not plain.equivalent.any()
+
+
+def test_the_other_gradient_part_reuses_the_activation_encodings_and_gets_the_same_result(
+        planted, monkeypatch):
+    """Issue 33: chapter 04's second run (the other gradient part) refitted activation
+    encodings that do not depend on it. With ``activations_from`` it fits the gradients
+    alone, and its result equals a run that refits everything (fMRI and MEG)."""
+    from gradbrain.analysis import backprop as bp
+
+    study = make_study(0, n_images=N_IMAGES, features=planted, gradient_truth="backprop",
+                       noise=0.5, sfreq=50.0)   # half the MEG time points: a quicker test
+    kw = dict(n_perm=20, n_boot=10, n_perm_chance=0, device="cpu", seed=1)
+    whole = backprop_tests(study, planted, **kw)
+    assert whole.settings == {"cv": 5, "n_boot": 10, "ci": 0.95, "seed": 1,
+                              "predictions": True}
+    refitted = backprop_tests(study, planted, gradient_part="unique", **kw)
+    fitted = []
+    for name in ("fmri_encoding", "meg_encoding"):
+        real = getattr(bp, name)
+        monkeypatch.setattr(bp, name, lambda *a, _real=real, **k: fitted.append(
+            k.get("only")) or _real(*a, **k))
+    reused = backprop_tests(study, planted, gradient_part="unique", activations_from=whole,
+                            **kw)
+    assert fitted == [["gradient (ce)"], ["gradient (ce)"]]
+    assert reused.fmri["activation"] is whole.fmri["activation"]
+    assert reused.meg["activation"] is whole.meg["activation"]
+    pd.testing.assert_frame_equal(reused.tests, refitted.tests)
+    pd.testing.assert_frame_equal(reused.estimates, refitted.estimates)
+    # a run fitted otherwise is refused, naming what differs
+    with pytest.raises(ValueError, match=r"cannot be reused: cv: 5 there, 3 here"):
+        backprop_tests(study, planted, gradient_part="unique", activations_from=whole,
+                       **{**kw, "cv": 3})
+    without = dataclasses.replace(whole, settings={**whole.settings, "predictions": False})
+    with pytest.raises(ValueError, match="test predictions: not kept there, needed here"):
+        backprop_tests(study, planted, activations_from=without, **kw)
+    with pytest.raises(TypeError, match="'activations_from' must be a HierarchyResult"):
+        backprop_tests(study, planted, activations_from=whole.fmri, **kw)

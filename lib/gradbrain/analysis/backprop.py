@@ -14,7 +14,7 @@ from scipy import stats
 from .. import models
 from .._utils import check_in_allowed, signal_name
 from ..features import beyond_activations, extract, resolve_loss
-from .encoding import Encoding, check_encoding, fmri_encoding, meg_encoding
+from .encoding import Encoding, EncodingSpec, check_encoding, fmri_encoding, meg_encoding
 from ..hierarchy.inference import (_both_correlations, _both_profile_correlations, _no_correlation,
                                    above_chance, bootstrap_spatial_score, layer_permutation_test,
                                    profile_permutation_test, spatial_score)
@@ -35,8 +35,8 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
                    meg: Encoding | None = None, meg_study=None, meg_features=None,
                    gradient_part: str = "whole", n_perm_chance: int = 1000,
                    margins: dict | None = None, select_on: str = "train",
-                   spatial_statistic: str = "centre", progress: bool = False
-                   ) -> HierarchyResult:
+                   spatial_statistic: str = "centre", progress: bool = False,
+                   activations_from: HierarchyResult | None = None) -> HierarchyResult:
     """Test whether a study's gradient signals follow the brain's hierarchies like backprop.
 
     Predictions (each with its null; all one-sided at ``alpha``):
@@ -131,6 +131,12 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
         Equivalence margins of the estimates (:data:`ESTIMATES`: ``"spatial"`` and
         ``"temporal"``, in Spearman ρ, default 0.3; ``"timing"``, in ms, default None:
         no equivalence test); keys left out keep their default.
+    activations_from : HierarchyResult or None
+        A run on the same study and features whose activation encodings this one reuses
+        instead of refitting them (e.g. the other ``gradient_part``: activations are the
+        same in both). Refused, naming the difference, unless it was fitted on the same
+        model, weights, pooling, layers and images with the same ``cv``, ``n_boot``,
+        ``ci`` and ``seed`` (and kept the test predictions when this run needs them).
 
     Returns
     -------
@@ -183,6 +189,11 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
             meg_features = beyond_activations(meg_features, meg_study.split == "train",
                                               loss=loss, cv=cv, device=device)
     signal = signal_name(loss)
+    settings = {"cv": cv, "n_boot": n_boot, "ci": ci, "seed": seed,
+                "predictions": n_boot > 0 or n_perm_chance > 0}
+    reused = _reusable_activations(activations_from, settings, {
+        "fmri": features if study.betas is not None and fmri is None else None,
+        "meg": (meg_features if meg_study is not None else features) if meg is None else None})
     depth = np.asarray(features.depth, float)
     n_layers = len(depth)
     kw = dict(n_perm=n_perm, seed=seed, device=device)
@@ -207,7 +218,10 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
     if study.betas is not None:
         if fmri is None:
             fmri = fmri_encoding(study, features, cv=cv, device=device, progress=progress,
-                                 return_prediction=n_boot > 0 or n_perm_chance > 0)
+                                 return_prediction=n_boot > 0 or n_perm_chance > 0,
+                                 only=[signal] if "fmri" in reused else None)
+            if "fmri" in reused:
+                fmri = Encoding({"activation": reused["fmri"], **fmri}, fmri.spec)
         nc = study.noise_ceiling()
         best = {name: chosen_layers(out, depth, nc, select_on=select_on)
                 for name, out in fmri.items()}
@@ -319,7 +333,10 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
     if meg_study.epochs is not None:
         if meg is None:
             meg = meg_encoding(meg_study, meg_features, cv=cv, n_boot=n_boot, ci=ci, seed=seed,
-                               device=device, progress=progress)
+                               device=device, progress=progress,
+                               only=[signal] if "meg" in reused else None)
+            if "meg" in reused:
+                meg = Encoding({"activation": reused["meg"], **meg}, meg.spec)
         act, grad = meg["activation"], meg[signal]
         for name in ("activation", signal) if n_perm_chance and "p_time" in act else ():
             res, times = meg[name], meg[name]["times"]
@@ -401,5 +418,37 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
         unit_best=unit_best if study.betas is not None else {},
         gradient_part=gradient_part, spatial_statistic=spatial_statistic,
         above_chance=chance if len(chance) else None,
-        chance_maps=chance_maps, estimates=pd.DataFrame(estimates),
+        chance_maps=chance_maps, estimates=pd.DataFrame(estimates), settings=settings,
     )
+
+
+def _reusable_activations(previous: HierarchyResult | None, settings: dict,
+                          wanted: dict) -> dict:
+    """The activation encodings of ``previous`` that a run with ``settings`` on the
+    features in ``wanted`` (modality → features, None: not fitted here) can use as its
+    own; refused with the differences named."""
+    if previous is None:
+        return {}
+    if not isinstance(previous, HierarchyResult):
+        raise TypeError(f"'activations_from' must be a HierarchyResult (of backprop_tests); "
+                        f"got {type(previous).__name__}.")
+    problems = [f"{key}: {previous.settings.get(key)!r} there, {value!r} here"
+                for key, value in settings.items() if key != "predictions"
+                and previous.settings.get(key) != value]
+    if settings["predictions"] and not previous.settings.get("predictions"):
+        problems.append("test predictions: not kept there, needed here")
+    out = {}
+    for modality, features in wanted.items():
+        encoding = getattr(previous, modality)
+        if features is None or encoding is None:
+            continue
+        spec = EncodingSpec.of(modality, features)
+        differ = [d for d in encoding.spec.differences(spec, loss=features.losses[0])
+                  if not d.startswith(("gradient part", "losses"))]
+        problems += [f"{modality} {d}" for d in differ]
+        out[modality] = encoding["activation"]
+    if problems:
+        raise ValueError("'activations_from' was not run on what this run is asked, so its "
+                         "activation encodings cannot be reused: " + "; ".join(problems)
+                         + ". Pass activations_from=None to fit them here.")
+    return out

@@ -250,7 +250,7 @@ def fmri_partition(study, features, *, loss: str | None = None, layers=None,
 
 def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, device=None,
                   dtype=None, standardize_features: bool = True, progress: bool = False,
-                  return_prediction: bool = False) -> dict:
+                  return_prediction: bool = False, only=None) -> dict:
     """Encode a study's fMRI from every layer's activations and gradients.
 
     The test set is held out as NSD does: images with ``study.split == "test"`` (NSD's
@@ -271,6 +271,9 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, 
     return_prediction : bool
         Also keep each layer's test-set prediction and the test responses (for
         bootstraps over test images; n_layers × n_test × n_vertices float32 per signal).
+    only : sequence of str or None
+        Encode these signals alone (names as returned, e.g. ``["gradient (ce)"]``);
+        None: every signal of ``features``.
 
     Returns
     -------
@@ -304,12 +307,25 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, 
                                alphas=alphas, cv=cv, groups=groups, device=device, dtype=dtype,
                                standardize_features=standardize_features, progress=progress,
                                return_prediction=return_prediction)
-        for name, per_layer in signals(features).items()
+        for name, per_layer in _chosen_signals(features, only).items()
     }
     if return_prediction:
         for result in out.values():
             result["y_test"] = Y[test]
     return Encoding(out, EncodingSpec.of("fmri", features))
+
+
+def _chosen_signals(features, only) -> dict:
+    """:func:`~gradbrain.features.signals` of ``features``, restricted to ``only``."""
+    every = signals(features)
+    if only is None:
+        return every
+    only = [only] if isinstance(only, str) else list(only)
+    unknown = [name for name in only if name not in every]
+    if unknown or not only:
+        raise ValueError(f"'only' must name signals of these features, {list(every)}; got "
+                         f"{only!r}.")
+    return {name: every[name] for name in only}
 
 
 def _meg_split(study, cv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -329,7 +345,8 @@ def _meg_split(study, cv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: float = 0.95,
                  n_boot: int = 1000, ci: float = 0.95, seed: int = 0, n_perm: int = 200,
                  latency_alpha: float = 0.05, device=None, dtype=None,
-                 standardize_features: bool = True, progress: bool = False) -> dict:
+                 standardize_features: bool = True, progress: bool = False,
+                 only=None) -> dict:
     """Time-resolved encoding of a study's MEG from every layer's activations and gradients.
 
     Training images (``study.split == "train"``) fit the models and choose the alphas;
@@ -365,6 +382,8 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         Z-score each layer's feature columns on the training images before the ridge
         (:func:`gradbrain.ridge.standardize`), so that one grid of ``alphas`` suits
         activations and gradients alike.
+    only : sequence of str or None
+        Encode these signals alone (e.g. ``["gradient (ce)"]``); None: every signal.
 
     Returns
     -------
@@ -396,7 +415,7 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
     train, test, Y_train, Y_test = _meg_split(study, cv)
     times = 1000 * study.epochs.times
     results = {}
-    for name, per_layer in signals(features).items():
+    for name, per_layer in _chosen_signals(features, only).items():
         layers = list(per_layer)
         r, predictions = [], []
         for layer in tqdm(layers, desc=f"MEG encoding, {name}", disable=not progress):

@@ -87,6 +87,10 @@ class HierarchyResult:
         The loss whose gradients were tested.
     ci : float
         Level of the bootstrap confidence intervals.
+    settings : dict
+        What the encodings were fitted with (``cv``, ``n_boot``, ``ci``, ``seed``,
+        ``predictions``: test predictions kept), for reusing them
+        (``activations_from`` of :func:`~gradbrain.analysis.backprop.backprop_tests`).
     """
 
     scores: pd.DataFrame
@@ -111,6 +115,7 @@ class HierarchyResult:
     above_chance: pd.DataFrame | None = None
     chance_maps: dict = field(default_factory=dict)
     estimates: pd.DataFrame = field(default_factory=pd.DataFrame)
+    settings: dict = field(default_factory=dict)
 
     @property
     def signal_name(self) -> str:
