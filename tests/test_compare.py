@@ -45,3 +45,27 @@ def test_bad_model_lists(study):
         compare.run([], study)
     with pytest.raises(ValueError, match=r"Unknown model\(s\) \['alexnet'\]"):
         compare.run(["alexnet"], study)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(model_names=["dinov3_vits16", "dinov3_vits16"]), r"lists \['dinov3_vits16'\] more than"),
+    (dict(weights={"dinov3_vits1": "pretrained"}), r"'weights' names \['dinov3_vits1'\]"),
+    (dict(alpha=2), "'alpha' must be a number in"),
+    (dict(n_perm=0), "'n_perm' must be an integer >= 1"),
+    (dict(n_boot=-1), "'n_boot' must be an integer >= 0"),
+    (dict(seed=1.5), "'seed' must be an integer"),
+    (dict(cv=1), "'cv' must be an integer >= 2"),
+    (dict(losses=("mse",)), "'losses' must be one of"),
+    (dict(losses=()), "'losses' is empty"),
+    (dict(pool="max"), "'pool' must be one of"),
+    (dict(model_names=["efficientnet_lite0.imagenet"], pool="cls"), "needs a class token"),
+])
+def test_bad_inputs_are_refused_before_any_model_runs(study, monkeypatch, kwargs, match):
+    """Issue 30: a misspelt weights key was ignored, a model listed twice ran twice, and
+    alpha=2 was refused only after 59 s of work. Every check now comes first."""
+    from gradbrain import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    kwargs = {"model_names": ["dinov3_vits16"], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        compare.run(kwargs.pop("model_names"), study, **kwargs)

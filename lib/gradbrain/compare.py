@@ -10,12 +10,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from . import models
 from .analysis.backprop import backprop_tests
 from .analysis.encoding import fmri_encoding, meg_encoding
-from .features import extract
+from ._utils import check_in_allowed
+from .features import POOLS, _check_losses, extract
+from .stats import check_level
 
 __all__ = ["run"]
 
@@ -57,9 +60,34 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
         raise ValueError("'model_names' is empty; give registry names, e.g. "
                          "['dinov3_vitb16', 'resnet50'].")
     models.check_names(model_names)
+    repeated = sorted({name for name in model_names if list(model_names).count(name) > 1})
+    if repeated:
+        raise ValueError(f"'model_names' lists {repeated} more than once; give each model "
+                         "once.")
     if study.images is None:
         raise ValueError(f"Study {study.name!r} has no images to extract features from.")
     weights = dict(weights or {})
+    # everything is checked before the first model runs (each costs minutes)
+    stray = sorted(set(weights) - set(model_names))
+    if stray:
+        raise ValueError(f"'weights' names {stray}, which 'model_names' does not list "
+                         f"({list(model_names)}): misspelt? Models not in 'weights' run "
+                         "randomly initialised.")
+    check_level("alpha", alpha)
+    for name, value, low in (("n_perm", n_perm, 1), ("n_boot", n_boot, 0), ("seed", seed, 0),
+                             ("cv", cv, 2)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"'{name}' must be an integer >= {low}; got {value!r}.")
+    losses = _check_losses(losses)
+    if not losses:
+        raise ValueError("'losses' is empty: the tests compare gradients of a loss with "
+                         "activations; give e.g. losses=['ce'].")
+    check_in_allowed("pool", pool, POOLS)
+    no_token = [name for name in model_names if "cls" in pool
+                and models.get_spec(name).family != "vit"]
+    if no_token:
+        raise ValueError(f"pool={pool!r} needs a class token, which {no_token} have none "
+                         "of; use pool='mean'.")
     rows = []
     for name in model_names:
         with warnings.catch_warnings():
