@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -180,6 +181,20 @@ def test_bad_models_subjects_and_chapters_are_named(sweep_book, tmp_path):
         sweep.plan(spec, MODELS, [1], tmp_path, root=sweep_book, chapters=["plain"])
     with pytest.raises(ValueError, match="'executor' must be one of"):
         sweep.run("demo", MODELS, [1], out=tmp_path, executor="pbs", root=sweep_book)
+    # issue 30: a misspelt weights key, a zero timeout and an empty collection were silent
+    with pytest.raises(ValueError, match=r"'weights' \(--weights\) names \['dinov3_vits1'\]"):
+        sweep.plan(spec, MODELS, [1], tmp_path, root=sweep_book,
+                   weights={"dinov3_vits1": "pretrained"})
+    for bad, message in ((dict(timeout_min=0), "'timeout_min' (--timeout-min) must be an"),
+                         (dict(gpus_per_job=-1), "'gpus_per_job'"),
+                         (dict(mem_gb=0), "'mem_gb' (--mem-gb) must be a positive number")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            sweep.run("demo", MODELS, [1], out=tmp_path / "x", root=sweep_book, **bad)
+    assert not (tmp_path / "x").exists()   # refused before anything was written
+    (tmp_path / "empty" / "results").mkdir(parents=True)
+    assert sweep.main(["--profile", "demo", "--models", *MODELS, "--subjects", "1",
+                       "--root", str(sweep_book), "--out", str(tmp_path / "empty"),
+                       "--collect-only"]) == 1
 
 
 def test_every_shipped_sweep_section_is_valid():

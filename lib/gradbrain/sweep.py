@@ -360,6 +360,11 @@ def plan(spec: SweepSpec, models: Sequence[str], subjects: Sequence, out: str | 
     chapters = {c.name: c for c in every}
     book.check_parameters([chapters[n] for n in spec.data_chapters + chain], profile, overrides,
                           every=every)
+    stray = sorted(set(weights or {}) - set(models))
+    if stray:
+        raise ValueError(f"'weights' (--weights) names {stray}, which this sweep's models "
+                         f"{list(models)} do not include: misspelt? Models without weights run "
+                         "randomly initialised.")
     weights = {**spec.weights, **(weights or {})}
 
     def job(subject, model, names, output_dir, results_path=None):
@@ -618,6 +623,15 @@ def run(profile: str, models: Sequence[str], subjects: Sequence, *, out: str | o
         table of the others is written first.
     """
     check_in_allowed("executor", executor, EXECUTORS)
+    for name, value, low in (("timeout_min", timeout_min, 1), ("gpus_per_job", gpus_per_job, 0),
+                             ("cpus_per_job", cpus_per_job, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(
+                value, (int, np.integer)) or value < low):
+            raise ValueError(f"'{name}' (--{name.replace('_', '-')}) must be an integer >= "
+                             f"{low}; got {value!r}.")
+    if mem_gb is not None and (isinstance(mem_gb, bool) or not isinstance(
+            mem_gb, (int, float)) or not mem_gb > 0):
+        raise ValueError(f"'mem_gb' (--mem-gb) must be a positive number; got {mem_gb!r}.")
     log = print if verbose else (lambda *a, **k: None)
     root = book.find_root(root)
     spec = load_spec(root, profile)
@@ -806,6 +820,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "give the --out of an existing sweep.")
         if args.collect_only:
             table = collect(out, models=args.models, subjects=args.subjects)
+            if not len(table) and not still_queued(out):
+                raise FileNotFoundError(f"Nothing to collect: no finished job has written a "
+                                        f"result under {str(out / 'results')!r} yet. Run the "
+                                        "sweep first (without --collect-only).")
             print(f"results: {len(table)} row(s) → {Path(out) / 'results.csv'}")
             running = still_queued(out)
             if running:
