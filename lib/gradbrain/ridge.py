@@ -906,6 +906,10 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
     if noise_ceiling is not None and np.shape(noise_ceiling) != (n_targets,):
         raise ValueError(f"'noise_ceiling' must hold one value per target, shape "
                          f"({n_targets},); got {np.shape(noise_ceiling)}.")
+    if noise_ceiling is not None and not np.any(np.asarray(noise_ceiling, dtype=float) > 0):
+        raise ValueError("'noise_ceiling' is 0 (or NaN) for every target, so every "
+                         "normalised score would be NaN: give noise ceilings in percent of "
+                         "variance (Study.noise_ceiling()), or noise_ceiling=None.")
     finite = _finite_columns(Y_train) & _finite_columns(Y_test)
     if not finite.any():
         raise ValueError("Every target holds NaN or inf values; nothing to fit.")
