@@ -660,3 +660,36 @@ def test_cache_key_is_the_images_content_not_their_ids(cnn, small_images, tmp_pa
     assert other.meta["cache_key"] != first.meta["cache_key"]
     with pytest.raises(ValueError, match="'num_workers' must be an integer >= 0"):
         gf.extract(cnn, small_images[:2], losses=("ce",), num_workers=-1)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "levit_128s"])
+def test_ce_on_a_distilled_model_uses_timms_own_logits(name, small_images):
+    """Issue 30: ``ce`` crashed on distilled timm models ('tuple' object is not callable:
+    their classifier is (head, head_dist)). Independent reference: the cross-entropy of
+    timm's own eval forward, ``module(x)``, against its argmax, by autograd per image."""
+    from gradbrain import models
+
+    module = _quiet_timm(name)
+    torch.manual_seed(0)   # timm zero-initialises DeiT's heads: no gradient to compare
+    for head in module.get_classifier():
+        torch.nn.init.normal_(getattr(head, "linear", head).weight, std=0.02)
+    model = models.wrap(module, weights="random init", pretrained=False)
+    images = small_images[:2]
+    feats = gf.extract(model, images, losses=("ce",), cache=False)
+    assert "distillation heads" in feats.meta["heads"]["ce"]
+    x = model.preprocess(images)
+    for i in range(len(x)):
+        kept = {}
+        handles = [module.get_submodule(l).register_forward_hook(
+            lambda m, inp, out, l=l: kept.__setitem__(l, out)) for l in model.layers]
+        logits = module(x[i:i + 1].clone().requires_grad_(True))     # timm's eval forward
+        for h in handles:
+            h.remove()
+        value = torch.nn.functional.cross_entropy(logits, logits.argmax(1), reduction="sum")
+        largest = 0.0   # (the last ViT block's patch tokens reach no head: 0 there)
+        for layer in model.layers:
+            (g,) = torch.autograd.grad(value, kept[layer], retain_graph=True)
+            reference = _pool_reference(g, "mean", model.num_prefix_tokens)
+            largest = max(largest, float(np.abs(reference).max()))
+            _assert_close(feats.gradients["ce"][layer][i:i + 1], reference)
+        assert largest > 0

@@ -439,6 +439,12 @@ class _LossHeads:
         kind = model.spec.classifier
         has_slot = bool(getattr(module, "num_classes", 0))
         self.classifier = module.get_classifier() if has_slot and kind != "none" else None
+        # distilled timm models (DeiT, LeViT, EfficientFormer) classify with two heads,
+        # (head, head_dist), averaged by their eval forward_head — on two different tokens
+        # for DeiT, so the logits are not a function of the pooled embedding: they are
+        # taken from forward_head itself
+        self.distilled = isinstance(self.classifier, tuple)
+        self.forward_head = module.forward_head if self.distilled else None
         ce_dim = int(module.num_classes) if kind == "projection" and has_slot else dim
         self.ce_head = torch.randn(_CE_RANDOM_CLASSES, ce_dim, generator=g) / ce_dim**0.5
         self.class_embeddings = None
@@ -462,8 +468,10 @@ class _LossHeads:
             self.ce_description = (f"zero-shot: {_CLIP_LOGIT_SCALE:g} × cosine of the image "
                                    f"projection ({ce_dim}-d) with {len(emb)} class embeddings")
         elif kind == "classes" and self.classifier is not None:
+            both = (", the mean of its class and distillation heads as timm's eval forward"
+                    if self.distilled else "")
             self.ce_description = (f"the model's own classifier ({module.num_classes} "
-                                   f"classes{trained})")
+                                   f"classes{trained}{both})")
         elif kind == "projection" and self.classifier is not None:
             self.ce_description = (f"fixed random {_CE_RANDOM_CLASSES}-class linear head on the "
                                    f"model's {ce_dim}-d image projection (no class embeddings "
@@ -486,7 +494,15 @@ class _LossHeads:
                 setattr(self, name, value.to(device))
         return self
 
-    def logits(self, embedding: torch.Tensor) -> torch.Tensor:
+    def logits(self, embedding: torch.Tensor,
+               features: torch.Tensor | None = None) -> torch.Tensor:
+        """Class scores (n, n_classes); ``features`` (``forward_features``' output) are
+        needed by distilled models, whose heads read other tokens than the embedding."""
+        if self.distilled:
+            if features is None:
+                raise ValueError("A distilled model's logits need its forward_features "
+                                 "output (features=...).")
+            return self.forward_head(features).float()
         if self.classifier is None:
             return embedding.float() @ self.ce_head.T
         out = self.classifier(embedding).float()
@@ -498,10 +514,11 @@ class _LossHeads:
         return F.normalize(embedding.float(), dim=-1) @ self.prototypes.T
 
     def loss(self, name: str, embedding: torch.Tensor, teacher: torch.Tensor | None,
-             center: torch.Tensor | None) -> torch.Tensor:
+             center: torch.Tensor | None, features: torch.Tensor | None = None
+             ) -> torch.Tensor:
         """Sum over the batch of each image's loss (float32 scalar)."""
         if name == "ce":
-            logits = self.logits(embedding)
+            logits = self.logits(embedding, features)
             return F.cross_entropy(logits, logits.argmax(dim=1).detach(), reduction="sum")
         if name == "proj":
             z = embedding.float() @ self.projection.T
@@ -577,7 +594,8 @@ def _extract_batch(model, heads, capture, x, layers, losses, pool, teacher, cent
     with torch.enable_grad(), _autocast(device, dtype):
         x = x.detach().requires_grad_(True)  # parameters are frozen: build the graph from x
         capture.enabled = True
-        embedding = _embed(module, x)
+        features = module.forward_features(x)
+        embedding = module.forward_head(features, pre_logits=True)   # as _embed
         capture.enabled = False
         outputs = [capture.outputs[l] for l in layers]
         acts = {l: _pool(o.detach(), *pool_args).cpu().numpy() for l, o in zip(layers, outputs)}
@@ -585,7 +603,7 @@ def _extract_batch(model, heads, capture, x, layers, losses, pool, teacher, cent
         for i, loss_name in enumerate(losses):
             produced: list[str] = []
             handles = [o.register_hook(_order_hook(produced, l)) for l, o in zip(layers, outputs)]
-            loss = heads.loss(loss_name, embedding, teacher, center)
+            loss = heads.loss(loss_name, embedding, teacher, center, features)
             gs = torch.autograd.grad(
                 loss, outputs, retain_graph=i < len(losses) - 1, allow_unused=True
             )
@@ -900,7 +918,8 @@ def differentiable_features(model: LoadedModel, x: torch.Tensor, *, loss: str | 
             if loss is not None and not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             capture.enabled = True
-            embedding = _embed(module, x)
+            features = module.forward_features(x)
+            embedding = module.forward_head(features, pre_logits=True)   # as _embed
             capture.enabled = False
             outputs = [capture.outputs[layer] for layer in layers]
             if loss is None:
@@ -912,7 +931,7 @@ def differentiable_features(model: LoadedModel, x: torch.Tensor, *, loss: str | 
                 center = _dino_centre(model, heads, x_ref, 16, device, torch.float32, loss_seed)
                 with torch.no_grad():
                     teacher = heads.dino_scores(_embed(module, _teacher_view(x.detach())))
-            value = heads.loss(loss, embedding, teacher, center)
+            value = heads.loss(loss, embedding, teacher, center, features)
             grads = torch.autograd.grad(value, outputs, create_graph=True, allow_unused=True)
             return {layer: (_pool(g, *pool_args) if g is not None
                             else torch.zeros_like(_pool(o, *pool_args)))
