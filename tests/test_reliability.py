@@ -544,8 +544,9 @@ def _api_cases():
         ("encoding_scores NC all 0", lambda t: ridge.encoding_scores(
             X[:15], X[:15, :2], X[15:], X[15:, :2], noise_ceiling=np.zeros(2)), ValueError,
          "noise_ceiling"),
-        ("SlidingRidgeCV scoring=acc (at fit)", lambda t: meg.SlidingRidgeCV(
-            scoring="acc").fit(meg_X, np.arange(8.0)), ValueError, "scoring"),
+        # validated when scoring, as MNE's SlidingEstimator does (its ported test fits first)
+        ("SlidingRidgeCV scoring=acc", lambda t: meg.SlidingRidgeCV(scoring="acc").fit(
+            meg_X, np.arange(8.0)).score(meg_X, np.arange(8.0)), ValueError, "scoring"),
         ("make_study seed<0", lambda t: make_study(-1), ValueError, "seed"),
         ("make_study seed float", lambda t: make_study(1.5), TypeError, "seed"),
         ("make_study n_fmri_repeats=0", lambda t: make_study(n_fmri_repeats=0), ValueError,

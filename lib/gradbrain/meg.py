@@ -506,7 +506,6 @@ class SlidingRidgeCV(BaseEstimator):
 
         ``groups`` (n_trials,) labels trials for group splitters.
         """
-        check_in_allowed("scoring", self.scoring, SCORINGS)   # before the work, not at score
         shape = np.shape(X)
         X = _as_meg("X", self._flatten(X))
         y_2d, raveled = _as_targets("y", y, len(X))
