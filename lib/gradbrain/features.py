@@ -794,10 +794,8 @@ def extract(
     module.eval()
     try:
         heads.to(device)  # drawn on the CPU above, before the cache lookup
-        teacher_all = center = None
+        center = None
         if "dino" in losses:
-            teacher_all = _teacher_scores(model, heads, batches, batch_size, device, dtype,
-                                          partial, progress, num_workers)
             center = _dino_centre(model, heads, x_ref, batch_size, device, dtype, loss_seed)
 
         # batches an interrupted run finished are read back; the others are computed,
@@ -822,7 +820,10 @@ def extract(
                     _, acts, grads, batch_orders = chunk
                 else:
                     _, _, xb = next(todo)
-                    teacher = teacher_all[start:stop].to(device) if teacher_all is not None else None
+                    # the DINO teacher reads the same preprocessed batch (an image's
+                    # teacher output does not depend on its batch: eval mode)
+                    teacher = (_teacher_batch(model, heads, xb, device, dtype)
+                               if "dino" in losses else None)
                     acts, grads, batch_orders = _extract_batch(
                         model, heads, capture, xb, layers, losses, pool, teacher, center, device, dtype
                     )
@@ -985,7 +986,7 @@ def _dino_centre(model, heads, x_ref, batch_size, device, dtype, loss_seed) -> t
         if len(_CENTRES) >= 16:
             _CENTRES.pop(next(iter(_CENTRES)))
         _CENTRES[key] = _teacher_scores(model, heads, _ImageBatches(model, x=x_ref), batch_size,
-                                        device, dtype, None, False).mean(dim=0)
+                                        device, dtype).mean(dim=0)
     return _CENTRES[key].to(device)
 
 
@@ -1000,30 +1001,20 @@ def _move(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         raise
 
 
-def _teacher_scores(model, heads, batches: _ImageBatches, batch_size, device, dtype, partial,
-                    progress, num_workers: int = 0) -> torch.Tensor:
-    """DINO teacher prototype scores of the second view, (n_images, n_prototypes), float32."""
+def _teacher_batch(model, heads, xb: torch.Tensor, device, dtype) -> torch.Tensor:
+    """DINO teacher prototype scores of the second view of one batch, (n, n_prototypes),
+    float32 on ``device``."""
+    with torch.no_grad(), _autocast(device, dtype):
+        return heads.dino_scores(_embed(model.module, _teacher_view(xb))).float()
+
+
+def _teacher_scores(model, heads, batches: _ImageBatches, batch_size, device,
+                    dtype) -> torch.Tensor:
+    """:func:`_teacher_batch` over every image, batch by batch, on the CPU (n, n_prototypes)."""
     n = batches.n
-    path = partial / "teacher.npy" if partial is not None else None
-    if path is not None and path.exists():
-        try:
-            scores = np.load(path, allow_pickle=False)
-            if scores.ndim == 2 and len(scores) == n:
-                return torch.from_numpy(scores)
-            raise ValueError(f"shape {scores.shape} does not match {n} images")
-        except (OSError, ValueError, EOFError) as err:
-            _discard_corrupt(path, err)
-    out = []
     ranges = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-    with torch.inference_mode(), _autocast(device, dtype):
-        for _, _, xb in tqdm(batches.batches(ranges, device, num_workers), total=len(ranges),
-                             desc=f"{model.name}: DINO teacher", disable=not progress):
-            out.append(heads.dino_scores(_embed(model.module, _teacher_view(xb))).float().cpu())
-    scores = torch.cat(out)
-    if path is not None:
-        with atomic_path(path, suffix=".npy") as tmp:
-            np.save(tmp, scores.numpy())
-    return scores
+    return torch.cat([_teacher_batch(model, heads, xb, device, dtype).cpu()
+                      for _, _, xb in batches.batches(ranges, device)])
 
 
 def _chunk_name(start: int, stop: int) -> str:
