@@ -355,8 +355,8 @@ def check_received(chapter: str, namespace: dict, *, root=None) -> None:
                 f"(misspelt?); {chapter} declares {sorted(declared)}.")
     if not found or not isinstance(profile, str) or "dataset" not in namespace:
         return
+    default = declared.get("dataset")
     try:
-        default = declared_parameters(found[0]).get("dataset")
         expected = parameters_for(found[0], load_profile(root, profile)).get("dataset")
     except (FileNotFoundError, ValueError):
         return  # no book here, or a profile it does not ship: nothing to compare with
@@ -394,6 +394,14 @@ def _stamp_path(chapter: Chapter) -> Path:
     return chapter.output.parent / ".stamps" / f"{chapter.name}.json"
 
 
+def _read_stamp(stamp: Path) -> dict | None:
+    """A chapter's record of its last successful run; None when it cannot be read."""
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def is_up_to_date(chapter: Chapter, digest: str) -> bool:
     """True when the chapter's last successful run had the same inputs.
 
@@ -409,9 +417,8 @@ def stale_reason(chapter: Chapter, digest: str) -> str | None:
     stamp = _stamp_path(chapter)
     if not (stamp.is_file() and chapter.output.is_file()):
         return "never ran" if not chapter.output.is_file() else "no record of its last run"
-    try:
-        recorded = json.loads(stamp.read_text())
-    except (OSError, ValueError):
+    recorded = _read_stamp(stamp)
+    if recorded is None:
         return "its stamp is unreadable"
     if recorded.get("digest") != digest:
         return "its notebook, parameters or the library changed"
@@ -635,9 +642,8 @@ def run_times(root=None, output_dir=None) -> list[dict]:
         stamp = _stamp_path(chapter)
         if not (stamp.is_file() and chapter.output.is_file()):
             continue
-        try:
-            record = json.loads(stamp.read_text())
-        except (OSError, ValueError):
+        record = _read_stamp(stamp)
+        if record is None:
             continue
         out.append({"chapter": chapter.name, "profile": record.get("profile"),
                     "seconds": record.get("seconds"), "finished": record.get("finished"),
