@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import inspect
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from gradbrain import stats as gstats
 from gradbrain.analysis import simulation
 from gradbrain.analysis.backprop import backprop_tests
 from gradbrain.analysis.encoding import Encoding, check_encoding, fmri_encoding
+from gradbrain.data import simulated
 from gradbrain.data.simulated import make_study
 from gradbrain.hierarchy import calibration
 
@@ -141,15 +143,66 @@ def test_bootstrap_spatial_score_equals_a_resampling_loop(rng):
                         for v in range(n_targets)] for k in range(n_layers)])
     point = hierarchy.spatial_score(r_full.argmax(0), coordinate, depth, mask=mask, n_perm=10)
     assert out["samples"][0] == pytest.approx(point["spearman"], abs=1e-10)
+    assert out["value"] == pytest.approx(point["spearman"], abs=1e-10)
+    # the interval: basic by default (reflected about the estimate), or percentile, or
+    # BCa from the leave-one-out estimates (here computed by the loop)
+    q_low, q_high = np.quantile(expected, [0.025, 0.975])
     low, high = out["spearman_ci"]
-    assert low == pytest.approx(np.quantile(expected, 0.025))
-    assert high == pytest.approx(np.quantile(expected, 0.975))
+    assert (low, high) == pytest.approx((2 * out["value"] - q_high, 2 * out["value"] - q_low))
     assert 0 < low < high  # the planted order survives resampling
+    kw = dict(mask=mask, boot_indices=indices, batch=16, device="cpu")
+    percentile = hierarchy.bootstrap_spatial_score(prediction, y, coordinate, depth,
+                                                   interval="percentile", **kw)
+    assert percentile["spearman_ci"] == pytest.approx((q_low, q_high))
+    jackknife = []
+    for left_out in range(n_test):
+        rows = np.delete(np.arange(n_test), left_out)
+        r = np.array([[np.corrcoef(prediction[k, rows, v], y[rows, v])[0, 1]
+                       for v in range(n_targets)] for k in range(n_layers)])
+        jackknife.append(stats.spearmanr(depth[r.argmax(0)[mask]], coordinate[mask]).statistic)
+    bca = hierarchy.bootstrap_spatial_score(prediction, y, coordinate, depth, interval="bca",
+                                            **kw)
+    assert bca["spearman_ci"] == pytest.approx(gstats.bootstrap_interval(
+        point["spearman"], expected, method="bca", jackknife=jackknife))
+    with pytest.raises(ValueError, match="'interval' must be one of"):
+        hierarchy.bootstrap_spatial_score(prediction, y, coordinate, depth, interval="t", **kw)
     with pytest.raises(ValueError, match="Shapes must be prediction"):
         hierarchy.bootstrap_spatial_score(prediction[:, :-1], y, coordinate, depth)
     with pytest.raises(ValueError, match="'boot_indices' must be"):
         hierarchy.bootstrap_spatial_score(prediction, y, coordinate, depth,
                                           boot_indices=indices + n_test)
+
+
+@pytest.mark.slow
+def test_basic_interval_of_the_spatial_score_covers_the_noise_free_score_more_often(rng):
+    """200 studies drawn from a population whose correlations are known (units of
+    targets, as chapter 04 scores them): the percentile interval, whose resamples are
+    attenuated twice, almost never covers the noise-free score; the basic interval
+    mostly does, though still below its nominal 95 % (87 % [82-91 %] measured by
+    benchmarks/bootstrap_coverage.py: not yet the coverage issue 28 asks for)."""
+    n_layers, n_targets, n_test, n_boot = 6, 400, 40, 200
+    depth = np.linspace(0, 1, n_layers)
+    coordinate = rng.uniform(0, 1, n_targets)
+    preferred = coordinate + rng.normal(0, 0.15, n_targets)
+    rho = 0.5 * np.exp(-(depth[:, None] - preferred[None]) ** 2 / (2 * 0.25**2))
+    units = hierarchy.hierarchy_units(coordinate, None, 20)
+    profile = np.stack([rho[:, units == u].mean(1) for u in range(20)], 1)
+    weight = profile - profile.min(0, keepdims=True)
+    truth = stats.spearmanr((depth[:, None] * weight).sum(0) / weight.sum(0),
+                            hierarchy.unit_coordinates(coordinate, units)).statistic
+    hits = {"basic": 0, "percentile": 0}
+    for _ in range(200):
+        y = rng.standard_normal((n_test, n_targets))
+        prediction = rho[:, None] * y[None] + np.sqrt(1 - rho[:, None] ** 2) \
+            * rng.standard_normal((n_layers, n_test, n_targets))
+        rows = rng.integers(0, n_test, (n_boot, n_test))
+        for interval in hits:
+            low, high = hierarchy.bootstrap_spatial_score(
+                prediction, y, coordinate, depth, units=units, boot_indices=rows,
+                statistic="centre", interval=interval, device="cpu")["spearman_ci"]
+            hits[interval] += bool(low <= truth <= high)
+    assert hits["basic"] / 200 >= 0.80
+    assert hits["percentile"] / 200 <= 0.10
 
 
 def test_backprop_latency_prediction_mirrors_the_forward_sweep():
@@ -394,8 +447,8 @@ def test_run_recovers_each_planted_truth(planted, seed, truths, tmp_path):
     assert "not consistent" not in said and "reproduced" not in said
     assert "the paper's positive finding is found in this study." in said
     # above chance at all: with no gradient planted, gradients predict no vertex, unit or
-    # time point (FDR); the paper's gradients predict the high-level units (top 40 % of
-    # the hierarchy) and only late times (planted at 350-600 ms)
+    # time point (FDR); the paper's gradients (planted in every vertex, a fifth of their
+    # share at V1) predict the units, early ones too, and only late times (350-600 ms)
     chance = {t: v.above_chance.set_index(["signal", "level"]) for t, v in verdicts.items()}
     grad = "gradient (ce)"
     if "none" in verdicts:
@@ -405,10 +458,7 @@ def test_run_recovers_each_planted_truth(planted, seed, truths, tmp_path):
                                   "n_significant"].sum() <= 1
         assert chance["none"].loc[("activation", "units"), "share"] == 1
     units = verdicts["paper"].chance_maps[grad]["units"]["significant"]
-    # BH keeps the expected share of false discoveries at α, not every study's: the
-    # units' p-values are positively dependent (neighbours share noise), so a seed can
-    # have two (seed 2: units 4 and 6 of 10 discoveries)
-    assert units[12:].sum() >= 6 and units[:10].sum() <= 2
+    assert units.mean() >= 0.8 and units[:len(units) // 2].sum() >= 6
     assert chance["paper"].loc[(grad, "time points"), "first_ms"] >= 250
     assert "Above chance at all" in verdicts["paper"].summary()
     # estimates against backprop's predictions (0): equivalent under backprop (within
@@ -480,9 +530,9 @@ def test_unit_bootstrap_interval_holds_its_estimate(planted):
     kw = dict(mask=usable, n_boot=100, device="cpu")
     vertex = hierarchy.spatial_score(best["index"], study.hierarchy, depth, mask=usable,
                                      n_perm=10)["spearman"]
-    vertex_ci = hierarchy.bootstrap_spatial_score(fmri["prediction"], fmri["y_test"],
-                                                  study.hierarchy, depth, **kw)["spearman_ci"]
-    assert vertex > vertex_ci[1]                      # the bias the units remove
+    vertex_boot = hierarchy.bootstrap_spatial_score(fmri["prediction"], fmri["y_test"],
+                                                    study.hierarchy, depth, **kw)["samples"]
+    assert vertex > np.quantile(vertex_boot, 0.975)   # the bias the units remove
     units = hierarchy.hierarchy_units(study.hierarchy, reliable, 20)
     unit = hierarchy.unit_best_layer(fmri["r"], units, depth, mask=usable)
     estimate = hierarchy.spatial_score(unit["index"], hierarchy.unit_coordinates(
@@ -723,7 +773,8 @@ def _verdict_table(held_backprop, held_none):
                          for s, h in enumerate(hs)])
 
 
-def test_power_curve_counts_each_grid_point_and_says_what_size_is_needed(tmp_path):
+def test_power_curve_counts_each_grid_point_and_says_what_size_is_needed(tmp_path,
+                                                                          monkeypatch):
     """Rates per point are hand counts; the sentence names the first size whose Wilson
     lower bound reaches the target, or says that none does."""
     part = hierarchy.VERDICT_BACKPROP
@@ -751,6 +802,21 @@ def test_power_curve_counts_each_grid_point_and_says_what_size_is_needed(tmp_pat
     assert (curve.version == hierarchy.SIMULATION_VERSION).all()
     curve.assign(version=1).to_csv(path, index=False)
     with pytest.warns(UserWarning, match="made by simulation version 1, not"):
+        hierarchy.read_power_curve(path)
+    # a truth it simulated planted another way since: warned about, by name; a table
+    # from before truths were versioned counts its held_<truth> columns, as version 1
+    assert set(curve.truth_versions) == {"backprop:1;none:1"}
+    monkeypatch.setitem(simulated.TRUTH_VERSION, "none", 2)
+    curve.to_csv(path, index=False)
+    with pytest.warns(UserWarning, match=r"simulated the truths \['none'\] as they were"):
+        hierarchy.read_power_curve(path)
+    curve.drop(columns="truth_versions").to_csv(path, index=False)
+    with pytest.warns(UserWarning, match=r"simulated the truths \['none'\]"):
+        hierarchy.read_power_curve(path)
+    monkeypatch.setitem(simulated.TRUTH_VERSION, "none", 1)
+    monkeypatch.setitem(simulated.TRUTH_VERSION, "paper", 7)   # not simulated: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         hierarchy.read_power_curve(path)
     with pytest.raises(FileNotFoundError, match="power_curve.py --ship"):
         hierarchy.read_power_curve(tmp_path / "missing.csv.gz")
@@ -859,8 +925,6 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
     assert verdict[("backprop", hierarchy.VERDICT_BACKPROP)]  # planted, layer-specific
     assert not verdict[("none", hierarchy.VERDICT_BACKPROP)]
     # cached per study: a second call reads them (no study is simulated again) ...
-    import gradbrain.data.simulated as simulated
-
     made = []
     real = simulated.make_study
     monkeypatch.setattr(simulated, "make_study", lambda *a, **k: made.append(a) or real(*a, **k))
@@ -893,6 +957,20 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
                                             progress=False, **kw)
     assert len(made) == 1
     np.testing.assert_allclose(from_shipped.value, shipped.value)
+    # a truth planted anew since (its TRUTH_VERSION raised): its shipped and cached rows
+    # are not believed, it is simulated again (the other truth still read as shipped)
+    monkeypatch.setitem(simulated.TRUTH_VERSION, "none", 2)
+    renewed = simulation.simulate_tests(small_planted, truths=("backprop", "none"),
+                                       n_seeds=1, first_seed=3, noise=0.5, progress=False,
+                                       **kw)
+    assert len(made) == 2 and made[-1][0] == 3
+    pd.testing.assert_frame_equal(renewed[renewed.truth == "none"].reset_index(drop=True),
+                                  sims[sims.truth == "none"].reset_index(drop=True),
+                                  check_dtype=False)
+    assert (renewed[renewed.truth == "backprop"].value.to_numpy() > 99).all()
+    assert "none-v2-3.csv" in {p.name for p in home.rglob("*.csv")}
+    monkeypatch.setitem(simulated.TRUTH_VERSION, "none", 1)
+    made.pop()
     # not for other settings, nor for other features
     other = simulation.simulate_tests(small_planted, truths=("none",), n_seeds=1, first_seed=3,
                                      noise=0.5, cache=tmp_path / "other", progress=False,

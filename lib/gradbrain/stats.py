@@ -1,5 +1,6 @@
 """Generic inference on arrays and tables: group tests and estimates across subjects,
-equivalence (TOST) of bootstrap estimates, Holm's correction, Wilson intervals.
+bootstrap intervals, equivalence (TOST) of bootstrap estimates, Holm's correction,
+Wilson intervals.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from scipy import stats
 
 from ._utils import check_in_allowed
 
-__all__ = ["ALTERNATIVES", "group_test", "group_estimate", "equivalence"]
+__all__ = ["ALTERNATIVES", "INTERVALS", "group_test", "group_estimate", "equivalence",
+           "bootstrap_interval"]
 
 #: Alternatives of the one- and two-sided tests.
 ALTERNATIVES = ("greater", "less", "two-sided")
@@ -192,6 +194,90 @@ def group_estimate(values, ci_low, ci_high, *, ci: float = 0.95,
 def _pct(rate: float, low: float, high: float) -> str:
     """A rate and its interval as percentages: ``"80 % [49–94 %]"``."""
     return f"{100 * rate:.0f} % [{100 * low:.0f}–{100 * high:.0f} %]"
+
+
+#: Bootstrap intervals of :func:`bootstrap_interval`.
+INTERVALS = ("percentile", "basic", "bca")
+
+
+def bootstrap_interval(value: float, samples, *, ci: float = 0.95, method: str = "basic",
+                       jackknife=None) -> tuple[float, float]:
+    """A bootstrap confidence interval of an estimate from its resamples.
+
+    * ``"percentile"``: the ``(1 ± ci) / 2`` quantiles of the resamples. Right only
+      when the estimate is unbiased and its distribution symmetric.
+    * ``"basic"`` (reverse percentile): ``2·value − q_high … 2·value − q_low``. It
+      corrects a bias to first order: where resampling moves the statistic away from the
+      estimate, the estimate has moved as far from the truth.
+    * ``"bca"``: bias-corrected and accelerated (Efron 1987), from the share of
+      resamples below ``value`` and the skew of the ``jackknife`` values. Undefined
+      (NaN) when every resample lies on one side of ``value``.
+
+    Measured for the spatial scores (``benchmarks/bootstrap_coverage.py``, 200
+    simulated studies per setting): test-set noise attenuates each score, and
+    resampling attenuates it again, so the resamples lie *below* the estimate, which
+    lies below the noise-free score. On units (as chapter 04 scores them) the
+    percentile interval covered the noise-free score in 2–50 % of studies, BCa in
+    19–62 %, the basic interval in 84–87 %; per target 0 %, 0 % and 54–83 % — the basic
+    interval is the least wrong, and still below its nominal 95 %.
+
+    Parameters
+    ----------
+    value : float
+        The estimate on the data.
+    samples : array of shape (n_boot,)
+        Its resamples (NaN ones are left out).
+    ci : float
+        Coverage, in (0, 1).
+    method : {"basic", "percentile", "bca"}
+    jackknife : array of shape (n,), optional
+        The estimate with each of the n observations left out (needed by ``"bca"``).
+
+    Returns
+    -------
+    (low, high), in the estimate's unit; (NaN, NaN) without finite resamples.
+    Computed as :func:`scipy.stats.bootstrap` computes it from the same resamples
+    (tested).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> samples = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    >>> bootstrap_interval(0.5, samples, ci=0.5, method="percentile")
+    (0.2, 0.4)
+    >>> bootstrap_interval(0.5, samples, ci=0.5, method="basic")
+    (0.6, 0.8)
+    """
+    check_level("ci", ci)
+    check_in_allowed("method", method, INTERVALS)
+    samples = np.asarray(samples, float)
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0 or not np.isfinite(value):
+        return (np.nan, np.nan)
+    levels = np.array([(1 - ci) / 2, (1 + ci) / 2])
+    if method == "percentile":
+        low, high = np.quantile(samples, levels)
+    elif method == "basic":
+        q_low, q_high = np.quantile(samples, levels)
+        low, high = 2 * value - q_high, 2 * value - q_low
+    else:
+        if jackknife is None:
+            raise ValueError("method='bca' needs 'jackknife': the estimate with each "
+                             "observation left out, shape (n,).")
+        jackknife = np.asarray(jackknife, float)
+        if jackknife.ndim != 1 or jackknife.size < 3 or not np.isfinite(jackknife).all():
+            raise ValueError(f"'jackknife' must be 3 or more finite values, shape (n,); got "
+                             f"shape {jackknife.shape}.")
+        below = (np.sum(samples < value) + np.sum(samples <= value)) / (2 * samples.size)
+        if not 0 < below < 1:
+            return (np.nan, np.nan)
+        z0 = stats.norm.ppf(below)
+        spread = jackknife.mean() - jackknife
+        denominator = 6 * np.sum(spread ** 2) ** 1.5
+        accel = np.sum(spread ** 3) / denominator if denominator > 0 else 0.0
+        z = stats.norm.ppf(levels)
+        low, high = np.quantile(samples, stats.norm.cdf(z0 + (z0 + z) / (1 - accel * (z0 + z))))
+    return float(low), float(high)
 
 
 def _bootstrap_ci(samples, ci: float) -> tuple[float, float]:

@@ -412,7 +412,8 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
         chance.insert(5, "share", chance.n_significant / chance.n_tested.clip(lower=1))
     return HierarchyResult(
         scores=pd.DataFrame(scores), tests=tests, predictions=predictions,
-        consistent_with_backprop=consistent, paper_finding=paper, alpha=alpha, signal=signal, fmri=fmri, meg=meg,
+        consistent_with_backprop=consistent, paper_finding=paper, alpha=alpha, signal=signal,
+        fmri=fmri, meg=meg,
         best=best, reliable=reliable, masks=usable, loss=loss, ci=ci,
         units=units if study.betas is not None else None,
         unit_best=unit_best if study.betas is not None else {},

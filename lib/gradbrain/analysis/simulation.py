@@ -16,6 +16,7 @@ import torch
 from .._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
                       hash_arrays, usable_cores)
 from ..data import load_embedded, simulated
+from ..data.simulated import TRUTH_VERSION
 from ..features import extract
 from .backprop import backprop_tests
 from ..hierarchy import calibration
@@ -34,9 +35,13 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
     """Simulate one study from ``features`` and judge it as :func:`backprop_tests` does.
 
     With ``cache_dir``, the study's rows are read from / written to
-    ``<cache_dir>/<truth>-<seed>.csv`` (atomically), so an interrupted series resumes.
+    ``<cache_dir>/<truth>[-v<version>]-<seed>.csv`` (atomically), so an interrupted series
+    resumes; the truth's version (:data:`~gradbrain.data.simulated.TRUTH_VERSION`, when
+    not 1) in the name, so that a truth planted anew is simulated anew.
     """
-    path = cache_dir / f"{truth}-{seed}.csv" if cache_dir is not None else None
+    version = simulated.TRUTH_VERSION[truth]
+    name = f"{truth}{'' if version == 1 else f'-v{version}'}-{seed}.csv"
+    path = cache_dir / name if cache_dir is not None else None
     if path is not None and path.exists():
         try:
             cached = pd.read_csv(path)
@@ -94,7 +99,7 @@ def _simulation_key(features, n_images: int, noise: float, modalities: dict,
             **{k: int(v) for k, v in (sizes or {}).items()}}
 
 
-def write_reference(simulated: pd.DataFrame, features, *, n_images: int | None = None,
+def write_reference(simulated_table: pd.DataFrame, features, *, n_images: int | None = None,
                     noise: float = 1.0, simulate_fmri: bool = True, simulate_meg: bool = True,
                     name: str, note: str = "", **run_kwargs) -> Path:
     """Ship a table of :func:`simulate_tests` with the library (maintainers' tool).
@@ -108,10 +113,11 @@ def write_reference(simulated: pd.DataFrame, features, *, n_images: int | None =
     n_images = features.n_images if n_images is None else n_images
     key = _simulation_key(features, n_images, noise, modalities, run_kwargs)
     base = calibration._REFERENCE / f"simulated_tests-{name}"   # read now: tests patch it
+    table = simulated_table.assign(truth_version=simulated_table.truth.map(TRUTH_VERSION))
     with atomic_path(base.with_suffix(".csv.gz"), suffix=".csv.gz") as tmp:
-        simulated.to_csv(tmp, index=False)
+        table.to_csv(tmp, index=False)
     meta = {"key": key, "fingerprint": _fingerprint(features, key["loss"]).tolist(),
-            "n_studies": int(simulated[["truth", "seed"]].drop_duplicates().shape[0]),
+            "n_studies": int(table[["truth", "seed"]].drop_duplicates().shape[0]),
             "note": note}
     with atomic_path(base.with_suffix(".json"), suffix=".json") as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
@@ -220,6 +226,9 @@ def simulate_tests(features, *, n_images: int | None = None, noise: float = 1.0,
         key = _simulation_key(features, n_images, noise, modalities, run_kwargs, sizes)
         shipped = _shipped_simulations(key, _fingerprint(features, key["loss"]))
         if shipped is not None:
+            # rows of a truth planted anew since they were shipped: dropped
+            made = shipped.pop("truth_version") if "truth_version" in shipped else 1
+            shipped = shipped[np.asarray(made) == shipped.truth.map(TRUTH_VERSION).to_numpy()]
             wanted, have = set(jobs), set(zip(shipped.truth, shipped.seed))
             rows += shipped[[job in wanted for job in zip(shipped.truth, shipped.seed)]] \
                 .to_dict("records")

@@ -27,8 +27,11 @@ Gradient truths
     expressed in the vertices (and sensors) of activation l, but arrives after the
     forward sweep, in the measured autograd order (top layer first): 300 → 500 ms.
     ``"paper"``: what the paper reports — gradients (of layers drawn at random) are
-    expressed only in high-level vertices (top 40 % of the hierarchy) and at late,
-    unordered latencies (350–600 ms, random across layers), in temporal sensors.
+    expressed in every vertex, with a share of the response that rises along the
+    hierarchy (a fifth of ``gradient_weight`` at V1, all of it from the 95th percentile
+    of the distance from V1 on: "specifically in higher-level" areas, so that whether
+    they gain more there is measured, not planted by exclusion), and at late, unordered
+    latencies (350–600 ms, random across layers), in temporal sensors.
 
 Divergent truths (what a *wrong* backprop order looks like; the alternatives against
 which the divergence test's power is measured)
@@ -58,7 +61,7 @@ from .geometry import HEMIS, ctf_info, distance_from, posterior_vertices, v1_see
 from .images import N_EMBEDDED, ImageSet, load_embedded
 from .study import Study
 
-__all__ = ["GRADIENT_TRUTHS", "DIVERGENT_TRUTHS", "ALL_TRUTHS", "make_study",
+__all__ = ["GRADIENT_TRUTHS", "DIVERGENT_TRUTHS", "ALL_TRUTHS", "TRUTH_VERSION", "make_study",
            "describe_truth", "default_n_test", "estimate_noise", "planted_response"]
 
 GRADIENT_TRUTHS = ("none", "forward", "backprop", "paper")
@@ -73,7 +76,14 @@ _PAPER_LATENCY = (0.350, 0.600)     # range of the unordered late gradient laten
 _MEG_WIDTH = 0.030                  # s, sd of each Gaussian time course
 _MEG_SIGNAL_T = 100e-15             # T per unit of planted signal at a pattern's peak sensor
 _MEG_NOISE_T = 200e-15              # T, single-trial noise sd at noise=1
-_HIGH_LEVEL_QUANTILE = 0.6          # "paper": gradients only above this hierarchy quantile
+_PAPER_EARLY_SHARE = 0.2            # "paper": share of gradient_weight at V1 (all of it at
+                                    # the top of the hierarchy, linear in between)
+
+#: The version of how each truth is planted: a truth's simulated studies (cached, shipped)
+#: are simulated again when it changes. 2 of ``paper``: gradients in every vertex, more
+#: of them high (1: only in the top 40 % of the hierarchy, an even share there).
+TRUTH_VERSION = {"none": 1, "forward": 1, "backprop": 1, "paper": 2, "reversed": 1,
+                 "shuffled": 1}
 
 
 def default_n_test(n_images: int) -> int:
@@ -243,7 +253,8 @@ def make_study(
     gradient_loss : str
         Loss whose gradients are planted (see :mod:`gradbrain.features`).
     gradient_weight : float
-        Share of the planted variance carried by gradients where they are expressed.
+        Share of the planted variance carried by gradients where they are expressed
+        (under ``"paper"``, at the top of the hierarchy; less below it, see above).
     latency_jitter : float
         Sd (ms) of a Gaussian offset drawn for every gradient layer's MEG latency (0:
         none, nothing drawn).
@@ -361,12 +372,13 @@ def _simulate_fmri(study, act, grad, depth, gradient_truth, noise, gradient_weig
         gradient_layer = preferred_layer.copy()
     elif gradient_truth in DIVERGENT_TRUTHS:   # backprop's places, in a wrong layer order
         gradient_layer = _wrong_order(study.truth, n_layers)[preferred_layer]
-    elif gradient_truth == "paper":
-        high = hierarchy >= np.quantile(hierarchy, _HIGH_LEVEL_QUANTILE)
-        gradient_layer = np.where(high, rng.integers(0, n_layers, n_vertices), -1)
+    elif gradient_truth == "paper":   # everywhere, of layers unrelated to the place
+        gradient_layer = rng.integers(0, n_layers, n_vertices)
     else:
         gradient_layer = np.full(n_vertices, -1)
     weight = np.where(gradient_layer >= 0, gradient_weight, 0.0)
+    if gradient_truth == "paper":     # a share rising along the hierarchy
+        weight = weight * (_PAPER_EARLY_SHARE + (1 - _PAPER_EARLY_SHARE) * relative)
 
     n = study.n_images
     signal_act = np.zeros((n, n_vertices))
@@ -553,10 +565,10 @@ def describe_truth(study: Study) -> str:
         "shuffled": ("backprop's places and times in a **random** layer order: the "
                      "gradient of layer *l* is expressed where and when backprop would "
                      f"put another layer's ({span})."),
-        "paper": ("what the paper reports: gradients are expressed **only in high-level** "
-                  "vertices" + (f" ({np.mean(t['gradient_layer'] >= 0):.0%} of them)"
-                                if "gradient_layer" in t else "")
-                  + f" and at **late** latencies ({span}), with no relation between a "
+        "paper": ("what the paper reports: gradients are expressed **more in high-level** "
+                  f"vertices (a share of the response rising from {_PAPER_EARLY_SHARE:.0%} "
+                  "of the gradient weight at V1 to all of it at the top of the hierarchy) "
+                  f"and at **late** latencies ({span}), with no relation between a "
                   "gradient's layer and its place or time."),
     }
     lines = [
@@ -573,7 +585,9 @@ def describe_truth(study: Study) -> str:
                      f"{np.min(t['activation_latency']):.0f} to "
                      f"{np.max(t['activation_latency']):.0f} ms.")
     lines.append(f"- Where expressed, gradients carry {t['gradient_weight_setting']:.0%} of the "
-                 "planted response variance.")
+                 "planted response variance"
+                 + (" at the top of the hierarchy (fMRI), less below it."
+                    if t["gradient_truth"] == "paper" else "."))
     if t.get("latency_jitter"):
         lines.append(f"- Each gradient layer's latency is offset by a Gaussian draw of sd "
                      f"{t['latency_jitter']:.0f} ms.")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils import check_in_allowed
+from ..data.simulated import TRUTH_VERSION
 from .verdicts import (ESTIMATES, TEST_TRUTHS, VERDICT_BACKPROP, VERDICT_PAPER, _verdict_rows,
                        _verdicts)
 from ..stats import _pct, _wilson
@@ -144,6 +145,11 @@ POWER_CURVE = _REFERENCE / "power_curve.csv.gz"
 _POWER_LABELS = ("weights", "n_images", "n_test", "noise")
 
 
+def _truth_versions(truths) -> str:
+    """``"truth:version;…"`` of the simulated ``truths`` (in that order)."""
+    return ";".join(f"{truth}:{TRUTH_VERSION[truth]}" for truth in truths)
+
+
 def power_curve(simulations: dict) -> pd.DataFrame:
     """Error rates of every test along a grid of models, sizes and noise levels.
 
@@ -158,7 +164,9 @@ def power_curve(simulations: dict) -> pd.DataFrame:
     -------
     DataFrame: :func:`error_rates` of each point (nominal decisions, as :func:`backprop_tests`
     made them), with ``weights``, ``n_images``, ``n_test`` and ``noise`` first, then
-    ``n_seeds`` (studies per truth) and ``version`` (:data:`SIMULATION_VERSION`) last.
+    ``n_seeds`` (studies per truth), ``version`` (:data:`SIMULATION_VERSION`) and
+    ``truth_versions`` (the truths simulated and how each was planted,
+    :data:`~gradbrain.data.simulated.TRUTH_VERSION`: ``"backprop:1;none:1"``) last.
     """
     if not simulations:
         raise ValueError("'simulations' is empty: give at least one grid point.")
@@ -172,6 +180,7 @@ def power_curve(simulations: dict) -> pd.DataFrame:
             rates.insert(0, name, value)
         rates["n_seeds"] = int(simulated.groupby("truth").seed.nunique().min())
         rates["version"] = SIMULATION_VERSION
+        rates["truth_versions"] = _truth_versions(sorted(set(simulated.truth)))
         frames.append(rates)
     return pd.concat(frames, ignore_index=True)
 
@@ -187,7 +196,8 @@ def read_power_curve(path=None) -> pd.DataFrame:
     Returns
     -------
     DataFrame. A table made by another :data:`SIMULATION_VERSION` (its tests have
-    changed since) is returned with a warning.
+    changed since), or with a truth planted another way since
+    (:data:`~gradbrain.data.simulated.TRUTH_VERSION`), is returned with a warning.
     """
     path = Path(POWER_CURVE if path is None else path)
     if not path.exists():
@@ -204,6 +214,21 @@ def read_power_curve(path=None) -> pd.DataFrame:
                       f"{', '.join(map(str, sorted(made, key=str)))}, not "
                       f"{SIMULATION_VERSION}: the tests changed since. Rerun "
                       "'python benchmarks/power_curve.py --ship'.", UserWarning, stacklevel=2)
+    # the truths it simulated: recorded; in tables older than that record, the truths
+    # of its held_<truth> columns, all planted as version 1
+    if "truth_versions" in table:
+        made = {pair.partition(":")[::2] for entry in set(table["truth_versions"])
+                for pair in str(entry).split(";")}
+        made = {(truth, int(version)) for truth, version in made}
+    else:
+        made = {(column[len("held_"):], 1) for column in table.columns
+                if column.startswith("held_")}
+    changed = sorted(truth for truth, version in made if TRUTH_VERSION.get(truth) != version)
+    if changed:
+        warnings.warn(f"The power curve {path.name} simulated the truths {changed} as they "
+                      "were planted before (gradbrain.data.simulated.TRUTH_VERSION changed "
+                      "since). Rerun 'python benchmarks/power_curve.py --ship'.",
+                      UserWarning, stacklevel=2)
     return table
 
 

@@ -11,7 +11,7 @@ from scipy import stats
 from .._utils import check_in_allowed, resolve_device
 from ..ridge import check_test_predictions, shuffled_correlations
 from .scores import SPATIAL_STATISTICS, _profile_weights, unit_coordinates
-from ..stats import ALTERNATIVES, _bootstrap_ci
+from ..stats import ALTERNATIVES, INTERVALS, bootstrap_interval
 
 
 
@@ -326,7 +326,7 @@ def _both_correlations(layer_index, target, values, **kwargs) -> dict:
 def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, mask=None,
                             units=None, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
                             boot_indices=None, statistic: str = "best", device=None,
-                            batch: int = 64) -> dict:
+                            batch: int = 64, interval: str = "basic") -> dict:
     """Bootstrap over test images of the spatial score (Spearman).
 
     Each resample draws test images with replacement, recomputes every layer's test
@@ -360,11 +360,19 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
         A target's (or unit's) layer depth: its best layer's (argmax of r), or the
         centre of mass of the depths weighted by its whole profile of r
         (:func:`profile_centre`; ties between centres get consecutive ranks).
+    interval : {"basic", "percentile", "bca"}
+        How ``spearman_ci`` is made from the resamples
+        (:func:`gradbrain.stats.bootstrap_interval`; ``"bca"`` adds the n_test
+        leave-one-out estimates). Default ``"basic"``: test-set noise attenuates the
+        score and resampling attenuates it again, so the resamples lie below the
+        estimate, which lies below the noise-free score; the percentile interval then
+        misses the latter (measured, ``benchmarks/bootstrap_coverage.py``).
 
     Returns
     -------
     dict with ``samples`` (n_boot,) the Spearman ρ of each resample (NaN when every
-    target picks the same layer) and ``spearman_ci`` (low, high).
+    target picks the same layer), ``value`` (the same chain on the test images as
+    they are) and ``spearman_ci`` (low, high).
     """
     from scipy.stats import rankdata
 
@@ -404,6 +412,15 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
         raise ValueError(f"'boot_indices' must be (n_boot, n) rows of test images 0 … "
                          f"{n_test - 1}.")
     check_in_allowed("statistic", statistic, SPATIAL_STATISTICS[::-1])
+    check_in_allowed("interval", interval, ("basic", "percentile", "bca"))
+    # the estimate (every test image once) and, for BCa, the leave-one-out estimates,
+    # computed as extra rows of the same weighted sums (weights: counts / row length)
+    n_boot_rows = len(boot_indices)
+    extra = [np.arange(n_test)[None, :]]
+    if interval == "bca":
+        extra.append(np.array([np.delete(np.arange(n_test), i) for i in range(n_test)]))
+    drawn = np.stack([np.bincount(row, minlength=n_test) for row in boot_indices]
+                     + [np.bincount(row, minlength=n_test) for rows in extra for row in rows])
     device = resolve_device(device)
     f64 = dict(device=device, dtype=torch.float64)
     P = torch.as_tensor(prediction[:, :, keep], **f64)
@@ -423,15 +440,14 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
     depth_t = torch.as_tensor(depth, **f64)
     n_targets = len(t)
     samples = []
-    for start in range(0, len(boot_indices), batch):
-        rows = torch.as_tensor(boot_indices[start:start + batch], device=device)
-        W = torch.zeros(len(rows), n_test, **f64).scatter_add_(
-            1, rows, torch.ones(rows.shape, **f64))
+    for start in range(0, len(drawn), batch):
+        W = torch.as_tensor(drawn[start:start + batch], **f64)     # times each image drawn
         W = W / W.sum(1, keepdim=True)                              # (b, n_test)
+        n_rows = len(W)
         my = W @ Y
         vy = W @ (Y * Y) - my * my
-        best_r = torch.full((len(rows), n_targets), -torch.inf, **f64)
-        best = torch.zeros(len(rows), n_targets, dtype=torch.long, device=device)
+        best_r = torch.full((n_rows, n_targets), -torch.inf, **f64)
+        best = torch.zeros(n_rows, n_targets, dtype=torch.long, device=device)
         profile = []
         for layer in range(n_layers):
             X = P[layer]
@@ -459,16 +475,23 @@ def bootstrap_spatial_score(prediction, y_test, hierarchy_coordinate, depth, *, 
             samples.append(rho.cpu().numpy())
             continue
         # Spearman of best-layer depth with the coordinate, from per-layer counts and sums
-        counts = torch.zeros(len(rows), n_layers, **f64).scatter_add_(
+        counts = torch.zeros(n_rows, n_layers, **f64).scatter_add_(
             1, best, torch.ones(best.shape, **f64))
-        sums = torch.zeros(len(rows), n_layers, **f64).scatter_add_(
-            1, best, t.expand(len(rows), -1))
+        sums = torch.zeros(n_rows, n_layers, **f64).scatter_add_(
+            1, best, t.expand(n_rows, -1))
         samples.append(_layer_sum_correlation(depth_t, counts, sums,
                                               float(torch.sqrt((t * t).sum())),
                                               rank=True).cpu().numpy())
-    samples = np.concatenate(samples)
-    samples[~np.isfinite(samples)] = np.nan
-    return {"samples": samples, "spearman_ci": _bootstrap_ci(samples, ci)}
+    everything = np.concatenate(samples)
+    everything[~np.isfinite(everything)] = np.nan
+    samples, value = everything[:n_boot_rows], float(everything[n_boot_rows])
+    jackknife = everything[n_boot_rows + 1:] if interval == "bca" else None
+    if jackknife is not None and not np.isfinite(jackknife).all():
+        low_high = (np.nan, np.nan)     # a leave-one-out estimate undefined: no BCa
+    else:
+        low_high = bootstrap_interval(value, samples, ci=ci, method=interval,
+                                      jackknife=jackknife)
+    return {"samples": samples, "value": value, "spearman_ci": low_high}
 
 
 def above_chance(y_test, predictions, *, units=None, n_perm: int = 1000, seed: int = 0,
