@@ -407,6 +407,11 @@ def test_every_page_reads_well_in_a_real_browser(tiny_build):
                 "i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight])")
             for src, complete, width, height in sizes:
                 assert complete and width > 0 and height > 0, f"{where}: image {src} not loaded"
+            if where.parts[0] == "executed":   # figures say what they show
+                alts = driver.execute_script(
+                    "return [...document.querySelectorAll('main .cell_output img')].map("
+                    "i => i.getAttribute('alt') || '')")
+                assert all(len(a.split()) >= 6 for a in alts), f"{where}: alt texts {alts}"
             if where.parts[0] == "executed":
                 assert len(sizes) >= 1, f"{where}: no figures"
                 chapter = where.stem
@@ -522,6 +527,24 @@ def test_every_chapter_draws_its_figures_at_120_dpi_or_more(chapter):
     found = [int(m) for c in nb.cells if c.cell_type == "code"
              for m in re.findall(r'rcParams\["figure\.dpi"\] = (\d+)', c.source)]
     assert found and min(found) >= 120, found
+
+
+@pytest.mark.parametrize("chapter", sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")))
+def test_every_figure_cell_gives_its_figures_alt_text(chapter):
+    """A cell that draws (a gradbrain.plotting call) tells myst-nb what its figures show
+    (cell metadata mystnb.image.alt, a sentence); otherwise a screen reader hears the
+    image's file hash. A caption, where given, is a sentence too."""
+    import re
+
+    nb = nbformat.read(str(ROOT / "notebooks" / f"{chapter}.ipynb"), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code" or not re.search(r"plotting\.(plot_|show_)", cell.source):
+            continue
+        options = cell.metadata.get("mystnb", {})
+        alt = options.get("image", {}).get("alt", "")
+        assert len(alt.split()) >= 6 and alt.endswith("."), (chapter, cell.id, alt)
+        caption = options.get("figure", {}).get("caption")
+        assert caption is None or caption.endswith("."), (chapter, cell.id, caption)
 
 
 @pytest.mark.parametrize("chapter", sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")))
