@@ -765,6 +765,34 @@ def test_error_rate_figure_shows_every_rate_and_marks_the_expected_cells():
     assert len(ax.patches) == n_boxes
 
 
+def test_rates_forest_plot_draws_every_rate_and_its_interval_per_rule():
+    """Dots at the hand-counted rates, bars at their Wilson bounds, one panel per rule."""
+    from gradbrain.plotting import plot_rates_forest
+
+    rows = [{"truth": t, "seed": s, "part": part, "value": 0.0, "holds": bool((s + i) % 2)}
+            for i, part in enumerate(hierarchy.TEST_TRUTHS)
+            for t in ("none", "forward", "backprop", "paper") for s in range(3)]
+    rates = hierarchy.error_rates(pd.DataFrame(rows))
+    other = rates.assign(fpr=0.0, fpr_low=0.0, fpr_high=0.1)
+    fig = plot_rates_forest({"nominal nulls": rates, "model-based nulls": other}, alpha=0.05)
+    assert [ax.get_title() for ax in fig.axes] == ["nominal nulls", "model-based nulls"]
+    for ax, table in zip(fig.axes, (rates, other)):
+        fpr, power = ax.containers[:2]          # the two series of dots with their bars
+        np.testing.assert_allclose(fpr.lines[0].get_xdata(), table.fpr)
+        np.testing.assert_allclose(power.lines[0].get_xdata(), table.power)
+        assert ax.get_xlabel()
+        # the interval of the first test's power: its Wilson bounds
+        segment = power.lines[2][0].get_segments()[0]
+        np.testing.assert_allclose(sorted(segment[:, 0]),
+                                   [table.power_low.iloc[0], table.power_high.iloc[0]])
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels[0] == rates.part.iloc[0] and len(labels) == len(rates)
+    with pytest.raises(ValueError, match="lacks the column"):
+        plot_rates_forest({"nominal": rates.drop(columns="fpr_low")})
+    with pytest.raises(ValueError, match="'rates' is empty"):
+        plot_rates_forest({})
+
+
 def _verdict_table(held_backprop, held_none):
     part = hierarchy.VERDICT_BACKPROP
     return pd.DataFrame([{"truth": t, "seed": s, "part": part, "value": np.nan,

@@ -666,6 +666,65 @@ def plot_error_rates(rates: pd.DataFrame, *, alpha: float | None = None, label: 
     return fig
 
 
+def plot_rates_forest(rates: dict, *, alpha: float | None = None, target_power: float = 0.8):
+    """Each test's false-positive rate and power with their intervals, side by side for
+    several decision rules (a forest plot).
+
+    Parameters
+    ----------
+    rates : dict of str to DataFrame
+        Rule label (e.g. ``"nominal nulls"``) → :func:`gradbrain.hierarchy.error_rates`
+        under that rule (``part``, ``fpr``, ``fpr_low``, ``fpr_high``, ``power``,
+        ``power_low``, ``power_high``); the tests of the first table are drawn, in its order.
+    alpha : float or None
+        The tests' level: a dashed line on every panel (what a false-positive rate
+        should stay below).
+    target_power : float
+        A dotted line: the power a study should reach.
+
+    Returns
+    -------
+    Figure: one panel per rule; per test a red dot (false-positive rate, pooled over its
+    null truths) and a black dot (power under its power truth), each with its 95 %
+    Wilson interval.
+    """
+    if not rates:
+        raise ValueError("'rates' is empty: give at least one rule label → error_rates table.")
+    for label, table in rates.items():
+        _check_table(f"rates[{label!r}]", table, ("part", "fpr", "fpr_low", "fpr_high", "power",
+                                                "power_low", "power_high"),
+                     "gradbrain.hierarchy.error_rates")
+    estimates = {name for name, _, _ in ESTIMATES.values()}
+    parts = list(next(iter(rates.values())).part)
+    names = [f"equivalent — {part}" if part in estimates else part for part in parts]
+    y = np.arange(len(parts))
+    fig, axes = plt.subplots(1, len(rates), figsize=(3.4 * len(rates) + 3.2,
+                                                    0.42 * len(parts) + 1.5),
+                             sharey=True, squeeze=False)
+    for ax, (label, table) in zip(axes[0], rates.items()):
+        table = table.set_index("part").reindex(parts)
+        for column, colour, offset, what in (("fpr", "tab:red", -0.14, "false-positive rate"),
+                                             ("power", "black", 0.14, "power")):
+            value = table[column].to_numpy(float)
+            low = value - table[f"{column}_low"].to_numpy(float)
+            high = table[f"{column}_high"].to_numpy(float) - value
+            ax.errorbar(value, y + offset, xerr=[low, high], fmt="o", color=colour, ms=4,
+                        capsize=2, label=what)
+        if alpha is not None:
+            ax.axvline(alpha, color="tab:red", ls="--", lw=1, label=f"α = {alpha:g}")
+        ax.axvline(target_power, color="grey", ls=":", lw=1,
+                   label=f"power {target_power:.0%}")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel("fraction of simulated studies in which the test held")
+        ax.set_title(label, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].set_yticks(y, names)
+    axes[0, 0].invert_yaxis()
+    axes[0, -1].legend(fontsize=7, loc="lower right", framealpha=0.9)
+    fig.tight_layout()
+    return fig
+
+
 def plot_power_curve(table: pd.DataFrame, *, part: str | None = None,
                      alpha: float | None = None):
     """Power and false-positive rate of a test against the number of images, per noise level.
