@@ -531,14 +531,15 @@ def test_every_chapter_draws_its_figures_at_120_dpi_or_more(chapter):
 
 @pytest.mark.parametrize("chapter", sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb")))
 def test_every_figure_cell_gives_its_figures_alt_text(chapter):
-    """A cell that draws (a gradbrain.plotting call) tells myst-nb what its figures show
+    """A cell that draws (gradbrain.plotting, or MNE's .plot) tells myst-nb what its figures show
     (cell metadata mystnb.image.alt, a sentence); otherwise a screen reader hears the
     image's file hash. A caption, where given, is a sentence too."""
     import re
 
     nb = nbformat.read(str(ROOT / "notebooks" / f"{chapter}.ipynb"), as_version=4)
     for cell in nb.cells:
-        if cell.cell_type != "code" or not re.search(r"plotting\.(plot_|show_)", cell.source):
+        draws = re.search(r"plotting\.(plot_|show_)|\.plot(_topomap)?\(", cell.source)
+        if cell.cell_type != "code" or not draws:
             continue
         options = cell.metadata.get("mystnb", {})
         alt = options.get("image", {}).get("alt", "")

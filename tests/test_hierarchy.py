@@ -834,15 +834,15 @@ def test_power_curve_counts_each_grid_point_and_says_what_size_is_needed(tmp_pat
     # a truth it simulated planted another way since: warned about, by name; a table
     # from before truths were versioned counts its held_<truth> columns, as version 1
     assert set(curve.truth_versions) == {"backprop:1;none:1"}
-    monkeypatch.setitem(simulated.TRUTH_VERSION, "none", 2)
+    monkeypatch.setitem(calibration.TRUTH_VERSION, "none", 2)
     curve.to_csv(path, index=False)
     with pytest.warns(UserWarning, match=r"simulated the truths \['none'\] as they were"):
         hierarchy.read_power_curve(path)
     curve.drop(columns="truth_versions").to_csv(path, index=False)
     with pytest.warns(UserWarning, match=r"simulated the truths \['none'\]"):
         hierarchy.read_power_curve(path)
-    monkeypatch.setitem(simulated.TRUTH_VERSION, "none", 1)
-    monkeypatch.setitem(simulated.TRUTH_VERSION, "paper", 7)   # not simulated: no warning
+    monkeypatch.setitem(calibration.TRUTH_VERSION, "none", 1)
+    monkeypatch.setitem(calibration.TRUTH_VERSION, "paper", 7)   # not simulated: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hierarchy.read_power_curve(path)
@@ -987,7 +987,7 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
     np.testing.assert_allclose(from_shipped.value, shipped.value)
     # a truth planted anew since (its TRUTH_VERSION raised): its shipped and cached rows
     # are not believed, it is simulated again (the other truth still read as shipped)
-    monkeypatch.setitem(simulated.TRUTH_VERSION, "none", 2)
+    monkeypatch.setitem(calibration.TRUTH_VERSION, "none", 2)
     renewed = simulation.simulate_tests(small_planted, truths=("backprop", "none"),
                                        n_seeds=1, first_seed=3, noise=0.5, progress=False,
                                        **kw)
@@ -997,7 +997,7 @@ def test_simulate_tests_judges_each_truth_as_run_does(small_planted, tmp_path, m
                                   check_dtype=False)
     assert (renewed[renewed.truth == "backprop"].value.to_numpy() > 99).all()
     assert "none-v2-3.csv" in {p.name for p in home.rglob("*.csv")}
-    monkeypatch.setitem(simulated.TRUTH_VERSION, "none", 1)
+    monkeypatch.setitem(calibration.TRUTH_VERSION, "none", 1)
     made.pop()
     # not for other settings, nor for other features
     other = simulation.simulate_tests(small_planted, truths=("none",), n_seeds=1, first_seed=3,

@@ -105,7 +105,7 @@ def test_paper_truth_gradients_everywhere_more_high_without_order(studies):
     """Version 2 of the ``paper`` truth: gradients in every vertex, their share of the
     response rising along the hierarchy (not excluded from early cortex, so that
     prediction 3a measures something), of layers unrelated to the place."""
-    from gradbrain.data.simulated import TRUTH_VERSION
+    from gradbrain.hierarchy.calibration import TRUTH_VERSION
 
     assert TRUTH_VERSION["paper"] == 2
     study = studies["paper"]

@@ -16,12 +16,11 @@ import torch
 from .._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
                       hash_arrays, usable_cores)
 from ..data import load_embedded, simulated
-from ..data.simulated import TRUTH_VERSION
 from ..features import extract
 from .backprop import backprop_tests
 from ..hierarchy import calibration
 from ..hierarchy.calibration import (FIRST_SIMULATION_SEED, SELECTION_SEEDS, SIMULATION_VERSION,
-                                     _fingerprint, _shipped_simulations)
+                                     TRUTH_VERSION, _fingerprint, _shipped_simulations)
 from ..hierarchy.verdicts import TEST_TRUTHS, VERDICT_BACKPROP, VERDICT_PAPER, _verdict_rows
 
 __all__ = ["SIMULATION_IMAGES", "simulate_tests", "simulation_design", "study_sizes",
@@ -36,10 +35,11 @@ def _simulated_tests(features, truth: str, seed: int, n_images: int, noise: floa
 
     With ``cache_dir``, the study's rows are read from / written to
     ``<cache_dir>/<truth>[-v<version>]-<seed>.csv`` (atomically), so an interrupted series
-    resumes; the truth's version (:data:`~gradbrain.data.simulated.TRUTH_VERSION`, when
-    not 1) in the name, so that a truth planted anew is simulated anew.
+    resumes; the truth's version
+    (:data:`~gradbrain.hierarchy.calibration.TRUTH_VERSION`, when not 1) in the name, so
+    that a truth planted anew is simulated anew.
     """
-    version = simulated.TRUTH_VERSION[truth]
+    version = TRUTH_VERSION[truth]
     name = f"{truth}{'' if version == 1 else f'-v{version}'}-{seed}.csv"
     path = cache_dir / name if cache_dir is not None else None
     if path is not None and path.exists():

@@ -31,7 +31,9 @@ Gradient truths
     hierarchy (a fifth of ``gradient_weight`` at V1, all of it from the 95th percentile
     of the distance from V1 on: "specifically in higher-level" areas, so that whether
     they gain more there is measured, not planted by exclusion), and at late, unordered
-    latencies (350–600 ms, random across layers), in temporal sensors.
+    latencies (350–600 ms, random across layers), in temporal sensors. (How each truth is
+    planted is versioned for the simulated tables:
+    :data:`gradbrain.hierarchy.calibration.TRUTH_VERSION`.)
 
 Divergent truths (what a *wrong* backprop order looks like; the alternatives against
 which the divergence test's power is measured)
@@ -61,7 +63,7 @@ from .geometry import HEMIS, ctf_info, distance_from, posterior_vertices, v1_see
 from .images import N_EMBEDDED, ImageSet, load_embedded
 from .study import Study
 
-__all__ = ["GRADIENT_TRUTHS", "DIVERGENT_TRUTHS", "ALL_TRUTHS", "TRUTH_VERSION", "make_study",
+__all__ = ["GRADIENT_TRUTHS", "DIVERGENT_TRUTHS", "ALL_TRUTHS", "make_study",
            "describe_truth", "default_n_test", "estimate_noise", "planted_response"]
 
 GRADIENT_TRUTHS = ("none", "forward", "backprop", "paper")
@@ -79,11 +81,6 @@ _MEG_NOISE_T = 200e-15              # T, single-trial noise sd at noise=1
 _PAPER_EARLY_SHARE = 0.2            # "paper": share of gradient_weight at V1 (all of it at
                                     # the top of the hierarchy, linear in between)
 
-#: The version of how each truth is planted: a truth's simulated studies (cached, shipped)
-#: are simulated again when it changes. 2 of ``paper``: gradients in every vertex, more
-#: of them high (1: only in the top 40 % of the hierarchy, an even share there).
-TRUTH_VERSION = {"none": 1, "forward": 1, "backprop": 1, "paper": 2, "reversed": 1,
-                 "shuffled": 1}
 
 
 def default_n_test(n_images: int) -> int:

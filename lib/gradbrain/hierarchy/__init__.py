@@ -23,9 +23,9 @@ work for one release, with a DeprecationWarning.
 from __future__ import annotations
 
 from .._utils import moved_names
-from .calibration import (POWER_CURVE, SIMULATION_VERSION, divergence_p, divergence_rates,
-                          error_rates, model_null_p, power_curve, power_curve_summary,
-                          read_power_curve)
+from .calibration import (POWER_CURVE, SIMULATION_VERSION, TRUTH_VERSION, divergence_p,
+                          divergence_rates, error_rates, model_null_p, power_curve,
+                          power_curve_summary, read_power_curve)
 from .inference import (above_chance, bootstrap_spatial_score, layer_permutation_test,
                         min_p_value, profile_permutation_test, spatial_score)
 from .report import summarize_fmri, summarize_meg
@@ -46,7 +46,7 @@ __all__ = ["best_layer", "chosen_layers", "cv_correlation", "SELECTIONS", "hiera
            "HierarchyResult", "GRADIENT_PARTS", "MIN_TIMED_LAYERS", "error_rates",
            "model_null_p", "TEST_TRUTHS", "VERDICT_BACKPROP", "VERDICT_PAPER", "ESTIMATES",
            "divergence_p", "divergence_rates", "power_curve", "read_power_curve",
-           "power_curve_summary", "POWER_CURVE", "SIMULATION_VERSION"]
+           "power_curve_summary", "POWER_CURVE", "SIMULATION_VERSION", "TRUTH_VERSION"]
 
 #: Names that moved out of the hierarchy tests in the redesign (one release of grace).
 __getattr__ = moved_names(__name__, {

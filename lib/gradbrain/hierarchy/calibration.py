@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 
 from .._utils import check_in_allowed
-from ..data.simulated import TRUTH_VERSION
 from .verdicts import (ESTIMATES, TEST_TRUTHS, VERDICT_BACKPROP, VERDICT_PAPER, _verdict_rows,
                        _verdicts)
 from ..stats import _pct, _wilson
@@ -24,6 +23,13 @@ SIMULATION_VERSION = 5   # 2: the estimates' equivalence rows; 3: selection on t
 #                          4: spatial tests on profile centres (run's spatial_statistic);
 #                          5: MEG latencies gated with the step-down max statistic over
 #                          layers; seeds from FIRST_SIMULATION_SEED
+#: The version of how each planted truth of :func:`gradbrain.data.simulated.make_study`
+#: is planted: a truth's simulated studies (cached, shipped, in a power curve) are
+#: simulated again, or warned about, when it changes; the other truths' are kept. 2 of
+#: ``paper``: gradients in every vertex, more of them high (1: only in the top 40 % of
+#: the hierarchy, an even share there).
+TRUTH_VERSION = {"none": 1, "forward": 1, "backprop": 1, "paper": 2, "reversed": 1,
+                 "shuffled": 1}
 #: Seeds used to choose the spatial and temporal statistics
 #: (``benchmarks/layer_statistics.py``): never used to calibrate or to state power.
 SELECTION_SEEDS = range(1000, 1012)
@@ -166,7 +172,7 @@ def power_curve(simulations: dict) -> pd.DataFrame:
     made them), with ``weights``, ``n_images``, ``n_test`` and ``noise`` first, then
     ``n_seeds`` (studies per truth), ``version`` (:data:`SIMULATION_VERSION`) and
     ``truth_versions`` (the truths simulated and how each was planted,
-    :data:`~gradbrain.data.simulated.TRUTH_VERSION`: ``"backprop:1;none:1"``) last.
+    :data:`TRUTH_VERSION`: ``"backprop:1;none:1"``) last.
     """
     if not simulations:
         raise ValueError("'simulations' is empty: give at least one grid point.")
@@ -197,7 +203,7 @@ def read_power_curve(path=None) -> pd.DataFrame:
     -------
     DataFrame. A table made by another :data:`SIMULATION_VERSION` (its tests have
     changed since), or with a truth planted another way since
-    (:data:`~gradbrain.data.simulated.TRUTH_VERSION`), is returned with a warning.
+    (:data:`TRUTH_VERSION`), is returned with a warning.
     """
     path = Path(POWER_CURVE if path is None else path)
     if not path.exists():
@@ -226,8 +232,8 @@ def read_power_curve(path=None) -> pd.DataFrame:
     changed = sorted(truth for truth, version in made if TRUTH_VERSION.get(truth) != version)
     if changed:
         warnings.warn(f"The power curve {path.name} simulated the truths {changed} as they "
-                      "were planted before (gradbrain.data.simulated.TRUTH_VERSION changed "
-                      "since). Rerun 'python benchmarks/power_curve.py --ship'.",
+                      "were planted before (gradbrain.hierarchy.calibration.TRUTH_VERSION "
+                      "changed since). Rerun 'python benchmarks/power_curve.py --ship'.",
                       UserWarning, stacklevel=2)
     return table
 
