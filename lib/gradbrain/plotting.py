@@ -715,12 +715,14 @@ def plot_rates_forest(rates: dict, *, alpha: float | None = None, target_power: 
         ax.axvline(target_power, color="grey", ls=":", lw=1,
                    label=f"power {target_power:.0%}")
         ax.set_xlim(-0.03, 1.03)
-        ax.set_xlabel("fraction of simulated studies in which the test held")
+        ax.set_xlabel("share of simulated studies")
         ax.set_title(label, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[0, 0].set_yticks(y, names)
     axes[0, 0].invert_yaxis()
     axes[0, -1].legend(fontsize=7, loc="lower right", framealpha=0.9)
+    fig.suptitle("How often each test held where it should not (red) and where it should "
+                 "(black)", fontsize=10)
     fig.tight_layout()
     return fig
 
