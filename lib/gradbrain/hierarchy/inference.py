@@ -11,7 +11,7 @@ from scipy import stats
 from .._utils import check_in_allowed, resolve_device
 from ..ridge import check_test_predictions, shuffled_correlations
 from .scores import SPATIAL_STATISTICS, _profile_weights, unit_coordinates
-from ..stats import ALTERNATIVES, INTERVALS, bootstrap_interval
+from ..stats import ALTERNATIVES, bootstrap_interval
 
 
 
