@@ -30,12 +30,12 @@ from scipy import stats
 
 def population_score(rho, depth, coordinate, units, n_units):
     """The profile-centre spatial score on population correlations (n_layers, n_targets)."""
+    from gradbrain.hierarchy import profile_centre, unit_coordinates
+
     if n_units:
         rho = np.stack([rho[:, units == u].mean(1) for u in range(n_units)], 1)
-        coordinate = np.array([np.median(coordinate[units == u]) for u in range(n_units)])
-    weight = rho - rho.min(0, keepdims=True)
-    centre = (depth[:, None] * weight).sum(0) / weight.sum(0)
-    return stats.spearmanr(centre, coordinate).statistic
+        coordinate = unit_coordinates(coordinate, units)
+    return stats.spearmanr(profile_centre(rho, depth), coordinate).statistic
 
 
 def main(argv=None) -> None:

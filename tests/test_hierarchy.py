@@ -187,8 +187,7 @@ def test_basic_interval_of_the_spatial_score_covers_the_noise_free_score_more_of
     rho = 0.5 * np.exp(-(depth[:, None] - preferred[None]) ** 2 / (2 * 0.25**2))
     units = hierarchy.hierarchy_units(coordinate, None, 20)
     profile = np.stack([rho[:, units == u].mean(1) for u in range(20)], 1)
-    weight = profile - profile.min(0, keepdims=True)
-    truth = stats.spearmanr((depth[:, None] * weight).sum(0) / weight.sum(0),
+    truth = stats.spearmanr(hierarchy.profile_centre(profile, depth),
                             hierarchy.unit_coordinates(coordinate, units)).statistic
     hits = {"basic": 0, "percentile": 0}
     for _ in range(200):

@@ -256,7 +256,7 @@ def bootstrap_interval(value: float, samples, *, ci: float = 0.95, method: str =
         return (np.nan, np.nan)
     levels = np.array([(1 - ci) / 2, (1 + ci) / 2])
     if method == "percentile":
-        low, high = np.quantile(samples, levels)
+        return _bootstrap_ci(samples, ci)
     elif method == "basic":
         q_low, q_high = np.quantile(samples, levels)
         low, high = 2 * value - q_high, 2 * value - q_low
