@@ -5,9 +5,10 @@ Studies are simulated from EfficientNet-Lite0's own features (ImageNet weights, 
 embedded images the demo uses) under a planted backprop in every cell of
 :data:`gradbrain.divergence.DEFAULT_FAMILY` (gradient weight 0.1–0.9, latency jitter 0
 or 40 ms) and under backprop's places and times in a wrong order (``reversed``,
-``shuffled``), from the reserved calibration seeds (never the seeds that chose the
-statistics). Each contrast is decided as chapter 04 decides it
-(:func:`gradbrain.divergence.divergence_test`: worst cell, Holm over the contrasts).
+``shuffled``, and ``partial``: the upper half of the layers reversed), from the
+reserved calibration seeds (never the seeds that chose the statistics). Each contrast
+is decided as chapter 04 decides it (:func:`gradbrain.divergence.divergence_test`: worst
+cell, Holm over the contrasts).
 
 It also prints the decision of the single-point null this replaces (backprop at gradient
 weight 0.5 only, :func:`gradbrain.hierarchy.divergence_p`'s rule) on the other cells:
@@ -19,7 +20,8 @@ chapter 04 reads for the demo was made with ``--ship efficientnet_lite0-demo`` (
 arguments are in its ``.json``). Last line::
 
     RESULT spatial_fpr_worst=… spatial_power_reversed=… spatial_power_shuffled=…
-           temporal_fpr_worst=… temporal_power_reversed=… temporal_power_shuffled=…
+           spatial_power_partial=… temporal_fpr_worst=… temporal_power_reversed=…
+           temporal_power_shuffled=… temporal_power_partial=…
            single_point_fpr_w0.1=… single_point_fpr_w0.25=… seeds=… seeds_divergent=…
 """
 
@@ -102,7 +104,8 @@ def main() -> None:
     for key in ("spatial", "temporal"):
         fields += [f"{key}_fpr_worst={rate(key, 'false divergence, worst cell'):.3f}",
                    f"{key}_power_reversed={rate(key, 'power vs reversed'):.3f}",
-                   f"{key}_power_shuffled={rate(key, 'power vs shuffled'):.3f}"]
+                   f"{key}_power_shuffled={rate(key, 'power vs shuffled'):.3f}",
+                   f"{key}_power_partial={rate(key, 'power vs partial'):.3f}"]
     for w in (0.1, 0.25):
         mine = single[(single.gradient_weight == w) & (single.latency_jitter == 0)] \
             if len(single) else single

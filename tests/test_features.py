@@ -4,6 +4,7 @@ import warnings
 from contextlib import nullcontext
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -694,3 +695,24 @@ def test_ce_on_a_distilled_model_uses_timms_own_logits(name, small_images):
             largest = max(largest, float(np.abs(reference).max()))
             _assert_close(feats.gradients["ce"][layer][i:i + 1], reference)
         assert largest > 0
+
+
+def test_best_decoding_depths_reports_every_depth_tied_at_the_top():
+    """Issue 31: a summary named depth 0.31 'best' at accuracy 1.00 although 0.94 was at
+    1.00 too. Worked by hand: n = 40, best 1.00 → p clipped to 39/40, standard error
+    sqrt(39/40 · 1/40 / 40) = 0.0247; 0.98 is within it, 0.95 and 0.50 are not."""
+    depth = [0.0, 0.25, 0.5, 0.75, 1.0]
+    table = pd.DataFrame({"model": "m", "signal": "activation", "depth": depth,
+                          "accuracy": [0.50, 1.00, 0.95, 0.98, 1.00], "n_images": 40})
+    grads = table.assign(signal="gradient (ce)", accuracy=[0.2, 0.4, 0.6, 0.3, 0.1])
+    out = gf.best_decoding_depths(pd.concat([table, grads])).set_index("signal")
+    act = out.loc["activation"]
+    assert act.accuracy == 1.0 and act.depth == 0.25
+    assert act.tolerance == pytest.approx(np.sqrt(39 / 40 * 1 / 40 / 40))
+    assert (act.n_tied, act.tied_from, act.tied_to, act.n_layers) == (3, 0.25, 1.0, 5)
+    assert act.summary == "equally well (accuracy 1.00 ± 0.02) at 3 of 5 depths, 0.25–1.00"
+    grad = out.loc["gradient (ce)"]   # sqrt(0.6 · 0.4 / 40) = 0.077: alone at the top
+    assert (grad.depth, grad.n_tied, grad.tied_from, grad.tied_to) == (0.5, 1, 0.5, 0.5)
+    assert grad.summary == "at depth 0.50 (accuracy 0.60)"
+    with pytest.raises(ValueError, match="n_images"):
+        gf.best_decoding_depths(table.drop(columns="n_images"))

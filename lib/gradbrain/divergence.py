@@ -18,8 +18,9 @@ is a **family** of planted backprops — one *cell* per setting of the nuisances
 (:data:`DEFAULT_FAMILY`) — and a contrast diverges only when it is extreme against
 **every** cell (the largest of the per-cell p-values, a composite null), with Holm's
 correction across the contrasts tested. Its power is measured against backprop's places
-and times in a wrong order (the ``reversed`` and ``shuffled`` truths of
-:func:`gradbrain.data.simulated.make_study`).
+and times in a wrong order (the ``reversed``, ``shuffled`` and ``partial`` truths of
+:func:`gradbrain.data.simulated.make_study`: all layers reversed, a random order, and
+the upper half of the layers reversed with the lower half right).
 
 What is estimated and what is assumed: the noise is estimated from the study's noise
 ceilings (:func:`gradbrain.data.simulated.estimate_noise`); the gradient weight and
@@ -221,7 +222,7 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
     family : sequence of dict
         The backprop cells: each a setting of ``gradient_weight`` (0–1) and
         ``latency_jitter`` (ms).
-    divergent : sequence of {"reversed", "shuffled"}
+    divergent : sequence of {"reversed", "shuffled", "partial"}
         Wrong-order truths simulated at :data:`DIVERGENT_CELL` (the power).
     n_seeds, n_seeds_divergent : int
         Studies per backprop cell, and per divergent truth (0: none).

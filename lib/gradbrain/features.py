@@ -77,7 +77,8 @@ from .ridge import DEFAULT_ALPHAS
 
 __all__ = [
     "LOSSES", "POOLS", "Features", "extract", "linear_cka", "cka_matrix", "category_decoding",
-    "norms_table", "decoding_table", "signals", "signal_name", "beyond_activations",
+    "norms_table", "decoding_table", "best_decoding_depths", "signals", "signal_name",
+    "beyond_activations",
     "gradient_part", "differentiable_features",
 ]
 
@@ -1418,7 +1419,8 @@ def decoding_table(features: Sequence[Features], labels: Sequence[str] | None = 
 
     Returns
     -------
-    DataFrame with columns model, layer, depth, signal, accuracy.
+    DataFrame with columns model, layer, depth, signal, accuracy (held-out, 0–1) and
+    n_images (the images it was measured on).
     """
     labels = labels or [f.model for f in features]
     rows = []
@@ -1433,5 +1435,55 @@ def decoding_table(features: Sequence[Features], labels: Sequence[str] | None = 
             scores = category_decoding(per_layer, y, cv=folds, seed=seed)
             for layer, depth in zip(feats.layers, feats.depth):
                 rows.append({"model": label, "layer": layer, "depth": float(depth),
-                             "signal": signal, "accuracy": scores[layer]})
+                             "signal": signal, "accuracy": scores[layer],
+                             "n_images": int(len(y))})
+    return pd.DataFrame(rows)
+
+
+def best_decoding_depths(table: pd.DataFrame) -> pd.DataFrame:
+    """Where each signal decodes best, and every depth that decodes as well.
+
+    A single "best depth" misleads when several layers sit at the same accuracy (e.g. all
+    at ceiling, 1.00): the arg-max is then whichever comes first. So each (model, signal)
+    gets its best accuracy and *all* depths whose accuracy is within one binomial
+    standard error of it, ``sqrt(p (1 - p) / n)`` at the best accuracy ``p`` over the
+    table's ``n_images`` (with ``p`` kept at least ``1 / n`` from 0 and 1, so that a
+    ceiling still has a resolution of one image).
+
+    Parameters
+    ----------
+    table : DataFrame
+        :func:`decoding_table`'s rows (columns model, depth, signal, accuracy, n_images).
+
+    Returns
+    -------
+    DataFrame, one row per (model, signal): ``model``, ``signal``, ``accuracy`` (the
+    best, 0–1), ``depth`` (the first depth that reaches it), ``tolerance`` (the standard
+    error), ``n_tied`` (depths within it, this one included), ``tied_from`` and
+    ``tied_to`` (their shallowest and deepest depth), ``n_layers`` and ``summary`` (in
+    words: "at depth 0.50 (accuracy 0.60)", or "equally well (accuracy 1.00 ± 0.02) at 3
+    of 5 depths, 0.25–1.00").
+    """
+    missing = {"model", "signal", "depth", "accuracy", "n_images"} - set(table.columns)
+    if missing:
+        raise ValueError(f"'table' must be decoding_table's output; it lacks {sorted(missing)}.")
+    rows = []
+    for (model, signal), group in table.groupby(["model", "signal"], sort=False):
+        group = group.sort_values("depth")
+        accuracy = group.accuracy.to_numpy(float)
+        if not np.isfinite(accuracy).any():
+            raise ValueError(f"No finite decoding accuracy for {model} {signal}.")
+        n = int(group.n_images.iloc[0])
+        best = float(np.nanmax(accuracy))
+        p = min(max(best, 1 / n), 1 - 1 / n)
+        tolerance = float(np.sqrt(p * (1 - p) / n))
+        tied = group[accuracy >= best - tolerance - 1e-12]
+        depth = float(group.depth.to_numpy()[np.nanargmax(accuracy)])
+        where = (f"at depth {depth:.2f} (accuracy {best:.2f})" if len(tied) == 1 else
+                 f"equally well (accuracy {best:.2f} ± {tolerance:.2f}) at {len(tied)} of "
+                 f"{len(group)} depths, {tied.depth.min():.2f}–{tied.depth.max():.2f}")
+        rows.append({"model": model, "signal": signal, "accuracy": best, "depth": depth,
+                     "tolerance": tolerance, "n_tied": len(tied),
+                     "tied_from": float(tied.depth.min()), "tied_to": float(tied.depth.max()),
+                     "n_layers": len(group), "summary": where})
     return pd.DataFrame(rows)

@@ -43,6 +43,10 @@ which the divergence test's power is measured)
     ``"shuffled"``: the same, in a random order — the gradient of layer l where and when
     backprop would put the gradient of layer π(l), for a permutation π drawn from the
     seed.
+    ``"partial"``: the lower half of the layers (``L // 2``) in backprop's order, the
+    upper half in reverse among themselves — an order that is right early in the
+    hierarchy and wrong late, as when only high-level areas carry a misplaced backward
+    signal (nothing is drawn for it).
 
 Nuisances (what a real backprop could differ in without ceasing to be one)
     ``gradient_weight`` (the share of the planted variance gradients carry) and
@@ -68,7 +72,7 @@ __all__ = ["GRADIENT_TRUTHS", "DIVERGENT_TRUTHS", "ALL_TRUTHS", "make_study",
 
 GRADIENT_TRUTHS = ("none", "forward", "backprop", "paper")
 #: Backprop's places and times in a wrong order (see the module docstring).
-DIVERGENT_TRUTHS = ("reversed", "shuffled")
+DIVERGENT_TRUTHS = ("reversed", "shuffled", "partial")
 ALL_TRUTHS = GRADIENT_TRUTHS + DIVERGENT_TRUTHS
 
 #: Latencies (s) of the planted MEG signals.
@@ -242,7 +246,8 @@ def make_study(
     n_images : int or None
         Number of stimuli: the first ``n_images`` of ``images`` (10 … their number);
         default 200 embedded images, or all of ``images``.
-    gradient_truth : {"none", "forward", "backprop", "paper", "reversed", "shuffled"}
+    gradient_truth : {"none", "forward", "backprop", "paper", "reversed", "shuffled", \
+"partial"}
         What gradients do in the simulated brain (see the module docstring).
     noise : float
         Scale of the noise (0 = noiseless). fMRI noise sd per vertex is
@@ -422,6 +427,9 @@ def _wrong_order(truth: dict, n_layers: int) -> np.ndarray:
     (and when) backprop would express the gradient of layer k."""
     if truth["gradient_truth"] == "reversed":
         return np.arange(n_layers)[::-1].copy()
+    if truth["gradient_truth"] == "partial":   # right below the middle, reversed above it
+        half = n_layers // 2
+        return np.concatenate([np.arange(half), np.arange(half, n_layers)[::-1]])
     return np.asarray(truth["gradient_order"])
 
 
@@ -562,6 +570,9 @@ def describe_truth(study: Study) -> str:
         "shuffled": ("backprop's places and times in a **random** layer order: the "
                      "gradient of layer *l* is expressed where and when backprop would "
                      f"put another layer's ({span})."),
+        "partial": ("backprop's places and times in a **partly wrong** order: the lower "
+                    "half of the layers where and when backprop puts them, the upper half "
+                    f"in reverse among themselves ({span})."),
         "paper": ("what the paper reports: gradients are expressed **more in high-level** "
                   f"vertices (a share of the response rising from {_PAPER_EARLY_SHARE:.0%} "
                   "of the gradient weight at V1 to all of it at the top of the hierarchy) "

@@ -29,7 +29,7 @@ SIMULATION_VERSION = 5   # 2: the estimates' equivalence rows; 3: selection on t
 #: ``paper``: gradients in every vertex, more of them high (1: only in the top 40 % of
 #: the hierarchy, an even share there).
 TRUTH_VERSION = {"none": 1, "forward": 1, "backprop": 1, "paper": 2, "reversed": 1,
-                 "shuffled": 1}
+                 "shuffled": 1, "partial": 1}
 #: Seeds used to choose the spatial and temporal statistics
 #: (``benchmarks/layer_statistics.py``): never used to calibrate or to state power.
 SELECTION_SEEDS = range(1000, 1012)
