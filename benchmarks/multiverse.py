@@ -11,11 +11,12 @@ the whole decision is made again as the chapter makes it: the study's spatial co
 (gradient spatial score minus the activation one) against the backprop family simulated
 *at that setting* (:func:`gradbrain.divergence.simulate_family`: every cell of
 :data:`~gradbrain.divergence.DEFAULT_FAMILY`, the study's noise, fMRI-only studies from the
-reserved calibration seeds), with the family's own false-divergence rate (worst cell,
-each study left out) and power against the wrong orders at that setting. Only the spatial
-contrast is judged, as the demo judges it. The decision is then read at three levels
-(``--alphas``); a level below the family's floor ``1 / (1 + n)`` cannot be reached and
-is marked so.
+reserved calibration seeds; the cells judged chosen by the study's gradient strength at
+that setting, :func:`gradbrain.divergence.gradient_strength`), with the family's own
+false-divergence rate (worst cell, each study left out) and power against the wrong
+orders at that setting. Only the spatial contrast is judged, as the demo judges it. The
+decision is then read at three levels (``--alphas``); a level below the family's floor
+``1 / (1 + n)`` cannot be reached and is marked so.
 
 Usage: ``python benchmarks/multiverse.py [--seeds 20] [--seeds-divergent 10] [--jobs 2]
 [--out table.csv]``. The families are cached under ``$GRADBRAIN_DATA``, so an interrupted
@@ -88,11 +89,13 @@ def main(argv=None) -> None:
             feats, noise=1.0, n_seeds=args.seeds, n_seeds_divergent=args.seeds_divergent,
             simulate_meg=False, n_jobs=args.jobs, loss="ce", cv=5,
             exclude_seeds=[0], progress=not args.no_progress, **setting)
-        judged = divergence.divergence_test({"spatial": value}, table, alpha=0.05)
+        judged = divergence.divergence_test({"spatial": value}, table, alpha=0.05,
+                                            strengths=divergence.gradient_strength(result))
         judged = judged.set_index("contrast").loc["spatial"]
         rates = divergence.family_rates(table, n_contrasts=1).set_index("what")
         rates = rates[rates.contrast == "spatial"]
-        row = {"setting": label, "contrast": value, "p_worst": float(judged.p_worst),
+        row = {"setting": label, "contrast": value, "strength": float(judged.strength),
+               "cells_judged": judged.cells_judged, "p_worst": float(judged.p_worst),
                "worst_cell": judged.worst_cell, "floor": float(judged.min_p),
                "fpr_worst": float(rates.loc["false divergence, worst cell", "rate"])}
         for truth in simulated.DIVERGENT_TRUTHS:

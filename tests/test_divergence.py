@@ -174,10 +174,11 @@ def test_estimate_noise_recovers_the_planted_noise(planted_features, noise):
 
 def test_shipped_rows_of_a_contrast_simulated_since_by_other_code_are_simulated_again(
         planted_features, monkeypatch, tmp_path):
-    """A shipped table made before a contrast's simulation changed (no contrast_version
-    column: version 1) serves the spatial contrast (still version 1) and not the temporal
-    one (now 2: the latency gate corrected over layers), whose studies are made again."""
-    assert divergence.CONTRAST_VERSION == {"spatial": 1, "temporal": 2}
+    """A table shipped when the spatial contrast was at version 1 and the temporal one at
+    2 (the table of December 2026, before studies recorded their gradient strength)
+    serves the temporal contrast and not the spatial one (now 2), whose studies are
+    made again; a table with no contrast_version column (all version 1) serves neither."""
+    assert divergence.CONTRAST_VERSION == {"spatial": 2, "temporal": 2}
     _, feats = planted_features
     cell = {"gradient_weight": 0.5, "latency_jitter": 0.0}
     seeds = divergence.calibration_seeds(2)
@@ -185,21 +186,27 @@ def test_shipped_rows_of_a_contrast_simulated_since_by_other_code_are_simulated_
                              "estimate": name, "value": 0.5}
                             for c, name in (("spatial", SPATIAL), ("temporal", TEMPORAL))
                             for s in seeds])
-    monkeypatch.setattr(divergence.calibration, "_shipped_simulations",
-                        lambda *a, **k: shipped.copy())
     made = []
 
     def one_study(features, contrast, truth, seed, cell, *rest):
         made.append((contrast, seed))
         return [{"contrast": contrast, "truth": truth, "seed": seed, **cell,
-                 "estimate": SPATIAL if contrast == "spatial" else TEMPORAL, "value": -1.0}]
+                 "estimate": SPATIAL if contrast == "spatial" else TEMPORAL, "value": -1.0,
+                 "strength": 1.0 if contrast == "spatial" else np.nan}]
     monkeypatch.setattr(divergence, "_one_study", one_study)
-    table = divergence.simulate_family(feats, family=[cell], n_seeds=2, n_seeds_divergent=0,
-                                       cache=tmp_path, progress=False)
-    assert sorted(made) == [("temporal", s) for s in seeds]
-    assert (table[table.contrast == "spatial"].value == 0.5).all()
-    assert (table[table.contrast == "temporal"].value == -1.0).all()
-    # a table written now records the versions, and its temporal rows are believed
+    december = shipped.assign(contrast_version=shipped.contrast.map({"spatial": 1,
+                                                                    "temporal": 2}))
+    for table, remade in ((december, ["spatial"]), (shipped, ["spatial", "temporal"])):
+        monkeypatch.setattr(divergence.calibration, "_shipped_simulations",
+                            lambda *a, table=table, **k: table.copy())
+        made.clear()
+        out = divergence.simulate_family(feats, family=[cell], n_seeds=2,
+                                         n_seeds_divergent=0, cache=tmp_path, progress=False)
+        assert sorted(made) == [(c, s) for c in remade for s in seeds]
+        for contrast in ("spatial", "temporal"):
+            values = out[out.contrast == contrast].value
+            assert (values == (-1.0 if contrast in remade else 0.5)).all()
+    # a table written now records the versions, and all its rows are believed
     written = shipped.assign(contrast_version=shipped.contrast.map(divergence.CONTRAST_VERSION))
     monkeypatch.setattr(divergence.calibration, "_shipped_simulations",
                         lambda *a, **k: written.copy())
@@ -207,3 +214,84 @@ def test_shipped_rows_of_a_contrast_simulated_since_by_other_code_are_simulated_
     divergence.simulate_family(feats, family=[cell], n_seeds=2, n_seeds_divergent=0,
                                cache=tmp_path, progress=False)
     assert made == []
+
+
+def _strength_table(rng, n=60):
+    """Cells shaped like the demo's (Methods): a weak backprop whose contrast reaches far
+    below 0 and whose gradient strength is low, a middle one centred on 0, a strong one;
+    and a partly wrong order at the middle weight's strength with a contrast of -0.42."""
+    spec = {0.1: ((-0.4, 0.3), (0.50, 0.65)), 0.5: ((0.0, 0.01), (0.85, 0.95)),
+            0.9: ((0.06, 0.03), (2.2, 2.5))}
+    rows = []
+    for weight, ((mean, sd), (lo, hi)) in spec.items():
+        for seed, (v, st) in enumerate(zip(rng.normal(mean, sd, n), rng.uniform(lo, hi, n))):
+            rows.append({"contrast": "spatial", "truth": "backprop", "seed": seed,
+                         "gradient_weight": weight, "latency_jitter": 0.0,
+                         "estimate": SPATIAL, "value": v, "strength": st})
+    for seed, (v, st) in enumerate(zip(rng.normal(-0.42, 0.03, 20), rng.uniform(0.9, 1.0, 20))):
+        rows.append({"contrast": "spatial", "truth": "partial", "seed": seed,
+                     "gradient_weight": 0.5, "latency_jitter": 0.0, "estimate": SPATIAL,
+                     "value": v, "strength": st})
+    return pd.DataFrame(rows)
+
+
+def test_the_studys_gradient_strength_chooses_the_cells_it_is_judged_against(rng):
+    table = _strength_table(rng)
+
+    def cell(w):
+        return table[(table.truth == "backprop") & (table.gradient_weight == w)]
+
+    def p_by_hand(value, weights):
+        return max((1 + np.sum(cell(w).value <= value)) / (1 + len(cell(w))) for w in weights)
+
+    # a partly wrong order at the middle strength: against every cell the weak backprop
+    # hides it; judged against the weights whose median strengths bracket its own (0.5:
+    # median 0.90 <= 0.93; 0.9: median 2.35) it diverges
+    blind = divergence.divergence_test({"spatial": -0.42}, table).set_index("contrast")
+    assert not blind.at["spatial", "diverges"]
+    assert blind.at["spatial", "p_worst"] == pytest.approx(p_by_hand(-0.42, (0.1, 0.5, 0.9)))
+    told = divergence.divergence_test({"spatial": -0.42}, table,
+                                      strengths={"spatial": 0.93}).set_index("contrast")
+    assert told.at["spatial", "diverges"]
+    assert told.at["spatial", "p_worst"] == pytest.approx(p_by_hand(-0.42, (0.5, 0.9)))
+    assert told.at["spatial", "cells_judged"] == "weight 0.5; weight 0.9"
+    # a weak backprop (strength 0.6: between the medians of 0.1, 0.575, and 0.5) with the
+    # same contrast is not divergent
+    weak = divergence.divergence_test({"spatial": -0.42}, table,
+                                      strengths={"spatial": 0.6}).set_index("contrast")
+    assert not weak.at["spatial", "diverges"]
+    assert weak.at["spatial", "cells_judged"] == "weight 0.1; weight 0.5"
+    # beyond every cell: the nearest one alone
+    far = divergence.divergence_test({"spatial": 0.0}, table,
+                                     strengths={"spatial": 9.0}).set_index("contrast")
+    assert far.at["spatial", "cells_judged"] == "weight 0.9"
+    # strengths that do not rise with the weight locate nothing: every cell is judged
+    swapped = table.copy()
+    weak, strong = swapped.gradient_weight == 0.1, swapped.gradient_weight == 0.9
+    swapped.loc[weak, "strength"], swapped.loc[strong, "strength"] = 2.3, 0.6
+    flat = divergence.divergence_test({"spatial": -0.42}, swapped,
+                                      strengths={"spatial": 0.93}).set_index("contrast")
+    assert flat.at["spatial", "cells_judged"] == "weight 0.1; weight 0.5; weight 0.9"
+    # the rates are those of the same rule: each backprop study judged with its own
+    # strength stays near alpha; the partial order is found
+    rates = divergence.family_rates(table, n_contrasts=1).set_index("what")
+    assert rates.at["false divergence, worst cell", "rate"] <= 0.1
+    assert rates.at["power vs partial", "rate"] == 1.0
+    blind_rates = divergence.family_rates(table.drop(columns="strength"), n_contrasts=1)
+    assert blind_rates.set_index("what").at["power vs partial", "rate"] < 0.5
+
+
+def test_gradient_strength_is_the_ratio_of_median_peak_scores_over_reliable_vertices():
+    from types import SimpleNamespace
+
+    reliable = np.array([True, True, True, False])
+    result = SimpleNamespace(
+        signal="gradient (ce)", reliable=reliable,
+        best={"activation": {"peak": np.array([0.8, 0.6, np.nan, 5.0])},
+              "gradient (ce)": {"peak": np.array([0.2, 0.4, 0.3, 5.0])}})
+    # medians over the reliable vertices: gradient 0.3, activation 0.7 (NaN skipped)
+    out = divergence.gradient_strength(result)
+    assert out["spatial"] == pytest.approx(0.3 / 0.7)
+    assert np.isnan(out["temporal"])
+    assert np.isnan(divergence.gradient_strength(SimpleNamespace(best=None, reliable=None,
+                                                                 signal="g"))["spatial"])

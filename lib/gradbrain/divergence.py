@@ -23,9 +23,14 @@ and times in a wrong order (the ``reversed``, ``shuffled`` and ``partial`` truth
 the upper half of the layers reversed with the lower half right).
 
 What is estimated and what is assumed: the noise is estimated from the study's noise
-ceilings (:func:`gradbrain.data.simulated.estimate_noise`); the gradient weight and
-the latency jitter are not estimated — the family spans them, and the decision is
-valid for any backprop inside that span (not outside it).
+ceilings (:func:`gradbrain.data.simulated.estimate_noise`). The gradient weight is
+located, not assumed: every simulated study records its gradient strength (gradient peak
+score over activation peak score, :func:`gradient_strength`), and the spatial contrast
+is judged only against the cells of the gradient weights whose median strengths bracket
+the study's, and any cell whose strengths span it (a backprop much weaker than the data
+show is no candidate). The latency jitter is not estimated (the temporal contrast is
+judged against every cell); the decision is valid for any backprop inside the family's
+span (not outside it), and its error rates are measured with the same rule.
 
 Simulated studies are drawn from a reserved block of seeds (:func:`calibration_seeds`),
 disjoint from the seeds used to choose any statistic (1000–1011,
@@ -54,7 +59,7 @@ from .stats import _pct, _wilson, check_level
 
 __all__ = ["DEFAULT_FAMILY", "CONTRASTS", "FIRST_CALIBRATION_SEED", "SELECTION_SEEDS",
            "calibration_seeds", "simulate_family", "divergence_test", "family_rates",
-           "judge", "write_family_reference", "summarize"]
+           "gradient_strength", "judge", "write_family_reference", "summarize"]
 
 #: The contrasts judged for divergence (keys of :data:`hierarchy.ESTIMATES`), and the one
 #: modality each depends on (its studies are simulated with that modality alone).
@@ -79,8 +84,9 @@ _CELL_STRIDE = 100_000
 FAMILY_VERSION = 1
 #: Bump one contrast's version when a change alters that contrast alone (its cached and
 #: shipped studies are then simulated again; the other contrast's stay). temporal 2: MEG
-#: latencies gated with the step-down max statistic over layers.
-CONTRAST_VERSION = {"spatial": 1, "temporal": 2}
+#: latencies gated with the step-down max statistic over layers; spatial 2: each study's
+#: gradient strength recorded (:func:`gradient_strength`).
+CONTRAST_VERSION = {"spatial": 2, "temporal": 2}
 _REFERENCE = calibration._REFERENCE
 _NAMES = {key: hierarchy.ESTIMATES[key][0] for key in CONTRASTS}
 
@@ -165,7 +171,8 @@ def _one_study(features, contrast, truth, seed, cell, noise, n_images, run_kwarg
     if path is not None and path.exists():
         try:
             cached = pd.read_csv(path)
-            if list(cached.estimate) != [_NAMES[contrast]] or "value" not in cached:
+            if list(cached.estimate) != [_NAMES[contrast]] or "value" not in cached \
+                    or (contrast == "spatial" and "strength" not in cached):
                 raise ValueError("not a whole simulated study (truncated?)")
             return cached.to_dict("records")
         except (OSError, ValueError, KeyError, pd.errors.ParserError) as err:
@@ -190,7 +197,8 @@ def _one_study(features, contrast, truth, seed, cell, noise, n_images, run_kwarg
         else pd.Series(dtype=float)
     label = _NAMES[contrast]
     rows = [{"contrast": contrast, "truth": truth, "seed": int(seed), **cell,
-             "estimate": label, "value": float(values.get(label, np.nan))}]
+             "estimate": label, "value": float(values.get(label, np.nan)),
+             "strength": gradient_strength(result)[contrast]}]
     if path is not None:
         with atomic_path(path, suffix=".csv") as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)
@@ -251,8 +259,9 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
     DataFrame
         One row per (contrast, truth, seed, cell): ``contrast``, ``truth``, ``seed``,
         ``gradient_weight``, ``latency_jitter``, ``estimate`` (the contrast's name in
-        :data:`hierarchy.ESTIMATES`) and ``value`` (Spearman ρ difference; NaN where not
-        estimable).
+        :data:`hierarchy.ESTIMATES`), ``value`` (Spearman ρ difference; NaN where not
+        estimable) and ``strength`` (:func:`gradient_strength` of the study; NaN for the
+        temporal contrast).
     """
     cells = _check_cells(family)
     divergent = [divergent] if isinstance(divergent, str) else list(divergent)
@@ -336,7 +345,7 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
             bar.update()
     bar.close()
     columns = ["contrast", "truth", "seed", "gradient_weight", "latency_jitter", "estimate",
-               "value"]
+               "value", "strength"]
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values(["contrast", "truth", "gradient_weight", "latency_jitter",
                               "seed"], kind="stable").reset_index(drop=True)
@@ -365,19 +374,87 @@ def write_family_reference(table: pd.DataFrame, features, *, name: str, noise: f
     return base.with_suffix(".json")
 
 
+def gradient_strength(result) -> dict:
+    """How strongly a study's gradients predict its responses relative to its activations:
+    the nuisance of the backprop family that the data tell.
+
+    Spatial (fMRI): the median over reliable vertices of the gradient signal's peak score
+    divided by the activation signal's (both r / √NC at each vertex's chosen layer,
+    ``result.best[signal]["peak"]``). On the demo's features it rises with a planted
+    backprop's gradient weight (about 0.6 at weight 0.1, 0.9 at 0.5, 2.4 at 0.9; Methods),
+    so it places a study among the family's cells. Temporal: not defined (NaN).
+
+    Parameters
+    ----------
+    result : HierarchyResult
+        :func:`gradbrain.analysis.backprop.backprop_tests` of the study.
+
+    Returns
+    -------
+    dict with ``"spatial"`` and ``"temporal"`` (float; NaN where not measurable).
+    """
+    out = {key: np.nan for key in CONTRASTS}
+    best, reliable = getattr(result, "best", None), getattr(result, "reliable", None)
+    if not best or reliable is None or "activation" not in best or result.signal not in best:
+        return out
+    peaks = {}
+    for signal in ("activation", result.signal):
+        peak = np.asarray(best[signal]["peak"], dtype=float)[np.asarray(reliable, bool)]
+        peaks[signal] = np.nanmedian(peak) if np.isfinite(peak).any() else np.nan
+    if np.isfinite(peaks["activation"]) and peaks["activation"] > 0:
+        out["spatial"] = float(peaks[result.signal] / peaks["activation"])
+    return out
+
+
 def _cells(table: pd.DataFrame, estimate: str):
-    """Per backprop cell, its finite contrast values (and the cell's settings)."""
+    """Per backprop cell, its settings, seeds, contrast values and gradient strengths
+    (NaN when the table has none)."""
     mine = table[(table.truth == "backprop") & (table.estimate == estimate)]
     for (w, j), group in mine.groupby(["gradient_weight", "latency_jitter"], sort=True):
-        values = group.value.to_numpy(float)
-        yield (float(w), float(j)), group.seed.to_numpy(), values
+        strength = (group.strength.to_numpy(float) if "strength" in group
+                    else np.full(len(group), np.nan))
+        yield (float(w), float(j)), group.seed.to_numpy(), group.value.to_numpy(float), strength
 
 
-def _worst_p(value: float, cells) -> tuple[float, tuple | None, int]:
-    """Largest per-cell one-sided p = (1 + #{sim ≤ value}) / (1 + n) over the cells; a
-    simulated NaN (no gradient order to speak of) counts as a contrast as low as any."""
+def _retained(cells: list, strength: float) -> list:
+    """The cells a study of this gradient ``strength`` is judged against.
+
+    Strength rises with the gradient weight (checked: when the cells' median strengths do
+    not rise with their weights, or a strength is unknown, every cell is kept). The
+    weight that gives the study's strength then lies between the largest weight whose
+    cells' median strength is at most the study's and the smallest weight whose median is
+    at least it: the cells of every weight in that bracket are kept, and any other cell
+    whose simulated strengths span the study's (sampling spread).
+    """
+    if not np.isfinite(strength):
+        return cells
+    medians, spans = {}, []
+    for (weight, _), _, _, values in cells:
+        finite = values[np.isfinite(values)]
+        if not finite.size:
+            return cells
+        medians.setdefault(weight, []).append(np.median(finite))
+        spans.append((finite.min(), finite.max()))
+    weights = sorted(medians)
+    by_weight = [float(np.mean(medians[w])) for w in weights]
+    if np.any(np.diff(by_weight) < 0):
+        return cells
+    low = [w for w, m in zip(weights, by_weight) if m <= strength]
+    high = [w for w, m in zip(weights, by_weight) if m >= strength]
+    w_low = max(low) if low else min(high)
+    w_high = min(high) if high else max(low)
+    return [cell for cell, (lo, hi) in zip(cells, spans)
+            if w_low <= cell[0][0] <= w_high or lo <= strength <= hi]
+
+
+def _worst_p(value: float, cells, strength: float = np.nan
+             ) -> tuple[float, tuple | None, int, list]:
+    """Largest per-cell one-sided p = (1 + #{sim ≤ value}) / (1 + n) over the cells
+    retained for ``strength`` (:func:`_retained`); a simulated NaN (no gradient order to
+    speak of) counts as a contrast as low as any. Also returns the retained settings."""
     worst, where, n_min = np.nan, None, 0
-    for setting, _, values in cells:
+    used = _retained(cells, strength)
+    for setting, _, values, _ in used:
         n = len(values)
         if n == 0:
             continue
@@ -386,7 +463,11 @@ def _worst_p(value: float, cells) -> tuple[float, tuple | None, int]:
         n_min = n if n_min == 0 else min(n_min, n)
         if not p <= worst:   # also when worst is NaN
             worst, where = p, setting
-    return worst, where, n_min
+    return worst, where, n_min, [cell[0] for cell in used]
+
+
+def _settings_text(settings: list) -> str:
+    return "; ".join(f"weight {w:g}" + (f", jitter {j:g} ms" if j else "") for w, j in settings)
 
 
 def _holm(p: dict) -> dict:
@@ -399,16 +480,25 @@ def _holm(p: dict) -> dict:
     return adjusted
 
 
-def divergence_test(values: dict, table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
+def divergence_test(values: dict, table: pd.DataFrame, *, alpha: float = 0.05,
+                    strengths: dict | None = None) -> pd.DataFrame:
     """Decide, per contrast, whether a study's gradients diverge from *any* backprop of
-    the family.
+    the family that could have given its data.
 
     For each contrast, the p-value against a cell is the share of that cell's
     simulated backprop studies whose contrast is as low or lower, ``(1 + #{sim ≤
     value}) / (1 + n)`` (one-sided: less aligned or ordered than backprop); the
-    composite p is the largest over cells (valid whichever cell is true), and the
-    contrasts are corrected together by Holm. A contrast is NaN (not estimable:
+    composite p is the largest over the cells judged (valid whichever of them is true),
+    and the contrasts are corrected together by Holm. A contrast is NaN (not estimable:
     e.g. fewer than 3 timed gradient layers) gives no decision.
+
+    The cells judged: with the study's gradient strength (``strengths``,
+    :func:`gradient_strength`) and a table that records the simulated studies' own, the
+    cells of the gradient weights whose median strengths bracket the study's, and any
+    cell whose simulated strengths span it (:func:`_retained`) — a backprop much weaker
+    or stronger than the data show is not a candidate (a weight-0.1 backprop's spatial
+    contrast reaches −1.3, lower than a partly wrong order gives at weight 0.5).
+    Otherwise every cell.
 
     Parameters
     ----------
@@ -419,32 +509,43 @@ def divergence_test(values: dict, table: pd.DataFrame, *, alpha: float = 0.05) -
         :func:`simulate_family`'s rows.
     alpha : float
         Family-wise level across the contrasts.
+    strengths : dict of str to float, or None
+        The study's gradient strength per contrast key (:func:`gradient_strength`); None
+        or NaN: judged against every cell.
 
     Returns
     -------
-    DataFrame, one row per contrast: ``contrast``, ``estimate``, ``value``, ``p_worst``,
-    ``worst_cell`` (the cell that gave it, as text), ``n_per_cell`` (fewest studies in a
-    cell), ``min_p`` (the floor ``1 / (1 + n_per_cell)``), ``p_holm``, ``diverges`` and
-    ``can_reach_alpha`` (the floor is below the level Holm's first step needs,
-    ``alpha / m``).
+    DataFrame, one row per contrast: ``contrast``, ``estimate``, ``value``, ``strength``,
+    ``p_worst``, ``worst_cell`` (the cell that gave it, as text), ``cells_judged`` (the
+    cells judged against, as text), ``n_cells`` (cells simulated), ``n_per_cell``
+    (fewest studies in a cell judged), ``min_p`` (the floor ``1 / (1 + n_per_cell)``),
+    ``p_holm``, ``diverges`` and ``can_reach_alpha`` (the floor is below the level
+    Holm's first step needs, ``alpha / m``).
     """
     check_level("alpha", alpha)
     missing = {"truth", "estimate", "value", "gradient_weight", "latency_jitter"} - set(table)
     if missing:
         raise ValueError(f"'table' must be simulate_family's output; it lacks {sorted(missing)}.")
+    strengths = strengths or {}
     rows, p = [], {}
     for key in CONTRASTS:
         name = _NAMES[key]
         value = values.get(key, values.get(name, np.nan))
         value = float(value) if value is not None else np.nan
+        strength = strengths.get(key, np.nan)
+        strength = float(strength) if strength is not None else np.nan
         cells = list(_cells(table, name))
-        worst, where, n_min = (_worst_p(value, cells) if np.isfinite(value)
-                               else (np.nan, None, min((len(v) for _, _, v in cells),
-                                                       default=0)))
+        if np.isfinite(value):
+            worst, where, n_min, used = _worst_p(value, cells, strength)
+        else:
+            worst, where, used = np.nan, None, []
+            n_min = min((len(c[2]) for c in cells), default=0)
         p[key] = worst
-        rows.append({"contrast": key, "estimate": name, "value": value, "p_worst": worst,
+        rows.append({"contrast": key, "estimate": name, "value": value,
+                     "strength": strength, "p_worst": worst,
                      "worst_cell": (f"gradient weight {where[0]:g}, latency jitter "
                                     f"{where[1]:g} ms" if where else ""),
+                     "cells_judged": _settings_text(used),
                      "n_cells": len(cells), "n_per_cell": n_min,
                      "min_p": 1 / (1 + n_min) if n_min else np.nan})
     adjusted = _holm(p)
@@ -470,7 +571,9 @@ def family_rates(table: pd.DataFrame, *, alpha: float = 0.05, n_contrasts: int =
     rate of the corrected decision); reported per cell and, as ``fpr``, for the worst
     cell. Power: each study of a divergent truth judged against the whole family at
     ``alpha / n_contrasts`` (Holm's first, smallest level: a lower bound); a NaN
-    contrast counts as not detected.
+    contrast counts as not detected. Every study is judged as :func:`divergence_test`
+    judges one: against the cells its own gradient strength retains (when the table
+    records strengths), so the rates are those of that decision.
 
     Returns
     -------
@@ -485,14 +588,15 @@ def family_rates(table: pd.DataFrame, *, alpha: float = 0.05, n_contrasts: int =
         if not cells:
             continue
         worst = None
-        for i, (setting, seeds, values) in enumerate(cells):
+        for i, (setting, seeds, values, strengths) in enumerate(cells):
             decisions = []
             for j, v in enumerate(values):
                 if not np.isfinite(v):
                     continue
-                loo = [(s, sd, vals) if k != i else (s, np.delete(sd, j), np.delete(vals, j))
-                       for k, (s, sd, vals) in enumerate(cells)]
-                p, _, _ = _worst_p(v, loo)
+                loo = [c if k != i else (c[0], np.delete(c[1], j), np.delete(c[2], j),
+                                         np.delete(c[3], j))
+                       for k, c in enumerate(cells)]
+                p = _worst_p(v, loo, strengths[j])[0]
                 decisions.append(p < alpha)
             k, n = int(np.sum(decisions)), len(decisions)
             rate, low, high = _wilson_row(k, n)
@@ -506,8 +610,10 @@ def family_rates(table: pd.DataFrame, *, alpha: float = 0.05, n_contrasts: int =
             rows.append(worst)
         others = table[(table.truth != "backprop") & (table.estimate == name)]
         for truth, group in others.groupby("truth", sort=True):
-            found = [np.isfinite(v) and _worst_p(v, cells)[0] < alpha / n_contrasts
-                     for v in group.value.to_numpy(float)]
+            strength = (group.strength.to_numpy(float) if "strength" in group
+                        else np.full(len(group), np.nan))
+            found = [np.isfinite(v) and _worst_p(v, cells, st)[0] < alpha / n_contrasts
+                     for v, st in zip(group.value.to_numpy(float), strength)]
             k, n = int(np.sum(found)), len(found)
             rate, low, high = _wilson_row(k, n)
             rows.append({"contrast": key, "what": f"power vs {truth}", "rate": rate,
@@ -535,7 +641,8 @@ def judge(result, table: pd.DataFrame):
         by = result.estimates.set_index("estimate").value
         values = {key: float(by.get(_NAMES[key], np.nan)) for key in CONTRASTS}
     out = copy.copy(result)
-    out.divergence = divergence_test(values, table, alpha=result.alpha)
+    out.divergence = divergence_test(values, table, alpha=result.alpha,
+                                     strengths=gradient_strength(result))
     n = max(1, int(np.isfinite(out.divergence.p_worst).sum()))   # the contrasts judged
     out.divergence_rates = family_rates(table, alpha=result.alpha, n_contrasts=n)
     return out
@@ -575,8 +682,11 @@ def summarize(divergence: pd.DataFrame, rates: pd.DataFrame, *, alpha: float = 0
         else:
             verdict = ("**not shown to diverge**: some planted backprop of the family "
                        "gives a contrast as low")
+        judged = (f"the cells whose gradient strength brackets the study's "
+                  f"({row.strength:.2f}: {row.cells_judged}) of {row.n_cells}"
+                  if np.isfinite(getattr(row, "strength", np.nan)) else f"{row.n_cells} cells")
         lines.append(f"- {row.estimate} = {row.value:+.2f}: {verdict} (worst cell: "
                      f"{row.worst_cell}; p = {row.p_worst:.3g}, Holm-adjusted "
-                     f"{row.p_holm:.3g} over {row.n_cells} cells of ≥ {row.n_per_cell} "
-                     f"studies).{rate_text}")
+                     f"{row.p_holm:.3g}; judged against {judged}, ≥ {row.n_per_cell} "
+                     f"studies each).{rate_text}")
     return "\n".join(lines)
