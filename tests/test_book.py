@@ -412,6 +412,9 @@ def test_every_page_reads_well_in_a_real_browser(tiny_build):
                     "return [...document.querySelectorAll('main .cell_output img')].map("
                     "i => i.getAttribute('alt') || '')")
                 assert all(len(a.split()) >= 6 for a in alts), f"{where}: alt texts {alts}"
+                if where.stem == "04_hierarchy_tests":   # issue 31's two figures are drawn
+                    for figure in ("forest plot", "four worlds"):
+                        assert any(figure in a for a in alts), f"{where}: no {figure}"
             if where.parts[0] == "executed":
                 assert len(sizes) >= 1, f"{where}: no figures"
                 chapter = where.stem

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -724,6 +725,86 @@ def plot_rates_forest(rates: dict, *, alpha: float | None = None, target_power: 
     fig.suptitle("How often each test held where it should not (red) and where it should "
                  "(black)", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+#: The planted truths of the four worlds, in the order the figure draws them.
+WORLDS = ("none", "forward", "backprop", "paper")
+
+
+def plot_four_worlds(simulated: pd.DataFrame, study_tests: pd.DataFrame | None = None, *,
+                     columns: int = 3):
+    """Each test's statistic in studies simulated under each planted truth — the four
+    worlds — with this study's value beside them.
+
+    Parameters
+    ----------
+    simulated : DataFrame
+        :func:`gradbrain.analysis.simulation.simulate_tests`'s rows (``truth``,
+        ``prediction``, ``part``, ``value``); its estimate and verdict rows are left out.
+    study_tests : DataFrame or None
+        The study's own tests (``HierarchyResult.tests``: ``part``, ``value`` and
+        ``statistic``, which labels each panel's axis); None: the worlds alone.
+    columns : int
+        Panels per row.
+
+    Returns
+    -------
+    Figure: one panel per test; per world (planted truth: ``none``, ``forward``,
+    ``backprop``, ``paper``, as simulated) its studies' values (dots) and their spread
+    (box: quartiles, whiskers to 1.5 IQR); this study's value as a vertical line. Which
+    world's cloud holds the line in every panel is which world the study looks like.
+    """
+    _check_table("simulated", simulated, ("truth", "prediction", "part", "value"),
+                 "gradbrain.analysis.simulation.simulate_tests")
+    if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
+        raise ValueError(f"'columns' must be a positive integer; got {columns!r}.")
+    tests = simulated[~simulated.prediction.isin(("estimate", "verdict"))]
+    if tests.empty:
+        raise ValueError("'simulated' holds no test rows (only estimates or verdicts).")
+    parts = list(dict.fromkeys(tests.part))
+    labels, values = {}, {}
+    if study_tests is not None:
+        _check_table("study_tests", study_tests, ("part", "value"),
+                     "HierarchyResult.tests")
+        mine = study_tests[study_tests.part.isin(parts)]
+        parts = list(mine.part) + [p for p in parts if p not in set(mine.part)]
+        values = dict(zip(mine.part, mine.value.astype(float)))
+        if "statistic" in mine:
+            labels = dict(zip(mine.part, mine.statistic.astype(str)))
+    worlds = [w for w in WORLDS if w in set(tests.truth)] + sorted(
+        set(tests.truth) - set(WORLDS))
+    rows = int(np.ceil(len(parts) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 0.45 * len(worlds) * rows
+                                                     + 1.2 * rows + 0.6), squeeze=False)
+    palette = dict(zip(worlds, sns.color_palette("colorblind", len(worlds))))
+    for ax, part in zip(axes.ravel(), parts):
+        data = tests[tests.part == part].dropna(subset=["value"])
+        if data.empty:
+            ax.text(0.5, 0.5, "no finite values", ha="center", va="center",
+                    transform=ax.transAxes)
+        else:
+            sns.boxplot(data=data, x="value", y="truth", order=worlds, ax=ax, fill=False,
+                        showfliers=False, width=0.55, color="0.35", linewidth=0.9)
+            sns.stripplot(data=data, x="value", y="truth", order=worlds, ax=ax, hue="truth",
+                          palette=palette, legend=False, size=3, alpha=0.65, jitter=0.2)
+        if np.isfinite(values.get(part, np.nan)):
+            ax.axvline(values[part], color="black", lw=1.6, ls="--", label="this study")
+        ax.set_title(textwrap.fill(part, 44), fontsize=9, loc="left")
+        ax.set_xlabel(labels.get(part, "statistic"), fontsize=8)
+        ax.set_ylabel("planted truth" if ax in axes[:, 0] else "")
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes.ravel()[len(parts):]:
+        ax.set_visible(False)
+    n = tests.groupby("truth").seed.nunique() if "seed" in tests else None
+    said = (", ".join(f"{w} {int(n[w])}" for w in worlds) if n is not None else "")
+    fig.suptitle("Each test in the four worlds (studies simulated under each planted truth"
+                 + (f": {said}" if said else "") + ")", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if values else 1))
+    if values:
+        fig.legend(handles=[plt.Line2D([], [], color="black", lw=1.6, ls="--")],
+                   labels=["this study"], loc="upper right", fontsize=8, frameon=False)
     return fig
 
 
