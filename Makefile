@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= demo
 INSTALLED := $(VENV)/.installed
+# extras installed with the package: the test tools by default; `make book EXTRAS=` installs
+# only what the book needs (the publishing workflow does)
+EXTRAS ?= [dev]
 
 # The embedded default needs no network: never reach the Hugging Face hub.
 export HF_HUB_OFFLINE ?= 1
@@ -17,7 +20,7 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.$(EXTRAS)'
 	touch $@
 
 chapters: $(INSTALLED)
