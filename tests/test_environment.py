@@ -79,3 +79,27 @@ def test_launch_buttons_point_at_the_repository_and_no_placeholder_hub():
     assert "jupyterhub_url" not in launch or "example" not in launch["jupyterhub_url"]
     assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", repo["url"])
     assert repo["path_to_book"] == "" and (ROOT / "notebooks").is_dir()
+
+
+def test_the_publishing_workflow_checks_pull_requests_and_deploys_only_main():
+    """Issue 31: build on pull requests too (no deploy), cache pip and the features,
+    install only what the book needs, and enable Pages before uploading."""
+    flow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    triggers = flow[True]   # YAML 1.1 reads the key `on` as True
+    assert "pull_request" in triggers and triggers["push"]["branches"] == ["main"]
+    steps = flow["jobs"]["build"]["steps"]
+    uses = [s.get("uses", "") for s in steps]
+    python = next(s for s in steps if s.get("uses", "").startswith("actions/setup-python"))
+    assert python["with"]["cache"] == "pip"
+    cached = next(s for s in steps if s.get("uses", "").startswith("actions/cache"))
+    assert cached["with"]["path"] == ".gradbrain_data"
+    assert flow["jobs"]["build"]["env"]["GRADBRAIN_DATA"].endswith("/.gradbrain_data")
+    runs = " ".join(s.get("run", "") for s in steps)
+    assert "make book EXTRAS=" in runs and "[dev]" not in runs
+    assert "EXTRAS ?= [dev]" in (ROOT / "Makefile").read_text()
+    configure = uses.index(next(u for u in uses if u.startswith("actions/configure-pages")))
+    upload = uses.index(next(u for u in uses if u.startswith("actions/upload-pages-artifact")))
+    assert configure < upload
+    for i in (configure, upload):
+        assert steps[i]["if"] == "github.event_name != 'pull_request'"
+    assert flow["jobs"]["deploy"]["if"] == "github.event_name != 'pull_request'"
