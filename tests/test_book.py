@@ -368,8 +368,8 @@ def test_every_page_reads_well_in_a_real_browser(tiny_build):
     shots.mkdir(exist_ok=True)
     chapters = [c.name for c in book.chapters(ROOT)]
     pages = [html / "book" / "intro.html", *[html / "executed" / f"{c}.html" for c in chapters],
-             *[html / "book" / f"{p}.html" for p in ("methods", "data", "rerun", "teaching",
-                                                     "references")]]
+             *[html / "book" / f"{p}.html" for p in ("methods", "validation", "data",
+                                                     "rerun", "teaching", "references")]]
     try:
         for page in pages:
             driver.get(page.as_uri())

@@ -693,7 +693,7 @@ def extract(
         equivalent: on EfficientNet-Lite0 bfloat16 changes a layer's gradient by up to
         95 % (CPU) and 265 % (H200) of its norm, as ``ce``'s self-label flips between
         near-tied classes, and changed the hierarchy tests of 3 of 4 simulated studies
-        (``benchmarks/bench_precision.py``; Methods, "Numerical precision").
+        (``benchmarks/bench_precision.py``; Validation, "Numerical precision").
         Outputs are always float32.
     cache : bool, path-like or None
         Folder for a disk cache (``True``: ``$GRADBRAIN_DATA/features``). The key covers

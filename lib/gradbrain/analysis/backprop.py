@@ -126,7 +126,7 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
         A unit's layer in the spatial tests, their bootstrap and the spatial estimate:
         the centre of mass of its whole layer profile (default) or its best layer. On
         EfficientNet-Lite0's features the centre separates a planted backprop from the
-        null truths better (book, Methods: "Which spatial statistic").
+        null truths better (book, Validation: "Which spatial statistic").
     margins : dict or None
         Equivalence margins of the estimates (:data:`ESTIMATES`: ``"spatial"`` and
         ``"temporal"``, in Spearman ρ, default 0.3; ``"timing"``, in ms, default None:
