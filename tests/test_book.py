@@ -228,15 +228,42 @@ def test_command_line_reports_failures(tiny_book):
     assert "error: Chapter b failed" in out.stderr
 
 
+def _solutions(nb) -> list[tuple[str, str]]:
+    """(label, code) of every ``python`` block inside a chapter's ``{solution}`` blocks."""
+    import re
+
+    return [(label, code) for cell in nb.cells if cell.cell_type == "markdown"
+            for label, body in re.findall(r":::\{solution\} (\S+)(.*?)\n:::", cell.source,
+                                          flags=re.S)
+            for code in re.findall(r"```python\n(.*?)```", body, flags=re.S)]
+
+
+def _append_solutions(path: Path) -> int:
+    """Append a chapter's solutions as a last cell (removed from the rendered page), so
+    that running the chapter runs them after its own code, as a reader pasting them would
+    (issue 31: three solutions failed when pasted). Returns how many were appended."""
+    nb = nbformat.read(str(path), as_version=4)
+    blocks = _solutions(nb)
+    if blocks:
+        code = "\n".join(f"# solution {label}\n{body}" for label, body in blocks)
+        cell = nbformat.v4.new_code_cell(code)
+        cell.metadata["tags"] = ["remove-cell"]
+        nb.cells.append(cell)
+        nbformat.write(nb, str(path))
+    return len(blocks)
+
+
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory):
     """The real book: every chapter under papermill on the tiny profile (the demo made
-    small), then jupyter-book -W. The demo profile itself is what `make book` runs."""
+    small), each followed by its exercises' solutions (in a cell the book does not show),
+    then jupyter-book -W. The demo profile itself is what `make book` runs."""
     root = tmp_path_factory.mktemp("book")
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(ROOT / name, root / name)
     for folder in ("book", "notebooks", "params"):
         shutil.copytree(ROOT / folder, root / folder)
+    assert sum(_append_solutions(p) for p in (root / "notebooks").glob("*.ipynb")) >= 8
     status = book.run("tiny", root=root, progress=False)
     build = subprocess.run(
         [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "-W"],
@@ -477,18 +504,13 @@ def test_every_solution_uses_only_names_its_chapter_defines(chapter):
     ``activation_latency``, ``best_layer_index``). Each solution's code may use Python's
     builtins, the names it defines itself and the names its chapter's cells define."""
     import builtins
-    import re
 
     nb = nbformat.read(str(ROOT / "notebooks" / f"{chapter}.ipynb"), as_version=4)
     defined = set(dir(builtins)) | {"display"}     # IPython's display is always there
     for cell in nb.cells:
         if cell.cell_type == "code":
             defined |= _names_defined(cell.source)
-    blocks = [(label, code) for cell in nb.cells if cell.cell_type == "markdown"
-              for label, body in re.findall(r":::\{solution\} (\S+)(.*?)\n:::", cell.source,
-                                            flags=re.S)
-              for code in re.findall(r"```python\n(.*?)```", body, flags=re.S)]
-    for label, code in blocks:
+    for label, code in _solutions(nb):
         missing = _names_used(code) - defined - _names_defined(code)
         assert not missing, f"{chapter} solution {label} uses undefined {sorted(missing)}"
 
