@@ -255,6 +255,10 @@ def test_the_studys_gradient_strength_chooses_the_cells_it_is_judged_against(rng
     assert told.at["spatial", "diverges"]
     assert told.at["spatial", "p_worst"] == pytest.approx(p_by_hand(-0.42, (0.5, 0.9)))
     assert told.at["spatial", "cells_judged"] == "weight 0.5; weight 0.9"
+    said = divergence.summarize(told.reset_index(), divergence.family_rates(table,
+                                                                           n_contrasts=1))
+    assert ("judged against 2 of the 3 cells, those whose gradient strength brackets the "
+            "study's 0.93 (weight 0.5; weight 0.9)") in said
     # a weak backprop (strength 0.6: between the medians of 0.1, 0.575, and 0.5) with the
     # same contrast is not divergent
     weak = divergence.divergence_test({"spatial": -0.42}, table,

@@ -683,8 +683,9 @@ def summarize(divergence: pd.DataFrame, rates: pd.DataFrame, *, alpha: float = 0
         else:
             verdict = ("**not shown to diverge**: some planted backprop of the family "
                        "gives a contrast as low")
-        judged = (f"the cells whose gradient strength brackets the study's "
-                  f"({row.strength:.2f}: {row.cells_judged}) of {row.n_cells}"
+        n_judged = len(row.cells_judged.split("; ")) if row.cells_judged else row.n_cells
+        judged = (f"{n_judged} of the {row.n_cells} cells, those whose gradient strength "
+                  f"brackets the study's {row.strength:.2f} ({row.cells_judged})"
                   if np.isfinite(getattr(row, "strength", np.nan)) else f"{row.n_cells} cells")
         lines.append(f"- {row.estimate} = {row.value:+.2f}: {verdict} (worst cell: "
                      f"{row.worst_cell}; p = {row.p_worst:.3g}, Holm-adjusted "
