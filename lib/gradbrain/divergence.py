@@ -407,14 +407,19 @@ def gradient_strength(result) -> dict:
     return out
 
 
+def _strengths(rows: pd.DataFrame) -> np.ndarray:
+    """The rows' recorded gradient strengths (NaN where the table records none)."""
+    return (rows.strength.to_numpy(float) if "strength" in rows
+            else np.full(len(rows), np.nan))
+
+
 def _cells(table: pd.DataFrame, estimate: str):
     """Per backprop cell, its settings, seeds, contrast values and gradient strengths
     (NaN when the table has none)."""
     mine = table[(table.truth == "backprop") & (table.estimate == estimate)]
     for (w, j), group in mine.groupby(["gradient_weight", "latency_jitter"], sort=True):
-        strength = (group.strength.to_numpy(float) if "strength" in group
-                    else np.full(len(group), np.nan))
-        yield (float(w), float(j)), group.seed.to_numpy(), group.value.to_numpy(float), strength
+        yield ((float(w), float(j)), group.seed.to_numpy(), group.value.to_numpy(float),
+               _strengths(group))
 
 
 def _retained(cells: list, strength: float) -> list:
@@ -518,10 +523,10 @@ def divergence_test(values: dict, table: pd.DataFrame, *, alpha: float = 0.05,
     -------
     DataFrame, one row per contrast: ``contrast``, ``estimate``, ``value``, ``strength``,
     ``p_worst``, ``worst_cell`` (the cell that gave it, as text), ``cells_judged`` (the
-    cells judged against, as text), ``n_cells`` (cells simulated), ``n_per_cell``
-    (fewest studies in a cell judged), ``min_p`` (the floor ``1 / (1 + n_per_cell)``),
-    ``p_holm``, ``diverges`` and ``can_reach_alpha`` (the floor is below the level
-    Holm's first step needs, ``alpha / m``).
+    cells judged against, as text), ``n_judged`` (how many), ``n_cells`` (cells
+    simulated), ``n_per_cell`` (fewest studies in a cell judged), ``min_p`` (the floor
+    ``1 / (1 + n_per_cell)``), ``p_holm``, ``diverges`` and ``can_reach_alpha`` (the
+    floor is below the level Holm's first step needs, ``alpha / m``).
     """
     check_level("alpha", alpha)
     missing = {"truth", "estimate", "value", "gradient_weight", "latency_jitter"} - set(table)
@@ -546,7 +551,7 @@ def divergence_test(values: dict, table: pd.DataFrame, *, alpha: float = 0.05,
                      "strength": strength, "p_worst": worst,
                      "worst_cell": (f"gradient weight {where[0]:g}, latency jitter "
                                     f"{where[1]:g} ms" if where else ""),
-                     "cells_judged": _settings_text(used),
+                     "cells_judged": _settings_text(used), "n_judged": len(used),
                      "n_cells": len(cells), "n_per_cell": n_min,
                      "min_p": 1 / (1 + n_min) if n_min else np.nan})
     adjusted = _holm(p)
@@ -611,10 +616,8 @@ def family_rates(table: pd.DataFrame, *, alpha: float = 0.05, n_contrasts: int =
             rows.append(worst)
         others = table[(table.truth != "backprop") & (table.estimate == name)]
         for truth, group in others.groupby("truth", sort=True):
-            strength = (group.strength.to_numpy(float) if "strength" in group
-                        else np.full(len(group), np.nan))
             found = [np.isfinite(v) and _worst_p(v, cells, st)[0] < alpha / n_contrasts
-                     for v, st in zip(group.value.to_numpy(float), strength)]
+                     for v, st in zip(group.value.to_numpy(float), _strengths(group))]
             k, n = int(np.sum(found)), len(found)
             rate, low, high = _wilson_row(k, n)
             rows.append({"contrast": key, "what": f"power vs {truth}", "rate": rate,
@@ -683,8 +686,7 @@ def summarize(divergence: pd.DataFrame, rates: pd.DataFrame, *, alpha: float = 0
         else:
             verdict = ("**not shown to diverge**: some planted backprop of the family "
                        "gives a contrast as low")
-        n_judged = len(row.cells_judged.split("; ")) if row.cells_judged else row.n_cells
-        judged = (f"{n_judged} of the {row.n_cells} cells, those whose gradient strength "
+        judged = (f"{row.n_judged} of the {row.n_cells} cells, those whose gradient strength "
                   f"brackets the study's {row.strength:.2f} ({row.cells_judged})"
                   if np.isfinite(getattr(row, "strength", np.nan)) else f"{row.n_cells} cells")
         lines.append(f"- {row.estimate} = {row.value:+.2f}: {verdict} (worst cell: "
