@@ -526,16 +526,26 @@ def _slurm_record(folder) -> dict[str, str]:
         return {}
 
 
+#: Slurm job states of a job that has not ended (squeue's JOB STATE CODES). squeue lists
+#: only pending, running and completing jobs unless asked: a requeued job (REQUEUED while
+#: its killed step winds down, then PENDING) would look gone and be reported lost.
+_LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "STOPPED",
+                "SIGNALING", "STAGE_OUT", "RESIZING", "REQUEUED", "REQUEUE_HOLD",
+                "REQUEUE_FED", "SPECIAL_EXIT", "RESV_DEL_HOLD")
+
+
 def _slurm_queue(job_ids) -> dict[str, str] | None:
-    """State of each of ``job_ids`` that Slurm still lists (pending, running, requeued,
-    …); None when ``squeue`` cannot be asked."""
+    """State of each of ``job_ids`` that Slurm still lists in a state of a job that has
+    not ended (:data:`_LIVE_STATES`: pending, running, requeued, …); None when ``squeue``
+    cannot be asked."""
     job_ids = [str(j) for j in job_ids]
     if not job_ids:
         return {}
     if shutil.which("squeue") is None:
         return None
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(job_ids)],
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-t", ",".join(_LIVE_STATES),
+                              "-j", ",".join(job_ids)],
                              capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
