@@ -174,11 +174,11 @@ def test_estimate_noise_recovers_the_planted_noise(planted_features, noise):
 
 def test_shipped_rows_of_a_contrast_simulated_since_by_other_code_are_simulated_again(
         planted_features, monkeypatch, tmp_path):
-    """A table shipped when the spatial contrast was at version 1 and the temporal one at
-    2 (the table of December 2026, before studies recorded their gradient strength)
-    serves the temporal contrast and not the spatial one (now 2), whose studies are
-    made again; a table with no contrast_version column (all version 1) serves neither."""
-    assert divergence.CONTRAST_VERSION == {"spatial": 2, "temporal": 2}
+    """A table shipped when the spatial contrast was at version 2 and the temporal one at
+    1 (before MEG latencies were gated by the max statistic) serves the spatial contrast
+    and not the temporal one (now 3), whose studies are made again; a table with no
+    contrast_version column (all version 1) serves neither."""
+    assert divergence.CONTRAST_VERSION == {"spatial": 2, "temporal": 3}
     _, feats = planted_features
     cell = {"gradient_weight": 0.5, "latency_jitter": 0.0}
     seeds = divergence.calibration_seeds(2)
@@ -192,11 +192,11 @@ def test_shipped_rows_of_a_contrast_simulated_since_by_other_code_are_simulated_
         made.append((contrast, seed))
         return [{"contrast": contrast, "truth": truth, "seed": seed, **cell,
                  "estimate": SPATIAL if contrast == "spatial" else TEMPORAL, "value": -1.0,
-                 "strength": 1.0 if contrast == "spatial" else np.nan}]
+                 "strength": 1.0}]
     monkeypatch.setattr(divergence, "_one_study", one_study)
-    december = shipped.assign(contrast_version=shipped.contrast.map({"spatial": 1,
-                                                                    "temporal": 2}))
-    for table, remade in ((december, ["spatial"]), (shipped, ["spatial", "temporal"])):
+    older = shipped.assign(contrast_version=shipped.contrast.map({"spatial": 2,
+                                                                 "temporal": 1}))
+    for table, remade in ((older, ["temporal"]), (shipped, ["spatial", "temporal"])):
         monkeypatch.setattr(divergence.calibration, "_shipped_simulations",
                             lambda *a, table=table, **k: table.copy())
         made.clear()
@@ -296,6 +296,19 @@ def test_gradient_strength_is_the_ratio_of_median_peak_scores_over_reliable_vert
     # medians over the reliable vertices: gradient 0.3, activation 0.7 (NaN skipped)
     out = divergence.gradient_strength(result)
     assert out["spatial"] == pytest.approx(0.3 / 0.7)
-    assert np.isnan(out["temporal"])
+    assert np.isnan(out["temporal"])   # no MEG
+    # MEG: the best layer's peak of each signal's course (maximum over layers, NaN
+    # layers skipped): 0.12 / 0.3; a study without fMRI still has it
+    meg = {"activation": {"peak": np.array([0.1, 0.3, np.nan])},
+           "gradient (ce)": {"peak": np.array([0.12, 0.05, 0.02])}}
+    out = divergence.gradient_strength(SimpleNamespace(**vars(result), meg=meg))
+    assert (out["spatial"], out["temporal"]) == pytest.approx((0.3 / 0.7, 0.12 / 0.3))
+    out = divergence.gradient_strength(SimpleNamespace(signal="gradient (ce)", best=None,
+                                                       reliable=None, meg=meg))
+    assert np.isnan(out["spatial"]) and out["temporal"] == pytest.approx(0.4)
+    # an activation course that never rises above 0 locates nothing
+    flat = {**meg, "activation": {"peak": np.array([-0.1, 0.0, np.nan])}}
+    assert np.isnan(divergence.gradient_strength(SimpleNamespace(
+        signal="gradient (ce)", best=None, reliable=None, meg=flat))["temporal"])
     assert np.isnan(divergence.gradient_strength(SimpleNamespace(best=None, reliable=None,
                                                                  signal="g"))["spatial"])
