@@ -241,6 +241,22 @@ def test_the_shufflesplit_example_of_the_issue(rng):
                                rtol=1e-10)
 
 
+def test_sample_weight_gets_one_clear_error_with_what_to_do_instead(rng):
+    """scikit-learn's RidgeCV takes fit(X, y, sample_weight=); ours names the argument
+    and the alternatives (repeat rows, or scikit-learn's), for both estimators, before
+    any work; a misspelt fit argument is named too."""
+    from gradbrain.meg import SlidingRidgeCV
+
+    X, y = rng.normal(size=(20, 3)), rng.normal(size=20)
+    for estimator, data in ((RidgeCV(device="cpu"), X),
+                            (SlidingRidgeCV(device="cpu"), rng.normal(size=(20, 2, 4)))):
+        with pytest.raises(ValueError, match="does not take 'sample_weight'.*repeat rows"):
+            estimator.fit(data, y, sample_weight=np.ones(20))
+        with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['grups'\]"):
+            estimator.fit(data, y, grups=np.zeros(20))
+        assert not hasattr(estimator, "coef_")
+
+
 def test_groups_reach_the_splitter(rng):
     from sklearn.model_selection import GroupKFold
 

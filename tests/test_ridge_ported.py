@@ -18,7 +18,8 @@ scikit-learn's ``RidgeCV(alpha_per_target=True)`` is GCV-only, ours is any ``cv`
 Not applicable, with the reason:
 
 * ``sample_weight`` (test_ridgecv_sample_weight, test_ridge_gcv_sample_weights,
-  test_ridge_cv_multioutput_sample_weight, metadata routing): not supported;
+  test_ridge_cv_multioutput_sample_weight, metadata routing): not supported (one clear
+  error, tests/test_ridge.py);
 * sparse X (every ``CSR_CONTAINERS`` parametrisation): refused with scikit-learn's
   "Sparse data was passed" error (checked by check_estimator);
 * ``gcv_mode``, ``store_cv_results``/``cv_results_`` per sample, custom scorer callables

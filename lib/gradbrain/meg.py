@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator
 
 from ._utils import check_in_allowed, moved_names, resolve_device
 from .ridge import (DEFAULT_ALPHAS, SCORINGS, RidgeCV, _check_alphas, _is_complement,
-                    check_folds, pearson_r, shuffled_correlations)
+                    _refuse_fit_params, check_folds, pearson_r, shuffled_correlations)
 
 __all__ = ["average_by_image", "encode_time_resolved", "decode_time_resolved",
            "decode_category", "SlidingRidgeCV", "peak_latency", "bootstrap_curves",
@@ -501,11 +501,13 @@ class SlidingRidgeCV(BaseEstimator):
                              f"feature axes before the time axis); got {X.shape}.")
         return X.reshape(X.shape[0], -1, X.shape[-1])
 
-    def fit(self, X, y, groups=None):
+    def fit(self, X, y, groups=None, **fit_params):
         """Fit on MEG ``X`` (n_trials, n_channels, n_times) and ``y`` (n_trials[, n_targets]).
 
-        ``groups`` (n_trials,) labels trials for group splitters.
+        ``groups`` (n_trials,) labels trials for group splitters. No other fit argument is
+        taken (``sample_weight`` gets one clear error).
         """
+        _refuse_fit_params(type(self).__name__, fit_params)
         shape = np.shape(X)
         X = _as_meg("X", self._flatten(X))
         y_2d, raveled = _as_targets("y", y, len(X))

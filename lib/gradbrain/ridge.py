@@ -78,6 +78,18 @@ def _check_tensor(name: str, values: torch.Tensor, *, allow_1d: bool = False) ->
     return values
 
 
+def _refuse_fit_params(estimator: str, fit_params: dict) -> None:
+    """One clear error for fit arguments scikit-learn's estimators take and ours do not."""
+    if "sample_weight" in fit_params:
+        raise ValueError(
+            f"{estimator}.fit does not take 'sample_weight': every sample counts once. To "
+            "weight samples, repeat rows in proportion to their weights, or fit "
+            "scikit-learn's RidgeCV, which takes sample_weight (on the CPU).")
+    if fit_params:
+        raise TypeError(f"{estimator}.fit got unexpected argument(s) {sorted(fit_params)}; it "
+                        "takes X, y and groups.")
+
+
 def _check_pandas_missing(name: str, values) -> None:
     """A pandas input with NaN or ``pd.NA`` gets a message naming its columns."""
     isna = getattr(values, "isna", None)
@@ -459,7 +471,7 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
     alphas rescaled to match: results equal those of the unscaled problem, while
     values far from 1 (MEG in tesla, 1e-25, or float64 values beyond float32's range)
     neither underflow nor overflow in float32. Tensors that require gradients are
-    used detached. ``sample_weight`` is not supported.
+    used detached. ``sample_weight`` is not supported (a clear error says so).
 
     Examples
     --------
@@ -541,7 +553,7 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, X, y, groups=None):
+    def fit(self, X, y, groups=None, **fit_params):
         """Choose the alphas by cross-validation, then refit on all samples.
 
         Parameters
@@ -551,11 +563,14 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         groups : array-like of shape (n_samples,), optional
             Group labels for group splitters (``GroupKFold``, ``LeaveOneGroupOut``…),
             e.g. the run, session or image of each sample.
+        **fit_params
+            None are taken: ``sample_weight`` (scikit-learn's) gets one clear error.
 
         Returns
         -------
         self
         """
+        _refuse_fit_params(type(self).__name__, fit_params)
         check_in_allowed("scoring", self.scoring, SCORINGS)
         alphas_np = _check_alphas(self.alphas, allow_zero=True)
         if not isinstance(self.fit_intercept, (bool, np.bool_)):
