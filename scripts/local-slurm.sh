@@ -60,6 +60,9 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+# a job that asks for no memory gets one core's share, not the whole node (Slurm's
+# default with memory as a resource), so that jobs run side by side, one per core
+DefMemPerCPU=$(( mem_mb / cpus ))
 ReturnToService=2
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
