@@ -285,6 +285,39 @@ def test_the_studys_gradient_strength_chooses_the_cells_it_is_judged_against(rng
     assert blind_rates.set_index("what").at["power vs partial", "rate"] < 0.5
 
 
+def test_weights_whose_strengths_tie_are_pooled_not_a_reason_to_judge_every_cell(rng):
+    """The demo's temporal strengths (Methods): weights 0.1 and 0.25 give strengths alike
+    (medians 0.56 and 0.56), and noise put the second's median below the first's. Read
+    as "strength does not rise with the weight", every cell was judged, and the weak
+    backprop hid every wrong order. Isotonic regression pools the two weights instead:
+    a study at the middle strength is judged against the middle and strong cells, one
+    at the weak strength against both weak ones."""
+    spec = {0.1: ((-0.4, 0.3), (0.50, 0.62)), 0.25: ((-0.05, 0.2), (0.49, 0.61)),
+            0.5: ((0.0, 0.01), (0.85, 0.95)), 0.9: ((0.06, 0.03), (2.2, 2.5))}
+    rows = [{"contrast": "temporal", "truth": "backprop", "seed": seed, "gradient_weight": w,
+             "latency_jitter": 0.0, "estimate": TEMPORAL, "value": v, "strength": st}
+            for w, ((mean, sd), (lo, hi)) in spec.items()
+            for seed, (v, st) in enumerate(zip(rng.normal(mean, sd, 40),
+                                               np.linspace(lo, hi, 40)))]
+    table = pd.DataFrame(rows)
+    medians = table.groupby("gradient_weight").strength.median()
+    assert medians[0.25] < medians[0.1] < medians[0.5] < medians[0.9]   # out of order
+
+    def cell(w):
+        return table[table.gradient_weight == w].value
+
+    middle = divergence.divergence_test({"temporal": -0.42}, table,
+                                        strengths={"temporal": 0.93}).set_index("contrast")
+    assert middle.at["temporal", "cells_judged"] == "weight 0.5; weight 0.9"
+    p_by_hand = max((1 + np.sum(cell(w) <= -0.42)) / 41 for w in (0.5, 0.9))
+    assert middle.at["temporal", "p_worst"] == pytest.approx(p_by_hand)
+    assert middle.at["temporal", "diverges"]
+    weak = divergence.divergence_test({"temporal": -0.42}, table,
+                                      strengths={"temporal": 0.52}).set_index("contrast")
+    assert weak.at["temporal", "cells_judged"] == "weight 0.1; weight 0.25"
+    assert not weak.at["temporal", "diverges"]
+
+
 def test_gradient_strength_is_the_ratio_of_median_peak_scores_over_reliable_vertices():
     from types import SimpleNamespace
 

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.isotonic import IsotonicRegression
 from tqdm import tqdm
 
 from . import hierarchy
@@ -438,12 +439,15 @@ def _cells(table: pd.DataFrame, estimate: str):
 def _retained(cells: list, strength: float) -> list:
     """The cells a study of this gradient ``strength`` is judged against.
 
-    Strength rises with the gradient weight (checked: when the cells' median strengths do
-    not rise with their weights, or a strength is unknown, every cell is kept). The
-    weight that gives the study's strength then lies between the largest weight whose
-    cells' median strength is at most the study's and the smallest weight whose median is
-    at least it: the cells of every weight in that bracket are kept, and any other cell
-    whose simulated strengths span the study's (sampling spread).
+    Strength rises with the gradient weight, but only on average: where two weights give
+    strengths alike (the weakest ones, whose gradient encoders predict mostly what the
+    activations carry), their medians may fall in either order. The per-weight medians
+    are therefore fitted by isotonic regression (non-decreasing in the weight; pooled
+    where they are not), and the weight that gives the study's strength lies between the
+    fitted levels that bracket it: the cells of every weight at those levels are kept,
+    and any other cell whose simulated strengths span the study's (sampling spread).
+    Where strength does not rise with the weight at all, the fit is one level and every
+    cell is kept; so is every cell when a strength is unknown.
     """
     if not np.isfinite(strength):
         return cells
@@ -455,15 +459,15 @@ def _retained(cells: list, strength: float) -> list:
         medians.setdefault(weight, []).append(np.median(finite))
         spans.append((finite.min(), finite.max()))
     weights = sorted(medians)
-    by_weight = [float(np.mean(medians[w])) for w in weights]
-    if np.any(np.diff(by_weight) < 0):
-        return cells
-    low = [w for w, m in zip(weights, by_weight) if m <= strength]
-    high = [w for w, m in zip(weights, by_weight) if m >= strength]
-    w_low = max(low) if low else min(high)
-    w_high = min(high) if high else max(low)
+    fitted = IsotonicRegression(increasing=True).fit_transform(
+        weights, [float(np.mean(medians[w])) for w in weights],
+        sample_weight=[len(medians[w]) for w in weights])
+    below, above = fitted[fitted <= strength], fitted[fitted >= strength]
+    level_low = below.max() if below.size else above.min()
+    level_high = above.min() if above.size else below.max()
+    bracket = {w for w, f in zip(weights, fitted) if level_low <= f <= level_high}
     return [cell for cell, (lo, hi) in zip(cells, spans)
-            if w_low <= cell[0][0] <= w_high or lo <= strength <= hi]
+            if cell[0][0] in bracket or lo <= strength <= hi]
 
 
 def _worst_p(value: float, cells, strength: float = np.nan
