@@ -27,7 +27,8 @@ ceilings (:func:`gradbrain.data.simulated.estimate_noise`). The gradient weight 
 located, not assumed: every simulated study records its gradient strength per contrast
 (gradient peak score over activation peak score, on fMRI for the spatial contrast and on
 MEG for the temporal one, :func:`gradient_strength`), and each contrast is judged only
-against the cells of the gradient weights whose median strengths bracket the study's,
+against the cells of the gradient weights whose median strengths (fitted non-decreasing
+in the weight: weights whose strengths tie are pooled) bracket the study's,
 and any cell whose strengths span it (a backprop much weaker than the data show is no
 candidate). The latency jitter is not estimated: its cells are judged whenever their
 gradient weight is. The decision is valid for any backprop inside the family's span
@@ -387,8 +388,9 @@ def gradient_strength(result) -> dict:
     0.93 at 0.5, 2.42 at 0.9; Methods), so it places a study among the family's cells.
     Temporal (MEG): the best layer's peak of the gradient signal's test-set course (r
     averaged over sensors, maximum over time, ``result.meg[signal]["peak"]``) divided by
-    the activation signal's. It rises with the gradient weight too (3 studies per
-    weight: 0.45–0.53 at 0.1, 0.57–0.58 at 0.25, 0.87–0.93 at 0.5, 1.48–2.44 at 0.9).
+    the activation signal's. It rises with the strong weights but ties at the two weakest
+    (medians over 40 studies: 0.56 at weight 0.1, 0.56 at 0.25, 0.76 at 0.5, 1.84 at
+    0.9), which :func:`divergence_test` then judges together.
 
     Parameters
     ----------
