@@ -316,6 +316,13 @@ def test_weights_whose_strengths_tie_are_pooled_not_a_reason_to_judge_every_cell
                                       strengths={"temporal": 0.52}).set_index("contrast")
     assert weak.at["temporal", "cells_judged"] == "weight 0.1; weight 0.25"
     assert not weak.at["temporal", "diverges"]
+    # a contrast the table has no studies of (the demo simulates the spatial one only)
+    # is not judged, strength or not, and the other still is
+    both = divergence.divergence_test({"spatial": -0.42, "temporal": -0.42}, table.assign(
+        contrast="spatial", estimate=SPATIAL), strengths={"spatial": 0.93, "temporal": 0.93})
+    both = both.set_index("contrast")
+    assert np.isnan(both.at["temporal", "p_worst"]) and not both.at["temporal", "diverges"]
+    assert both.at["spatial", "diverges"]
 
 
 def test_gradient_strength_is_the_ratio_of_median_peak_scores_over_reliable_vertices():

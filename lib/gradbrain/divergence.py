@@ -451,7 +451,7 @@ def _retained(cells: list, strength: float) -> list:
     Where strength does not rise with the weight at all, the fit is one level and every
     cell is kept; so is every cell when a strength is unknown.
     """
-    if not np.isfinite(strength):
+    if not cells or not np.isfinite(strength):
         return cells
     medians, spans = {}, []
     for (weight, _), _, _, values in cells:
