@@ -122,3 +122,91 @@ def test_peak_scores_are_not_inflated_on_responses_without_image_information(enc
     assert np.median(best["activation"]["peak"][reliable]) > 0.3
     with pytest.raises(ValueError, match="must hold the 'activation' signal"):
         hierarchy.peak_scores({"gradient (ce)": results["gradient (ce)"]}, feats.depth, nc)
+
+
+def _first_layers(feats, k):
+    """``feats`` restricted to its first ``k`` layers (a faster encoding)."""
+    out = copy.copy(feats)
+    keep = feats.layers[:k]
+    out.activations = {layer: feats.activations[layer] for layer in keep}
+    out.gradients = {loss: {layer: g[layer] for layer in keep}
+                     for loss, g in feats.gradients.items()}
+    return out
+
+
+def test_vertices_in_chunks_give_the_whole_study_fit(encoded):
+    """Chunks of vertices (issue 33) give what the kernel gives on the whole averaged
+    response matrix: ``ridge.layerwise_scores`` on ``Study.mean_betas()`` (the kernel is
+    checked against scikit-learn in test_ridge). Vertices without data, a whole chunk of
+    them among them, score NaN, with one warning for the study."""
+    from gradbrain.features import signals
+    from gradbrain.ridge import layerwise_scores
+
+    study, feats, _ = encoded
+    feats = _first_layers(feats, 4)
+    study = copy.copy(study)
+    study.betas = study.betas[:, :, :24].copy()
+    study.ncsnr = study.ncsnr[:24]
+    study.betas[:, :, 8:16] = np.nan          # the second chunk of 8: no data at all
+    study.betas[3, 1, 20] = np.inf            # one bad repeat
+    with pytest.warns(RuntimeWarning, match="9 of 24 targets hold NaN") as caught:
+        chunked = fmri_encoding(study, feats, device="cpu", vertices_chunk=8,
+                                targets_batch=3, return_prediction=True)
+    assert sum("hold NaN" in str(w.message) for w in caught) == 1
+    Y = study.mean_betas()
+    train, test = np.flatnonzero(study.split == "train"), np.flatnonzero(study.split == "test")
+    bad = np.zeros(24, bool)
+    bad[8:16] = bad[20] = True
+    for name, per_layer in signals(feats).items():
+        with pytest.warns(RuntimeWarning):
+            whole = layerwise_scores(per_layer, Y[train], Y[test], train, test,
+                                     noise_ceiling=study.noise_ceiling(), return_prediction=True)
+        out = chunked[name]
+        assert out["layers"] == whole["layers"]
+        for key in ("r", "r_nc", "cv_r2", "alpha", "prediction"):
+            assert out[key].shape == whole[key].shape, key
+            assert np.isnan(out[key][..., bad]).all(), key
+        np.testing.assert_array_equal(out["alpha"], whole["alpha"])
+        for key in ("r", "r_nc", "cv_r2"):
+            np.testing.assert_allclose(out[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        # float32 predictions: batches of other sizes round differently
+        np.testing.assert_allclose(out["prediction"], whole["prediction"], atol=1e-4)
+        np.testing.assert_array_equal(out["y_test"], Y[test])
+    with pytest.raises(ValueError, match="'vertices_chunk' must be a positive integer"):
+        fmri_encoding(study, feats, vertices_chunk=0)
+    study.ncsnr = np.zeros(24)
+    with pytest.raises(ValueError, match="noise ceiling of 0 .or NaN. at every vertex"):
+        fmri_encoding(study, feats, vertices_chunk=8)
+
+
+def test_vertices_in_chunks_make_no_full_size_copy_of_the_responses(encoded):
+    """Memory (issue 33): in chunks, the numpy side of an encoding never holds a copy of
+    the whole averaged response matrix (before, the mean over repeats and its train/test
+    rows were three). Measured with tracemalloc, which sees numpy's allocations (the
+    ridge's torch buffers are bounded by ``targets_batch``; the benchmark
+    ``bench_encoding_memory.py`` measures the process's peak RSS)."""
+    import tracemalloc
+
+    study, feats, _ = encoded
+    study = copy.copy(study)                    # responses large beside one small layer
+    study.betas = np.tile(study.betas, (1, 1, 8))
+    study.ncsnr = np.tile(study.ncsnr, 8)
+    full_size = 4 * study.n_images * study.n_vertices            # float32 averaged responses
+    feats_one = _first_layers(feats, 1)
+    feats_one.gradients = {}
+    tracemalloc.start()
+    try:
+        for chunk in (study.n_vertices, 1024):
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            out = fmri_encoding(study, feats_one, device="cpu", vertices_chunk=chunk)
+            current, peak = tracemalloc.get_traced_memory()
+            transient = peak - current
+            del out
+            if chunk == study.n_vertices:
+                assert transient > full_size, (transient, full_size)   # the test can fail
+            else:
+                assert transient < 0.3 * full_size, (transient, full_size)
+            assert current - before > 0
+    finally:
+        tracemalloc.stop()

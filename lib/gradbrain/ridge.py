@@ -37,7 +37,7 @@ from ._utils import check_in_allowed, moved_names, resolve_device
 
 __all__ = [
     "RidgeCV", "check_folds", "encoding_scores", "layerwise_scores",
-    "pearson_r", "shuffled_correlations", "variance_partition", "PARTITION", "PARTITION_SCORES", "DEFAULT_ALPHAS", "SCORINGS", "standardize",
+    "noise_normalised", "pearson_r", "shuffled_correlations", "variance_partition", "PARTITION", "PARTITION_SCORES", "DEFAULT_ALPHAS", "SCORINGS", "standardize",
     "standardizer",
 ]
 
@@ -945,15 +945,33 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
     if return_prediction:
         out["prediction"] = _scatter_targets(np.asarray(prediction, dtype=np.float32), finite)
     if noise_ceiling is not None:
-        nc = np.asarray(noise_ceiling, dtype=float) / 100
-        out["r_nc"] = np.divide(r, np.sqrt(nc), out=np.full_like(r, np.nan), where=nc > 0)
+        out["r_nc"] = noise_normalised(r, noise_ceiling)
     return out
+
+
+def noise_normalised(r, noise_ceiling) -> np.ndarray:
+    """Correlations as a fraction of the largest the noise allows: ``r / sqrt(NC / 100)``.
+
+    Parameters
+    ----------
+    r : array of shape (..., n_targets)
+        Pearson correlations on the test set.
+    noise_ceiling : array of shape (n_targets,)
+        Percent of explainable variance of the test responses (NSD's NC).
+
+    Returns
+    -------
+    ndarray of the shape of ``r``, float64; NaN where the noise ceiling is 0 or NaN.
+    """
+    r = np.asarray(r, dtype=float)
+    nc = np.asarray(noise_ceiling, dtype=float) / 100
+    return np.divide(r, np.sqrt(nc), out=np.full_like(r, np.nan), where=nc > 0)
 
 
 def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *,
                      noise_ceiling=None, alphas=DEFAULT_ALPHAS, cv=5, groups=None, device=None,
                      dtype=None, standardize_features: bool = True, progress: bool = False,
-                     return_prediction: bool = False) -> dict:
+                     return_prediction: bool = False, targets_batch: int | None = None) -> dict:
     """Encoding scores of every layer's features in one call.
 
     Parameters
@@ -972,6 +990,8 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
         signal. Without it, the alphas apply to the features' own units.
     return_prediction : bool
         Also return every layer's test-set prediction.
+    targets_batch : int or None
+        Targets per batch inside the ridge (see :class:`RidgeCV`).
 
     Returns
     -------
@@ -1014,8 +1034,9 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
     nc = None if noise_ceiling is None else np.asarray(noise_ceiling, dtype=float)[finite]
     device, dtype = resolve_device(device), dtype or torch.float32
     # target-side work done once for all layers: the targets on the device
-    Y_train_t = _to_tensor(Y_train[:, finite], device, dtype)
-    Y_test = Y_test[:, finite]
+    if not finite.all():  # (a copy of the responses: only when some must go)
+        Y_train, Y_test = Y_train[:, finite], Y_test[:, finite]
+    Y_train_t = _to_tensor(Y_train, device, dtype)
     results = {"layers": list(features), "r": [], "alpha": [], "cv_r2": []}
     if noise_ceiling is not None:
         results["r_nc"] = []
@@ -1028,7 +1049,8 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
             X_train, X_test = standardize(X_train, X_test)
         out = encoding_scores(X_train, Y_train_t, X_test, Y_test,
                               noise_ceiling=nc, alphas=alphas, cv=cv, groups=groups,
-                              device=device, dtype=dtype, return_prediction=return_prediction)
+                              device=device, dtype=dtype, targets_batch=targets_batch,
+                              return_prediction=return_prediction)
         for key in out:
             results[key].append(out[key])
     for key in ("r", "alpha", "cv_r2", "r_nc", "prediction"):

@@ -19,7 +19,9 @@ from .._utils import check_in_allowed
 from ..features import gradient_part, resolve_loss, signals
 from ..meg import (_latencies, average_by_image, bootstrap_curves, encode_time_resolved,
                    peak_permutation_test)
-from ..ridge import DEFAULT_ALPHAS, PARTITION, layerwise_scores, standardize, variance_partition
+from ..ridge import (DEFAULT_ALPHAS, PARTITION, _finite_columns, _scatter_targets,
+                     _warn_non_finite, layerwise_scores, noise_normalised, standardize,
+                     variance_partition)
 
 __all__ = ["fmri_encoding", "fmri_partition", "meg_encoding", "meg_partition",
            "check_same_images", "Encoding", "EncodingSpec", "check_encoding"]
@@ -250,7 +252,8 @@ def fmri_partition(study, features, *, loss: str | None = None, layers=None,
 
 def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, device=None,
                   dtype=None, standardize_features: bool = True, progress: bool = False,
-                  return_prediction: bool = False, only=None) -> dict:
+                  return_prediction: bool = False, only=None,
+                  vertices_chunk: int | None = None, targets_batch: int | None = None) -> dict:
     """Encode a study's fMRI from every layer's activations and gradients.
 
     The test set is held out as NSD does: images with ``study.split == "test"`` (NSD's
@@ -274,6 +277,21 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, 
     only : sequence of str or None
         Encode these signals alone (names as returned, e.g. ``["gradient (ce)"]``);
         None: every signal of ``features``.
+    vertices_chunk : int or None
+        Vertices encoded at a time: the repeats of one chunk of vertices are averaged,
+        split, fitted and scored by every layer and signal before the next chunk is
+        read, so memory holds ``study.betas`` plus one chunk's working copies, never a
+        full-size copy of the responses. None: every vertex at once when that needs
+        about 1 GiB or less (64 bytes per image and vertex: the demo's 200 images ×
+        20,484 vertices need 0.26 GiB), else chunks of 512 MiB of averaged responses
+        and their train and test rows (4,473 vertices at NSD's 10,000 images). Results
+        do not depend on it beyond float32 rounding; each chunk repeats the layers' fold
+        factorisations (``benchmarks/bench_encoding_memory.py`` measures the cost).
+    targets_batch : int or None
+        Targets per batch inside the ridge (:class:`~gradbrain.ridge.RidgeCV`): bounds
+        its all-alpha prediction buffer (n_alphas × fold size × batch). None: the
+        ridge's default (a quarter of free memory) for an encoding in one piece, 1024 in
+        chunks.
 
     Returns
     -------
@@ -300,19 +318,83 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, 
             raise ValueError(f"'groups' must label every image of the study, shape "
                              f"({study.n_images},); got {groups.shape}.")
         groups = groups[train]
-    Y = study.mean_betas()
     nc = study.noise_ceiling()
-    out = {
-        name: layerwise_scores(per_layer, Y[train], Y[test], train, test, noise_ceiling=nc,
-                               alphas=alphas, cv=cv, groups=groups, device=device, dtype=dtype,
-                               standardize_features=standardize_features, progress=progress,
-                               return_prediction=return_prediction)
-        for name, per_layer in _chosen_signals(features, only).items()
-    }
+    if not np.any(nc > 0):
+        raise ValueError(f"Study {study.name!r} has a noise ceiling of 0 (or NaN) at every "
+                         "vertex, so every normalised score would be NaN: check its ncsnr.")
+    chosen = _chosen_signals(features, only)
+    n_vertices = study.n_vertices
+    chunk = _vertices_chunk(vertices_chunk, study.n_images, n_vertices)
+    if targets_batch is None and chunk < n_vertices:
+        targets_batch = _CHUNK_TARGETS_BATCH
+    chunks = [slice(s, min(s + chunk, n_vertices)) for s in range(0, n_vertices, chunk)]
+    parts = {name: [] for name in chosen}
+    y_test, n_bad = [], 0
+    for sl in tqdm(chunks, desc="vertex chunks", disable=not progress or len(chunks) == 1):
+        Y = study.betas[:, :, sl].mean(axis=1)                      # (n_images, chunk)
+        Y_train, Y_test = Y[train], Y[test]
+        del Y
+        if return_prediction:
+            y_test.append(Y_test)
+        finite = _finite_columns(Y_train) & _finite_columns(Y_test)
+        n_bad += int((~finite).sum())
+        if not finite.all():
+            Y_train, Y_test = Y_train[:, finite], Y_test[:, finite]
+        for name, per_layer in chosen.items():
+            if finite.any():
+                part = layerwise_scores(
+                    per_layer, Y_train, Y_test, train, test, alphas=alphas, cv=cv,
+                    groups=groups, device=device, dtype=dtype, targets_batch=targets_batch,
+                    standardize_features=standardize_features,
+                    progress=progress and len(chunks) == 1, return_prediction=return_prediction)
+                part["r_nc"] = noise_normalised(part["r"], nc[sl][finite])
+            else:  # a chunk of vertices without data: nothing to fit
+                part = {key: np.empty((len(per_layer), 0)) for key in _SCORES}
+                if return_prediction:
+                    part["prediction"] = np.empty((len(per_layer), len(test), 0), np.float32)
+            parts[name].append({key: _scatter_targets(value, finite)
+                                for key, value in part.items() if key != "layers"})
+        del Y_train, Y_test
+    if n_bad == n_vertices:
+        raise ValueError("Every target holds NaN or inf values; nothing to fit.")
+    if n_bad:
+        _warn_non_finite(n_bad, n_vertices)
+    out = {}
+    for name, per_layer in chosen.items():
+        keys = list(parts[name][0])
+        out[name] = {"layers": list(per_layer),
+                     **{key: np.concatenate([p[key] for p in parts[name]], axis=-1)
+                        for key in keys}}
     if return_prediction:
+        y_test = np.concatenate(y_test, axis=1)
         for result in out.values():
-            result["y_test"] = Y[test]
+            result["y_test"] = y_test
     return Encoding(out, EncodingSpec.of("fmri", features))
+
+
+_SCORES = ("r", "alpha", "cv_r2", "r_nc")
+#: working memory of an encoding in one piece, bytes per image and vertex (the averaged
+#: responses, their train and test rows and the ridge's buffers, float32), and the most
+#: an encoding may take that way before it goes by chunks of vertices
+_WHOLE_BYTES_PER_VALUE, _WHOLE_MAX_BYTES = 64, 2**30
+#: a chunk's averaged responses and their train and test rows (12 bytes per image and
+#: vertex), and the ridge's target batches when in chunks
+_CHUNK_BYTES, _CHUNK_TARGETS_BATCH = 512 * 2**20, 1024
+
+
+def _vertices_chunk(requested, n_images: int, n_vertices: int) -> int:
+    """Vertices per chunk of :func:`fmri_encoding`: the requested number; or every
+    vertex when the encoding in one piece needs at most :data:`_WHOLE_MAX_BYTES`; or
+    :data:`_CHUNK_BYTES` of responses and their copies."""
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) \
+                or requested < 1:
+            raise ValueError(f"'vertices_chunk' must be a positive integer or None; got "
+                             f"{requested!r}.")
+        return min(int(requested), n_vertices)
+    if _WHOLE_BYTES_PER_VALUE * n_images * n_vertices <= _WHOLE_MAX_BYTES:
+        return n_vertices
+    return max(1, min(n_vertices, _CHUNK_BYTES // (12 * n_images)))
 
 
 def _chosen_signals(features, only) -> dict:
