@@ -60,3 +60,19 @@ def test_bootstrap_interval_drops_nan_resamples_and_refuses_bad_input():
         bootstrap_interval(0.3, samples, method="bca", jackknife=[0.1, np.nan, 0.2])
     with pytest.raises(ValueError, match="'ci' must be a number in"):
         bootstrap_interval(0.3, samples, ci=95)
+
+
+def test_wilson_interval_equals_scipy_and_always_holds_its_estimate():
+    """The Wilson interval of every k of n (n <= 60) equals scipy's, and holds k/n exactly
+    (rounding had put the upper bound of 20 of 20 a hair below 1, and a figure's error
+    bar failed on the negative length)."""
+    from gradbrain.stats import _wilson
+
+    for n in range(1, 61):
+        for k in range(n + 1):
+            low, high = _wilson(k, n)
+            ci = stats.binomtest(k, n).proportion_ci(method="wilson")
+            assert low == pytest.approx(ci.low, abs=1e-12)
+            assert high == pytest.approx(ci.high, abs=1e-12)
+            assert low <= k / n <= high, (k, n, low, high)
+    assert np.isnan(_wilson(0, 0)).all()
