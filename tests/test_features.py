@@ -640,6 +640,38 @@ def test_streamed_preprocessing_equals_preprocessing_the_whole_set_first(cnn, sm
         assert len(calls) == 64 + len(small_images)
 
 
+def test_images_read_from_files_are_extracted_as_if_held(cnn, small_images, tmp_path,
+                                                        monkeypatch):
+    """An image set of files (ImageFiles, what the NSD and THINGS loaders give; issue 33)
+    gives the features and cache key of the same images held in memory, and each image
+    is read once per use — for the cache key, for its batch — never all at once up front."""
+    from gradbrain.data.images import ImageFiles
+
+    images = small_images[:5]
+    paths = [tmp_path / f"{i}.png" for i in images.ids]
+    for image, path in zip(images.images, paths):
+        image.save(path)
+    on_disk = ImageSet(images=ImageFiles(paths), ids=images.ids, labels=images.labels)
+    held = gf.extract(cnn, images, losses=("ce",), batch_size=2, cache=tmp_path / "cache")
+    reads = []
+    real = ImageFiles._read
+    monkeypatch.setattr(ImageFiles, "_read", lambda self, path: reads.append(path)
+                        or real(self, path))
+    monkeypatch.setattr(gf, "_extract_batch", lambda *a, **k: pytest.fail("recomputed"))
+    cached = gf.extract(cnn, on_disk, losses=("ce",), batch_size=2, cache=tmp_path / "cache")
+    assert cached.meta["cache_key"] == held.meta["cache_key"] and len(reads) == 5
+    monkeypatch.undo()
+    monkeypatch.setattr(ImageFiles, "_read", lambda self, path: reads.append(path)
+                        or real(self, path))
+    reads.clear()
+    fresh = gf.extract(cnn, on_disk, losses=("ce",), batch_size=2, cache=False)
+    assert sorted(reads) == sorted(paths)     # no cache key: read for its batch alone
+    for layer in cnn.layers:
+        np.testing.assert_array_equal(fresh.activations[layer], held.activations[layer])
+        np.testing.assert_array_equal(fresh.gradients["ce"][layer],
+                                      held.gradients["ce"][layer])
+
+
 def test_cache_key_is_the_images_content_not_their_ids(cnn, small_images, tmp_path,
                                                        monkeypatch):
     """The key comes from one digest per image (no copy of the preprocessed set): the same

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from gradbrain.data import EMBEDDED_SOURCES, ImageSet, load_embedded, load_folder
+from gradbrain.data.images import ImageFiles
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +86,25 @@ def test_load_folder_errors(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="Could not read image .*broken.png"):
         load_folder(tmp_path)
+
+
+def test_folder_images_are_read_when_used_and_subsets_stay_lazy(tmp_path, rng):
+    """load_folder keeps paths, not pixels (issue 33): the set reads each file when an
+    image is used, a subset is still a set of files, and a file that breaks after loading
+    gets one clear error naming it."""
+    arrays = [rng.integers(0, 255, (12, 12, 3), dtype=np.uint8) for _ in range(4)]
+    for i, array in enumerate(arrays):
+        Image.fromarray(array).save(tmp_path / f"im{i}.png")
+    stimuli = load_folder(tmp_path)
+    assert isinstance(stimuli.images, ImageFiles)
+    subset = stimuli[[3, 1]]
+    assert isinstance(subset.images, ImageFiles) and subset.ids == ["im3", "im1"]
+    np.testing.assert_array_equal(np.asarray(subset.images[0]), arrays[3])
+    assert isinstance(stimuli[1:3].images, ImageFiles)
+    # the fingerprint reads the same pixels as a set held in memory
+    held = ImageSet(images=[Image.fromarray(a) for a in arrays], ids=stimuli.ids,
+                    labels=stimuli.labels, sources=stimuli.sources)
+    assert stimuli.fingerprint() == held.fingerprint()
+    (tmp_path / "im2.png").write_bytes(b"broken after loading")
+    with pytest.raises(ValueError, match="Could not read image .*im2.png"):
+        stimuli.images[2]

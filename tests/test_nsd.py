@@ -17,6 +17,7 @@ import pytest
 from scipy import stats
 
 from gradbrain.data import load_study, nsd
+from gradbrain.data.images import ImageFiles
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _nsd_fake  # noqa: E402
@@ -314,6 +315,9 @@ def test_contiguous_stimulus_file_is_read_by_offset(tmp_path, s3):
     proxy.requests.clear()
     src = _source(proxy.url + "/contiguous")
     images = nsd.read_images([3, 39, 0], src, cache_dir=tmp_path / "cache")
+    # the images are read from their cached PNGs when used, not held (issue 33)
+    assert isinstance(images, ImageFiles) and len(images) == 3
+    assert [p.name for p in images.paths] == ["nsd00003.png", "nsd00039.png", "nsd00000.png"]
     for i, image in zip([3, 39, 0], images):
         assert np.array_equal(np.asarray(image), pixels[i])
     size = 24 * 24 * 3
@@ -321,6 +325,16 @@ def test_contiguous_stimulus_file_is_read_by_offset(tmp_path, s3):
                (r[2][len("bytes="):].split("-") for r in proxy.requests if r[2])]
     image_reads = [n for n in lengths if n == size]
     assert len(image_reads) == 3  # one range request per image
+    # a cached PNG cut short is named, deleted and fetched again; the others are not
+    cached = tmp_path / "cache" / "stimuli" / "nsd00039.png"
+    cached.write_bytes(cached.read_bytes()[:-20])
+    proxy.requests.clear()
+    with pytest.warns(RuntimeWarning, match="nsd00039.png"):
+        again = nsd.read_images([3, 39], src, cache_dir=tmp_path / "cache")
+    assert np.array_equal(np.asarray(again[1]), pixels[39])
+    lengths = [int(b) - int(a) + 1 for a, b in
+               (r[2][len("bytes="):].split("-") for r in proxy.requests if r[2])]
+    assert lengths.count(size) == 1
 
 
 @pytest.mark.slow

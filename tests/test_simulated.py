@@ -172,6 +172,38 @@ def test_save_load_round_trip_is_exact(studies, tmp_path):
     assert [p.name for p in (tmp_path).iterdir()] == ["study"]  # nothing partial left
 
 
+def test_images_read_from_files_are_saved_one_at_a_time_and_mixed_sizes_refused(
+        studies, tmp_path):
+    """A study whose images are files (ImageFiles, as NSD's and THINGS' loaders give
+    them; issue 33) saves and loads every pixel; images of two sizes get one clear error
+    and leave nothing behind."""
+    import copy
+
+    from PIL import Image
+
+    from gradbrain.data import ImageSet
+    from gradbrain.data.images import ImageFiles
+
+    study = copy.copy(studies["none"])
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    paths = []
+    for image_id, image in zip(study.images.ids, study.images.images):
+        paths.append(folder / f"{image_id}.png")
+        image.save(paths[-1])
+    study.images = ImageSet(images=ImageFiles(paths), ids=study.images.ids,
+                            labels=study.images.labels, sources=study.images.sources)
+    back = Study.load(study.save(tmp_path / "study"))
+    assert back.digest() == studies["none"].digest() == study.digest()
+    for i in (0, len(paths) - 1):
+        np.testing.assert_array_equal(np.asarray(back.images.images[i]),
+                                      np.asarray(studies["none"].images.images[i]))
+    Image.new("RGB", (7, 5)).save(paths[4])
+    with pytest.raises(ValueError, match=f"image '{study.images.ids[4]}' is 7 x 5 pixels"):
+        study.save(tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pictures", "study"]
+
+
 def test_save_refuses_to_replace_what_is_not_a_study(studies, tmp_path):
     """Check that a file, or a folder holding no study, is left untouched (issue 30: a
     save onto notes.txt moved it aside and the next load deleted it)."""

@@ -71,7 +71,7 @@ from tqdm import tqdm
 from . import __version__
 from ._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
                      hash_arrays, resolve_device, signal_name, usable_cores)
-from .data.images import ImageSet, load_embedded
+from .data.images import ImageFiles, ImageSet, load_embedded
 from .models import LoadedModel, _to_rgb, load, wrap
 from .ridge import DEFAULT_ALPHAS
 
@@ -323,8 +323,13 @@ def _as_batches(model: LoadedModel, images) -> tuple[_ImageBatches, list[str], l
     elif isinstance(images, ImageSet):
         if len(images) == 0:
             raise ValueError("'images' is empty; give at least one image.")
-        return (_ImageBatches(model, images=list(images.images)), list(images.ids),
+        return (_ImageBatches(model, images=images.images), list(images.ids),
                 list(images.labels))
+    elif isinstance(images, ImageFiles):   # read when used, not here
+        if len(images) == 0:
+            raise ValueError("'images' is empty; give at least one image.")
+        return (_ImageBatches(model, images=images), [str(i) for i in range(len(images))],
+                [""] * len(images))
     elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
         if len(images) == 0:
             raise ValueError("'images' is empty; give at least one image.")

@@ -21,7 +21,8 @@ from PIL import Image
 
 from .._utils import hash_update_array
 
-__all__ = ["ImageSet", "EMBEDDED_SOURCES", "N_EMBEDDED", "load_embedded", "load_folder"]
+__all__ = ["ImageSet", "ImageFiles", "EMBEDDED_SOURCES", "N_EMBEDDED", "load_embedded",
+           "load_folder"]
 
 #: Source photograph → coarse category. ``skimage.data.cat`` is the same photograph
 #: as ``chelsea`` and ``horse`` is a binary silhouette, so neither is used.
@@ -53,15 +54,74 @@ N_EMBEDDED = len(EMBEDDED_SOURCES) * sum(grid * grid for _, grid in _CROP_GRID)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
+class ImageFiles(Sequence):
+    """Images read from their files when used: a read-only list of RGB PIL images that
+    holds paths, not pixels.
+
+    A real dataset's stimuli do not fit in memory decoded (NSD's 10,000 images of one
+    subject are 5.4 GB as RGB arrays, THINGS' 22,448 more): an :class:`ImageSet` built
+    on ``ImageFiles`` reads each image when it is used — by the extractor's data loader,
+    a digest or a figure — and keeps none of them. Subsets stay lazy.
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        One image file per image, in order.
+    size : int or None
+        Resize each image to ``size × size`` pixels when read (LANCZOS); None keeps it.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> from PIL import Image
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(folder / "a.png")
+    >>> files = ImageFiles([folder / "a.png"])
+    >>> len(files), files[0].size, files[0].mode
+    (1, (6, 4), 'RGB')
+    """
+
+    def __init__(self, paths, size: int | None = None):
+        self.paths = [Path(p) for p in paths]
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return ImageFiles(self.paths[index], self.size)
+        return self._read(self.paths[index])
+
+    def take(self, positions) -> "ImageFiles":
+        """The images at ``positions`` (integers), still unread."""
+        return ImageFiles([self.paths[int(i)] for i in positions], self.size)
+
+    def _read(self, path: Path) -> Image.Image:
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception as err:  # PIL raises several types for unreadable files
+            raise ValueError(f"Could not read image {str(path)!r}: {err}. Replace or remove "
+                             "the file, then load the images again.") from err
+        if self.size is not None:
+            image = image.resize((self.size, self.size), Image.Resampling.LANCZOS)
+        return image
+
+    def __repr__(self) -> str:
+        return f"ImageFiles({len(self)} files{'' if self.size is None else f', size={self.size}'})"
+
+
 @dataclass
 class ImageSet:
     """An ordered set of RGB stimulus images with identifiers and labels.
 
     Attributes
     ----------
-    images : list of PIL.Image.Image
+    images : list of PIL.Image.Image, or ImageFiles
         RGB images, n_images of them (any size; models resize with their own
-        preprocessing).
+        preprocessing): in memory, or read from their files when used
+        (:class:`ImageFiles`, what the real datasets' loaders give).
     ids : list of str
         Unique identifier per image, length n_images.
     labels : list of str
@@ -100,7 +160,8 @@ class ImageSet:
         else:
             positions = [int(i) for i in index]
         return ImageSet(
-            images=[self.images[i] for i in positions],
+            images=(self.images.take(positions) if isinstance(self.images, ImageFiles)
+                    else [self.images[i] for i in positions]),
             ids=[self.ids[i] for i in positions],
             labels=[self.labels[i] for i in positions],
             sources=[self.sources[i] for i in positions],
@@ -225,7 +286,8 @@ def load_folder(
     Returns
     -------
     ImageSet
-        RGB images with ids = paths relative to ``path`` (without suffix).
+        RGB images with ids = paths relative to ``path`` (without suffix), read from
+        their files when used (:class:`ImageFiles`; each file is checked here).
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -241,20 +303,25 @@ def load_folder(
         )
     if n_images is not None:
         files = files[:n_images]
-    images, ids, labels = [], [], []
+    ids, labels = [], []
     for file in files:
-        try:
-            with Image.open(file) as im:
-                image = im.convert("RGB")
-        except Exception as err:  # PIL raises several types for unreadable files
-            raise ValueError(f"Could not read image {str(file)!r}: {err}") from err
-        if size is not None:
-            image = image.resize((size, size), Image.Resampling.LANCZOS)
+        _check_readable(file)
         rel = file.relative_to(root)
-        images.append(image)
         ids.append(str(rel.with_suffix("")))
         labels.append(rel.parent.as_posix() if rel.parent != Path(".") else "")
-    return ImageSet(images=images, ids=ids, labels=labels, sources=[str(f) for f in files])
+    return ImageSet(images=ImageFiles(files, size), ids=ids, labels=labels,
+                    sources=[str(f) for f in files])
+
+
+def _check_readable(file: Path) -> None:
+    """Refuse a file PIL cannot open as an image (its header and structure are checked
+    without decoding the pixels, which :class:`ImageFiles` reads when they are used)."""
+    try:
+        with Image.open(file) as im:
+            im.verify()
+    except Exception as err:  # PIL raises several types for unreadable files
+        raise ValueError(f"Could not read image {str(file)!r}: {err}. Replace or remove the "
+                         "file, then load the images again.") from err
 
 
 def as_image_list(images: Sequence) -> list:

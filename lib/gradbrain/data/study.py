@@ -218,8 +218,7 @@ class Study:
                     f.create_dataset(key, data=value, compression="gzip" if value.size > 1e5 else None)
                 if self.images is not None:
                     group = f.create_group("images")
-                    group.create_dataset("pixels", compression="gzip", data=np.stack(
-                        [np.asarray(im.convert("RGB")) for im in self.images.images]))
+                    _write_pixels(group, self.images)
                     group.attrs["ids"] = json.dumps(self.images.ids)
                     group.attrs["labels"] = json.dumps(self.images.labels)
                     group.attrs["sources"] = json.dumps(self.images.sources)
@@ -274,8 +273,9 @@ class Study:
                 images = None
                 if "images" in f:
                     g = f["images"]
+                    pixels = g["pixels"]                     # one image at a time
                     images = ImageSet(
-                        images=[Image.fromarray(a) for a in g["pixels"][()]],
+                        images=[Image.fromarray(pixels[i]) for i in range(len(pixels))],
                         ids=json.loads(g.attrs["ids"]), labels=json.loads(g.attrs["labels"]),
                         sources=json.loads(g.attrs["sources"]),
                     )
@@ -304,6 +304,28 @@ class Study:
         _provenance.record_input(path, kind="study")
         return cls(name=name, image_ids=image_ids, images=images, epochs=epochs, truth=truth,
                    mesh=mesh, **values)
+
+
+def _write_pixels(group, images: ImageSet) -> None:
+    """Every image's RGB pixels into ``group["pixels"]`` (n, H, W, 3) uint8, written one
+    image at a time (a lazy :class:`ImageFiles` set is read once, never held whole)."""
+    n = len(images)
+    if n == 0:
+        group.create_dataset("pixels", shape=(0, 0, 0, 3), dtype=np.uint8)
+        return
+    dataset = None
+    for i, image in enumerate(images.images):
+        pixels = np.asarray(image.convert("RGB"))
+        if dataset is None:
+            dataset = group.create_dataset("pixels", shape=(n, *pixels.shape), dtype=np.uint8,
+                                           compression="gzip", chunks=(1, *pixels.shape))
+        elif pixels.shape != dataset.shape[1:]:
+            raise ValueError(
+                f"Study.save stores images of one size; image {images.ids[i]!r} is "
+                f"{pixels.shape[1]} x {pixels.shape[0]} pixels, the first "
+                f"{dataset.shape[2]} x {dataset.shape[1]}. Give images of one size (e.g. "
+                "load_folder(..., size=256)).")
+        dataset[i] = pixels
 
 
 def _write_truth(group, truth: dict) -> None:

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils import check_in_allowed
-from .images import ImageSet
+from .images import ImageFiles, ImageSet, _check_readable
 from .study import Study, stratified_subset
 
 __all__ = ["OPENNEURO_ID", "SUBJECTS", "epochs_path", "attributes_path", "read_attributes",
@@ -264,8 +264,6 @@ def _load_subject(subject, root, split, tmin, tmax, decim, picks, images_dir, ma
 
 
 def _load_images(images_dir, per_image: pd.DataFrame):
-    from PIL import Image
-
     folder = Path(images_dir).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"THINGS image folder {str(folder)!r} does not exist. "
@@ -278,11 +276,9 @@ def _load_images(images_dir, per_image: pd.DataFrame):
             f"{len(missing)} of {len(files)} THINGS images are missing under "
             f"{str(folder)!r}, e.g. {str(missing[0])!r}. " + _IMAGES_HELP
         )
-    images = []
     for file in files:
-        with Image.open(file) as im:
-            images.append(im.convert("RGB"))
-    return ImageSet(images=images, ids=list(per_image.index),
+        _check_readable(file)
+    return ImageSet(images=ImageFiles(files), ids=list(per_image.index),
                     labels=list(per_image["concept"]), sources=[str(f) for f in files])
 
 
