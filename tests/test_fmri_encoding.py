@@ -210,3 +210,45 @@ def test_vertices_in_chunks_make_no_full_size_copy_of_the_responses(encoded):
             assert current - before > 0
     finally:
         tracemalloc.stop()
+
+
+def test_fmri_encodings_are_cached_on_every_input_they_read(encoded, tmp_path, monkeypatch):
+    """Issue 33: an fMRI encoding kept on disk is the one computed afresh; one kept with
+    test predictions serves a call without them; other betas, noise ceilings or alphas
+    miss the cache; folds given as an object are not cached."""
+    from sklearn.model_selection import KFold
+
+    from gradbrain.analysis import encoding
+
+    study, feats, _ = encoded
+    feats = _first_layers(feats, 3)
+    fresh = fmri_encoding(study, feats, device="cpu", return_prediction=True)
+    fmri_encoding(study, feats, device="cpu", return_prediction=True, cache=tmp_path)
+    monkeypatch.setattr(encoding, "_fmri_fit", lambda *a, **k: pytest.fail("refitted"))
+    for with_prediction in (True, False):
+        again = fmri_encoding(study, feats, device="cpu", cache=tmp_path,
+                              return_prediction=with_prediction)
+        assert again.spec == fresh.spec
+        for name in fresh:
+            expected = {k: v for k, v in fresh[name].items()
+                        if with_prediction or k not in ("prediction", "y_test")}
+            assert again[name].keys() == expected.keys()
+            for key, value in expected.items():
+                if isinstance(value, np.ndarray):
+                    np.testing.assert_array_equal(again[name][key], value, err_msg=key)
+                else:
+                    assert again[name][key] == value
+    monkeypatch.undo()
+    calls = []
+    real = encoding._fmri_fit
+    monkeypatch.setattr(encoding, "_fmri_fit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    changed = copy.copy(study)
+    changed.betas = study.betas.copy()
+    changed.betas[0, 0, 0] += 1.0
+    fmri_encoding(changed, feats, device="cpu", cache=tmp_path)
+    changed = copy.copy(study)
+    changed.ncsnr = study.ncsnr * 1.01
+    fmri_encoding(changed, feats, device="cpu", cache=tmp_path)
+    fmri_encoding(study, feats, device="cpu", cache=tmp_path, alphas=[1.0, 10.0])
+    fmri_encoding(study, feats, device="cpu", cache=tmp_path, cv=KFold(5))
+    assert len(calls) == 4 and len(list(tmp_path.glob("fmri-*.npz"))) == 4

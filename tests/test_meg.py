@@ -514,3 +514,46 @@ def test_meg_partition_without_gradient_signal_credits_activations(planted):
     assert (part["n_selected"] == 272).all() and part["selected"].all()
     assert np.abs(part["unique_gradient"]).max() < 0.02
     assert part["unique_activation"].max() > 0.1
+
+
+def test_meg_encodings_are_cached_on_every_input_they_read(tmp_path, monkeypatch):
+    """An encoding kept on disk (issue 33: chapters refitted what others had fitted) is
+    the one computed afresh, array for array; another setting, or other responses, miss
+    the cache; a cache file cut short is named, deleted and computed again."""
+    import copy
+
+    from gradbrain.data.simulated import make_study
+
+    planted = _planted_features(60, n_layers=3)
+    study = make_study(0, n_images=60, features=planted, fmri=False, gradient_truth="none",
+                       noise=0.5)
+    settings = dict(n_boot=5, n_perm=20, device="cpu", only=["activation"])
+    fresh = encoding.meg_encoding(study, planted, cache=tmp_path, **settings)   # a miss
+    files = list(tmp_path.glob("meg-*.npz"))
+    assert len(files) == 1
+    monkeypatch.setattr(encoding, "_meg_fit", lambda *a, **k: pytest.fail("refitted"))
+    again = encoding.meg_encoding(study, planted, cache=tmp_path, **settings)
+    assert again.spec == fresh.spec
+    for name in fresh:
+        assert again[name].keys() == fresh[name].keys()
+        for key, value in fresh[name].items():
+            if isinstance(value, np.ndarray):
+                assert again[name][key].dtype == value.dtype, key
+                np.testing.assert_array_equal(again[name][key], value, err_msg=key)
+            else:
+                assert again[name][key] == value, key
+    monkeypatch.undo()
+    calls = []
+    real = encoding._meg_fit
+    monkeypatch.setattr(encoding, "_meg_fit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    encoding.meg_encoding(study, planted, cache=tmp_path, **{**settings, "n_boot": 6})
+    other = copy.copy(study)
+    other.epochs = study.epochs.copy()
+    other.epochs._data[0, 0, 0] += 1.0
+    encoding.meg_encoding(other, planted, cache=tmp_path, **settings)
+    assert len(calls) == 2 and len(list(tmp_path.glob("meg-*.npz"))) == 3
+    files[0].write_bytes(files[0].read_bytes()[:200])
+    with pytest.warns(RuntimeWarning, match="Cached encoding .* is unreadable"):
+        healed = encoding.meg_encoding(study, planted, cache=tmp_path, **settings)
+    assert len(calls) == 3
+    np.testing.assert_array_equal(healed["activation"]["r"], fresh["activation"]["r"])

@@ -40,6 +40,11 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
         the default for models not listed).
     losses : sequence of str
         Losses whose gradients are tested (each gets its own rows).
+    cache : bool, path-like or None
+        Features and encodings kept on disk and reused (True: under
+        ``$GRADBRAIN_DATA``, so encodings the other chapters fitted on the same study,
+        features and settings are read, not refitted; see
+        :func:`~gradbrain.analysis.encoding.fmri_encoding`).
 
     Returns
     -------
@@ -98,10 +103,11 @@ def run(model_names: Sequence[str], study, *, weights: Mapping[str, object] | No
             feats = extract(loaded, study.images, losses=tuple(losses), pool=pool,
                             device=device, cache=cache, progress=progress)
         fmri = (fmri_encoding(study, feats, cv=cv, device=device, progress=progress,
-                              return_prediction=n_boot > 0)
+                              return_prediction=n_boot > 0, cache=cache)
                 if study.betas is not None else None)
         meg = (meg_encoding(study, feats, cv=cv, n_boot=n_boot, seed=seed, device=device,
-                            progress=progress) if study.epochs is not None else None)
+                            progress=progress, cache=cache)
+               if study.epochs is not None else None)
         base = {"model": name, "weights": loaded.weights,
                 "trained": bool(loaded.pretrained)}
         for loss in losses:

@@ -36,7 +36,8 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
                    gradient_part: str = "whole", n_perm_chance: int = 1000,
                    margins: dict | None = None, select_on: str = "train",
                    spatial_statistic: str = "centre", progress: bool = False,
-                   activations_from: HierarchyResult | None = None) -> HierarchyResult:
+                   activations_from: HierarchyResult | None = None,
+                   cache=None) -> HierarchyResult:
     """Test whether a study's gradient signals follow the brain's hierarchies like backprop.
 
     Predictions (each with its null; all one-sided at ``alpha``):
@@ -137,6 +138,10 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
         same in both). Refused, naming the difference, unless it was fitted on the same
         model, weights, pooling, layers and images with the same ``cv``, ``n_boot``,
         ``ci`` and ``seed`` (and kept the test predictions when this run needs them).
+    cache : bool, path-like or None
+        Keep the encodings this run fits on disk and reuse kept ones (see
+        :func:`~gradbrain.analysis.encoding.fmri_encoding`; True:
+        ``$GRADBRAIN_DATA/encodings``); None: no cache.
 
     Returns
     -------
@@ -219,7 +224,7 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
         if fmri is None:
             fmri = fmri_encoding(study, features, cv=cv, device=device, progress=progress,
                                  return_prediction=n_boot > 0 or n_perm_chance > 0,
-                                 only=[signal] if "fmri" in reused else None)
+                                 only=[signal] if "fmri" in reused else None, cache=cache)
             if "fmri" in reused:
                 fmri = Encoding({"activation": reused["fmri"], **fmri}, fmri.spec)
         nc = study.noise_ceiling()
@@ -334,7 +339,7 @@ def backprop_tests(study, features=None, *, loss: str | None = None, alpha: floa
         if meg is None:
             meg = meg_encoding(meg_study, meg_features, cv=cv, n_boot=n_boot, ci=ci, seed=seed,
                                device=device, progress=progress,
-                               only=[signal] if "meg" in reused else None)
+                               only=[signal] if "meg" in reused else None, cache=cache)
             if "meg" in reused:
                 meg = Encoding({"activation": reused["meg"], **meg}, meg.spec)
         act, grad = meg["activation"], meg[signal]

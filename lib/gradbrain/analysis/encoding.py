@@ -8,14 +8,19 @@ study's images, and calls the kernels per layer and signal.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from .._utils import check_in_allowed
+from .._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
+                      hash_update_array)
 from ..features import gradient_part, resolve_loss, signals
 from ..meg import (_latencies, average_by_image, bootstrap_curves, encode_time_resolved,
                    peak_permutation_test)
@@ -24,9 +29,13 @@ from ..ridge import (DEFAULT_ALPHAS, PARTITION, _finite_columns, _scatter_target
                      variance_partition)
 
 __all__ = ["fmri_encoding", "fmri_partition", "meg_encoding", "meg_partition",
-           "check_same_images", "Encoding", "EncodingSpec", "check_encoding"]
+           "check_same_images", "Encoding", "EncodingSpec", "check_encoding",
+           "ENCODING_CACHE_VERSION"]
 
 MODALITIES = ("fmri", "meg")
+#: Part of every cached encoding's key: bump it when a change to the encodings (or the
+#: kernels under them) changes their results, so that cached ones are computed again.
+ENCODING_CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -253,7 +262,8 @@ def fmri_partition(study, features, *, loss: str | None = None, layers=None,
 def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, device=None,
                   dtype=None, standardize_features: bool = True, progress: bool = False,
                   return_prediction: bool = False, only=None,
-                  vertices_chunk: int | None = None, targets_batch: int | None = None) -> dict:
+                  vertices_chunk: int | None = None, targets_batch: int | None = None,
+                  cache=None) -> dict:
     """Encode a study's fMRI from every layer's activations and gradients.
 
     The test set is held out as NSD does: images with ``study.split == "test"`` (NSD's
@@ -292,6 +302,14 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, 
         its all-alpha prediction buffer (n_alphas × fold size × batch). None: the
         ridge's default (a quarter of free memory) for an encoding in one piece, 1024 in
         chunks.
+    cache : bool, path-like or None
+        Keep the encoding on disk and reuse it (True: ``$GRADBRAIN_DATA/encodings``; a
+        folder; None or False: no cache). The key covers every input the encoding reads
+        — the study's betas, noise ceilings and split, the features encoded, and the
+        arguments above except ``device``, ``progress``, ``vertices_chunk`` and
+        ``targets_batch`` (results agree within float32 rounding) — so that chapters
+        and runs with the same inputs fit once. An encoding kept with predictions
+        serves a call without them. Only folds given as a number are cached.
 
     Returns
     -------
@@ -325,6 +343,34 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, 
     chosen = _chosen_signals(features, only)
     n_vertices = study.n_vertices
     chunk = _vertices_chunk(vertices_chunk, study.n_images, n_vertices)
+    folder = _cache_dir(cache) if isinstance(cv, (int, np.integer)) else None
+    inputs = None if folder is None else _inputs_digest(
+        features, chosen, [study.betas, study.ncsnr, study.split]
+        + ([] if groups is None else [groups]))
+
+    def path(with_prediction):
+        if folder is None:
+            return None
+        settings = {"alphas": [float(a) for a in np.atleast_1d(alphas)], "cv": int(cv),
+                    "dtype": str(dtype), "standardize_features": bool(standardize_features),
+                    "return_prediction": with_prediction}
+        return _cache_path(folder, "fmri", settings, inputs)
+
+    return _cached(path(bool(return_prediction)),
+                   lambda: _fmri_fit(study, features, chosen, train, test, nc, chunk,
+                                     alphas=alphas, cv=cv, groups=groups, device=device,
+                                     dtype=dtype, targets_batch=targets_batch,
+                                     standardize_features=standardize_features,
+                                     progress=progress, return_prediction=return_prediction),
+                   also=None if return_prediction or folder is None else path(True),
+                   strip=("prediction", "y_test"))
+
+
+def _fmri_fit(study, features, chosen, train, test, nc, chunk, *, alphas, cv, groups, device,
+              dtype, targets_batch, standardize_features, progress,
+              return_prediction) -> "Encoding":
+    """:func:`fmri_encoding`'s fits, chunk by chunk of vertices (inputs checked)."""
+    n_vertices = study.n_vertices
     if targets_batch is None and chunk < n_vertices:
         targets_batch = _CHUNK_TARGETS_BATCH
     chunks = [slice(s, min(s + chunk, n_vertices)) for s in range(0, n_vertices, chunk)]
@@ -397,6 +443,109 @@ def _vertices_chunk(requested, n_images: int, n_vertices: int) -> int:
     return max(1, min(n_vertices, _CHUNK_BYTES // (12 * n_images)))
 
 
+# ---------------------------------------------------------------------- on-disk cache
+
+
+def _cache_dir(cache) -> Path | None:
+    """None (no cache), the data home's ``encodings`` folder (True) or a given folder."""
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return get_data_home() / "encodings"
+    if isinstance(cache, (str, os.PathLike)):
+        return Path(cache).expanduser()
+    raise ValueError(f"'cache' must be True, False, None or a folder; got {cache!r}.")
+
+
+def _inputs_digest(features, signals_: dict, arrays) -> str:
+    """Digest of what an encoding reads: the features encoded (``signals_``, with the
+    features' model, weights, pooling, image ids and gradient part) and ``arrays``, the
+    study's responses and whatever else of it the encoding reads."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([features.model, features.weights, features.pool,
+                         list(features.image_ids), gradient_part(features), list(signals_)],
+                        default=str).encode())
+    hash_update_array(h, np.asarray(features.depth, dtype=float))
+    for per_layer in signals_.values():
+        for layer, values in per_layer.items():
+            h.update(layer.encode())
+            hash_update_array(h, values)
+    for value in arrays:
+        value = np.asarray(value)
+        hash_update_array(h, value.astype("S") if value.dtype.kind == "U" else value)
+    return h.hexdigest()
+
+
+def _cache_path(folder: Path | None, modality: str, settings: dict, inputs: str) -> Path | None:
+    """Where the encoding of ``inputs`` (:func:`_inputs_digest`) with ``settings`` (the
+    JSON-able arguments that change the result; not the device, nor the chunking) is
+    cached, or None without a cache folder."""
+    if folder is None:
+        return None
+    key = hashlib.blake2b(json.dumps([modality, ENCODING_CACHE_VERSION, settings, inputs],
+                                     default=str).encode(), digest_size=16).hexdigest()
+    return folder / f"{modality}-{key}.npz"
+
+
+def _save_encoding(path: Path, encoding: "Encoding") -> None:
+    """Write ``encoding`` to ``path`` (npz: arrays by ``<signal index>/<key>``, the rest
+    and the spec as JSON), atomically."""
+    arrays, layout = {}, {"spec": asdict(encoding.spec), "signals": []}
+    for i, (name, result) in enumerate(encoding.items()):
+        plain = {}
+        for key, value in result.items():
+            if isinstance(value, np.ndarray):
+                arrays[f"{i}/{key}"] = value
+            else:
+                plain[key] = value.tolist() if isinstance(value, np.generic) else value
+        layout["signals"].append({"name": name, "plain": plain})
+    arrays["__layout__"] = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def _load_encoding(path: Path | None) -> "Encoding | None":
+    """The cached encoding at ``path``, or None (missing; unreadable ones are named and
+    deleted, and the encoding computed again)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            layout = json.loads(npz["__layout__"].tobytes().decode())
+            results = {}
+            for i, signal in enumerate(layout["signals"]):
+                prefix = f"{i}/"
+                results[signal["name"]] = {
+                    **signal["plain"],
+                    **{key[len(prefix):]: npz[key] for key in npz.files
+                       if key.startswith(prefix)}}
+            spec = EncodingSpec(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in layout["spec"].items()})
+    except Exception as err:  # a file cut short or not ours: numpy, zipfile, json, key errors
+        discard_unreadable(path, err, what="Cached encoding", then="it is computed again",
+                           stacklevel=3)
+        return None
+    return Encoding(results, spec)
+
+
+def _cached(path: Path | None, compute, *, also: Path | None = None, strip=()):
+    """The encoding cached at ``path`` (or at ``also``, less the keys ``strip``), or
+    ``compute()`` — then cached at ``path``."""
+    found = _load_encoding(path)
+    if found is None and also is not None:
+        found = _load_encoding(also)
+        if found is not None:
+            found = Encoding({name: {k: v for k, v in result.items() if k not in strip}
+                              for name, result in found.items()}, found.spec)
+    if found is not None:
+        return found
+    encoding = compute()
+    if path is not None:
+        _save_encoding(path, encoding)
+    return encoding
+
+
 def _chosen_signals(features, only) -> dict:
     """:func:`~gradbrain.features.signals` of ``features``, restricted to ``only``."""
     every = signals(features)
@@ -428,7 +577,7 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
                  n_boot: int = 1000, ci: float = 0.95, seed: int = 0, n_perm: int = 200,
                  latency_alpha: float = 0.05, device=None, dtype=None,
                  standardize_features: bool = True, progress: bool = False,
-                 only=None) -> dict:
+                 only=None, cache=None) -> dict:
     """Time-resolved encoding of a study's MEG from every layer's activations and gradients.
 
     Training images (``study.split == "train"``) fit the models and choose the alphas;
@@ -466,6 +615,11 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         activations and gradients alike.
     only : sequence of str or None
         Encode these signals alone (e.g. ``["gradient (ce)"]``); None: every signal.
+    cache : bool, path-like or None
+        Keep the encoding on disk and reuse it (True: ``$GRADBRAIN_DATA/encodings``; a
+        folder; None or False: no cache), keyed on the study's averaged MEG of the
+        training and test images, its times, the features encoded and every argument
+        above but ``device`` and ``progress``. Only folds given as a number are cached.
 
     Returns
     -------
@@ -496,8 +650,30 @@ def meg_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, threshold: flo
         raise ValueError(f"'latency_alpha' must be in (0, 1], e.g. 0.05; got {latency_alpha!r}.")
     train, test, Y_train, Y_test = _meg_split(study, cv)
     times = 1000 * study.epochs.times
+    chosen = _chosen_signals(features, only)
+    folder = _cache_dir(cache) if isinstance(cv, (int, np.integer)) else None
+    path = None
+    if folder is not None:
+        settings = {"alphas": [float(a) for a in np.atleast_1d(alphas)], "cv": int(cv),
+                    "threshold": float(threshold), "n_boot": int(n_boot), "ci": float(ci),
+                    "seed": int(seed), "n_perm": int(n_perm),
+                    "latency_alpha": float(latency_alpha), "dtype": str(dtype),
+                    "standardize_features": bool(standardize_features)}
+        path = _cache_path(folder, "meg", settings, _inputs_digest(
+            features, chosen, [train, test, Y_train, Y_test, times]))
+    return _cached(path, lambda: _meg_fit(
+        features, chosen, train, test, Y_train, Y_test, times, alphas=alphas, cv=cv,
+        threshold=threshold, n_boot=n_boot, ci=ci, seed=seed, n_perm=n_perm,
+        latency_alpha=latency_alpha, device=device, dtype=dtype,
+        standardize_features=standardize_features, progress=progress))
+
+
+def _meg_fit(features, chosen, train, test, Y_train, Y_test, times, *, alphas, cv, threshold,
+             n_boot, ci, seed, n_perm, latency_alpha, device, dtype, standardize_features,
+             progress) -> "Encoding":
+    """:func:`meg_encoding`'s fits and tests, signal by signal (inputs checked)."""
     results = {}
-    for name, per_layer in _chosen_signals(features, only).items():
+    for name, per_layer in chosen.items():
         layers = list(per_layer)
         r, predictions = [], []
         for layer in tqdm(layers, desc=f"MEG encoding, {name}", disable=not progress):
