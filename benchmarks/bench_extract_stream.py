@@ -28,8 +28,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
+
+from _memory import PeakRSS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,8 +38,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _one(args) -> dict:
     """Run one variant here and return its seconds and added memory."""
     import warnings
-
-    import psutil
 
     import gradbrain  # noqa: F401  (torchvision work-around before timm)
     from gradbrain import features as gf
@@ -51,28 +50,18 @@ def _one(args) -> dict:
     images = load_embedded(args.n_images)
     x = net.preprocess(images) if args.variant == "floor" else None
     gf.extract(net, images[:2], losses=("ce",), device=args.device)   # warm up
-    process = psutil.Process()
-    before, peak, running = process.memory_info().rss, [0], [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.005)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    start = time.perf_counter()
-    if args.variant == "whole":
-        gf.extract(net, net.preprocess(images), losses=("ce",), batch_size=args.batch_size,
-                   device=args.device)
-    elif args.variant == "stream":
-        gf.extract(net, images, losses=("ce",), batch_size=args.batch_size,
-                   device=args.device, num_workers=args.workers)
-    else:
-        gf.extract(net, x, losses=("ce",), batch_size=args.batch_size, device=args.device)
-    seconds = time.perf_counter() - start
-    running[0] = False
-    thread.join()
-    return {"seconds": seconds, "extra_mib": max(peak[0] - before, 0) / 2**20}
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        if args.variant == "whole":
+            gf.extract(net, net.preprocess(images), losses=("ce",), batch_size=args.batch_size,
+                       device=args.device)
+        elif args.variant == "stream":
+            gf.extract(net, images, losses=("ce",), batch_size=args.batch_size,
+                       device=args.device, num_workers=args.workers)
+        else:
+            gf.extract(net, x, losses=("ce",), batch_size=args.batch_size, device=args.device)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "extra_mib": max(memory.peak - memory.before, 0) / 2**20}
 
 
 def main(argv=None):

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 import time
 import warnings
 from contextlib import contextmanager
+
+from _memory import PeakRSS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,38 +41,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @contextmanager
 def _stage(name: str, results: dict, device):
     """Time a stage and sample the process's resident memory while it runs."""
-    import psutil
     import torch
 
-    process = psutil.Process()
-    peak, running = [process.memory_info().rss], [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.005)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    try:
+    with PeakRSS() as memory:
+        start = time.perf_counter()
         yield
-    finally:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        running[0] = False
-        thread.join()
-        results[f"{name}_s"] = seconds
-        results[f"{name}_peak_mib"] = peak[0] / 2**20
-        line = f"{name:>8}: {seconds:8.1f} s, peak resident {peak[0] / 2**20:7.0f} MiB"
-        if device.type == "cuda":
-            gpu = torch.cuda.max_memory_allocated(device) / 2**20
-            results[f"{name}_gpu_mib"] = gpu
-            line += f", peak GPU {gpu:7.0f} MiB"
-        print(line, flush=True)
+    results[f"{name}_s"] = seconds
+    results[f"{name}_peak_mib"] = memory.peak / 2**20
+    line = f"{name:>8}: {seconds:8.1f} s, peak resident {memory.peak / 2**20:7.0f} MiB"
+    if device.type == "cuda":
+        gpu = torch.cuda.max_memory_allocated(device) / 2**20
+        results[f"{name}_gpu_mib"] = gpu
+        line += f", peak GPU {gpu:7.0f} MiB"
+    print(line, flush=True)
 
 
 def main(argv=None) -> None:

@@ -27,6 +27,14 @@ def check_in_allowed(name: str, value, allowed: Iterable) -> None:
         )
 
 
+def check_positive_int_or_none(name: str, value) -> None:
+    """Raise a ValueError naming the parameter unless ``value`` is None or an integer >= 1
+    (booleans are refused)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                              or value < 1):
+        raise ValueError(f"'{name}' must be a positive integer or None; got {value!r}.")
+
+
 def get_data_home(data_home: str | os.PathLike | None = None) -> Path:
     """Folder for caches and downloaded data, created on demand.
 

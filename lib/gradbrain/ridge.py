@@ -33,7 +33,7 @@ import torch
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
 from sklearn.model_selection import check_cv
 
-from ._utils import check_in_allowed, moved_names, resolve_device
+from ._utils import check_in_allowed, check_positive_int_or_none, moved_names, resolve_device
 
 __all__ = [
     "RidgeCV", "check_folds", "encoding_scores", "layerwise_scores",
@@ -260,11 +260,8 @@ def _is_complement(train: np.ndarray, test: np.ndarray, n: int) -> bool:
 def _targets_batch(n_targets: int, per_target_bytes: int, device: torch.device,
                    requested: int | None) -> int:
     """Targets per batch: the requested size, or what fits in a quarter of free memory."""
+    check_positive_int_or_none("targets_batch", requested)
     if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) \
-                or requested < 1:
-            raise ValueError(f"'targets_batch' must be a positive integer or None; got "
-                             f"{requested!r}.")
         return min(int(requested), n_targets)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]

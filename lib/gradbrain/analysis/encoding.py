@@ -19,8 +19,8 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from .._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
-                      hash_update_array)
+from .._utils import (atomic_path, check_in_allowed, check_positive_int_or_none,
+                      discard_unreadable, get_data_home, hash_update_array)
 from ..features import gradient_part, resolve_loss, signals
 from ..meg import (_latencies, average_by_image, bootstrap_curves, encode_time_resolved,
                    peak_permutation_test)
@@ -432,11 +432,8 @@ def _vertices_chunk(requested, n_images: int, n_vertices: int) -> int:
     """Vertices per chunk of :func:`fmri_encoding`: the requested number; or every
     vertex when the encoding in one piece needs at most :data:`_WHOLE_MAX_BYTES`; or
     :data:`_CHUNK_BYTES` of responses and their copies."""
+    check_positive_int_or_none("vertices_chunk", requested)
     if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) \
-                or requested < 1:
-            raise ValueError(f"'vertices_chunk' must be a positive integer or None; got "
-                             f"{requested!r}.")
         return min(int(requested), n_vertices)
     if _WHOLE_BYTES_PER_VALUE * n_images * n_vertices <= _WHOLE_MAX_BYTES:
         return n_vertices
