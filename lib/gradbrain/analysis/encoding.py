@@ -292,8 +292,8 @@ def fmri_encoding(study, features, *, alphas=DEFAULT_ALPHAS, cv=5, groups=None, 
         split, fitted and scored by every layer and signal before the next chunk is
         read, so memory holds ``study.betas`` plus one chunk's working copies, never a
         full-size copy of the responses. None: every vertex at once when that needs
-        about 1 GiB or less (64 bytes per image and vertex: the demo's 200 images ×
-        20,484 vertices need 0.26 GiB), else chunks of 512 MiB of averaged responses
+        about 1 GiB or less (64 bytes per image and vertex: 200 images on all 20,484
+        fsaverage5 vertices need 0.26 GiB), else chunks of 512 MiB of averaged responses
         and their train and test rows (4,473 vertices at NSD's 10,000 images). Results
         do not depend on it beyond float32 rounding; each chunk repeats the layers' fold
         factorisations (``benchmarks/bench_encoding_memory.py`` measures the cost).
