@@ -51,12 +51,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GIB = 2**30
 
 
-def _rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc), bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _build(n_images: int, n_vertices: int, n_layers: int, n_features: int, n_test: int):
     """A synthetic study and features, built in place (no full-size temporaries).
 
@@ -101,8 +95,10 @@ def _child(args) -> dict:
     import gradbrain  # noqa: F401  (before torch-heavy imports, as the notebooks do)
     from gradbrain.analysis.encoding import fmri_encoding
 
+    import psutil
+
     study, feats = _build(args.images, args.vertices, args.layers, args.features, args.test)
-    before = _rss_bytes()
+    before = psutil.Process().memory_info().rss
     chunk = args.vertices if args.whole else None
     start = time.perf_counter()
     out = fmri_encoding(study, feats, device=args.device, vertices_chunk=chunk,

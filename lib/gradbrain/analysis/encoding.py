@@ -486,7 +486,7 @@ def _cache_path(folder: Path | None, modality: str, settings: dict, inputs: str)
 
 def _save_encoding(path: Path, encoding: "Encoding") -> None:
     """Write ``encoding`` to ``path`` (npz: arrays by ``<signal index>/<key>``, the rest
-    and the spec as JSON), atomically."""
+    and the spec as a JSON ``header``), atomically."""
     arrays, layout = {}, {"spec": asdict(encoding.spec), "signals": []}
     for i, (name, result) in enumerate(encoding.items()):
         plain = {}
@@ -496,7 +496,7 @@ def _save_encoding(path: Path, encoding: "Encoding") -> None:
             else:
                 plain[key] = value.tolist() if isinstance(value, np.generic) else value
         layout["signals"].append({"name": name, "plain": plain})
-    arrays["__layout__"] = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
+    arrays["header"] = np.array(json.dumps(layout))   # as Features.save and Encoder.save
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -509,7 +509,7 @@ def _load_encoding(path: Path | None) -> "Encoding | None":
         return None
     try:
         with np.load(path, allow_pickle=False) as npz:
-            layout = json.loads(npz["__layout__"].tobytes().decode())
+            layout = json.loads(str(npz["header"]))
             results = {}
             for i, signal in enumerate(layout["signals"]):
                 prefix = f"{i}/"
