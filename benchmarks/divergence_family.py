@@ -4,7 +4,7 @@ in every cell of the family and its power against wrong orders, on the book's fe
 Studies are simulated from EfficientNet-Lite0's own features (ImageNet weights, the 200
 embedded images the demo uses) under a planted backprop in every cell of
 :data:`gradbrain.divergence.DEFAULT_FAMILY` (gradient weight 0.1–0.9, latency jitter 0
-or 40 ms) and under backprop's places and times in a wrong order (``reversed``,
+or 40 ms, activation leakage 0 or 0.5) and under backprop's places and times in a wrong order (``reversed``,
 ``shuffled``, and ``partial``: the upper half of the layers reversed), from the
 reserved calibration seeds (never the seeds that chose the statistics). Each contrast
 is decided as chapter 04 decides it (:func:`gradbrain.divergence.divergence_test`: worst
@@ -61,7 +61,7 @@ def main() -> None:
         simulate_fmri="spatial" in args.contrasts, simulate_meg="temporal" in args.contrasts,
         n_jobs=args.jobs, loss="ce", progress=not args.no_progress)
     took = time.perf_counter() - start
-    n_studies = table[["contrast", "truth", "seed", "gradient_weight", "latency_jitter"]] \
+    n_studies = table[["contrast", "truth", "seed", *divergence.NUISANCES]] \
         .drop_duplicates().shape[0]
     print(f"{n_studies} simulated studies in {took:.0f} s")
     rates = divergence.family_rates(table, n_contrasts=len(args.contrasts))
@@ -72,16 +72,18 @@ def main() -> None:
     for key in args.contrasts:
         name = divergence._NAMES[key]
         mine = table[(table.estimate == name) & (table.truth == "backprop")]
-        point = mine[(mine.gradient_weight == 0.5) & (mine.latency_jitter == 0)].value
+        point = mine[(mine.gradient_weight == 0.5) & (mine.latency_jitter == 0)
+                     & (mine.activation_leakage == 0)].value
         point = point.to_numpy(float)
         point = point[np.isfinite(point)]
-        for (w, j), group in mine.groupby(["gradient_weight", "latency_jitter"]):
-            if (w, j) == (0.5, 0.0) or not len(point):
+        for (w, j, leak), group in mine.groupby(list(divergence.NUISANCES)):
+            if (w, j, leak) == (0.5, 0.0, 0.0) or not len(point):
                 continue
             v = group.value.to_numpy(float)
             p = (1 + (point[None, :] <= np.nan_to_num(v, nan=-np.inf)[:, None]).sum(1)) \
                 / (1 + len(point))
             single.append({"contrast": key, "gradient_weight": w, "latency_jitter": j,
+                           "activation_leakage": leak,
                            "single_point_fpr": float(np.mean(p < 0.05)), "n": len(v),
                            "median_contrast": float(np.nanmedian(v))})
     single = pd.DataFrame(single)
@@ -107,7 +109,8 @@ def main() -> None:
                    f"{key}_power_shuffled={rate(key, 'power vs shuffled'):.3f}",
                    f"{key}_power_partial={rate(key, 'power vs partial'):.3f}"]
     for w in (0.1, 0.25):
-        mine = single[(single.gradient_weight == w) & (single.latency_jitter == 0)] \
+        mine = single[(single.gradient_weight == w) & (single.latency_jitter == 0)
+                      & (single.activation_leakage == 0)] \
             if len(single) else single
         value = float(mine.single_point_fpr.max()) if len(mine) else float("nan")
         fields.append(f"single_point_fpr_w{w:g}={value:.3f}")

@@ -164,6 +164,98 @@ def test_latency_jitter_offsets_latencies_and_defaults_draw_nothing(planted_feat
         simulated.make_study(4, latency_jitter=-1.0, **kw)
 
 
+def _residual(y, *blocks):
+    """Share of y's variance left by least squares on a constant and the blocks' columns."""
+    design = np.column_stack([np.ones(len(y)), *blocks])
+    fit = np.linalg.lstsq(design, y, rcond=None)[0]
+    return float(np.var(y - design @ fit) / np.var(y))
+
+
+def test_activation_leakage_reads_out_the_same_layers_activations_at_the_gradients_slot(
+        planted_features):
+    """A leaky gradient signal is a mixture of the leak-free one (same seed: every other
+    draw is shared) and a read-out of its own layer's activations: it lies in the span of
+    the two and in neither alone (least squares, independent of the simulator's code).
+    In MEG the leak changes only the late, backprop-timed part of the response."""
+    images, feats = planted_features
+    kw = dict(images=images, features=feats, gradient_truth="backprop", n_images=40,
+              noise=0.0)
+    plain = simulated.make_study(4, **kw)
+    leaky = simulated.make_study(4, activation_leakage=0.5, **kw)
+    assert np.array_equal(plain.split, leaky.split)
+    np.testing.assert_array_equal(plain.truth["signal_activation"],
+                                  leaky.truth["signal_activation"])
+    layer_of = leaky.truth["gradient_layer"]
+    checked = 0
+    for l, name in enumerate(feats.layers):
+        where = np.flatnonzero(layer_of == l)
+        if not where.size:
+            continue
+        x = feats.activations[name].astype(np.float64)
+        acts = (x - x.mean(0)) / x.std(0)
+        v = where[0]
+        mixed = leaky.truth["signal_gradient"][:, v].astype(np.float64)
+        gradient = plain.truth["signal_gradient"][:, v].astype(np.float64)
+        assert _residual(mixed, gradient, acts) < 1e-8
+        assert _residual(mixed, gradient) > 0.1      # not the gradient alone
+        assert _residual(mixed, acts) > 0.1          # not the activations alone
+        checked += 1
+    assert checked >= 3
+    late = plain.epochs.times > 0.15
+    diff = leaky.epochs.get_data() - plain.epochs.get_data()
+    assert np.abs(diff).max() > 0
+    assert np.abs(diff[..., ~late]).max() < 1e-4 * np.abs(diff).max()
+    assert "leakage" in simulated.describe_truth(leaky)
+    with pytest.raises(ValueError, match="activation_leakage"):
+        simulated.make_study(4, activation_leakage=1.0, **kw)
+
+
+def _leaky_table(rng, n=60):
+    """_strength_table plus a leaky backprop at weight 0.9: leakage lowers its strength to
+    the weak cell's (0.55-0.70) and its contrast to -0.3."""
+    table = _strength_table(rng, n).assign(activation_leakage=0.0)
+    leaky = pd.DataFrame({"contrast": "spatial", "truth": "backprop", "seed": np.arange(n),
+                          "gradient_weight": 0.9, "latency_jitter": 0.0,
+                          "activation_leakage": 0.5, "estimate": SPATIAL,
+                          "value": rng.normal(-0.3, 0.05, n),
+                          "strength": rng.uniform(0.55, 0.70, n)})
+    return pd.concat([table, leaky], ignore_index=True)
+
+
+def test_leaky_cells_are_judged_where_their_strengths_reach_and_leave_the_weights_levels(rng):
+    table = _leaky_table(rng)
+
+    def cell(w, leak):
+        return table[(table.truth == "backprop") & (table.gradient_weight == w)
+                     & (table.activation_leakage == leak)].value
+
+    # a study as weak as the weak cells: the leaky cell's strengths span it, so it is
+    # judged too, and its p is the largest of the three (by hand)
+    weak = divergence.divergence_test({"spatial": -0.35}, table,
+                                      strengths={"spatial": 0.6}).set_index("contrast")
+    assert weak.at["spatial", "cells_judged"] == \
+        "weight 0.1; weight 0.5; weight 0.9, leakage 0.5"
+    p = [(1 + np.sum(cell(w, leak) <= -0.35)) / (1 + len(cell(w, leak)))
+         for w, leak in ((0.1, 0), (0.5, 0), (0.9, 0.5))]
+    assert weak.at["spatial", "p_worst"] == pytest.approx(max(p))
+    # a strong study: the leaky cell does not pull weight 0.9's level down (it would put
+    # 0.9 at 1.5, and the study above every level, judged against 0.9 alone)
+    strong = divergence.divergence_test({"spatial": 0.0}, table,
+                                        strengths={"spatial": 2.0}).set_index("contrast")
+    assert strong.at["spatial", "cells_judged"] == \
+        "weight 0.5; weight 0.9; weight 0.9, leakage 0.5"
+    rates = divergence.family_rates(table, n_contrasts=1)
+    assert "false divergence, weight 0.9, jitter 0 ms, leakage 0.5" in set(rates.what)
+    worst = rates.set_index("what").at["false divergence, worst cell", "rate"]
+    assert worst <= 0.1
+    # a table made before leakage existed reads as leakage 0
+    old = divergence.divergence_test({"spatial": -0.35}, _strength_table(
+        np.random.default_rng(0)), strengths={"spatial": 0.6})
+    assert old.cells_judged.iloc[0] == "weight 0.1; weight 0.5"
+    with pytest.raises(ValueError, match="activation_leakage"):
+        divergence.simulate_family(None, family=[{"activation_leakage": 1.5}])
+
+
 @pytest.mark.parametrize("noise", [0.5, 1.0, 2.0])
 def test_estimate_noise_recovers_the_planted_noise(planted_features, noise):
     images, feats = planted_features

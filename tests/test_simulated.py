@@ -332,15 +332,18 @@ def novel_features(cnn):
                       pool="mean")
 
 
-@pytest.mark.parametrize("truth", ["paper", "shuffled"])
-def test_planted_response_on_the_studys_own_images_is_its_noiseless_response(feats, truth):
+@pytest.mark.parametrize("truth, leakage", [("paper", 0.0), ("shuffled", 0.0),
+                                            ("backprop", 0.4)])
+def test_planted_response_on_the_studys_own_images_is_its_noiseless_response(feats, truth,
+                                                                             leakage):
     """With noise 0 a study's betas and MEG trials are its planted response; the
-    function, which reapplies the recorded read-outs to features, must give them back."""
+    function, which reapplies the recorded read-outs to features, must give them back
+    (with activation leakage too: its read-outs are recorded as well)."""
     from gradbrain.data.simulated import planted_response
     from gradbrain.meg import average_by_image
 
     study = make_study(4, n_images=N_IMAGES, gradient_truth=truth, noise=0.0, features=feats,
-                       latency_jitter=25.0)
+                       latency_jitter=25.0, activation_leakage=leakage)
     fmri = planted_response(study, study.images, features=feats)
     assert fmri.shape == (N_IMAGES, study.betas.shape[2])
     np.testing.assert_array_equal(fmri.astype(np.float32), study.betas[:, 0])
@@ -373,7 +376,8 @@ def test_planted_response_changes_with_the_images_not_with_the_noise(feats, nove
 def test_planted_response_survives_save_and_load(feats, novel_features, tmp_path):
     from gradbrain.data.simulated import planted_response
 
-    study = make_study(7, n_images=N_IMAGES, gradient_truth="backprop", features=feats)
+    study = make_study(7, n_images=N_IMAGES, gradient_truth="backprop", features=feats,
+                       activation_leakage=0.3)
     back = Study.load(study.save(tmp_path / "study"))
     for modality in ("fmri", "meg"):
         np.testing.assert_array_equal(

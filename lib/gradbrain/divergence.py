@@ -30,9 +30,12 @@ MEG for the temporal one, :func:`gradient_strength`), and each contrast is judge
 against the cells of the gradient weights whose median strengths (fitted non-decreasing
 in the weight: weights whose strengths tie are pooled) bracket the study's,
 and any cell whose strengths span it (a backprop much weaker than the data show is no
-candidate). The latency jitter is not estimated: its cells are judged whenever their
-gradient weight is. The decision is valid for any backprop inside the family's span
-(not outside it), and its error rates are measured with the same rule.
+candidate). The latency jitter and the activation leakage (a share of each gradient
+signal that is a read-out of its layer's activations, at the gradient's places and
+times) are not estimated: their cells are judged whenever their gradient weight is, or
+their simulated strengths span the study's. The decision is valid for any backprop
+inside the family's span (not outside it), and its error rates are measured with the
+same rule.
 
 Simulated studies are drawn from a reserved block of seeds (:func:`calibration_seeds`),
 disjoint from the seeds used to choose any statistic (1000–1011,
@@ -60,7 +63,7 @@ from .data.simulated import DIVERGENT_TRUTHS, make_study
 from .hierarchy import calibration
 from .stats import _pct, _wilson, check_level
 
-__all__ = ["DEFAULT_FAMILY", "CONTRASTS", "FIRST_CALIBRATION_SEED", "SELECTION_SEEDS",
+__all__ = ["DEFAULT_FAMILY", "NUISANCES", "CONTRASTS", "FIRST_CALIBRATION_SEED", "SELECTION_SEEDS",
            "calibration_seeds", "simulate_family", "divergence_test", "family_rates",
            "gradient_strength", "judge", "write_family_reference", "summarize"]
 
@@ -75,9 +78,12 @@ DEFAULT_FAMILY = (
     {"gradient_weight": 0.5, "latency_jitter": 0.0},
     {"gradient_weight": 0.9, "latency_jitter": 0.0},
     {"gradient_weight": 0.5, "latency_jitter": 40.0},
+    {"gradient_weight": 0.5, "latency_jitter": 0.0, "activation_leakage": 0.5},
 )
+#: The nuisances a cell sets (in this order in a cell's key), with their defaults.
+NUISANCES = {"gradient_weight": 0.5, "latency_jitter": 0.0, "activation_leakage": 0.0}
 #: Where the divergent truths are simulated (their power is stated at this cell).
-DIVERGENT_CELL = {"gradient_weight": 0.5, "latency_jitter": 0.0}
+DIVERGENT_CELL = {"gradient_weight": 0.5, "latency_jitter": 0.0, "activation_leakage": 0.0}
 #: Seeds used to choose the spatial and temporal statistics (never calibrate with them).
 SELECTION_SEEDS = calibration.SELECTION_SEEDS
 #: Start of the reserved block of calibration seeds (each cell has its own sub-block).
@@ -133,18 +139,32 @@ def _check_cells(family) -> list[dict]:
         raise ValueError("'family' must hold at least one cell, e.g. "
                          "[{'gradient_weight': 0.5, 'latency_jitter': 0.0}].")
     for cell in cells:
-        unknown = set(cell) - {"gradient_weight", "latency_jitter"}
+        unknown = set(cell) - set(NUISANCES)
         if unknown:
             raise ValueError(f"Unknown nuisance(s) {sorted(unknown)} in family cell {cell}; "
-                             "allowed: 'gradient_weight', 'latency_jitter'.")
-        cell.setdefault("gradient_weight", 0.5)
-        cell.setdefault("latency_jitter", 0.0)
-        w, j = cell["gradient_weight"], cell["latency_jitter"]
-        if not 0 < float(w) < 1 or not 0 <= float(j) < 1000:
-            raise ValueError(f"Family cell {cell}: 'gradient_weight' must be in (0, 1) and "
-                             "'latency_jitter' in [0, 1000) ms.")
-        cell["gradient_weight"], cell["latency_jitter"] = float(w), float(j)
+                             f"allowed: {', '.join(map(repr, NUISANCES))}.")
+        for name, default in NUISANCES.items():
+            cell.setdefault(name, default)
+        w, j, leak = (cell[name] for name in NUISANCES)
+        if not 0 < float(w) < 1 or not 0 <= float(j) < 1000 or not 0 <= float(leak) < 1:
+            raise ValueError(f"Family cell {cell}: 'gradient_weight' must be in (0, 1), "
+                             "'latency_jitter' in [0, 1000) ms and 'activation_leakage' in "
+                             "[0, 1).")
+        for name in NUISANCES:
+            cell[name] = float(cell[name])
     return cells
+
+
+def _setting(cell: dict) -> tuple[float, float, float]:
+    """A cell's nuisances as a key: (gradient weight, latency jitter, activation leakage)."""
+    return tuple(float(cell.get(name, default)) for name, default in NUISANCES.items())
+
+
+def _with_nuisances(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with every nuisance column (a table made before a nuisance existed gets
+    its default, which is what its studies were simulated with)."""
+    missing = {name: default for name, default in NUISANCES.items() if name not in table}
+    return table.assign(**missing) if missing else table
 
 
 def _family_key(features, n_images, noise, run_kwargs, sizes) -> dict:
@@ -168,8 +188,10 @@ def _one_study(features, contrast, truth, seed, cell, noise, n_images, run_kwarg
     """One contrast of one simulated study, made with its modality alone (cached as one
     small CSV)."""
     version = CONTRAST_VERSION[contrast]
+    leak = cell.get("activation_leakage", 0.0)
     name = (f"{contrast}{'' if version == 1 else f'-v{version}'}-{truth}"
-            f"-w{cell['gradient_weight']:g}-j{cell['latency_jitter']:g}-{seed}.csv")
+            f"-w{cell['gradient_weight']:g}-j{cell['latency_jitter']:g}"
+            f"{f'-l{leak:g}' if leak else ''}-{seed}.csv")
     path = cache_dir / name if cache_dir is not None else None
     if path is not None and path.exists():
         try:
@@ -177,7 +199,7 @@ def _one_study(features, contrast, truth, seed, cell, noise, n_images, run_kwarg
             if list(cached.estimate) != [_NAMES[contrast]] or "value" not in cached \
                     or "strength" not in cached:
                 raise ValueError("not a whole simulated study (truncated?)")
-            return cached.to_dict("records")
+            return _with_nuisances(cached).to_dict("records")
         except (OSError, ValueError, KeyError, pd.errors.ParserError) as err:
             discard_unreadable(path, err, what="Cached simulated contrasts",
                                then="the study is simulated again")
@@ -231,8 +253,9 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
         Noise of the simulated studies (``make_study``'s), e.g. the study's own from
         :func:`gradbrain.data.simulated.estimate_noise`.
     family : sequence of dict
-        The backprop cells: each a setting of ``gradient_weight`` (0–1) and
-        ``latency_jitter`` (ms).
+        The backprop cells: each a setting of ``gradient_weight`` (0–1),
+        ``latency_jitter`` (ms) and ``activation_leakage`` (0–1) (:data:`NUISANCES`; an
+        unset one takes its default).
     divergent : sequence of {"reversed", "shuffled", "partial"}
         Wrong-order truths simulated at :data:`DIVERGENT_CELL` (the power).
     n_seeds, n_seeds_divergent : int
@@ -261,7 +284,8 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
     -------
     DataFrame
         One row per (contrast, truth, seed, cell): ``contrast``, ``truth``, ``seed``,
-        ``gradient_weight``, ``latency_jitter``, ``estimate`` (the contrast's name in
+        ``gradient_weight``, ``latency_jitter``, ``activation_leakage``, ``estimate``
+        (the contrast's name in
         :data:`hierarchy.ESTIMATES`), ``value`` (Spearman ρ difference; NaN where not
         estimable) and ``strength`` (:func:`gradient_strength` of the study for that
         contrast).
@@ -299,8 +323,8 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
                  for seed in calibration_seeds(n_seeds_divergent, cell=50 + k,
                                                exclude=exclude)]
 
-    def ident(contrast, truth, seed, weight, jitter):
-        return (str(contrast), str(truth), int(seed), float(weight), float(jitter))
+    def ident(contrast, truth, seed, setting):
+        return (str(contrast), str(truth), int(seed), *_setting(setting))
     rows, cache_dir = [], None
     if cache is not False:
         key = _family_key(features, n_images, noise, run_kwargs, sizes)
@@ -310,17 +334,15 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
         if shipped is not None:
             # rows of a contrast whose simulation changed since they were shipped: dropped
             made = shipped.get("contrast_version", pd.Series(1, index=shipped.index))
-            shipped = shipped[made.to_numpy() == shipped.contrast.map(CONTRAST_VERSION)
-                              .to_numpy()]
-            idents = [ident(*r) for r in zip(shipped.contrast, shipped.truth, shipped.seed,
-                                             shipped.gradient_weight, shipped.latency_jitter)]
-            want = {ident(c, t, s, cell["gradient_weight"], cell["latency_jitter"])
-                    for c, t, s, cell in jobs}
+            shipped = _with_nuisances(shipped[made.to_numpy() == shipped.contrast.map(
+                CONTRAST_VERSION).to_numpy()])
+            idents = [ident(c, t, s, row) for c, t, s, row in zip(
+                shipped.contrast, shipped.truth, shipped.seed,
+                shipped[list(NUISANCES)].to_dict("records"))]
+            want = {ident(*job) for job in jobs}
             rows += shipped[[i in want for i in idents]].to_dict("records")
             have = set(idents)
-            jobs = [job for job in jobs if ident(job[0], job[1], job[2],
-                                                 job[3]["gradient_weight"],
-                                                 job[3]["latency_jitter"]) not in have]
+            jobs = [job for job in jobs if ident(*job) not in have]
         settings = np.frombuffer(json.dumps(key, sort_keys=True).encode(), dtype=np.uint8)
         digest = hash_arrays([settings, *(features.activations[layer]
                                           for layer in features.layers),
@@ -347,11 +369,10 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
             rows += done
             bar.update()
     bar.close()
-    columns = ["contrast", "truth", "seed", "gradient_weight", "latency_jitter", "estimate",
-               "value", "strength"]
+    columns = ["contrast", "truth", "seed", *NUISANCES, "estimate", "value", "strength"]
     table = pd.DataFrame(rows, columns=columns)
-    return table.sort_values(["contrast", "truth", "gradient_weight", "latency_jitter",
-                              "seed"], kind="stable").reset_index(drop=True)
+    return table.sort_values(["contrast", "truth", *NUISANCES, "seed"],
+                             kind="stable").reset_index(drop=True)
 
 
 def write_family_reference(table: pd.DataFrame, features, *, name: str, noise: float = 1.0,
@@ -365,12 +386,13 @@ def write_family_reference(table: pd.DataFrame, features, *, name: str, noise: f
     n_images = features.n_images if n_images is None else n_images
     key = _family_key(features, n_images, noise, run_kwargs, {})
     base = _REFERENCE / f"divergence_family-{name}"
-    table = table.assign(contrast_version=table.contrast.map(CONTRAST_VERSION))
+    table = _with_nuisances(table).assign(
+        contrast_version=table.contrast.map(CONTRAST_VERSION))
     with atomic_path(base.with_suffix(".csv.gz"), suffix=".csv.gz") as tmp:
         table.to_csv(tmp, index=False)
     meta = {"key": key, "fingerprint": calibration._fingerprint(features, key["loss"]).tolist(),
-            "n_studies": int(table[["contrast", "truth", "seed", "gradient_weight",
-                                    "latency_jitter"]].drop_duplicates().shape[0]),
+            "n_studies": int(table[["contrast", "truth", "seed", *NUISANCES]]
+                             .drop_duplicates().shape[0]),
             "note": note}
     with atomic_path(base.with_suffix(".json"), suffix=".json") as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
@@ -432,10 +454,10 @@ def _strengths(rows: pd.DataFrame) -> np.ndarray:
 def _cells(table: pd.DataFrame, estimate: str):
     """Per backprop cell, its settings, seeds, contrast values and gradient strengths
     (NaN when the table has none)."""
-    mine = table[(table.truth == "backprop") & (table.estimate == estimate)]
-    for (w, j), group in mine.groupby(["gradient_weight", "latency_jitter"], sort=True):
-        yield ((float(w), float(j)), group.seed.to_numpy(), group.value.to_numpy(float),
-               _strengths(group))
+    mine = _with_nuisances(table[(table.truth == "backprop") & (table.estimate == estimate)])
+    for setting, group in mine.groupby(list(NUISANCES), sort=True):
+        yield (tuple(float(x) for x in setting), group.seed.to_numpy(),
+               group.value.to_numpy(float), _strengths(group))
 
 
 def _retained(cells: list, strength: float) -> list:
@@ -450,16 +472,24 @@ def _retained(cells: list, strength: float) -> list:
     and any other cell whose simulated strengths span the study's (sampling spread).
     Where strength does not rise with the weight at all, the fit is one level and every
     cell is kept; so is every cell when a strength is unknown.
+
+    Cells with activation leakage do not enter the fit (leakage lowers the strength a
+    weight gives, so they would pull their weight's level down): they are kept like the
+    others, when their weight is at a bracketing level or their strengths span the
+    study's.
     """
     if not cells or not np.isfinite(strength):
         return cells
     medians, spans = {}, []
-    for (weight, _), _, _, values in cells:
+    for (weight, _, leakage), _, _, values in cells:
         finite = values[np.isfinite(values)]
         if not finite.size:
             return cells
-        medians.setdefault(weight, []).append(np.median(finite))
+        if not leakage:
+            medians.setdefault(weight, []).append(np.median(finite))
         spans.append((finite.min(), finite.max()))
+    if not medians:   # leaky cells only: judged by their spans alone
+        return [cell for cell, (lo, hi) in zip(cells, spans) if lo <= strength <= hi] or cells
     weights = sorted(medians)
     fitted = IsotonicRegression(increasing=True).fit_transform(
         weights, [float(np.mean(medians[w])) for w in weights],
@@ -492,7 +522,15 @@ def _worst_p(value: float, cells, strength: float = np.nan
 
 
 def _settings_text(settings: list) -> str:
-    return "; ".join(f"weight {w:g}" + (f", jitter {j:g} ms" if j else "") for w, j in settings)
+    return "; ".join(f"weight {w:g}" + (f", jitter {j:g} ms" if j else "")
+                     + (f", leakage {leak:g}" if leak else "") for w, j, leak in settings)
+
+
+def _cell_text(setting: tuple) -> str:
+    """A cell in words, as the rate tables and the decision name it."""
+    w, j, leak = setting
+    return (f"gradient weight {w:g}, latency jitter {j:g} ms"
+            + (f", activation leakage {leak:g}" if leak else ""))
 
 
 def _holm(p: dict) -> dict:
@@ -568,8 +606,7 @@ def divergence_test(values: dict, table: pd.DataFrame, *, alpha: float = 0.05,
         p[key] = worst
         rows.append({"contrast": key, "estimate": name, "value": value,
                      "strength": strength, "p_worst": worst,
-                     "worst_cell": (f"gradient weight {where[0]:g}, latency jitter "
-                                    f"{where[1]:g} ms" if where else ""),
+                     "worst_cell": _cell_text(where) if where else "",
                      "cells_judged": _settings_text(used), "n_judged": len(used),
                      "n_cells": len(cells), "n_per_cell": n_min,
                      "min_p": 1 / (1 + n_min) if n_min else np.nan})
@@ -625,8 +662,9 @@ def family_rates(table: pd.DataFrame, *, alpha: float = 0.05, n_contrasts: int =
                 decisions.append(p < alpha)
             k, n = int(np.sum(decisions)), len(decisions)
             rate, low, high = _wilson_row(k, n)
-            row = {"contrast": key, "what": f"false divergence, weight {setting[0]:g}, "
-                   f"jitter {setting[1]:g} ms", "rate": rate, "low": low, "high": high,
+            what = (f"false divergence, weight {setting[0]:g}, jitter {setting[1]:g} ms"
+                    + (f", leakage {setting[2]:g}" if setting[2] else ""))
+            row = {"contrast": key, "what": what, "rate": rate, "low": low, "high": high,
                    "k": k, "n": n}
             rows.append(row)
             if n and (worst is None or rate > worst["rate"]):

@@ -49,10 +49,16 @@ which the divergence test's power is measured)
     signal (nothing is drawn for it).
 
 Nuisances (what a real backprop could differ in without ceasing to be one)
-    ``gradient_weight`` (the share of the planted variance gradients carry) and
+    ``gradient_weight`` (the share of the planted variance gradients carry),
     ``latency_jitter`` (ms, sd of a Gaussian offset added to every gradient layer's
-    latency). At their defaults (0.5, 0) the simulator draws nothing for them, so
-    studies made before they existed are unchanged.
+    latency) and ``activation_leakage`` (the share of each gradient signal that is in
+    fact a read-out of the *same layer's activations*: a backward signal contaminated by
+    the forward activity it is computed from, expressed at the gradient's places and
+    times, so that activation encoders also find a late, backprop-timed response). At
+    their defaults (0.5, 0, 0) the simulator draws nothing for them, so studies made
+    before they existed are unchanged; the leaked read-outs come from a generator of
+    their own, so a leaky study shares every other draw (split, read-outs, noise) with
+    the same seed's study without leakage.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ _PAPER_LATENCY = (0.350, 0.600)     # range of the unordered late gradient laten
 _MEG_WIDTH = 0.030                  # s, sd of each Gaussian time course
 _MEG_SIGNAL_T = 100e-15             # T per unit of planted signal at a pattern's peak sensor
 _MEG_NOISE_T = 200e-15              # T, single-trial noise sd at noise=1
+_LEAK_STREAM = 0x1EA4                # second entropy word of the leaked read-outs' generator
 _PAPER_EARLY_SHARE = 0.2            # "paper": share of gradient_weight at V1 (all of it at
                                     # the top of the hierarchy, linear in between)
 
@@ -168,8 +175,14 @@ def estimate_noise(study) -> float:
 
 def _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri, meg,
            n_fmri_repeats=3, n_meg_test_repeats=12, n_available=N_EMBEDDED,
-           source="the embedded stimulus set", latency_jitter=0.0):
+           source="the embedded stimulus set", latency_jitter=0.0, activation_leakage=0.0):
     check_in_allowed("gradient_truth", gradient_truth, ALL_TRUTHS)
+    if isinstance(activation_leakage, bool) or not isinstance(
+            activation_leakage, (int, float, np.integer, np.floating)) \
+            or not 0 <= activation_leakage < 1:
+        raise ValueError(f"'activation_leakage' must be in [0, 1) (share of each gradient "
+                         f"signal read out from the same layer's activations); got "
+                         f"{activation_leakage!r}. e.g. activation_leakage=0.5")
     if isinstance(latency_jitter, bool) or not isinstance(latency_jitter, (int, float,
                                                                            np.floating)) \
             or not np.isfinite(latency_jitter) or latency_jitter < 0:
@@ -223,6 +236,7 @@ def make_study(
     gradient_loss: str = "ce",
     gradient_weight: float = 0.5,
     latency_jitter: float = 0.0,
+    activation_leakage: float = 0.0,
     n_test: int | None = None,
     fmri: bool = True,
     meg: bool = True,
@@ -260,6 +274,12 @@ def make_study(
     latency_jitter : float
         Sd (ms) of a Gaussian offset drawn for every gradient layer's MEG latency (0:
         none, nothing drawn).
+    activation_leakage : float
+        Share (0–1) of the variance of each gradient signal that is a read-out of the same
+        layer's activations instead of its gradients (0: none, nothing drawn). The
+        gradient signal of layer l becomes ``√(1−λ)·g_l + √λ·a'_l``, standardised, with
+        ``a'_l`` a fresh random read-out of activation l, in fMRI (at the gradient's
+        vertices) and MEG (at the gradient's latency and pattern).
     n_test : int or None
         Number of test images (shown with repeats in MEG); default
         :func:`default_n_test` (``n_images // 5``, at least 2).
@@ -293,7 +313,8 @@ def make_study(
     if images is None:
         n_images = 200 if n_images is None else n_images
         _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri,
-               meg, n_fmri_repeats, n_meg_test_repeats, latency_jitter=latency_jitter)
+               meg, n_fmri_repeats, n_meg_test_repeats, latency_jitter=latency_jitter,
+               activation_leakage=activation_leakage)
         images = load_embedded(n_images)
         source = "embedded images"
     else:
@@ -303,7 +324,8 @@ def make_study(
         n_images = len(images.ids) if n_images is None else n_images
         _check(seed, n_images, gradient_truth, noise, gradient_weight, n_test, sfreq, fmri,
                meg, n_fmri_repeats, n_meg_test_repeats, n_available=len(images.ids),
-               source="the images given", latency_jitter=latency_jitter)
+               source="the images given", latency_jitter=latency_jitter,
+               activation_leakage=activation_leakage)
         images = images[:n_images] if n_images < len(images.ids) else images
         source = "images given"
     if features is None:
@@ -332,6 +354,7 @@ def make_study(
         "layers": layers, "depth": depth, "gradient_weight_setting": float(gradient_weight),
         "backward_rank": features.backward_rank(gradient_loss),
         "latency_jitter": float(latency_jitter),
+        "activation_leakage": float(activation_leakage),
         # how each image's features were standardised (per layer, concatenated over
         # layers): what planted_response needs to read out images the study never showed
         **{f"feature_{what}_{signal}": np.concatenate([s[i] for s in stats[signal]])
@@ -346,17 +369,28 @@ def make_study(
         name=f"simulated ({gradient_truth}, seed {seed})", image_ids=list(images.ids),
         images=images, split=split, truth=truth,
     )
+    # the leaked read-outs' own generator: every other draw stays the leak-free study's
+    leak_rng = np.random.default_rng([int(seed), _LEAK_STREAM]) if activation_leakage else None
     if fmri:
         _simulate_fmri(study, act, grad, depth, gradient_truth, noise, gradient_weight,
-                       n_fmri_repeats, rng)
+                       n_fmri_repeats, rng, leak_rng)
     if meg:
         _simulate_meg(study, act, grad, depth, gradient_truth, noise, gradient_weight,
-                      n_meg_test_repeats, sfreq, rng)
+                      n_meg_test_repeats, sfreq, rng, leak_rng)
     return study
 
 
+def _leaky(gradient: np.ndarray, leaked: np.ndarray, leakage: float
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``√(1−λ)·gradient + √λ·leaked`` standardised column-wise (both unit-variance
+    read-outs), with the mean and sd that standardised it."""
+    mixed = np.sqrt(1 - leakage) * gradient + np.sqrt(leakage) * leaked
+    mean, sd = _zscore_stats(mixed)
+    return _apply_zscore(mixed, mean, sd), mean, sd
+
+
 def _simulate_fmri(study, act, grad, depth, gradient_truth, noise, gradient_weight, n_repeats,
-                   rng):
+                   rng, leak_rng=None):
     vertices, hemi, hierarchy = [], [], []
     for h in HEMIS:
         verts = posterior_vertices(h)
@@ -399,6 +433,24 @@ def _simulate_fmri(study, act, grad, depth, gradient_truth, noise, gradient_weig
                 weights, mean, sd = record[0]
                 recorded[name]["weights"].append(weights.ravel())
                 recorded[name]["mean"][where], recorded[name]["sd"][where] = mean, sd
+    leakage = study.truth["activation_leakage"]
+    if leak_rng is not None:
+        # a read-out of activation l at the vertices of gradient l, mixed into it
+        leak = {"weights": [], "mean": np.zeros(n_vertices), "sd": np.zeros(n_vertices)}
+        signal_leak = np.zeros((n, n_vertices))
+        for l in range(n_layers):
+            where = np.flatnonzero(gradient_layer == l)
+            if where.size:
+                record = []
+                signal_leak[:, where] = _readout(act[l], where.size, leak_rng, record)
+                leak["weights"].append(record[0][0].ravel())
+                leak["mean"][where], leak["sd"][where] = record[0][1], record[0][2]
+        signal_grad, leak_mean, leak_sd = _leaky(signal_grad, signal_leak, leakage)
+        study.truth.update({
+            "fmri_readout_weights_leak": (np.concatenate(leak["weights"]) if leak["weights"]
+                                          else np.zeros(0)),
+            "fmri_readout_mean_leak": leak["mean"], "fmri_readout_sd_leak": leak["sd"],
+            "fmri_leak_mean": leak_mean, "fmri_leak_sd": leak_sd})
     mixed = np.sqrt(1 - weight) * signal_act + np.sqrt(weight) * signal_grad
     mixed_mean, mixed_sd = _zscore_stats(mixed)
     signal = _apply_zscore(mixed, mixed_mean, mixed_sd)
@@ -447,7 +499,7 @@ def _pattern(xy: np.ndarray, centre: np.ndarray, width: float = 0.3) -> np.ndarr
 
 
 def _simulate_meg(study, act, grad, depth, gradient_truth, noise, gradient_weight, n_repeats,
-                  sfreq, rng):
+                  sfreq, rng, leak_rng=None):
     import mne
 
     info = ctf_info(sfreq)
@@ -495,6 +547,16 @@ def _simulate_meg(study, act, grad, depth, gradient_truth, noise, gradient_weigh
         g_basis = _meg_basis(grad_patterns, times, grad_latency)
         g_amplitudes = np.stack([_readout(g, n_components, rng, records["gradient"])
                                  for g in grad], axis=1)
+        if leak_rng is not None:   # each gradient layer's amplitudes mixed with activation's
+            records["leak"] = []
+            leaked = np.stack([_readout(a, n_components, leak_rng, records["leak"])
+                               for a in act], axis=1)
+            g_amplitudes, leak_mean, leak_sd = _leaky(
+                g_amplitudes.reshape(len(g_amplitudes), -1),
+                leaked.reshape(len(leaked), -1), study.truth["activation_leakage"])
+            g_amplitudes = g_amplitudes.reshape(leaked.shape)
+            study.truth.update({"meg_leak_mean": leak_mean.reshape(n_layers, n_components),
+                                "meg_leak_sd": leak_sd.reshape(n_layers, n_components)})
         signal += np.sqrt(gradient_weight) * np.einsum("ilk,lkct->ict", g_amplitudes, g_basis)
 
     # trials: one per training image, n_repeats per test image, in random order
@@ -599,6 +661,10 @@ def describe_truth(study: Study) -> str:
     if t.get("latency_jitter"):
         lines.append(f"- Each gradient layer's latency is offset by a Gaussian draw of sd "
                      f"{t['latency_jitter']:.0f} ms.")
+    if t.get("activation_leakage"):
+        lines.append(f"- {t['activation_leakage']:.0%} of each gradient signal's variance is "
+                     "a read-out of the same layer's activations (leakage), at the "
+                     "gradient's places and times.")
     return "\n".join(lines)
 
 
@@ -703,11 +769,14 @@ def planted_response(study: Study, images, modality: str = "fmri", *, features=N
     if modality == "fmri":
         n_vertices = len(t["preferred_layer"])
         out = {}
+        leakage = float(t.get("activation_leakage", 0.0))
         for signal, chosen in (("activation", t["preferred_layer"]),
-                               ("gradient", t["gradient_layer"])):
+                               ("gradient", t["gradient_layer"]),
+                               *((("leak", t["gradient_layer"]),) if leakage else ())):
             flat = np.asarray(t[f"fmri_readout_weights_{signal}"])
             response, start = np.zeros((n_images, n_vertices)), 0
-            for l, z in enumerate(standardised[signal]):
+            read = standardised["activation" if signal == "leak" else signal]
+            for l, z in enumerate(read):
                 where = np.flatnonzero(chosen == l)
                 if where.size:
                     weights = flat[start:start + z.shape[1] * where.size].reshape(
@@ -717,18 +786,22 @@ def planted_response(study: Study, images, modality: str = "fmri", *, features=N
                         z @ weights, t[f"fmri_readout_mean_{signal}"][where],
                         t[f"fmri_readout_sd_{signal}"][where])
             out[signal] = response
+        if leakage:
+            mixed = np.sqrt(1 - leakage) * out["gradient"] + np.sqrt(leakage) * out["leak"]
+            out["gradient"] = _apply_zscore(mixed, t["fmri_leak_mean"], t["fmri_leak_sd"])
         weight = np.asarray(t["gradient_weight"])
         mixed = np.sqrt(1 - weight) * out["activation"] + np.sqrt(weight) * out["gradient"]
         return _apply_zscore(mixed, t["fmri_signal_mean"], t["fmri_signal_sd"])
 
     def amplitudes(signal):
+        read = standardised["activation" if signal == "leak" else signal]
         flat = np.asarray(t[f"meg_readout_weights_{signal}"])
         n_components = t[f"meg_readout_mean_{signal}"].shape[1]
-        blocks = _layer_blocks(flat, [z.shape[1] * n_components for z in standardised[signal]])
+        blocks = _layer_blocks(flat, [z.shape[1] * n_components for z in read])
         return np.stack([
             _apply_zscore(z @ w.reshape(z.shape[1], n_components),
                           t[f"meg_readout_mean_{signal}"][l], t[f"meg_readout_sd_{signal}"][l])
-            for l, (z, w) in enumerate(zip(standardised[signal], blocks))], axis=1)
+            for l, (z, w) in enumerate(zip(read, blocks))], axis=1)
 
     times = np.asarray(t["meg_times_s"])
     basis = _meg_basis(np.asarray(t["meg_patterns"]), times, t["meg_activation_latency_s"])
@@ -737,6 +810,11 @@ def planted_response(study: Study, images, modality: str = "fmri", *, features=N
     if len(t["meg_gradient_patterns"]):
         g_basis = _meg_basis(np.asarray(t["meg_gradient_patterns"]), times,
                              t["meg_gradient_latency_s"])
+        gradient = amplitudes("gradient")
+        leakage = float(t.get("activation_leakage", 0.0))
+        if leakage:
+            mixed = np.sqrt(1 - leakage) * gradient + np.sqrt(leakage) * amplitudes("leak")
+            gradient = _apply_zscore(mixed, t["meg_leak_mean"], t["meg_leak_sd"])
         signal += np.sqrt(t["gradient_weight_setting"]) * np.einsum(
-            "ilk,lkct->ict", amplitudes("gradient"), g_basis)
+            "ilk,lkct->ict", gradient, g_basis)
     return _MEG_SIGNAL_T * signal
