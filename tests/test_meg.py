@@ -557,3 +557,15 @@ def test_meg_encodings_are_cached_on_every_input_they_read(tmp_path, monkeypatch
         healed = encoding.meg_encoding(study, planted, cache=tmp_path, **settings)
     assert len(calls) == 3
     np.testing.assert_array_equal(healed["activation"]["r"], fresh["activation"]["r"])
+    # a file whose arrays were changed after it was written (here: one score, in a
+    # well-formed npz with the header it was written with) is not served
+    with np.load(files[0]) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    edited = next(key for key in arrays if key.endswith("/r"))
+    arrays[edited] = arrays[edited] + 1.0
+    with open(files[0], "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.warns(RuntimeWarning, match="do not match the digest"):
+        again = encoding.meg_encoding(study, planted, cache=tmp_path, **settings)
+    assert len(calls) == 4
+    np.testing.assert_array_equal(again["activation"]["r"], fresh["activation"]["r"])

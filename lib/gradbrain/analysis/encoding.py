@@ -20,7 +20,7 @@ from scipy import stats
 from tqdm import tqdm
 
 from .._utils import (atomic_path, check_in_allowed, check_positive_int_or_none,
-                      discard_unreadable, get_data_home, hash_update_array)
+                      discard_unreadable, get_data_home, hash_arrays, hash_update_array)
 from ..features import gradient_part, resolve_loss, signals
 from ..meg import (_latencies, average_by_image, bootstrap_curves, encode_time_resolved,
                    peak_permutation_test)
@@ -484,9 +484,17 @@ def _cache_path(folder: Path | None, modality: str, settings: dict, inputs: str)
     return folder / f"{modality}-{key}.npz"
 
 
+def _encoding_digest(arrays: dict) -> str:
+    """Digest of a cached encoding's arrays (names in sorted order, each array's dtype,
+    shape and values), written with them and checked when they are read."""
+    names = sorted(k for k in arrays if k != "header")
+    return hash_arrays([np.frombuffer(json.dumps(names).encode(), np.uint8)]
+                       + [arrays[k] for k in names])
+
+
 def _save_encoding(path: Path, encoding: "Encoding") -> None:
-    """Write ``encoding`` to ``path`` (npz: arrays by ``<signal index>/<key>``, the rest
-    and the spec as a JSON ``header``), atomically."""
+    """Write ``encoding`` to ``path`` (npz: arrays by ``<signal index>/<key>``, the rest,
+    the spec and a digest of the arrays as a JSON ``header``), atomically."""
     arrays, layout = {}, {"spec": asdict(encoding.spec), "signals": []}
     for i, (name, result) in enumerate(encoding.items()):
         plain = {}
@@ -496,6 +504,7 @@ def _save_encoding(path: Path, encoding: "Encoding") -> None:
             else:
                 plain[key] = value.tolist() if isinstance(value, np.generic) else value
         layout["signals"].append({"name": name, "plain": plain})
+    layout["arrays_digest"] = _encoding_digest(arrays)   # as the feature cache does
     arrays["header"] = np.array(json.dumps(layout))   # as Features.save and Encoder.save
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -510,15 +519,22 @@ def _load_encoding(path: Path | None) -> "Encoding | None":
     try:
         with np.load(path, allow_pickle=False) as npz:
             layout = json.loads(str(npz["header"]))
-            results = {}
-            for i, signal in enumerate(layout["signals"]):
-                prefix = f"{i}/"
-                results[signal["name"]] = {
-                    **signal["plain"],
-                    **{key[len(prefix):]: npz[key] for key in npz.files
-                       if key.startswith(prefix)}}
-            spec = EncodingSpec(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in layout["spec"].items()})
+            arrays = {key: npz[key] for key in npz.files if key != "header"}
+        if "arrays_digest" not in layout:
+            raise ValueError("it was written before cached encodings carried a digest of "
+                             "their arrays")
+        if layout["arrays_digest"] != _encoding_digest(arrays):
+            raise ValueError("its arrays do not match the digest written with them "
+                             "(edited, or written by something else)")
+        results = {}
+        for i, signal in enumerate(layout["signals"]):
+            prefix = f"{i}/"
+            results[signal["name"]] = {
+                **signal["plain"],
+                **{key[len(prefix):]: value for key, value in arrays.items()
+                   if key.startswith(prefix)}}
+        spec = EncodingSpec(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in layout["spec"].items()})
     except Exception as err:  # a file cut short or not ours: numpy, zipfile, json, key errors
         discard_unreadable(path, err, what="Cached encoding", then="it is computed again",
                            stacklevel=3)
