@@ -655,14 +655,14 @@ def test_images_read_from_files_are_extracted_as_if_held(cnn, small_images, tmp_
     held = gf.extract(cnn, images, losses=("ce",), batch_size=2, cache=tmp_path / "cache")
     reads = []
     real = ImageFiles._read
-    monkeypatch.setattr(ImageFiles, "_read", lambda self, path: reads.append(path)
-                        or real(self, path))
+    monkeypatch.setattr(ImageFiles, "_read", lambda self, i: reads.append(self.paths[i])
+                        or real(self, i))
     monkeypatch.setattr(gf, "_extract_batch", lambda *a, **k: pytest.fail("recomputed"))
     cached = gf.extract(cnn, on_disk, losses=("ce",), batch_size=2, cache=tmp_path / "cache")
     assert cached.meta["cache_key"] == held.meta["cache_key"] and len(reads) == 5
     monkeypatch.undo()
-    monkeypatch.setattr(ImageFiles, "_read", lambda self, path: reads.append(path)
-                        or real(self, path))
+    monkeypatch.setattr(ImageFiles, "_read", lambda self, i: reads.append(self.paths[i])
+                        or real(self, i))
     reads.clear()
     fresh = gf.extract(cnn, on_disk, losses=("ce",), batch_size=2, cache=False)
     assert sorted(reads) == sorted(paths)     # no cache key: read for its batch alone

@@ -204,6 +204,64 @@ def test_images_read_from_files_are_saved_one_at_a_time_and_mixed_sizes_refused(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pictures", "study"]
 
 
+def test_a_loaded_studys_images_are_read_when_used_and_stay_those_that_were_loaded(
+        studies, tmp_path, cnn):
+    """Study.load reads no pixels (issue 33: a real study's images are gigabytes); each is
+    read from study.h5 when used, subsets included. Saved again at the same path, the
+    study loaded before still gives its own images; another process opening the file
+    after that save is refused with one clear error, before it does not. Features
+    extracted from the loaded images, in DataLoader workers, equal those of the images
+    held in memory."""
+    import copy
+    import pickle
+    import tracemalloc
+
+    from gradbrain import features as gf
+    from gradbrain.data.study import StoredImages
+
+    original = studies["backprop"]
+    path = original.save(tmp_path / "study")
+    imageless = copy.copy(original)
+    imageless.images = None
+    pixel_bytes = sum(np.asarray(im).nbytes for im in original.images.images)
+
+    def peak_of_load(where):
+        tracemalloc.start()
+        loaded = Study.load(where)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return loaded, peak
+    _, without_images = peak_of_load(imageless.save(tmp_path / "imageless"))
+    back, peak = peak_of_load(path)
+    assert isinstance(back.images.images, StoredImages)
+    assert peak - without_images < pixel_bytes / 4      # no decoded copy of the images
+    subset = back.images[[3, 1]]
+    assert isinstance(subset.images, StoredImages) and subset.ids == [
+        original.images.ids[3], original.images.ids[1]]
+    np.testing.assert_array_equal(np.asarray(subset.images[0]),
+                                  np.asarray(original.images.images[3]))
+    np.testing.assert_array_equal(np.asarray(back.images.images[-1]),
+                                  np.asarray(original.images.images[-1]))
+    assert back.digest() == original.digest()
+    feats_memory = gf.extract(cnn, original.images, losses=("ce",), pool="mean")
+    feats_stored = gf.extract(cnn, back.images, losses=("ce",), pool="mean", num_workers=2)
+    for layer in feats_memory.layers:
+        np.testing.assert_array_equal(feats_stored.activations[layer],
+                                      feats_memory.activations[layer])
+    before = pickle.loads(pickle.dumps(back.images.images))   # as a spawned worker gets it
+    np.testing.assert_array_equal(np.asarray(before[2]), np.asarray(original.images.images[2]))
+    # saved again at the same path, with other images
+    other = studies["none"]
+    assert other.save(path) == path
+    np.testing.assert_array_equal(np.asarray(back.images.images[5]),
+                                  np.asarray(original.images.images[5]))
+    after = pickle.loads(pickle.dumps(back.images.images))
+    with pytest.raises(ValueError, match="was saved again .* Load the study again"):
+        after[0]
+    np.testing.assert_array_equal(np.asarray(Study.load(path).images.images[5]),
+                                  np.asarray(other.images.images[5]))
+
+
 def test_save_refuses_to_replace_what_is_not_a_study(studies, tmp_path):
     """Check that a file, or a folder holding no study, is left untouched (issue 30: a
     save onto notes.txt moved it aside and the next load deleted it)."""

@@ -71,7 +71,7 @@ from tqdm import tqdm
 from . import __version__
 from ._utils import (atomic_path, check_in_allowed, discard_unreadable, get_data_home,
                      hash_arrays, resolve_device, signal_name, usable_cores)
-from .data.images import ImageFiles, ImageSet, load_embedded
+from .data.images import ImageSet, LazyImages, load_embedded
 from .models import LoadedModel, _to_rgb, load, wrap
 from .ridge import DEFAULT_ALPHAS
 
@@ -325,7 +325,7 @@ def _as_batches(model: LoadedModel, images) -> tuple[_ImageBatches, list[str], l
             raise ValueError("'images' is empty; give at least one image.")
         return (_ImageBatches(model, images=images.images), list(images.ids),
                 list(images.labels))
-    elif isinstance(images, ImageFiles):   # read when used, not here
+    elif isinstance(images, LazyImages):   # read when used, not here
         if len(images) == 0:
             raise ValueError("'images' is empty; give at least one image.")
         return (_ImageBatches(model, images=images), [str(i) for i in range(len(images))],

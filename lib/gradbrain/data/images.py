@@ -21,7 +21,7 @@ from PIL import Image
 
 from .._utils import hash_update_array
 
-__all__ = ["ImageSet", "ImageFiles", "EMBEDDED_SOURCES", "N_EMBEDDED", "load_embedded",
+__all__ = ["ImageSet", "ImageFiles", "LazyImages", "EMBEDDED_SOURCES", "N_EMBEDDED", "load_embedded",
            "load_folder"]
 
 #: Source photograph → coarse category. ``skimage.data.cat`` is the same photograph
@@ -54,7 +54,34 @@ N_EMBEDDED = len(EMBEDDED_SOURCES) * sum(grid * grid for _, grid in _CROP_GRID)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class ImageFiles(Sequence):
+class LazyImages(Sequence):
+    """A read-only list of RGB PIL images that reads each image when it is used and keeps
+    none: what an :class:`ImageSet` holds when its images do not fit in memory decoded.
+
+    Subclasses give ``__len__``, ``_read(i)`` (the image at position ``i``) and
+    ``take(positions)`` (the images at those positions, still unread); a slice is a
+    ``take``.
+    """
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.take(range(len(self))[index])
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"{type(self).__name__} indices must be integers or slices; got "
+                            f"{type(index).__name__}.")
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"image {index} of {n}")
+        return self._read(int(index) % n)
+
+    def take(self, positions) -> "LazyImages":
+        raise NotImplementedError
+
+    def _read(self, i: int):
+        raise NotImplementedError
+
+
+class ImageFiles(LazyImages):
     """Images read from their files when used: a read-only list of RGB PIL images that
     holds paths, not pixels.
 
@@ -88,16 +115,12 @@ class ImageFiles(Sequence):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return ImageFiles(self.paths[index], self.size)
-        return self._read(self.paths[index])
-
     def take(self, positions) -> "ImageFiles":
         """The images at ``positions`` (integers), still unread."""
         return ImageFiles([self.paths[int(i)] for i in positions], self.size)
 
-    def _read(self, path: Path) -> Image.Image:
+    def _read(self, i: int) -> Image.Image:
+        path = self.paths[i]
         try:
             with Image.open(path) as im:
                 image = im.convert("RGB")
@@ -118,10 +141,11 @@ class ImageSet:
 
     Attributes
     ----------
-    images : list of PIL.Image.Image, or ImageFiles
+    images : list of PIL.Image.Image, or LazyImages
         RGB images, n_images of them (any size; models resize with their own
-        preprocessing): in memory, or read from their files when used
-        (:class:`ImageFiles`, what the real datasets' loaders give).
+        preprocessing): in memory, or read when used (:class:`LazyImages`: from their
+        files, :class:`ImageFiles`, what the real datasets' loaders give; or from a saved
+        study, what :meth:`Study.load` gives).
     ids : list of str
         Unique identifier per image, length n_images.
     labels : list of str
@@ -160,7 +184,7 @@ class ImageSet:
         else:
             positions = [int(i) for i in index]
         return ImageSet(
-            images=(self.images.take(positions) if isinstance(self.images, ImageFiles)
+            images=(self.images.take(positions) if isinstance(self.images, LazyImages)
                     else [self.images[i] for i in positions]),
             ids=[self.ids[i] for i in positions],
             labels=[self.labels[i] for i in positions],

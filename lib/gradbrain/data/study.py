@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .. import _provenance
 from .._provenance import stored_digest
 from .._utils import clean_stale_temporaries, default_permissions, hash_update_array
-from .images import ImageSet
+from .images import ImageSet, LazyImages
 
-__all__ = ["Study", "noise_ceiling", "stored_digest", "stratified_subset"]
+__all__ = ["Study", "StoredImages", "noise_ceiling", "stored_digest", "stratified_subset"]
 
 
 def noise_ceiling(ncsnr: np.ndarray, n_repeats: int) -> np.ndarray:
@@ -45,6 +46,85 @@ def noise_ceiling(ncsnr: np.ndarray, n_repeats: int) -> np.ndarray:
         raise ValueError(f"'n_repeats' must be at least 1; got {n_repeats}.")
     ncsnr = np.asarray(ncsnr, dtype=float)
     return 100.0 * ncsnr**2 / (ncsnr**2 + 1.0 / n_repeats)
+
+
+class StoredImages(LazyImages):
+    """The images of a saved study, read from its ``study.h5`` one at a time when used
+    (what :meth:`Study.load` gives: a real study's stimuli are gigabytes decoded).
+
+    The file is opened when the study is loaded and kept open, so the images stay those
+    that were loaded even if the study is saved again at the same path (the save swaps
+    a new folder in; the open file survives on POSIX systems). Another process (a data
+    loader's worker) opens the file again by its path, and refuses, naming the study,
+    when the file there is no longer the one that was loaded.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``study.h5`` of a saved study.
+    positions : sequence of int or None
+        Which of its images, in order (None: all).
+    """
+
+    def __init__(self, path, positions=None, *, _shared=None):
+        import h5py
+
+        self.path = Path(path)
+        if _shared is None:
+            handle = h5py.File(self.path, "r")
+            _shared = {"file": handle, "pid": os.getpid(), "identity": _identity(self.path),
+                       "n": len(handle["images/pixels"])}
+        self._shared = _shared
+        self.positions = (np.arange(_shared["n"]) if positions is None
+                          else np.asarray(positions, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def take(self, positions) -> "StoredImages":
+        """The images at ``positions`` (integers), still unread."""
+        return StoredImages(self.path, self.positions[np.asarray(list(positions), dtype=np.int64)],
+                            _shared=self._shared)
+
+    def _pixels(self):
+        import h5py
+
+        shared = self._shared
+        if shared.get("file") is None or shared["pid"] != os.getpid():
+            # another process (e.g. a data loader's worker): HDF5 handles are not shared
+            # across processes, so open the file again, if it is still the one loaded
+            try:
+                same = _identity(self.path) == shared["identity"]
+            except OSError:
+                same = False
+            if not same:
+                raise ValueError(
+                    f"The study at {str(self.path.parent)!r} was saved again (or removed) "
+                    "since its images were loaded: they can no longer be read from it. "
+                    "Load the study again (Study.load).")
+            shared.update(file=h5py.File(self.path, "r"), pid=os.getpid())
+        return shared["file"]["images/pixels"]
+
+    def _read(self, i: int) -> Image.Image:
+        return Image.fromarray(self._pixels()[int(self.positions[i])])
+
+    def __getstate__(self):
+        # the open handle stays behind; the other process opens its own (checked)
+        return {"path": self.path, "positions": self.positions,
+                "_shared": {k: v for k, v in self._shared.items() if k != "file"}}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._shared = {**state["_shared"], "file": None}
+
+    def __repr__(self) -> str:
+        return f"StoredImages({len(self)} images of {str(self.path)!r})"
+
+
+def _identity(path: Path) -> tuple:
+    """What tells one file from another written later at the same path."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _spread(ids: list, k: int) -> list:
@@ -243,6 +323,10 @@ class Study:
     def load(cls, path: str | os.PathLike) -> "Study":
         """Read a folder written by :meth:`save`.
 
+        The responses are read now; the images are not: ``images.images`` is a
+        :class:`StoredImages` that reads each image from ``study.h5`` when it is used
+        (and keeps giving the images loaded here if the study is saved again).
+
         Raises
         ------
         FileNotFoundError
@@ -252,7 +336,6 @@ class Study:
             ``meg-epo.fif``…): one message naming the file and how to rebuild it.
         """
         import h5py
-        from PIL import Image
 
         path = Path(path).expanduser()
         clean_stale_temporaries(path)  # undo a swap a kill cut short
@@ -273,9 +356,8 @@ class Study:
                 images = None
                 if "images" in f:
                     g = f["images"]
-                    pixels = g["pixels"]                     # one image at a time
-                    images = ImageSet(
-                        images=[Image.fromarray(pixels[i]) for i in range(len(pixels))],
+                    images = ImageSet(   # read one at a time when used (StoredImages)
+                        images=StoredImages(path / "study.h5"),
                         ids=json.loads(g.attrs["ids"]), labels=json.loads(g.attrs["labels"]),
                         sources=json.loads(g.attrs["sources"]),
                     )
