@@ -30,6 +30,18 @@ def test_embedded_set_is_deterministic(embedded):
     assert again.fingerprint() == embedded.fingerprint()
 
 
+def test_each_load_gives_the_caller_its_own_images(embedded):
+    """The crops are made once per process and size (simulations load the set once per
+    study); each call still hands out images of its own: drawing on one leaves the
+    next load as it was."""
+    first = load_embedded(5, size=48)
+    first.images[0].paste((255, 0, 0), (0, 0, 48, 48))
+    again = load_embedded(5, size=48)
+    assert again.images[0] is not first.images[0]
+    np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(embedded.images[0]))
+    assert not np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))
+
+
 def test_prefix_covers_every_source():
     stimuli = load_embedded(len(EMBEDDED_SOURCES), size=32)
     assert sorted(stimuli.sources) == sorted(EMBEDDED_SOURCES)

@@ -10,6 +10,7 @@ category label.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Sequence
@@ -261,8 +262,32 @@ def load_embedded(n_images: int | None = None, *, size: int = 256) -> ImageSet:
     >>> len(stimuli), stimuli.images[0].size
     (20, (64, 64))
     """
-    if size < 16:
-        raise ValueError(f"'size' must be at least 16 pixels; got {size}. e.g. size=256")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
+        raise ValueError(f"'size' must be an integer of at least 16 pixels; got {size!r}. "
+                         "e.g. size=256")
+    ordered = _embedded_crops(int(size))
+    total = len(ordered)
+    if n_images is None:
+        n_images = total
+    if not isinstance(n_images, (int, np.integer)) or n_images < 1 or n_images > total:
+        raise ValueError(
+            f"'n_images' must be an integer between 1 and {total} (the size of the embedded "
+            f"set); got {n_images!r}. e.g. n_images=64"
+        )
+    ordered = ordered[:n_images]
+    return ImageSet(
+        images=[c[1].copy() for c in ordered],   # the caller's own, not the cache's
+        ids=[c[0] for c in ordered],
+        labels=[c[2] for c in ordered],
+        sources=[c[3] for c in ordered],
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _embedded_crops(size: int) -> tuple:
+    """Every embedded crop at ``size`` pixels, in load order: (id, image, category,
+    source) each. Kept for the process (about 50 MB at 256 px): simulations load the
+    same set once per simulated study, and resizing is most of its cost."""
     per_source = []
     for name, category in EMBEDDED_SOURCES.items():
         array = _embedded_source(name)
@@ -272,22 +297,8 @@ def load_embedded(n_images: int | None = None, *, size: int = 256) -> ImageSet:
             crop = crop.resize((size, size), Image.Resampling.LANCZOS)
             crops.append((f"{name}-{tag}", crop, category, name))
         per_source.append(crops)
-    total = sum(len(c) for c in per_source)
-    if n_images is None:
-        n_images = total
-    if not isinstance(n_images, (int, np.integer)) or n_images < 1 or n_images > total:
-        raise ValueError(
-            f"'n_images' must be an integer between 1 and {total} (the size of the embedded "
-            f"set); got {n_images!r}. e.g. n_images=64"
-        )
-    ordered = [crops[k] for k in range(max(map(len, per_source))) for crops in per_source if k < len(crops)]
-    ordered = ordered[:n_images]
-    return ImageSet(
-        images=[c[1] for c in ordered],
-        ids=[c[0] for c in ordered],
-        labels=[c[2] for c in ordered],
-        sources=[c[3] for c in ordered],
-    )
+    return tuple(crops[k] for k in range(max(map(len, per_source))) for crops in per_source
+                 if k < len(crops))
 
 
 def load_folder(
