@@ -4,9 +4,9 @@ in every cell of the family and its power against wrong orders, on the book's fe
 Studies are simulated from EfficientNet-Lite0's own features (ImageNet weights, the 200
 embedded images the demo uses) under a planted backprop in every cell of
 :data:`gradbrain.divergence.DEFAULT_FAMILY` (gradient weight 0.1–0.9, latency jitter 0
-or 40 ms, activation leakage 0 or 0.5) and under backprop's places and times in a wrong order (``reversed``,
-``shuffled``, and ``partial``: the upper half of the layers reversed), from the
-reserved calibration seeds (never the seeds that chose the statistics). Each contrast
+or 40 ms, activation leakage 0 or 0.5) and under backprop's places and times in a wrong
+order (``reversed``, ``shuffled``, and ``partial``: the upper half of the layers
+reversed), from the reserved calibration seeds (never the seeds that chose the statistics). Each contrast
 is decided as chapter 04 decides it (:func:`gradbrain.divergence.divergence_test`: worst
 cell, Holm over the contrasts).
 

@@ -63,9 +63,9 @@ from .data.simulated import DIVERGENT_TRUTHS, make_study
 from .hierarchy import calibration
 from .stats import _pct, _wilson, check_level
 
-__all__ = ["DEFAULT_FAMILY", "NUISANCES", "CONTRASTS", "FIRST_CALIBRATION_SEED", "SELECTION_SEEDS",
-           "calibration_seeds", "simulate_family", "divergence_test", "family_rates",
-           "gradient_strength", "judge", "write_family_reference", "summarize"]
+__all__ = ["DEFAULT_FAMILY", "NUISANCES", "CONTRASTS", "FIRST_CALIBRATION_SEED",
+           "SELECTION_SEEDS", "calibration_seeds", "simulate_family", "divergence_test",
+           "family_rates", "gradient_strength", "judge", "write_family_reference", "summarize"]
 
 #: The contrasts judged for divergence (keys of :data:`hierarchy.ESTIMATES`), and the one
 #: modality each depends on (its studies are simulated with that modality alone).
@@ -285,9 +285,8 @@ def simulate_family(features, *, noise: float = 1.0, family=DEFAULT_FAMILY,
     DataFrame
         One row per (contrast, truth, seed, cell): ``contrast``, ``truth``, ``seed``,
         ``gradient_weight``, ``latency_jitter``, ``activation_leakage``, ``estimate``
-        (the contrast's name in
-        :data:`hierarchy.ESTIMATES`), ``value`` (Spearman ρ difference; NaN where not
-        estimable) and ``strength`` (:func:`gradient_strength` of the study for that
+        (the contrast's name in :data:`hierarchy.ESTIMATES`), ``value`` (Spearman ρ
+        difference; NaN where not estimable) and ``strength`` (:func:`gradient_strength` of the study for that
         contrast).
     """
     cells = _check_cells(family)

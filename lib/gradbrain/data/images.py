@@ -22,8 +22,8 @@ from PIL import Image
 
 from .._utils import hash_update_array
 
-__all__ = ["ImageSet", "ImageFiles", "LazyImages", "EMBEDDED_SOURCES", "N_EMBEDDED", "load_embedded",
-           "load_folder"]
+__all__ = ["ImageSet", "ImageFiles", "LazyImages", "EMBEDDED_SOURCES", "N_EMBEDDED",
+           "load_embedded", "load_folder"]
 
 #: Source photograph → coarse category. ``skimage.data.cat`` is the same photograph
 #: as ``chelsea`` and ``horse`` is a binary silhouette, so neither is used.
