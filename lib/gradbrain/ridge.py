@@ -902,6 +902,17 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
     >>> out["r"].shape, bool((out["r"] > 0.99).all()), out["alpha"].tolist()
     ((3,), True, [0.001, 0.001, 0.001])
     """
+    return _encoding_scores(X_train, Y_train, X_test, Y_test, noise_ceiling=noise_ceiling,
+                            alphas=alphas, cv=cv, groups=groups, device=device, dtype=dtype,
+                            targets_batch=targets_batch, return_prediction=return_prediction)
+
+
+def _encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling, alphas, cv, groups,
+                     device, dtype, targets_batch, return_prediction, all_finite=False
+                     ) -> dict:
+    """:func:`encoding_scores`; ``all_finite=True`` says the caller has checked that every
+    response is finite (:func:`layerwise_scores` checks once for all layers: one pass over
+    the responses per layer was about a tenth of a small study's encoding)."""
     Y_train = Y_train if isinstance(Y_train, torch.Tensor) else np.asarray(Y_train)
     Y_test = np.asarray(Y_test)
     if Y_train.ndim == 1:
@@ -922,7 +933,8 @@ def encoding_scores(X_train, Y_train, X_test, Y_test, *, noise_ceiling=None,
         raise ValueError("'noise_ceiling' is 0 (or NaN) for every target, so every "
                          "normalised score would be NaN: give noise ceilings in percent of "
                          "variance (Study.noise_ceiling()), or noise_ceiling=None.")
-    finite = _finite_columns(Y_train) & _finite_columns(Y_test)
+    finite = (np.ones(n_targets, bool) if all_finite
+              else _finite_columns(Y_train) & _finite_columns(Y_test))
     if not finite.any():
         raise ValueError("Every target holds NaN or inf values; nothing to fit.")
     if not finite.all():
@@ -1044,10 +1056,10 @@ def layerwise_scores(features: dict, Y_train, Y_test, train_index, test_index, *
         X_train, X_test = X[train_index], X[test_index]
         if standardize_features:
             X_train, X_test = standardize(X_train, X_test)
-        out = encoding_scores(X_train, Y_train_t, X_test, Y_test,
-                              noise_ceiling=nc, alphas=alphas, cv=cv, groups=groups,
-                              device=device, dtype=dtype, targets_batch=targets_batch,
-                              return_prediction=return_prediction)
+        out = _encoding_scores(X_train, Y_train_t, X_test, Y_test,
+                               noise_ceiling=nc, alphas=alphas, cv=cv, groups=groups,
+                               device=device, dtype=dtype, targets_batch=targets_batch,
+                               return_prediction=return_prediction, all_finite=True)
         for key in out:
             results[key].append(out[key])
     for key in ("r", "alpha", "cv_r2", "r_nc", "prediction"):
