@@ -88,7 +88,7 @@ _PAPER_LATENCY = (0.350, 0.600)     # range of the unordered late gradient laten
 _MEG_WIDTH = 0.030                  # s, sd of each Gaussian time course
 _MEG_SIGNAL_T = 100e-15             # T per unit of planted signal at a pattern's peak sensor
 _MEG_NOISE_T = 200e-15              # T, single-trial noise sd at noise=1
-_LEAK_STREAM = 0x1EA4                # second entropy word of the leaked read-outs' generator
+_LEAK_STREAM = 0x1EA4               # second entropy word of the leaked read-outs' generator
 _PAPER_EARLY_SHARE = 0.2            # "paper": share of gradient_weight at V1 (all of it at
                                     # the top of the hierarchy, linear in between)
 
