@@ -353,14 +353,11 @@ class Study:
                     if key in f:
                         value = f[key][()]
                         values[key] = value.astype("U") if value.dtype.kind == "S" else value
-                images = None
+                described = None
                 if "images" in f:
                     g = f["images"]
-                    images = ImageSet(   # read one at a time when used (StoredImages)
-                        images=StoredImages(path / "study.h5"),
-                        ids=json.loads(g.attrs["ids"]), labels=json.loads(g.attrs["labels"]),
-                        sources=json.loads(g.attrs["sources"]),
-                    )
+                    described = {key: json.loads(g.attrs[key])
+                                  for key in ("ids", "labels", "sources")}
                 truth = _read_truth(f["truth"])
                 name, mesh = str(f.attrs["name"]), str(f.attrs["mesh"])
                 image_ids = json.loads(f.attrs["image_ids"])
@@ -382,6 +379,14 @@ class Study:
             except Exception as err:  # MNE raises many kinds on a truncated file
                 raise ValueError(f"The study at {str(path)!r} is incomplete or corrupt: "
                                  f"meg-epo.fif cannot be read ({type(err).__name__}: {err}). "
+                                 + rebuild) from err
+        images = None
+        if described is not None:   # opened on its own, after the reading above closed
+            try:
+                images = ImageSet(images=StoredImages(path / "study.h5"), **described)
+            except (OSError, KeyError) as err:
+                raise ValueError(f"The study at {str(path)!r} is incomplete or corrupt: its "
+                                 f"images cannot be read ({type(err).__name__}: {err}). "
                                  + rebuild) from err
         _provenance.record_input(path, kind="study")
         return cls(name=name, image_ids=image_ids, images=images, epochs=epochs, truth=truth,
