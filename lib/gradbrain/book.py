@@ -37,6 +37,7 @@ A profile for data that only some chapters use lists them under ``chapters`` (e.
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import hashlib
 import json
@@ -187,8 +188,6 @@ def _read_declared(source: str, mtime_ns: int) -> tuple:
     parse as Python (e.g. it holds a magic) is read by papermill instead; the tests check
     that both readers agree on every chapter.
     """
-    import ast
-
     with open(source, encoding="utf-8") as f:
         notebook = json.load(f)
     cells = [c for c in notebook.get("cells", []) if c.get("cell_type") == "code"
@@ -218,8 +217,6 @@ def _read_declared(source: str, mtime_ns: int) -> tuple:
 
 def _read_declared_by_papermill(source: str) -> tuple:
     """:func:`_read_declared` by ``papermill.inspect_notebook`` (the reference)."""
-    import ast
-
     import papermill
 
     out = []
