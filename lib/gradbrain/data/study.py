@@ -56,7 +56,8 @@ class StoredImages(LazyImages):
     that were loaded even if the study is saved again at the same path (the save swaps
     a new folder in; the open file survives on POSIX systems). Another process (a data
     loader's worker) opens the file again by its path, and refuses, naming the study,
-    when the file there is no longer the one that was loaded.
+    when the study there is no longer the one that was loaded (its content digest, the
+    one :meth:`Study.save` stores, differs).
 
     Parameters
     ----------
@@ -72,7 +73,7 @@ class StoredImages(LazyImages):
         self.path = Path(path)
         if _shared is None:
             handle = h5py.File(self.path, "r")
-            _shared = {"file": handle, "pid": os.getpid(), "identity": _identity(self.path),
+            _shared = {"file": handle, "pid": os.getpid(), "digest": _digest_of(handle),
                        "n": len(handle["images/pixels"])}
         self._shared = _shared
         self.positions = (np.arange(_shared["n"]) if positions is None
@@ -92,17 +93,21 @@ class StoredImages(LazyImages):
         shared = self._shared
         if shared.get("file") is None or shared["pid"] != os.getpid():
             # another process (e.g. a data loader's worker): HDF5 handles are not shared
-            # across processes, so open the file again, if it is still the one loaded
+            # across processes, so open the file again, and read from it only if it
+            # holds the study that was loaded (checked on the handle that will be read)
             try:
-                same = _identity(self.path) == shared["identity"]
+                handle = h5py.File(self.path, "r")
             except OSError:
-                same = False
-            if not same:
+                handle = None
+            if handle is None or shared["digest"] is None \
+                    or _digest_of(handle) != shared["digest"]:
+                if handle is not None:
+                    handle.close()
                 raise ValueError(
                     f"The study at {str(self.path.parent)!r} was saved again (or removed) "
                     "since its images were loaded: they can no longer be read from it. "
                     "Load the study again (Study.load).")
-            shared.update(file=h5py.File(self.path, "r"), pid=os.getpid())
+            shared.update(file=handle, pid=os.getpid())
         return shared["file"]["images/pixels"]
 
     def _read(self, i: int) -> Image.Image:
@@ -121,10 +126,11 @@ class StoredImages(LazyImages):
         return f"StoredImages({len(self)} images of {str(self.path)!r})"
 
 
-def _identity(path: Path) -> tuple:
-    """What tells one file from another written later at the same path."""
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def _digest_of(handle) -> str | None:
+    """The content digest :meth:`Study.save` stored in an open ``study.h5`` (as
+    :func:`stored_digest` reads it from a folder); None if it has none."""
+    digest = handle.attrs.get("digest")
+    return None if digest is None else str(digest)
 
 
 def _spread(ids: list, k: int) -> list:
