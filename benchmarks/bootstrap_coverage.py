@@ -16,9 +16,9 @@ per hierarchy unit first, as chapter 04 does), at each amplitude.
 ``--calibrated C`` adds a fourth interval, measured but not used by the library: the
 basic interval with its two tail levels calibrated by a double bootstrap (each outer
 resample resampled ``C`` times; Beran's prepivoting of the basic root, each tail
-separately): the levels are chosen so that the inner basic intervals of the outer
-resamples cover the estimate in 2.5 % / 97.5 % of them. It costs ``C`` times the
-resamples.
+separately): each tail's level is chosen so that the inner basic intervals of the outer
+resamples miss the estimate on that side in (1 − ci) / 2 of them. It costs ``C`` times
+the resamples.
 
 Usage: ``python benchmarks/bootstrap_coverage.py [--replicates 200] [--amplitude 0.3
 0.5 0.8] [--calibrated 50]``. Last line::
