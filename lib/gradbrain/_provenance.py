@@ -20,7 +20,7 @@ from pathlib import Path
 ENV = "GRADBRAIN_PROVENANCE"
 
 __all__ = ["ENV", "record_input", "fingerprint", "read_records", "stale_inputs",
-           "stored_digest"]
+           "stored_digest", "digest_in"]
 
 
 def stored_digest(path: str | os.PathLike) -> str | None:
@@ -30,9 +30,15 @@ def stored_digest(path: str | os.PathLike) -> str | None:
 
     try:
         with h5py.File(Path(path) / "study.h5", "r") as f:
-            digest = f.attrs.get("digest")
+            return digest_in(f)
     except (OSError, KeyError, ValueError):
         return None
+
+
+def digest_in(handle) -> str | None:
+    """The content digest :meth:`gradbrain.data.Study.save` stored in an open
+    ``study.h5`` (an ``h5py.File``); None if it has none."""
+    digest = handle.attrs.get("digest")
     return None if digest is None else str(digest)
 
 

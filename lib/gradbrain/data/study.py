@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .. import _provenance
-from .._provenance import stored_digest
+from .._provenance import digest_in, stored_digest
 from .._utils import clean_stale_temporaries, default_permissions, hash_update_array
 from .images import ImageSet, LazyImages
 
@@ -73,7 +73,7 @@ class StoredImages(LazyImages):
         self.path = Path(path)
         if _shared is None:
             handle = h5py.File(self.path, "r")
-            _shared = {"file": handle, "pid": os.getpid(), "digest": _digest_of(handle),
+            _shared = {"file": handle, "pid": os.getpid(), "digest": digest_in(handle),
                        "n": len(handle["images/pixels"])}
         self._shared = _shared
         self.positions = (np.arange(_shared["n"]) if positions is None
@@ -100,7 +100,7 @@ class StoredImages(LazyImages):
             except OSError:
                 handle = None
             if handle is None or shared["digest"] is None \
-                    or _digest_of(handle) != shared["digest"]:
+                    or digest_in(handle) != shared["digest"]:
                 if handle is not None:
                     handle.close()
                 raise ValueError(
@@ -124,13 +124,6 @@ class StoredImages(LazyImages):
 
     def __repr__(self) -> str:
         return f"StoredImages({len(self)} images of {str(self.path)!r})"
-
-
-def _digest_of(handle) -> str | None:
-    """The content digest :meth:`Study.save` stored in an open ``study.h5`` (as
-    :func:`stored_digest` reads it from a folder); None if it has none."""
-    digest = handle.attrs.get("digest")
-    return None if digest is None else str(digest)
 
 
 def _spread(ids: list, k: int) -> list:
